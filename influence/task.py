@@ -65,6 +65,40 @@ class Task(abc.ABC):
         """
         return self.train_loss(model, batch)
 
+    def outputs(self, model: nn.Module, batch: Batch) -> Tensor:
+        """Model outputs whose loss is convex, for Gauss-Newton products (``J^T H_out J``).
+
+        Subclasses that support Gauss-Newton curvature override this together with
+        :meth:`loss_from_outputs` so that ``loss_from_outputs(outputs(model, batch), batch)``
+        equals ``train_loss(model, batch)``.
+
+        Args:
+            model: the model.
+            batch: a batch of ``B`` training examples.
+
+        Returns:
+            Tensor ``[B, ...]`` (logits for the ready-made tasks).
+        """
+        raise invalid(
+            "task", type(self).__name__,
+            "a Task implementing outputs() and loss_from_outputs() for Gauss-Newton curvature",
+        )
+
+    def loss_from_outputs(self, outputs: Tensor, batch: Batch) -> Tensor:
+        """Per-example training loss computed from :meth:`outputs`.
+
+        Args:
+            outputs: ``[B, ...]`` as returned by :meth:`outputs`.
+            batch: the same batch.
+
+        Returns:
+            Tensor ``[B]``.
+        """
+        raise invalid(
+            "task", type(self).__name__,
+            "a Task implementing outputs() and loss_from_outputs() for Gauss-Newton curvature",
+        )
+
     def batch_size(self, batch: Batch) -> int:
         """Number of examples in ``batch`` (the size of the leading dimension of its tensors)."""
         for leaf in _leaves(batch):
@@ -116,9 +150,17 @@ class ClassificationTask(Task):
         self.higher_is_better = measurement == "margin"
 
     def train_loss(self, model: nn.Module, batch: Batch) -> Tensor:
-        inputs, labels = split_inputs_labels(batch)
-        logits = model(inputs)
-        return F.cross_entropy(logits, labels, reduction="none")
+        return self.loss_from_outputs(self.outputs(model, batch), batch)
+
+    def outputs(self, model: nn.Module, batch: Batch) -> Tensor:
+        """Logits ``[B, C]``."""
+        inputs, _ = split_inputs_labels(batch)
+        return model(inputs)
+
+    def loss_from_outputs(self, outputs: Tensor, batch: Batch) -> Tensor:
+        """Cross-entropy ``[B]`` of logits ``outputs`` ``[B, C]`` against the batch's labels."""
+        _, labels = split_inputs_labels(batch)
+        return F.cross_entropy(outputs, labels, reduction="none")
 
     def measurement(self, model: nn.Module, batch: Batch) -> Tensor:
         if self.kind == "loss":
@@ -148,8 +190,16 @@ class LanguageModelingTask(Task):
         self.shift = shift
 
     def train_loss(self, model: nn.Module, batch: Batch) -> Tensor:
+        return self.loss_from_outputs(self.outputs(model, batch), batch)
+
+    def outputs(self, model: nn.Module, batch: Batch) -> Tensor:
+        """Logits ``[B, L, V]``."""
+        return model(batch if isinstance(batch, Tensor) else _first_tensor(batch))
+
+    def loss_from_outputs(self, outputs: Tensor, batch: Batch) -> Tensor:
+        """Mean token cross-entropy ``[B]`` of logits ``outputs`` ``[B, L, V]`` (padding ignored)."""
         tokens = batch if isinstance(batch, Tensor) else _first_tensor(batch)
-        logits = model(tokens)
+        logits = outputs
         targets = tokens
         if self.shift:
             logits, targets = logits[:, :-1], tokens[:, 1:]

@@ -1,0 +1,20 @@
+"""Gradients over selected parameters: per-example gradients, projection, on-disk cache, objective."""
+
+from influence.gradients.layout import ParameterLayout, select_parameters
+from influence.gradients.objective import Objective
+from influence.gradients.per_example import (
+    gradient_matrix,
+    iter_gradients,
+    measurement_sign,
+    per_example_gradients,
+)
+
+__all__ = [
+    "Objective",
+    "ParameterLayout",
+    "gradient_matrix",
+    "iter_gradients",
+    "measurement_sign",
+    "per_example_gradients",
+    "select_parameters",
+]

@@ -1,0 +1,185 @@
+"""The one typed settings model of the pipeline.
+
+``params.yaml`` is read into :class:`PipelineSettings`. The same model is the DVC stage
+parameters (``dvc.yaml`` names its sections) and the parameter of the Prefect flow ``pipeline``
+(so Prefect's UI form shows every field with its title, description and, for choices, a
+dropdown). Invalid values stop the run before any work, with an error naming the field and the
+accepted values.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+PARAMS_FILE = "params.yaml"
+
+
+class SettingsError(ValueError):
+    """``params.yaml`` or a flow parameter holds a value that is not accepted."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataSettings(_Section):
+    """Where the real data comes from and how it is cut."""
+
+    split_seed: int = Field(13, title="Split seed", description="Seed that assigns whole movies to train/validation/test.")
+    train_fraction: float = Field(0.8, gt=0, lt=1, title="Train fraction", description="Fraction of movies in the finetuning train split.")
+    validation_fraction: float = Field(0.1, gt=0, lt=1, title="Validation fraction", description="Fraction of movies in the validation split; the rest is test.")
+    pretrain_sentences: int = Field(20000, ge=100, title="Pretraining sentences", description="How many news sentences (a seeded sample of the corpus) pretrain the text model.")
+    finetune_train_examples: int = Field(0, ge=0, title="Finetuning train examples", description="Cap on the finetuning train split (a seeded sample); 0 keeps all.")
+    max_length: int = Field(32, ge=4, le=256, title="Max tokens", description="Texts are truncated/padded to this many tokens.")
+    vocab_min_count: int = Field(3, ge=1, title="Vocabulary min count", description="Words seen fewer times map to <unk>.")
+    vocab_max_size: int = Field(6000, ge=100, title="Vocabulary size", description="Largest vocabulary, built from the pretraining sample and the finetuning train split.")
+
+    @model_validator(mode="after")
+    def _fractions(self) -> "DataSettings":
+        if self.train_fraction + self.validation_fraction >= 1:
+            raise ValueError(
+                f"train_fraction + validation_fraction = {self.train_fraction + self.validation_fraction} "
+                "must be below 1 (the rest is the test split)"
+            )
+        return self
+
+
+class PretrainSettings(_Section):
+    """Self-supervised pretraining (masked-word prediction) on the news sentences."""
+
+    embed_dim: int = Field(32, ge=2, le=512, title="Embedding size", description="Width of the word embedding shared by both stages.")
+    hidden_dim: int = Field(64, ge=2, le=1024, title="Hidden size", description="Hidden width of the masked-word predictor.")
+    window: int = Field(2, ge=1, le=8, title="Context window", description="Each word is predicted from this many neighbours on each side.")
+    epochs: int = Field(3, ge=1, le=100, title="Epochs", description="Passes over the pretraining sentences.")
+    batch_size: int = Field(128, ge=1, title="Batch size", description="Sentences per step.")
+    learning_rate: float = Field(0.003, gt=0, title="Learning rate", description="Adam learning rate.")
+    l2: float = Field(1e-5, ge=0, title="L2", description="(l2/2)·||θ||² added to the pretraining loss (also in its Hessian).")
+
+
+class FinetuneSettings(_Section):
+    """Finetuning the sentiment classifier, in the two modes of the multi-stage paper."""
+
+    modes: list[Literal["fixed", "updated"]] = Field(
+        ["fixed", "updated"], min_length=1, title="Embedding modes",
+        description="'fixed': the pretrained embedding is frozen; 'updated': it is trained with the proximity penalty (alpha/2)·||W − W_pretrained||².",
+    )
+    hidden_dim: int = Field(32, ge=2, le=1024, title="Hidden size", description="Channels of the convolutional encoder.")
+    alpha: float = Field(0.01, gt=0, title="Proximity alpha", description="Strength of the proximity penalty in 'updated' mode.")
+    epochs: int = Field(4, ge=1, le=100, title="Epochs", description="Passes over the finetuning train split.")
+    batch_size: int = Field(64, ge=1, title="Batch size", description="Examples per step.")
+    learning_rate: float = Field(0.003, gt=0, title="Learning rate", description="Adam learning rate.")
+    l2: float = Field(1e-4, ge=0, title="L2", description="(l2/2)·||θ||² on the trained parameters (also in the Hessian).")
+    checkpoint_every: int = Field(100, ge=1, title="Checkpoint every (steps)", description="Checkpoints for TracIn are saved every this many steps and at the end.")
+
+
+class AttributionSettings(_Section):
+    """Which queries are explained and how."""
+
+    queries: int = Field(8, ge=1, le=200, title="Queries", description="Test examples explained (a seeded sample of the test split).")
+    measurement: Literal["loss", "margin"] = Field("loss", title="Measurement", description="What is explained for each query: its loss or its margin.")
+    solver: Literal["exact", "cg"] = Field("cg", title="Finetuning solver", description="Inverse-Hessian solver for the finetuning stage.")
+    pretrain_solver: Literal["cg"] = Field("cg", title="Pretraining solver", description="Inverse-Hessian solver for the pretraining stage (too large for 'exact').")
+    damping: float = Field(0.01, ge=0, title="Damping", description="λ in (H + λI)⁻¹ for the finetuning Hessian.")
+    pretrain_damping: float = Field(0.01, ge=0, title="Pretraining damping", description="λ for the pretraining Hessian.")
+    gauss_newton: bool = Field(True, title="Gauss-Newton (pretraining)", description="Use the Gauss-Newton Hessian for the pretraining stage (positive semi-definite away from a minimum).")
+    cg_iterations: int = Field(100, ge=1, title="CG iterations", description="Most conjugate-gradient iterations per solve.")
+    pretrain_hessian_examples: int = Field(2000, ge=10, title="Pretraining Hessian examples", description="Seeded sample of pretraining sentences whose Hessian is used.")
+    if_params: list[str] = Field(["encoder", "head"], min_length=1, title="Influence-function parameters", description="Modules of the classifier whose parameters the finetuning influence function uses.")
+    top_k: int = Field(5, ge=1, le=100, title="Top k", description="Proponents and opponents shown per query.")
+
+
+class EvaluationSettings(_Section):
+    """The case-deletion check of the pipeline's own answers."""
+
+    enabled: bool = Field(True, title="Case deletion", description="Retrain without the top proponents and compare with random removals.")
+    mode: Literal["fixed", "updated"] = Field("fixed", title="Mode checked", description="Which finetuned model is retrained.")
+    methods: list[Literal["if", "tracin_we"]] = Field(["if", "tracin_we"], min_length=1, title="Methods checked", description="Whose top proponents are removed.")
+    queries: int = Field(4, ge=1, le=50, title="Queries", description="How many of the explained queries are checked.")
+    k: int = Field(50, ge=1, title="k", description="Examples removed per query.")
+    random_repeats: int = Field(3, ge=1, le=20, title="Random repeats", description="Random removals of k examples, each retrained.")
+
+
+class TrackingSettings(_Section):
+    """Where the report goes."""
+
+    experiment: str = Field("influence-pipeline", min_length=1, title="MLflow experiment", description="Experiment that holds the runs.")
+    tracking_uri: str = Field("", title="MLflow tracking URI", description="Empty: a SQLite store mlruns.db inside the project folder.")
+
+
+class PipelineSettings(_Section):
+    """Every setting of the pipeline (the sections of ``params.yaml``)."""
+
+    seed: int = Field(0, title="Seed", description="Seed of every model initialisation, data order and sample.")
+    data: DataSettings = Field(default_factory=DataSettings, title="Data")
+    pretrain: PretrainSettings = Field(default_factory=PretrainSettings, title="Pretraining")
+    finetune: FinetuneSettings = Field(default_factory=FinetuneSettings, title="Finetuning")
+    attribution: AttributionSettings = Field(default_factory=AttributionSettings, title="Attribution")
+    evaluation: EvaluationSettings = Field(default_factory=EvaluationSettings, title="Evaluation")
+    tracking: TrackingSettings = Field(default_factory=TrackingSettings, title="Tracking")
+
+    @model_validator(mode="after")
+    def _evaluation_mode(self) -> "PipelineSettings":
+        if self.evaluation.enabled and self.evaluation.mode not in self.finetune.modes:
+            raise ValueError(
+                f"evaluation.mode={self.evaluation.mode!r} is not among finetune.modes={self.finetune.modes}"
+            )
+        if self.evaluation.queries > self.attribution.queries:
+            raise ValueError(
+                f"evaluation.queries={self.evaluation.queries} exceeds attribution.queries={self.attribution.queries}"
+            )
+        return self
+
+    def digest(self) -> str:
+        """sha256 of the canonical JSON of the settings (a short id for tags)."""
+        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _describe(error: dict[str, Any]) -> str:
+    where = ".".join(str(p) for p in error["loc"]) or "(top level)"
+    value = error.get("input")
+    if error["type"] == "extra_forbidden":
+        return f"{where}: unknown setting (value {value!r}); remove it or check its spelling"
+    return f"{where} = {value!r}: {error['msg']}"
+
+
+def validate_settings(raw: dict[str, Any] | PipelineSettings | None, source: str = "settings") -> PipelineSettings:
+    """Validate a dict (or settings object) into :class:`PipelineSettings`.
+
+    Raises:
+        SettingsError: naming every bad field, its value and what is accepted.
+    """
+    if isinstance(raw, PipelineSettings):
+        raw = raw.model_dump()
+    try:
+        return PipelineSettings.model_validate(raw or {})
+    except ValidationError as exc:
+        lines = "\n  ".join(_describe(e) for e in exc.errors())
+        raise SettingsError(f"{source} has invalid values:\n  {lines}") from None
+
+
+def load_settings(path: str | Path = PARAMS_FILE) -> PipelineSettings:
+    """Read and validate ``params.yaml``.
+
+    Raises:
+        SettingsError: the file is missing, is not YAML, or holds an invalid value.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise SettingsError(f"{path} not found; it holds the pipeline settings (see README: Settings)")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise SettingsError(f"{path} is not valid YAML: {exc}") from None
+    return validate_settings(raw, source=str(path))
+
+
+def write_settings(settings: PipelineSettings, path: str | Path) -> None:
+    """Write settings as ``params.yaml`` (sections in declaration order)."""
+    Path(path).write_text(yaml.safe_dump(settings.model_dump(mode="json"), sort_keys=False))

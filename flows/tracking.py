@@ -1,0 +1,90 @@
+"""MLflow: one parent run per pipeline run, one child run per stage, the report as artifacts.
+
+Nothing else in the project imports MLflow. With no tracking URI configured the store is a SQLite
+file ``mlruns.db`` in the project folder and artifacts go to ``mlartifacts/`` beside it, so
+``mlflow ui --backend-store-uri sqlite:///mlruns.db`` browses what a run left.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from flows.settings import PipelineSettings
+from flows.workspace import StageResult
+
+QUIET_ENV = {
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "DO_NOT_TRACK": "true",
+    "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+    "GIT_PYTHON_REFRESH": "quiet",
+}
+
+
+def tracking_uri(settings: PipelineSettings, root: Path) -> str:
+    """The MLflow tracking URI: the configured one, else ``sqlite:///<root>/mlruns.db``."""
+    return settings.tracking.tracking_uri or f"sqlite:///{(root / 'mlruns.db').resolve()}"
+
+
+def _flatten(prefix: str, value: Any, out: dict[str, Any]) -> dict[str, Any]:
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _flatten(f"{prefix}.{k}" if prefix else k, v, out)
+    else:
+        out[prefix] = value if not isinstance(value, list) else ",".join(map(str, value))
+    return out
+
+
+def _experiment(mlflow: Any, name: str, root: Path) -> str:
+    found = mlflow.get_experiment_by_name(name)
+    if found is not None:
+        return found.experiment_id
+    location = (root / "mlartifacts").resolve().as_uri()
+    return mlflow.create_experiment(name, artifact_location=location)
+
+
+def log_pipeline_run(
+    settings: PipelineSettings,
+    root: Path,
+    results: dict[str, StageResult],
+    report_dir: Path,
+    tags: dict[str, str],
+    run_name: str | None = None,
+) -> str:
+    """Log a finished pipeline run to MLflow and return the parent run id.
+
+    Args:
+        settings: the run's settings (logged as parameters, flattened with dots).
+        root: project folder (default store location).
+        results: every stage's result; each becomes a child run with its metrics and seconds.
+        report_dir: folder whose files (HTML report, CSV tables, figures) become the parent's artifacts.
+        tags: git revision, data hashes, settings digest, orchestrator ids.
+        run_name: the parent run's name.
+    """
+    for key, value in QUIET_ENV.items():
+        os.environ.setdefault(key, value)
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri(settings, root))
+    experiment_id = _experiment(mlflow, settings.tracking.experiment, root)
+    params = _flatten("", settings.model_dump(mode="json"), {})
+    with mlflow.start_run(experiment_id=experiment_id, run_name=run_name) as parent:
+        mlflow.log_params(params)
+        mlflow.set_tags(tags)
+        summary = {}
+        for stage, result in results.items():
+            summary[f"{stage}.seconds"] = result.seconds
+            for key, value in result.metrics.items():
+                if key != "seconds":
+                    summary[f"{stage}.{key}"] = float(value)
+            with mlflow.start_run(experiment_id=experiment_id, run_name=stage, nested=True):
+                mlflow.set_tags({**tags, "stage": stage})
+                mlflow.log_metrics({k: float(v) for k, v in result.metrics.items()})
+                if result.outputs:
+                    mlflow.log_dict(result.outputs, "outputs.json")
+                if result.info:
+                    mlflow.log_dict(result.info, "info.json")
+        mlflow.log_metrics(summary)
+        mlflow.log_artifacts(str(report_dir), artifact_path="report")
+        return parent.info.run_id

@@ -1,0 +1,111 @@
+"""DVC and git: record the data version of every run, and check data files before use.
+
+The ``data`` stage of ``dvc.yaml`` writes the normalized tables. After a pipeline run writes them,
+:func:`commit_data` records them in ``dvc.lock`` and the DVC cache (``dvc commit``) and pushes them
+to the default remote (``dvc push``), exactly as ``dvc repro data && dvc push`` would.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+from pathlib import Path
+
+import yaml
+
+from influence.exceptions import DataError
+
+DATASETS = ("pretrain", "finetune", "mnist")
+DATA_STAGE = "data"
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(DVC_NO_ANALYTICS="1", DO_NOT_TRACK="true")
+    return env
+
+
+def run_dvc(root: Path, *args: str) -> str:
+    """Run one ``dvc`` command in ``root`` and return its output.
+
+    Raises:
+        RuntimeError: the command failed; the message holds DVC's own output.
+    """
+    from shutil import which
+
+    dvc = which("dvc") or str(Path(os.sys.executable).with_name("dvc"))
+    proc = subprocess.run([dvc, *args], cwd=root, env=_env(), capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"`dvc {' '.join(args)}` failed in {root}:\n{proc.stdout}{proc.stderr}")
+    return proc.stdout
+
+
+def commit_data(root: Path, push: bool = True) -> dict[str, str]:
+    """Record the data stage's outputs in ``dvc.lock`` and the cache, push them, return their hashes."""
+    run_dvc(root, "commit", "--force", DATA_STAGE)
+    if push:
+        run_dvc(root, "push", DATA_STAGE)
+    return dataset_hashes(root)
+
+
+def dataset_hashes(root: Path) -> dict[str, str]:
+    """``{dataset name: DVC md5}`` of the data stage's outputs, read from ``dvc.lock``.
+
+    Raises:
+        DataError: ``dvc.lock`` does not record the data stage yet.
+    """
+    lock = root / "dvc.lock"
+    if not lock.is_file():
+        raise DataError(f"{lock} is missing: run the data stage first (`dvc repro data` or the pipeline)")
+    stages = (yaml.safe_load(lock.read_text()) or {}).get("stages", {})
+    outs = stages.get(DATA_STAGE, {}).get("outs", [])
+    hashes = {Path(o["path"]).stem: o["md5"] for o in outs if "md5" in o}
+    if not hashes:
+        raise DataError(f"{lock} records no outputs of stage '{DATA_STAGE}': run `dvc repro data`")
+    return hashes
+
+
+def md5_file(path: Path) -> str:
+    """md5 of a file's bytes (the hash DVC 3 records for a file output)."""
+    digest = hashlib.md5()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def verify_datasets(root: Path, prepared: Path, names: tuple[str, ...] = DATASETS) -> dict[str, str]:
+    """Check that each data file exists and matches the hash in ``dvc.lock``.
+
+    Returns:
+        ``{name: md5}`` of the checked files.
+
+    Raises:
+        DataError: a file is missing or its content differs from the recorded version; the
+            message names the file and the command that restores it (``dvc pull``).
+    """
+    recorded = dataset_hashes(root) if (root / "dvc.lock").is_file() else {}
+    found = {}
+    for name in names:
+        path = prepared / f"{name}.csv"
+        if not path.is_file():
+            raise DataError(f"data file {path} is missing; restore it with `dvc pull` (or rebuild it with `dvc repro data`)")
+        actual = md5_file(path)
+        if name in recorded and recorded[name] != actual:
+            raise DataError(
+                f"data file {path} is corrupted or was changed by hand (md5 {actual}, dvc.lock records "
+                f"{recorded[name]}); restore it with `dvc pull --force` (or rebuild it with `dvc repro data`)"
+            )
+        found[name] = actual
+    return found
+
+
+def git_revision(root: Path) -> str:
+    """The checked-out git commit of ``root`` (with ``-dirty`` when the tree has changes), or ``unknown``."""
+    try:
+        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True, text=True).stdout.strip()
+    except (subprocess.CalledProcessError, FileNotFoundError):
+        return "unknown"
+    return rev + ("-dirty" if dirty else "")

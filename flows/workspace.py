@@ -1,0 +1,74 @@
+"""Where each stage reads and writes, relative to the project folder, and stage results on disk."""
+
+from __future__ import annotations
+
+import json
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+STAGES = ("data", "features", "pretrain", "finetune", "gradients", "influence", "multistage", "tracin_we", "deletion", "report")
+
+
+@dataclass(frozen=True)
+class Workspace:
+    """Fixed paths inside the project folder (the same for Prefect runs and ``dvc repro``)."""
+
+    root: Path
+
+    @property
+    def raw(self) -> Path:
+        return self.root / "data" / "raw"
+
+    @property
+    def prepared(self) -> Path:
+        return self.root / "data" / "prepared"
+
+    @property
+    def artifacts(self) -> Path:
+        return self.root / "artifacts"
+
+    def stage_dir(self, stage: str) -> Path:
+        path = self.artifacts / stage
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def dataset(self, name: str) -> Path:
+        return self.prepared / f"{name}.csv"
+
+
+@dataclass
+class StageResult:
+    """What a stage hands on: paths and numbers, never tensors."""
+
+    stage: str
+    seconds: float = 0.0
+    metrics: dict[str, float] = field(default_factory=dict)
+    outputs: dict[str, str] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def save(self, workspace: Workspace) -> Path:
+        path = workspace.stage_dir(self.stage) / "result.json"
+        path.write_text(json.dumps(asdict(self), indent=2, sort_keys=True))
+        return path
+
+    @classmethod
+    def load(cls, workspace: Workspace, stage: str) -> "StageResult":
+        path = workspace.artifacts / stage / "result.json"
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"{path} is missing: stage '{stage}' has not run in this workspace; run it first "
+                f"(`dvc repro {stage}` or the pipeline)"
+            )
+        return cls(**json.loads(path.read_text()))
+
+
+@contextmanager
+def timed(result: StageResult) -> Iterator[StageResult]:
+    """Fill ``result.seconds`` with the wall time of the block."""
+    start = time.perf_counter()
+    yield result
+    result.seconds = round(time.perf_counter() - start, 3)
+    result.metrics[f"seconds"] = result.seconds

