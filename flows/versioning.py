@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import yaml
@@ -32,9 +34,8 @@ def run_dvc(root: Path, *args: str) -> str:
     Raises:
         RuntimeError: the command failed; the message holds DVC's own output.
     """
-    from shutil import which
-
-    dvc = which("dvc") or str(Path(os.sys.executable).with_name("dvc"))
+    sibling = Path(sys.executable).with_name("dvc")
+    dvc = str(sibling) if sibling.exists() else (shutil.which("dvc") or "dvc")
     proc = subprocess.run([dvc, *args], cwd=root, env=_env(), capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"`dvc {' '.join(args)}` failed in {root}:\n{proc.stdout}{proc.stderr}")

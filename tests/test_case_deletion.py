@@ -1,0 +1,78 @@
+"""Case deletion against retraining done by hand on a tiny least-squares problem."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from influence.evaluation.case_deletion import case_deletion, random_removals, top_k_indices
+from influence.exceptions import InvalidArgumentError
+
+
+def _problem():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(40, 3, generator=g, dtype=torch.float64)
+    y = x @ torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64) + 0.3 * torch.randn(40, generator=g, dtype=torch.float64)
+    xq = torch.randn(3, 3, generator=g, dtype=torch.float64)
+    yq = xq @ torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
+    return x, y, xq, yq
+
+
+def _fit(x, y):
+    model = nn.Linear(3, 1, bias=False).double()
+    with torch.no_grad():
+        model.weight.copy_(torch.linalg.lstsq(x, y[:, None]).solution.T)
+    return model
+
+
+def test_matches_retraining_by_hand():
+    x, y, xq, yq = _problem()
+
+    def retrain(keep):
+        return _fit(x[keep], y[keep])
+
+    def measure(model):
+        return ((model(xq).squeeze(1) - yq) ** 2).detach()
+
+    base = measure(_fit(x, y))
+    scores = {"a": torch.randn(3, 40, generator=torch.Generator().manual_seed(1), dtype=torch.float64)}
+    result = case_deletion(scores, retrain=retrain, measure=measure, base=base, n_train=40, k=5, random_repeats=2, seed=3)["a"]
+    for q in range(3):
+        removed = scores["a"][q].topk(5).indices.tolist()
+        keep = sorted(set(range(40)) - set(removed))
+        expected = float(measure(_fit(x[keep], y[keep]))[q] - base[q])
+        assert result.delta_top[q] == pytest.approx(expected, rel=1e-10, abs=1e-12)
+    for r, removed in enumerate(random_removals(40, 5, 2, 3)):
+        keep = sorted(set(range(40)) - set(removed))
+        expected = (measure(_fit(x[keep], y[keep])) - base).tolist()
+        assert result.delta_random[r] == pytest.approx(expected, rel=1e-10, abs=1e-12)
+    assert result.mean_top == pytest.approx(sum(result.delta_top) / 3)
+    assert result.to_dict()["passed"] == result.passed
+
+
+def test_ideal_scores_beat_random():
+    """Scores = the actual leave-one-out change of each query's loss must pass the check."""
+    x, y, xq, yq = _problem()
+
+    def measure(model):
+        return ((model(xq).squeeze(1) - yq) ** 2).detach()
+
+    base = measure(_fit(x, y))
+    loo = torch.stack([measure(_fit(x[[j for j in range(40) if j != i]], y[[j for j in range(40) if j != i]])) - base for i in range(40)], 1)
+    result = case_deletion({"loo": loo}, retrain=lambda keep: _fit(x[keep], y[keep]), measure=measure, base=base,
+                           n_train=40, k=4, random_repeats=3, seed=0)["loo"]
+    assert result.passed and result.mean_top > result.mean_random
+
+
+def test_random_removals_are_seeded_and_distinct():
+    a, b = random_removals(100, 10, 3, seed=5), random_removals(100, 10, 3, seed=5)
+    assert a == b and all(len(set(r)) == 10 for r in a)
+    assert random_removals(100, 10, 1, seed=6) != a[:1]
+
+
+def test_bad_arguments():
+    with pytest.raises(InvalidArgumentError, match="k=0"):
+        top_k_indices(torch.zeros(2, 5), 0)
+    with pytest.raises(InvalidArgumentError, match="scores\\['m'\\].shape"):
+        case_deletion({"m": torch.zeros(2, 4)}, retrain=lambda k: None, measure=lambda m: None, base=torch.zeros(3), n_train=4, k=1)

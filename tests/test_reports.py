@@ -1,0 +1,39 @@
+"""Ranked tables and the HTML report."""
+
+from __future__ import annotations
+
+import torch
+
+from influence.reports.html import highlight_words, render_report
+from influence.reports.tables import COLUMNS, join_examples, ranked_rows
+
+
+def test_ranked_rows_orders_proponents_and_opponents():
+    scores = torch.tensor([[0.5, -1.0, 2.0, 0.0], [-0.1, 0.3, 0.2, -3.0]])
+    rows = ranked_rows(scores, ["q0", "q1"], ["a", "b", "c", "d"], k=2, source="finetuning", method="if", mode="fixed")
+    q0 = [r for r in rows if r["query_id"] == "q0"]
+    assert [r["id"] for r in q0 if r["kind"] == "proponent"] == ["c", "a"]
+    assert [r["id"] for r in q0 if r["kind"] == "opponent"] == ["b", "d"]
+    assert [r["rank"] for r in q0 if r["kind"] == "opponent"] == [1, 2]
+    joined = join_examples(rows, {"c": {"text": "great film", "label": "fresh"}}, {"q0": {"text": "q", "label": "fresh", "prediction": "fresh"}})
+    assert list(joined[0]) == list(COLUMNS) and joined[0]["text"] == "great film"
+
+
+def test_html_report_has_every_query_and_escapes_text():
+    report = {
+        "title": "t", "summary": {"accuracy": 0.8}, "data_versions": {"finetune": "abc"}, "settings": {"seed": 0},
+        "deletion": [{"method": "if", "mode": "fixed", "k": 5, "mean_top": 0.2, "mean_random": 0.01, "ratio": 20.0, "passed": True}],
+        "queries": [{"id": f"q{i}", "text": "<b>x</b>", "label": "fresh", "prediction": "fresh",
+                     "sections": [{"title": "IF", "rows": [{"kind": "proponent", "rank": 1, "id": "z", "text": "y", "label": "rotten", "score": 0.5}]}]}
+                    for i in range(3)],
+    }
+    page = render_report(report)
+    assert all(f"Query q{i}" in page for i in range(3))
+    assert "&lt;b&gt;x&lt;/b&gt;" in page and "<b>x</b>" not in page
+    assert "Case-deletion check" in page and "pass" in page and "abc" in page
+
+
+def test_highlight_words_shades_only_scored_words():
+    html = highlight_words("A great, great movie", {"great": 0.5, "movie": -0.1})
+    assert html.count("rgba(0,160,0") == 2 and html.count("rgba(220,0,0") == 1
+    assert highlight_words("plain <text>", {}) == "plain &lt;text&gt;"
