@@ -25,8 +25,8 @@ def data_task(settings: PipelineSettings, root: Path) -> StageResult:
 
 
 @task(name="version-data", retries=2, retry_delay_seconds=[2, 10])
-def version_data_task(root: Path) -> dict[str, str]:
-    return commit_data(root)
+def version_data_task(settings: PipelineSettings, root: Path) -> dict[str, str]:
+    return commit_data(root, settings)
 
 
 @task(name="features")
@@ -90,7 +90,7 @@ def pipeline(settings: PipelineSettings | None = None, project_dir: str = ".") -
     settings = validate_settings(settings, "flow parameter 'settings'") if settings is not None else load_settings(root / PARAMS_FILE)
     logger = get_run_logger()
     data_task(settings, root)
-    hashes = version_data_task(root)
+    hashes = version_data_task(settings, root)
     logger.info("data versions: %s", hashes)
     features_task(settings, root)
     pretrain_task(settings, root)

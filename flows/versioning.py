@@ -13,8 +13,12 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import yaml
+
+if TYPE_CHECKING:
+    from flows.settings import PipelineSettings
 
 from influence.exceptions import DataError
 
@@ -42,8 +46,21 @@ def run_dvc(root: Path, *args: str) -> str:
     return proc.stdout
 
 
-def commit_data(root: Path, push: bool = True) -> dict[str, str]:
-    """Record the data stage's outputs in ``dvc.lock`` and the cache, push them, return their hashes."""
+def commit_data(root: Path, settings: "PipelineSettings | None" = None, push: bool = True) -> dict[str, str]:
+    """Record the data stage's outputs in ``dvc.lock`` and the cache, push them, return their hashes.
+
+    Args:
+        root: the project folder (a DVC repository).
+        settings: the settings the data stage ran with; when they differ from ``params.yaml`` the
+            file is rewritten first, so that ``dvc.lock`` records the parameters actually used.
+        push: also ``dvc push`` the data to the default remote.
+    """
+    if settings is not None:
+        from flows.settings import PARAMS_FILE, load_settings, write_settings
+
+        params = root / PARAMS_FILE
+        if not params.is_file() or load_settings(params) != settings:
+            write_settings(settings, params)
     run_dvc(root, "commit", "--force", DATA_STAGE)
     if push:
         run_dvc(root, "push", DATA_STAGE)
@@ -91,12 +108,12 @@ def verify_datasets(root: Path, prepared: Path, names: tuple[str, ...] = DATASET
     for name in names:
         path = prepared / f"{name}.csv"
         if not path.is_file():
-            raise DataError(f"data file {path} is missing; restore it with `dvc pull` (or rebuild it with `dvc repro data`)")
+            raise DataError(f"data file {path} is missing; restore it with `dvc pull data` (or rebuild it with `dvc repro data`)")
         actual = md5_file(path)
         if name in recorded and recorded[name] != actual:
             raise DataError(
                 f"data file {path} is corrupted or was changed by hand (md5 {actual}, dvc.lock records "
-                f"{recorded[name]}); restore it with `dvc pull --force` (or rebuild it with `dvc repro data`)"
+                f"{recorded[name]}); restore it with `dvc pull --force data` (or rebuild it with `dvc repro data`)"
             )
         found[name] = actual
     return found

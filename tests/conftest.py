@@ -66,13 +66,15 @@ TINY_SETTINGS = {
 @pytest.fixture
 def project(tmp_path, raw_wheels) -> Path:
     """A fresh project folder: git repo + DVC with a local remote, dvc.yaml, tiny params.yaml."""
-    import yaml
+    from flows.settings import validate_settings, write_settings
 
     root = tmp_path / "project"
     root.mkdir()
     shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")
     shutil.copy(REPO / ".gitignore", root / ".gitignore")
-    (root / "params.yaml").write_text(yaml.safe_dump(TINY_SETTINGS, sort_keys=False))
+    for package in ("influence", "flows"):  # dvc.yaml lists the code as stage dependencies
+        shutil.copytree(REPO / package, root / package, ignore=shutil.ignore_patterns("__pycache__"))
+    write_settings(validate_settings(TINY_SETTINGS), root / "params.yaml")
     git(root, "init", "-q")
     subprocess.run([DVC, "init", "-q"], cwd=root, check=True)
     subprocess.run([DVC, "config", "core.analytics", "false"], cwd=root, check=True)

@@ -1,0 +1,46 @@
+"""DVC versioning of the data stage in a temporary git repository: commit, push, pull, checks."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+
+import pytest
+
+from flows import stages
+from flows.settings import load_settings
+from flows.versioning import commit_data, dataset_hashes, md5_file, verify_datasets
+from flows.workspace import Workspace
+from influence.exceptions import DataError
+from tests.conftest import DVC
+
+
+def test_data_stage_is_versioned_pushed_and_restorable(project):
+    ws = Workspace(project)
+    result = stages.data(load_settings(project / "params.yaml"), ws)
+    assert result.metrics["finetune_rows"] > 12000 and result.metrics["pretrain_rows"] > 50000
+    hashes = commit_data(project)
+    assert set(hashes) == {"pretrain", "finetune", "mnist"}
+    for name, digest in hashes.items():
+        assert md5_file(ws.dataset(name)) == digest
+    assert verify_datasets(project, ws.prepared) == hashes
+
+    ws.dataset("finetune").unlink()
+    with pytest.raises(DataError, match=r"finetune\.csv is missing; restore it with `dvc pull data`"):
+        verify_datasets(project, ws.prepared)
+
+    with open(ws.dataset("pretrain"), "a") as handle:
+        handle.write("tampered\n")
+    with pytest.raises(DataError, match=r"pretrain\.csv is corrupted.*`dvc pull --force data`"):
+        verify_datasets(project, ws.prepared, names=("pretrain",))
+
+    shutil.rmtree(project / ".dvc" / "cache")  # only the remote holds the data now
+    pulled = subprocess.run([DVC, "pull", "--force", "data"], cwd=project, capture_output=True, text=True)
+    assert pulled.returncode == 0, pulled.stdout + pulled.stderr
+    assert verify_datasets(project, ws.prepared) == hashes
+    assert dataset_hashes(project) == hashes
+
+
+def test_stage_before_data_names_the_missing_file(project):
+    with pytest.raises(DataError, match="dvc.lock is missing|is missing"):
+        stages.features(load_settings(project / "params.yaml"), Workspace(project))
