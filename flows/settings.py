@@ -87,7 +87,7 @@ class AttributionSettings(_Section):
     pretrain_solver: Literal["cg"] = Field("cg", title="Pretraining solver", description="Inverse-Hessian solver for the pretraining stage (too large for 'exact').")
     damping: float = Field(0.01, ge=0, title="Damping", description="λ in (H + λI)⁻¹ for the finetuning Hessian.")
     pretrain_damping: float = Field(0.01, ge=0, title="Pretraining damping", description="λ for the pretraining Hessian.")
-    gauss_newton: bool = Field(True, title="Gauss-Newton (pretraining)", description="Use the Gauss-Newton Hessian for the pretraining stage (positive semi-definite away from a minimum).")
+    gauss_newton: bool = Field(True, title="Gauss-Newton", description="Use the Gauss-Newton Hessian in both stages (positive semi-definite even away from a minimum, where the true Hessian can be indefinite).")
     cg_iterations: int = Field(100, ge=1, title="CG iterations", description="Most conjugate-gradient iterations per solve.")
     pretrain_hessian_examples: int = Field(2000, ge=10, title="Pretraining Hessian examples", description="Seeded sample of pretraining sentences whose Hessian is used.")
     if_params: list[str] = Field(["encoder", "head"], min_length=1, title="Influence-function parameters", description="Modules of the classifier whose parameters the finetuning influence function uses.")

@@ -9,6 +9,7 @@ own: that lives in :mod:`influence`.
 from __future__ import annotations
 
 import json
+import logging
 import random
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from flows.settings import PipelineSettings
 from flows.versioning import verify_datasets
 from flows.workspace import StageResult, Workspace, timed
 
-MODES_EMBEDDING = {"fixed": "fixed", "updated": "updated"}
+METHOD_STAGES = {"if": "influence", "tracin_we": "tracin_we"}  # evaluation.methods -> the stage holding its scores
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -37,6 +38,18 @@ def _save_json(obj: object, path: Path) -> Path:
 
 def _load_json(path: Path) -> object:
     return json.loads(path.read_text())
+
+
+def resume_or_replace(call, **kwargs):
+    """Run ``call(**kwargs)``, which resumes (or reuses) the artifact its folder holds; when that
+    artifact was made with other arguments (an earlier run with other settings), replace it."""
+    from influence.exceptions import CacheMismatchError
+
+    try:
+        return call(**kwargs, overwrite=False)
+    except CacheMismatchError as exc:
+        logging.getLogger(__name__).warning("replacing a stale artifact: %s", exc)
+        return call(**kwargs, overwrite=True)
 
 
 def load_split(ws: Workspace, split: str):
@@ -92,6 +105,20 @@ def classification_task(settings: PipelineSettings):
     return ClassificationTask(measurement=settings.attribution.measurement)
 
 
+def finetune_setup(settings: PipelineSettings, ws: Workspace, mode: str, model):
+    """Trainable parameter names and proximity penalty of the finetuning objective in ``mode``.
+
+    ``fixed``: the embedding is frozen, no penalty. ``updated``: everything trains, with
+    ``(alpha/2)·||W − W_pretrained||²`` on the embedding.
+    """
+    from influence.models.training import Proximity
+
+    if mode == "fixed":
+        return [n for n, _ in model.named_parameters() if not n.startswith("embedding.")], None
+    reference = {"embedding.weight": pretrained_model(settings, ws).embedding.weight.detach().clone()}
+    return [n for n, _ in model.named_parameters()], Proximity(alpha=settings.finetune.alpha, reference=reference)
+
+
 def finetune_on(settings: PipelineSettings, ws: Workspace, mode: str, train_data, checkpoint_dir: Path | None):
     """Finetune a fresh classifier (pretrained embedding) on ``train_data`` in ``mode``.
 
@@ -99,21 +126,15 @@ def finetune_on(settings: PipelineSettings, ws: Workspace, mode: str, train_data
     the case-deletion check when it retrains.
     """
     from influence.models.text import transfer_embedding
-    from influence.models.training import Proximity, train
+    from influence.models.training import train
     from influence.task import ClassificationTask
 
-    pretrained = pretrained_model(settings, ws)
     model = new_classifier(settings, len(vocabulary(ws)))
-    transfer_embedding(pretrained, model)
+    transfer_embedding(pretrained_model(settings, ws), model)
+    trainable, proximity = finetune_setup(settings, ws, mode, model)
     ft = settings.finetune
-    if mode == "fixed":
-        trainable = [n for n, _ in model.named_parameters() if not n.startswith("embedding.")]
-        proximity = None
-    else:
-        trainable = [n for n, _ in model.named_parameters()]
-        proximity = Proximity(alpha=ft.alpha, reference={"embedding.weight": pretrained.embedding.weight.detach().clone()})
-    result = train(
-        model, ClassificationTask(), train_data, epochs=ft.epochs, batch_size=ft.batch_size,
+    result = resume_or_replace(
+        train, model=model, task=ClassificationTask(), dataset=train_data, epochs=ft.epochs, batch_size=ft.batch_size,
         learning_rate=ft.learning_rate, seed=settings.seed, l2=ft.l2, trainable=trainable,
         proximity=proximity, checkpoint_dir=checkpoint_dir,
         checkpoint_every=ft.checkpoint_every if checkpoint_dir is not None else None,
@@ -122,14 +143,21 @@ def finetune_on(settings: PipelineSettings, ws: Workspace, mode: str, train_data
 
 
 def finetune_regularizer(settings: PipelineSettings, ws: Workspace, mode: str):
-    """``params -> scalar``: the penalty terms of the finetuning objective of ``mode``."""
-    from influence.models.training import Proximity, penalty
+    """``params -> scalar``: the penalty terms of the finetuning objective of ``mode`` (for Hessians)."""
+    from influence.models.training import Regularizer
 
-    ft = settings.finetune
-    proximity = None
-    if mode == "updated":
-        proximity = Proximity(alpha=ft.alpha, reference={"embedding.weight": pretrained_model(settings, ws).embedding.weight.detach().clone()})
-    return penalty(l2=ft.l2, proximity=proximity)
+    model = new_classifier(settings, len(vocabulary(ws)))
+    trainable, proximity = finetune_setup(settings, ws, mode, model)
+    return Regularizer(l2=settings.finetune.l2, proximity=proximity, l2_names=tuple(trainable))
+
+
+def solver_options(settings: PipelineSettings, solver: str | None = None) -> dict:
+    """Options of the inverse-Hessian solver named by the settings (or ``solver``)."""
+    a = settings.attribution
+    options: dict = {"gauss_newton": a.gauss_newton}
+    if (solver or a.solver) == "cg":
+        options["max_iterations"] = a.cg_iterations
+    return options
 
 
 def checkpoints_of(ws: Workspace, mode: str) -> list[tuple[str, float]]:
@@ -210,8 +238,8 @@ def pretrain(settings: PipelineSettings, ws: Workspace) -> StageResult:
         p = settings.pretrain
         model = CbowLanguageModel(len(vocabulary(ws)), embed_dim=p.embed_dim, hidden_dim=p.hidden_dim, window=p.window)
         out = ws.stage_dir("pretrain")
-        trained = train(
-            model, LanguageModelingTask(padding_idx=0), load_split(ws, "pretrain"), epochs=p.epochs,
+        trained = resume_or_replace(
+            train, model=model, task=LanguageModelingTask(padding_idx=0), dataset=load_split(ws, "pretrain"), epochs=p.epochs,
             batch_size=p.batch_size, learning_rate=p.learning_rate, seed=settings.seed, l2=p.l2,
             checkpoint_dir=out / "checkpoints", checkpoint_every=10_000_000,
         )
@@ -257,10 +285,11 @@ def gradients(settings: PipelineSettings, ws: Workspace) -> StageResult:
             model = finetuned_model(settings, ws, mode)
             names = select_parameters(model, settings.attribution.if_params)
             folder = ws.stage_dir("gradients") / mode
-            cache = GradientCache(folder).build(
-                classification_task(settings), model, train_data, names, kind="train_loss", batch_size=256
+            cache = resume_or_replace(
+                GradientCache(folder).build, task=classification_task(settings), model=model, data=train_data,
+                names=names, kind="train_loss", batch_size=256,
             )
-            result.metrics[f"{mode}.parameters"] = float(cache.manifest["num_parameters"])
+            result.metrics[f"{mode}.parameters"] = float(cache.manifest["n_parameters"])
             result.outputs[mode] = str(folder.relative_to(ws.root))
     result.save(ws)
     return result
@@ -279,7 +308,7 @@ def influence(settings: PipelineSettings, ws: Workspace) -> StageResult:
             scores = influence_scores(
                 classification_task(settings), finetuned_model(settings, ws, mode), train_data, queries,
                 params=a.if_params, solver=a.solver, damping=a.damping,
-                solver_options={"max_iterations": a.cg_iterations} if a.solver == "cg" else None,
+                solver_options=solver_options(settings),
                 regularizer=finetune_regularizer(settings, ws, mode),
                 train_gradients=GradientCache(ws.artifacts / "gradients" / mode), batch_size=256,
             )
@@ -293,6 +322,8 @@ def influence(settings: PipelineSettings, ws: Workspace) -> StageResult:
 def multistage(settings: PipelineSettings, ws: Workspace) -> StageResult:
     """Multi-stage influence of pretraining sentences on the finetuned queries: [n_query, n_pretrain]."""
     from influence.methods.multistage import multistage_scores
+    from influence.models.training import Regularizer
+    from influence.solvers import make_solver
     from influence.task import LanguageModelingTask
 
     a = settings.attribution
@@ -303,14 +334,19 @@ def multistage(settings: PipelineSettings, ws: Workspace) -> StageResult:
         n_hessian = min(a.pretrain_hessian_examples, len(pretrain_data))
         hessian_idx = sorted(random.Random(settings.seed).sample(range(len(pretrain_data)), n_hessian))
         for mode in settings.finetune.modes:
+            ft_damping = max(a.damping, settings.finetune.l2)
+            pt_damping = max(a.pretrain_damping, settings.pretrain.l2)
+            model = finetuned_model(settings, ws, mode)
+            trainable, _ = finetune_setup(settings, ws, mode, model)
             scores = multistage_scores(
                 LanguageModelingTask(padding_idx=0), pretrained, pretrain_data,
-                classification_task(settings), finetuned_model(settings, ws, mode), load_split(ws, "train"),
+                classification_task(settings), model, load_split(ws, "train"),
                 load_split(ws, "queries"), embedding=mode, alpha=settings.finetune.alpha,
-                finetune_solver=a.solver, pretrain_solver=a.pretrain_solver,
-                damping=max(a.damping, settings.finetune.l2), pretrain_damping=max(a.pretrain_damping, settings.pretrain.l2),
-                solver_options={"max_iterations": a.cg_iterations},
-                pretrain_solver_options={"max_iterations": a.cg_iterations, "gauss_newton": a.gauss_newton},
+                finetune_solver=make_solver(a.solver, damping=ft_damping, **solver_options(settings)),
+                pretrain_solver=make_solver(a.pretrain_solver, damping=pt_damping, **solver_options(settings, a.pretrain_solver)),
+                damping=ft_damping, pretrain_damping=pt_damping,
+                finetune_regularizer=Regularizer(l2=settings.finetune.l2, l2_names=tuple(trainable)),
+                pretrain_regularizer=Regularizer(l2=settings.pretrain.l2),
                 pretrain_hessian_data=pretrain_data.subset(hessian_idx), batch_size=128,
             )
             path = ws.stage_dir("multistage") / f"{mode}.safetensors"
@@ -374,7 +410,7 @@ def deletion(settings: PipelineSettings, ws: Workspace) -> StageResult:
 
         base = measure(finetuned_model(settings, ws, mode))
         scores = {
-            method: load_file(str(ws.artifacts / method / f"{mode}.safetensors"))["scores"][: e.queries]
+            method: load_file(str(ws.artifacts / METHOD_STAGES[method] / f"{mode}.safetensors"))["scores"][: e.queries]
             for method in e.methods
         }
         checks = case_deletion(

@@ -221,7 +221,7 @@ class GradientCache:
         collate = data.collate_fn if isinstance(data, DataLoader) else None
         p = ParameterLayout.of(model, names).numel
         n = len(dataset)
-        compute_dtype = dtype or next(dict(model.named_parameters())[names[0]] for _ in [0]).dtype
+        compute_dtype = dtype or dict(model.named_parameters())[names[0]].dtype
         fields = {
             "format": FORMAT_VERSION,
             "arguments": {

@@ -137,6 +137,20 @@ class Objective:
     def _regular(self, selected: dict[str, Tensor]) -> Tensor:
         return self.regularizer(self.full_parameters(selected))
 
+    def per_example_loss(self, selected: dict[str, Tensor], batch: Batch) -> Tensor:
+        """``task.train_loss`` of a batch with the selected parameters given as tensors.
+
+        Args:
+            selected: ``{name: tensor}`` for every selected parameter (e.g. ``self.params``, or
+                copies that require grad).
+            batch: one of ``self.batches``.
+
+        Returns:
+            Tensor ``[B]``; unscaled (the objective's data term is their sum over all batches
+            divided by ``n_examples``).
+        """
+        return self._loss_fn(selected, batch)
+
     def _batch_loss(self, selected: dict[str, Tensor], batch: Batch) -> Tensor:
         return self._loss_fn(selected, batch).sum() / self.n_examples
 

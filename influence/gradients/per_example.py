@@ -44,24 +44,24 @@ def measurement_sign(task: Task) -> float:
 
 
 def resolve_names(model: nn.Module, names: str | Sequence[str]) -> list[str]:
-    """Check parameter names against ``model``; a string is resolved with ``select_parameters``.
+    """Check parameter names against ``model``.
 
     Args:
         model: the model.
-        names: parameter names, or a selector such as ``"all"``/``"last"``/``"embedding"``.
+        names: parameter names (kept in the order given), or anything ``select_parameters``
+            accepts: a selector such as ``"all"``/``"last"``/``"embedding"``, or module names.
 
     Returns:
-        The list of parameter names, in the order given.
+        The list of parameter names.
     """
     if isinstance(names, str):
         return select_parameters(model, names)
     names = list(names)
-    available = dict(model.named_parameters())
-    for name in names:
-        if name not in available:
-            raise invalid("names", name, f"parameter names among {sorted(available)}")
     if not names:
         raise invalid("names", names, "a non-empty list of parameter names")
+    available = dict(model.named_parameters())
+    if not all(isinstance(n, str) and n in available for n in names):
+        names = select_parameters(model, names)
     if len(set(names)) != len(names):
         raise invalid("names", names, "parameter names without repetition")
     return names
@@ -325,5 +325,7 @@ def gradient_matrix(
     blocks = list(iter_gradients(task, model, data, names, **options))
     if not blocks:
         names = resolve_names(model, names)
-        return torch.empty(0, ParameterLayout.of(model, names).numel)
+        projector = options.get("projector")
+        dim = projector.output_dim if projector is not None else ParameterLayout.of(model, names).numel
+        return torch.empty(0, dim, device=options.get("device", "cpu"))
     return torch.cat(blocks, dim=0)

@@ -10,13 +10,19 @@ import inspect
 from typing import Any
 
 from influence.exceptions import invalid
+from influence.solvers.arnoldi import ArnoldiSolver
 from influence.solvers.base import InverseHessianSolver
 from influence.solvers.cg import ConjugateGradientSolver
+from influence.solvers.ekfac import EkfacSolver
 from influence.solvers.exact import ExactSolver
+from influence.solvers.lissa import LissaSolver
 
 _REGISTRY: dict[str, type[InverseHessianSolver]] = {
     "exact": ExactSolver,
     "cg": ConjugateGradientSolver,
+    "lissa": LissaSolver,
+    "arnoldi": ArnoldiSolver,
+    "ekfac": EkfacSolver,
 }
 
 SOLVERS: tuple[str, ...] = tuple(_REGISTRY)
@@ -42,4 +48,13 @@ def make_solver(name: str, **options: Any) -> InverseHessianSolver:
     return cls(**options)
 
 
-__all__ = ["SOLVERS", "ConjugateGradientSolver", "ExactSolver", "InverseHessianSolver", "make_solver"]
+__all__ = [
+    "SOLVERS",
+    "ArnoldiSolver",
+    "ConjugateGradientSolver",
+    "EkfacSolver",
+    "ExactSolver",
+    "InverseHessianSolver",
+    "LissaSolver",
+    "make_solver",
+]

@@ -1,0 +1,207 @@
+"""The public entry points: one call to attribute queries to training examples.
+
+``attribute`` dispatches to a method by name (``"if"``, ``"tracin"``, ``"tracin_we"``,
+``"grad_dot"``, ``"grad_cos"``); every method returns ``[n_query, n_train]`` scores with the same
+orientation (positive = proponent: removing the training example would make the query worse).
+``self_influence`` gives each training example's score on itself, ``multistage`` the influence of
+pretraining examples on a finetuned model, ``tracin_we_words`` the per-word terms of a TracIn-WE
+score.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+
+from influence.exceptions import invalid
+from influence.gradients.cache import GradientCache
+from influence.gradients.layout import ParameterLayout, select_parameters
+from influence.gradients.projection import RandomProjector
+from influence.methods.influence_function import influence_scores, influence_self_scores
+from influence.methods.multistage import multistage_scores
+from influence.methods.similarity import similarity_scores, similarity_self_scores
+from influence.methods.tracin import tracin_scores, tracin_self_scores
+from influence.methods.tracin_we import tracin_we_scores, tracin_we_self_scores, tracin_we_words
+from influence.solvers import SOLVERS, InverseHessianSolver
+from influence.task import Task
+
+METHODS: tuple[str, ...] = ("if", "tracin", "tracin_we", "grad_dot", "grad_cos")
+
+# method -> keyword options accepted through ``**options`` besides the common arguments
+_OPTIONS: dict[str, tuple[str, ...]] = {
+    "if": ("solver_options", "regularizer", "hessian_data"),
+    "tracin": (),
+    "tracin_we": ("embedding_module", "top_k_rows"),
+    "grad_dot": (),
+    "grad_cos": (),
+}
+
+multistage = multistage_scores
+
+
+def _check(method: str, solver: Any, options: dict[str, Any], *, checkpoints: Any, projection_dim: Any, cache_dir: Any) -> None:
+    if method not in METHODS:
+        raise invalid("method", method, "one of " + ", ".join(repr(m) for m in METHODS))
+    if not isinstance(solver, InverseHessianSolver) and solver not in SOLVERS:
+        raise invalid("solver", solver, "an InverseHessianSolver or one of " + ", ".join(repr(s) for s in SOLVERS))
+    unknown = sorted(set(options) - set(_OPTIONS[method]))
+    if unknown:
+        accepted = ", ".join(repr(o) for o in _OPTIONS[method]) or "none"
+        raise invalid(f"options of method={method!r}", unknown, f"options among: {accepted}")
+    if method in ("tracin", "tracin_we") and checkpoints is None:
+        raise invalid("checkpoints", None, f"a sequence of (state dict or path, learning rate) pairs for method={method!r}")
+    if projection_dim is not None:
+        if method in ("if", "tracin_we"):
+            raise invalid("projection_dim", projection_dim, f"None for method={method!r} (only 'tracin', 'grad_dot', 'grad_cos' project)")
+        if isinstance(projection_dim, bool) or not isinstance(projection_dim, int) or projection_dim < 1:
+            raise invalid("projection_dim", projection_dim, "a positive integer or None")
+    if cache_dir is not None and method != "if":
+        raise invalid("cache_dir", str(cache_dir), f"None for method={method!r} (only 'if' caches training gradients)")
+
+
+def _projector(model: nn.Module, params: Any, projection_dim: int | None, projection_seed: int) -> RandomProjector | None:
+    if projection_dim is None:
+        return None
+    names = select_parameters(model, params)
+    return RandomProjector(ParameterLayout.of(model, names).numel, projection_dim, seed=projection_seed)
+
+
+def attribute(
+    task: Task,
+    model: nn.Module,
+    train_data: Dataset | DataLoader,
+    query_data: Dataset | DataLoader,
+    *,
+    method: str = "if",
+    solver: str | InverseHessianSolver = "cg",
+    damping: float = 1e-3,
+    params: str | Sequence[str] = "all",
+    checkpoints: Sequence[Any] | None = None,
+    projection_dim: int | None = None,
+    projection_seed: int = 0,
+    device: torch.device | str = "cpu",
+    batch_size: int = 64,
+    dtype: torch.dtype | None = None,
+    cache_dir: str | Path | None = None,
+    **options: Any,
+) -> Tensor:
+    """Score every training example's influence on every query.
+
+    Args:
+        task: gives the per-example training loss and the query measurement.
+        model: the trained model (not modified).
+        train_data: the ``n`` training examples (map-style dataset or unshuffled loader).
+        query_data: the ``m`` queries.
+        method: ``"if"`` (influence function), ``"tracin"``, ``"tracin_we"`` (TracIn on the word
+            embedding), ``"grad_dot"`` or ``"grad_cos"``.
+        solver: inverse-Hessian solver of ``"if"``: a name among ``influence.solvers.SOLVERS`` or
+            an instance.
+        damping: damping of ``"if"``'s Hessian.
+        params: parameters differentiated (``"all"``, ``"last"``, ``"embedding"`` or names); not
+            used by ``"tracin_we"``, which always uses the word embedding.
+        checkpoints: ``[(state dict or safetensors path, learning rate), ...]`` for ``"tracin"``
+            and ``"tracin_we"``.
+        projection_dim: randomly project gradients to this many dimensions (``"tracin"``,
+            ``"grad_dot"``, ``"grad_cos"``).
+        projection_seed: seed of the projection.
+        device: device of the computation.
+        batch_size: examples per batch.
+        dtype: floating dtype of the computation (default: the model's).
+        cache_dir: for ``"if"``: a directory where the training gradients are cached (built or
+            resumed, refused when it was made with other arguments).
+        **options: method-specific options: ``"if"``: ``solver_options``, ``regularizer``,
+            ``hessian_data``; ``"tracin_we"``: ``embedding_module``, ``top_k_rows``.
+
+    Returns:
+        Tensor ``[m, n]``; positive = proponent (removing the training example makes the query
+        worse). ``"if"`` scores include the factor ``1/n``; the TracIn family and similarities do
+        not.
+    """
+    _check(method, solver, options, checkpoints=checkpoints, projection_dim=projection_dim, cache_dir=cache_dir)
+    common = {"batch_size": batch_size, "device": device, "dtype": dtype}
+    if method == "if":
+        train_gradients = None
+        if cache_dir is not None:
+            names = select_parameters(model, params)
+            storage = dtype or dict(model.named_parameters())[names[0]].dtype
+            train_gradients = GradientCache(cache_dir).build(
+                task, model, train_data, names, kind="train_loss", dtype_storage=storage, **common,
+            )
+        return influence_scores(
+            task, model, train_data, query_data, params=params, solver=solver, damping=damping,
+            train_gradients=train_gradients, **options, **common,
+        )
+    if method == "tracin_we":
+        return tracin_we_scores(task, model, train_data, query_data, checkpoints=checkpoints, **options, **common)
+    projector = _projector(model, params, projection_dim, projection_seed)
+    if method == "tracin":
+        return tracin_scores(task, model, train_data, query_data, checkpoints=checkpoints, params=params,
+                             projector=projector, **common)
+    return similarity_scores(task, model, train_data, query_data, similarity=method.removeprefix("grad_"),
+                             params=params, projector=projector, **common)
+
+
+def self_influence(
+    task: Task,
+    model: nn.Module,
+    train_data: Dataset | DataLoader,
+    *,
+    method: str = "if",
+    solver: str | InverseHessianSolver = "cg",
+    damping: float = 1e-3,
+    params: str | Sequence[str] = "all",
+    checkpoints: Sequence[Any] | None = None,
+    projection_dim: int | None = None,
+    projection_seed: int = 0,
+    device: torch.device | str = "cpu",
+    batch_size: int = 64,
+    dtype: torch.dtype | None = None,
+    **options: Any,
+) -> Tensor:
+    """Each training example's score on its own training loss (large for outliers and mislabels).
+
+    The query side uses the training loss (not the task's measurement) and no sign flip:
+    ``"if"``: ``(1/n) g^T (H + damping I)^{-1} g``; ``"tracin"``: ``sum_c lr_c ||g_c||^2``;
+    ``"tracin_we"``: ``sum_c lr_c sum_w ||G_c[w]||^2``; ``"grad_dot"``: ``||g||^2``;
+    ``"grad_cos"``: 1 (0 for a zero gradient).
+
+    Args:
+        task: the task.
+        model: the trained model.
+        train_data: the ``n`` training examples.
+        method: as in :func:`attribute`.
+        solver: as in :func:`attribute`.
+        damping: as in :func:`attribute`.
+        params: as in :func:`attribute`.
+        checkpoints: as in :func:`attribute`.
+        projection_dim: as in :func:`attribute`.
+        projection_seed: as in :func:`attribute`.
+        device: device of the computation.
+        batch_size: examples per batch.
+        dtype: floating dtype of the computation.
+        **options: as in :func:`attribute`.
+
+    Returns:
+        Tensor ``[n]``.
+    """
+    _check(method, solver, options, checkpoints=checkpoints, projection_dim=projection_dim, cache_dir=None)
+    common = {"batch_size": batch_size, "device": device, "dtype": dtype}
+    if method == "if":
+        return influence_self_scores(task, model, train_data, params=params, solver=solver, damping=damping,
+                                     **options, **common)
+    if method == "tracin_we":
+        return tracin_we_self_scores(task, model, train_data, checkpoints=checkpoints, **options, **common)
+    projector = _projector(model, params, projection_dim, projection_seed)
+    if method == "tracin":
+        return tracin_self_scores(task, model, train_data, checkpoints=checkpoints, params=params,
+                                  projector=projector, **common)
+    return similarity_self_scores(task, model, train_data, similarity=method.removeprefix("grad_"),
+                                  params=params, projector=projector, **common)
+
+
+__all__ = ["METHODS", "attribute", "multistage", "self_influence", "tracin_we_words"]

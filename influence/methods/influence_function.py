@@ -1,0 +1,239 @@
+"""Influence functions (Koh & Liang 2017): the predicted effect of removing one training example.
+
+For a model trained to the minimum ``theta*`` of ``L(theta) = (1/n) sum_i l(z_i; theta) + R(theta)``,
+removing ``z`` moves the minimum by ``(1/n) H^{-1} grad l(z)`` (implicit-function theorem), so the
+query measurement ``f(x)`` changes by
+
+    score(x, z) = s * (1/n) * grad f(x)^T (H + damping I)^{-1} grad l(z),
+
+where ``H`` is the Hessian of ``L`` over the selected parameters and ``s = measurement_sign(task)``
+orients the score so that positive means "removing ``z`` makes ``x`` worse" (a proponent).
+
+The computation is query-side: the ``m`` query gradients are solved once, ``y = (H + damping I)^{-1}
+s grad f(x)`` ``[m, P]``, then the training gradients are streamed (from the model or from a
+:class:`~influence.gradients.cache.GradientCache`) and multiplied in blocks, so no ``[n, P]``
+matrix is ever held.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+
+from influence.exceptions import invalid
+from influence.gradients.cache import GradientCache
+from influence.gradients.layout import select_parameters
+from influence.gradients.objective import Objective
+from influence.gradients.per_example import (
+    gradient_matrix,
+    iter_gradients,
+    measurement_sign,
+)
+from influence.methods.common import build_solver, check_batch_size, stream_products
+from influence.solvers import InverseHessianSolver
+from influence.task import Task
+
+Regularizer = Callable[[dict[str, Tensor]], Tensor]
+
+
+def fit_inverse_hessian(
+    task: Task,
+    model: nn.Module,
+    data: Dataset | DataLoader,
+    names: Sequence[str],
+    *,
+    solver: str | InverseHessianSolver,
+    damping: float,
+    solver_options: Mapping[str, Any] | None,
+    regularizer: Regularizer | None,
+    batch_size: int,
+    device: torch.device | str,
+    dtype: torch.dtype | None,
+) -> InverseHessianSolver:
+    """A solver fitted to the training objective ``(1/n) sum l + R`` over ``names``.
+
+    Args:
+        task: gives the training loss.
+        model: the trained model.
+        data: the examples whose mean loss defines the Hessian.
+        names: selected parameter names.
+        solver: a solver name or instance (see :func:`influence.methods.common.build_solver`).
+        damping: added to the Hessian's diagonal.
+        solver_options: extra options of a named solver.
+        regularizer: ``R(params) -> scalar`` that was part of the training objective.
+        batch_size: examples per batch of the Hessian-vector products.
+        device: device of the computation.
+        dtype: floating dtype of the computation.
+
+    Returns:
+        The fitted solver; ``solver.solve(rhs [m, P]) -> [m, P]``.
+    """
+    built = build_solver(solver, damping=damping, solver_options=solver_options)
+    objective = Objective(
+        task, model, data, list(names), batch_size=batch_size, device=device, dtype=dtype,
+        regularizer=regularizer,
+    )
+    return built.fit(objective)
+
+
+def training_gradient_blocks(
+    task: Task,
+    model: nn.Module,
+    train_data: Dataset | DataLoader | None,
+    names: Sequence[str],
+    *,
+    train_gradients: GradientCache | None,
+    batch_size: int,
+    device: torch.device | str,
+    dtype: torch.dtype | None,
+):
+    """Per-example training-loss gradients ``[b, P]`` in training order, from a cache or computed.
+
+    Args:
+        task: the task.
+        model: the model.
+        train_data: the training set (used when ``train_gradients`` is ``None``).
+        names: selected parameter names.
+        train_gradients: a built, unprojected cache of ``kind="train_loss"`` gradients over
+            exactly ``names``, or ``None``.
+        batch_size: examples per batch.
+        device: device of the computation.
+        dtype: floating dtype of the computation.
+
+    Returns:
+        An iterator of ``[b, P]`` blocks.
+    """
+    if train_gradients is None:
+        return iter_gradients(
+            task, model, train_data, list(names), kind="train_loss", batch_size=batch_size,
+            device=device, dtype=dtype,
+        )
+    manifest = train_gradients.manifest
+    arguments = manifest.get("arguments", {})
+    if manifest.get("projection") is not None:
+        raise invalid("train_gradients", str(train_gradients.directory), "an unprojected gradient cache")
+    if arguments.get("kind") != "train_loss":
+        raise invalid("train_gradients kind", arguments.get("kind"), "'train_loss'")
+    if list(arguments.get("names", [])) != list(names):
+        raise invalid("train_gradients names", arguments.get("names"), f"the attributed parameters {list(names)}")
+    if not manifest.get("complete", False):
+        raise invalid("train_gradients", str(train_gradients.directory), "a completely built cache")
+    return train_gradients.iter_shards()
+
+
+def influence_scores(
+    task: Task,
+    model: nn.Module,
+    train_data: Dataset | DataLoader,
+    query_data: Dataset | DataLoader,
+    *,
+    params: str | Sequence[str] = "all",
+    solver: str | InverseHessianSolver = "cg",
+    damping: float = 1e-3,
+    solver_options: Mapping[str, Any] | None = None,
+    regularizer: Regularizer | None = None,
+    batch_size: int = 64,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype | None = None,
+    train_gradients: GradientCache | None = None,
+    hessian_data: Dataset | DataLoader | None = None,
+) -> Tensor:
+    """Influence-function scores of every (query, training example) pair.
+
+    Args:
+        task: gives the per-example training loss and the query measurement.
+        model: the trained model (not modified); use ``eval()`` mode.
+        train_data: the ``n`` training examples (map-style dataset or unshuffled loader).
+        query_data: the ``m`` query examples.
+        params: the parameters differentiated: ``"all"``, ``"last"``, ``"embedding"`` or names.
+        solver: ``"exact"``, ``"cg"`` (or another name of ``influence.solvers.SOLVERS``) or a
+            solver instance, which then carries its own damping and options.
+        damping: ``lambda >= 0``; the Hessian is ``H + lambda I``.
+        solver_options: extra options of a named solver (``max_iterations``, ``rtol``,
+            ``gauss_newton``, ...).
+        regularizer: ``R(params) -> scalar`` that was part of the training objective (e.g. the l2
+            penalty), so that ``H`` is the Hessian of the objective actually minimised.
+        batch_size: examples per batch.
+        device: device of the computation.
+        dtype: floating dtype of the computation (default: the model's).
+        train_gradients: a built :class:`~influence.gradients.cache.GradientCache` of the
+            unprojected training-loss gradients over the same parameters, read instead of
+            recomputing them.
+        hessian_data: examples whose mean loss defines ``H`` (default: ``train_data``), e.g. a
+            subsample for speed. The ``1/n`` factor always uses the training set's size.
+
+    Returns:
+        Tensor ``[m, n]`` on ``device``: ``s * (1/n) * grad f(x)^T (H + lambda I)^{-1} grad l(z)``;
+        positive means removing ``z`` makes query ``x`` worse.
+    """
+    batch_size = check_batch_size(batch_size)
+    names = select_parameters(model, params)
+    fitted = fit_inverse_hessian(
+        task, model, train_data if hessian_data is None else hessian_data, names, solver=solver,
+        damping=damping, solver_options=solver_options, regularizer=regularizer,
+        batch_size=batch_size, device=device, dtype=dtype,
+    )
+    queries = gradient_matrix(
+        task, model, query_data, names, kind="measurement", batch_size=batch_size, device=device,
+        dtype=dtype,
+    )
+    left = fitted.solve(queries) if queries.shape[0] else queries.to(fitted.objective.dtype)
+    blocks = training_gradient_blocks(
+        task, model, train_data, names, train_gradients=train_gradients, batch_size=batch_size,
+        device=device, dtype=dtype,
+    )
+    raw = stream_products(left, blocks)
+    n_train = raw.shape[1]
+    if n_train == 0:
+        raise invalid("train_data", "an empty dataset", "at least one training example")
+    return raw * (measurement_sign(task) / n_train)
+
+
+def influence_self_scores(
+    task: Task,
+    model: nn.Module,
+    train_data: Dataset | DataLoader,
+    *,
+    params: str | Sequence[str] = "all",
+    solver: str | InverseHessianSolver = "cg",
+    damping: float = 1e-3,
+    solver_options: Mapping[str, Any] | None = None,
+    regularizer: Regularizer | None = None,
+    batch_size: int = 64,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype | None = None,
+    hessian_data: Dataset | DataLoader | None = None,
+) -> Tensor:
+    """Self-influence ``(1/n) grad l(z)^T (H + lambda I)^{-1} grad l(z)`` of every training example.
+
+    It is the predicted rise of ``z``'s own training loss when ``z`` is removed (large for
+    atypical or mislabelled examples). Arguments are those of :func:`influence_scores`.
+
+    Returns:
+        Tensor ``[n]`` on ``device``.
+    """
+    batch_size = check_batch_size(batch_size)
+    names = select_parameters(model, params)
+    fitted = fit_inverse_hessian(
+        task, model, train_data if hessian_data is None else hessian_data, names, solver=solver,
+        damping=damping, solver_options=solver_options, regularizer=regularizer,
+        batch_size=batch_size, device=device, dtype=dtype,
+    )
+    parts = []
+    for block in iter_gradients(
+        task, model, train_data, names, kind="train_loss", batch_size=batch_size, device=device,
+        dtype=dtype,
+    ):
+        block = block.to(fitted.objective.dtype)
+        parts.append((fitted.solve(block) * block).sum(dim=1))
+    if not parts:
+        raise invalid("train_data", "an empty dataset", "at least one training example")
+    values = torch.cat(parts)
+    return values / values.shape[0]
+
+
+__all__ = ["fit_inverse_hessian", "influence_scores", "influence_self_scores", "training_gradient_blocks"]

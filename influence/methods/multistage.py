@@ -1,0 +1,285 @@
+"""Multi-stage influence (Chen et al. 2020): pretraining examples' effect on a finetuned model.
+
+A model is pretrained (parameters ``theta_pt``, mean pretraining loss, Hessian ``H_pt``), its
+word embedding ``W`` is carried into a second model that is finetuned (parameters ``Theta`` other
+than ``W``), and a query ``x`` of the finetuned model is measured by ``f``. Removing pretraining
+example ``z`` moves ``theta_pt`` by ``(1/n_pt) H_pt^{-1} grad l_pt(z)``; its ``W`` part changes the
+finetuned optimum, and through it ``f``. With ``s = measurement_sign(finetune_task)`` the score is
+
+- embedding ``"fixed"`` during finetuning (``Theta`` trained, ``W`` frozen):
+  ``s * (grad_W f - H_{W Theta} H_{Theta Theta}^{-1} grad_Theta f)^T P_W H_pt^{-1} grad l_pt(z) / n_pt``;
+- embedding ``"updated"`` with the proximity penalty ``(alpha/2)||W - W_pt||^2``:
+  ``s * alpha * grad f^T K^{-1} [0; P_W H_pt^{-1} grad l_pt(z)] / n_pt``, ``K`` the Hessian of the
+  whole finetuning objective (penalty included) over ``(Theta, W)``,
+
+where the ``H`` blocks are those of the finetuning objective's Hessian. Both are computed from the
+query side: a finetuning solve gives ``g_W`` ``[m, P_W]``, which is placed at the pretrained
+model's embedding parameter and solved with ``H_pt``; the pretraining per-example gradients are
+then streamed in blocks. The derivation is in ``docs/multistage.md``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+
+from influence.exceptions import invalid
+from influence.gradients.layout import ParameterLayout, select_parameters
+from influence.gradients.objective import Objective
+from influence.gradients.per_example import (
+    gradient_matrix,
+    iter_gradients,
+    measurement_sign,
+)
+from influence.methods.common import build_solver, check_batch_size, stream_products
+from influence.solvers import InverseHessianSolver
+from influence.task import Task
+
+Regularizer = Callable[[dict[str, Tensor]], Tensor]
+EMBEDDING_MODES: tuple[str, ...] = ("fixed", "updated")
+DEFAULT_SHARED: dict[str, str] = {"embedding.weight": "embedding.weight"}
+
+
+def _check_shared(
+    shared: Mapping[str, str], finetuned: nn.Module, pretrained: nn.Module
+) -> dict[str, str]:
+    if not isinstance(shared, Mapping) or not shared:
+        raise invalid("shared", shared, "a non-empty {finetuned name: pretrained name} mapping")
+    ft_params, pt_params = dict(finetuned.named_parameters()), dict(pretrained.named_parameters())
+    for ft_name, pt_name in shared.items():
+        if ft_name not in ft_params:
+            raise invalid("shared finetuned name", ft_name, f"a parameter of the finetuned model among {sorted(ft_params)}")
+        if pt_name not in pt_params:
+            raise invalid("shared pretrained name", pt_name, f"a parameter of the pretrained model among {sorted(pt_params)}")
+        if ft_params[ft_name].shape != pt_params[pt_name].shape:
+            raise invalid(
+                f"shape of {ft_name!r}", tuple(ft_params[ft_name].shape),
+                f"the shape of pretrained {pt_name!r}, {tuple(pt_params[pt_name].shape)}",
+            )
+    if len(set(shared.values())) != len(shared):
+        raise invalid("shared", dict(shared), "distinct pretrained names")
+    return dict(shared)
+
+
+def _finetune_names(model: nn.Module, params: str | Sequence[str], shared: Sequence[str]) -> list[str]:
+    if isinstance(params, str) and params == "all":
+        names = [n for n, p in model.named_parameters() if p.requires_grad and n not in shared]
+    else:
+        names = select_parameters(model, params)
+        overlap = sorted(set(names) & set(shared))
+        if overlap:
+            raise invalid("finetune_params", overlap, "parameters other than the shared ones")
+    if not names:
+        raise invalid("finetune_params", params, "at least one finetuned parameter besides the shared ones")
+    return names
+
+
+def _sum_regularizers(*terms: Regularizer | None) -> Regularizer | None:
+    present = [t for t in terms if t is not None]
+    if not present:
+        return None
+    if len(present) == 1:
+        return present[0]
+
+    def total(params: dict[str, Tensor]) -> Tensor:
+        return sum(t(params) for t in present)
+
+    return total
+
+
+def proximity_regularizer(reference: Mapping[str, Tensor], alpha: float) -> Regularizer:
+    """``R(params) = (alpha/2) sum_name ||params[name] - reference[name]||^2``.
+
+    Args:
+        reference: ``{finetuned name: pretrained value}``, tensors of the parameters' shapes.
+        alpha: the penalty's strength.
+
+    Returns:
+        A regulariser for :class:`~influence.gradients.objective.Objective`.
+    """
+
+    def penalty(params: dict[str, Tensor]) -> Tensor:
+        return (alpha / 2) * sum(((params[n] - w) ** 2).sum() for n, w in reference.items())
+
+    return penalty
+
+
+def finetune_embedding_gradient(
+    finetune_task: Task,
+    finetuned_model: nn.Module,
+    finetune_data: Dataset | DataLoader,
+    queries: Tensor,
+    theta_names: Sequence[str],
+    w_names: Sequence[str],
+    *,
+    embedding: str,
+    alpha: float,
+    reference: Mapping[str, Tensor],
+    solver: str | InverseHessianSolver,
+    damping: float,
+    solver_options: Mapping[str, Any] | None,
+    regularizer: Regularizer | None,
+    batch_size: int,
+    device: torch.device | str,
+    dtype: torch.dtype | None,
+) -> Tensor:
+    """Total derivative of the query measurement with respect to the pretrained embedding.
+
+    Args:
+        finetune_task: the finetuning task.
+        finetuned_model: the finetuned model.
+        finetune_data: the finetuning examples.
+        queries: ``[m, P_Theta + P_W]`` query measurement gradients over ``theta_names + w_names``.
+        theta_names: the finetuning parameters other than the shared ones.
+        w_names: the shared parameters, as named in the finetuned model.
+        embedding: ``"fixed"`` or ``"updated"``.
+        alpha: proximity strength (``"updated"`` only).
+        reference: ``{w name: pretrained value}`` of the shared parameters.
+        solver: the finetuning solver (name or instance).
+        damping: finetuning damping.
+        solver_options: options of a named solver.
+        regularizer: extra finetuning regulariser (the proximity term is added here).
+        batch_size: examples per batch.
+        device: device of the computation.
+        dtype: floating dtype.
+
+    Returns:
+        ``g_W`` ``[m, P_W]`` such that ``d f / d W_pt = g_W`` (before the sign ``s``).
+    """
+    theta_names, w_names = list(theta_names), list(w_names)
+    layout = ParameterLayout.of(finetuned_model, theta_names + w_names)
+    built = build_solver(solver, damping=damping, solver_options=solver_options, argument="finetune_solver")
+    options = {"batch_size": batch_size, "device": device, "dtype": dtype}
+    if embedding == "fixed":
+        inner = Objective(finetune_task, finetuned_model, finetune_data, theta_names, regularizer=regularizer, **options)
+        built.fit(inner)
+        u = built.solve(layout.block(queries, theta_names).to(inner.dtype))  # [m, P_Theta]
+        full = Objective(finetune_task, finetuned_model, finetune_data, theta_names + w_names, regularizer=regularizer, **options)
+        cross = full.hvp(layout.embed(u, theta_names))  # [m, P]
+        return layout.block(queries, w_names).to(cross.dtype) - layout.block(cross, w_names)
+    penalty = proximity_regularizer(reference, alpha)
+    whole = Objective(
+        finetune_task, finetuned_model, finetune_data, theta_names + w_names,
+        regularizer=_sum_regularizers(regularizer, penalty), **options,
+    )
+    built.fit(whole)
+    y = built.solve(queries.to(whole.dtype))  # [m, P]
+    return alpha * layout.block(y, w_names)
+
+
+def multistage_scores(
+    pretrain_task: Task,
+    pretrained_model: nn.Module,
+    pretrain_data: Dataset | DataLoader,
+    finetune_task: Task,
+    finetuned_model: nn.Module,
+    finetune_data: Dataset | DataLoader,
+    query_data: Dataset | DataLoader,
+    *,
+    shared: Mapping[str, str] | None = None,
+    embedding: Literal["fixed", "updated"],
+    alpha: float = 0.0,
+    finetune_params: str | Sequence[str] = "all",
+    pretrain_params: str | Sequence[str] = "all",
+    finetune_solver: str | InverseHessianSolver = "cg",
+    pretrain_solver: str | InverseHessianSolver = "cg",
+    damping: float = 1e-3,
+    pretrain_damping: float | None = None,
+    solver_options: Mapping[str, Any] | None = None,
+    pretrain_hessian_data: Dataset | DataLoader | None = None,
+    finetune_regularizer: Regularizer | None = None,
+    pretrain_regularizer: Regularizer | None = None,
+    batch_size: int = 64,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype | None = None,
+) -> Tensor:
+    """Multi-stage influence of every pretraining example on every finetuning query.
+
+    Args:
+        pretrain_task: pretraining task (its ``train_loss`` defines ``H_pt`` and ``grad l_pt(z)``).
+        pretrained_model: the pretrained model, at the pretraining optimum.
+        pretrain_data: the ``n_pt`` pretraining examples.
+        finetune_task: finetuning task (its ``measurement`` is ``f``; its ``train_loss`` defines the
+            finetuning Hessian).
+        finetuned_model: the finetuned model, at the finetuning optimum.
+        finetune_data: the finetuning examples.
+        query_data: the ``m`` queries (finetuning-style examples).
+        shared: ``{finetuned parameter name: pretrained parameter name}`` of the carried
+            parameters ``W`` (default ``{"embedding.weight": "embedding.weight"}``).
+        embedding: ``"fixed"`` (``W`` frozen while finetuning) or ``"updated"`` (``W`` trained
+            with the penalty ``(alpha/2)||W - W_pt||^2``).
+        alpha: the penalty's strength; must be positive for ``"updated"``, unused for ``"fixed"``.
+        finetune_params: ``Theta``: ``"all"`` (every trainable finetuned parameter except the shared
+            ones) or names.
+        pretrain_params: the pretraining parameters of ``H_pt``: ``"all"`` or names; they must
+            include the shared ones.
+        finetune_solver: solver name or instance for the finetuning Hessian.
+        pretrain_solver: solver name or instance for ``H_pt``.
+        damping: damping of the finetuning Hessian.
+        pretrain_damping: damping of ``H_pt`` (default: ``damping``).
+        solver_options: extra options of named solvers (both stages).
+        pretrain_hessian_data: examples whose mean loss defines ``H_pt`` (default:
+            ``pretrain_data``); the factor ``1/n_pt`` always uses ``pretrain_data``'s size.
+        finetune_regularizer: ``R(params) -> scalar`` that was part of the finetuning objective
+            besides the proximity penalty (e.g. l2 on the head).
+        pretrain_regularizer: ``R(params) -> scalar`` that was part of the pretraining objective.
+        batch_size: examples per batch.
+        device: device of the computation.
+        dtype: floating dtype of the computation (default: the models').
+
+    Returns:
+        Tensor ``[m, n_pt]`` on ``device``; positive means removing the pretraining example makes
+        the query worse.
+    """
+    if embedding not in EMBEDDING_MODES:
+        raise invalid("embedding", embedding, "'fixed' or 'updated'")
+    if embedding == "updated" and (isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0):
+        raise invalid("alpha", alpha, "a positive number when embedding='updated'")
+    batch_size = check_batch_size(batch_size)
+    shared = _check_shared(DEFAULT_SHARED if shared is None else shared, finetuned_model, pretrained_model)
+    w_names = list(shared)
+    theta_names = _finetune_names(finetuned_model, finetune_params, w_names)
+    pt_names = select_parameters(pretrained_model, pretrain_params)
+    missing = [n for n in shared.values() if n not in pt_names]
+    if missing:
+        raise invalid("pretrain_params", pretrain_params, f"a selection that includes the shared parameters {missing}")
+    pt_damping = damping if pretrain_damping is None else pretrain_damping
+
+    queries = gradient_matrix(
+        finetune_task, finetuned_model, query_data, theta_names + w_names, kind="measurement",
+        batch_size=batch_size, device=device, dtype=dtype,
+    )  # [m, P_Theta + P_W]
+    pt_params = dict(pretrained_model.named_parameters())
+    reference = {
+        ft: pt_params[pt].detach().to(device=device, dtype=queries.dtype) for ft, pt in shared.items()
+    }
+    g_w = finetune_embedding_gradient(
+        finetune_task, finetuned_model, finetune_data, queries, theta_names, w_names,
+        embedding=embedding, alpha=float(alpha), reference=reference, solver=finetune_solver,
+        damping=damping, solver_options=solver_options, regularizer=finetune_regularizer,
+        batch_size=batch_size, device=device, dtype=dtype,
+    )  # [m, P_W]
+
+    pt_layout = ParameterLayout.of(pretrained_model, pt_names)
+    rhs = pt_layout.embed(g_w, [shared[n] for n in w_names])  # [m, P_pt]
+    pt_solver = build_solver(pretrain_solver, damping=pt_damping, solver_options=solver_options, argument="pretrain_solver")
+    pt_objective = Objective(
+        pretrain_task, pretrained_model, pretrain_data if pretrain_hessian_data is None else pretrain_hessian_data,
+        pt_names, batch_size=batch_size, device=device, dtype=dtype, regularizer=pretrain_regularizer,
+    )
+    left = pt_solver.fit(pt_objective).solve(rhs.to(pt_objective.dtype))  # [m, P_pt]
+    raw = stream_products(left, iter_gradients(
+        pretrain_task, pretrained_model, pretrain_data, pt_names, kind="train_loss",
+        batch_size=batch_size, device=device, dtype=dtype,
+    ))
+    n_pt = raw.shape[1]
+    if n_pt == 0:
+        raise invalid("pretrain_data", "an empty dataset", "at least one pretraining example")
+    return raw * (measurement_sign(finetune_task) / n_pt)
+
+
+__all__ = ["EMBEDDING_MODES", "finetune_embedding_gradient", "multistage_scores", "proximity_regularizer"]

@@ -1,0 +1,134 @@
+"""Gradient-similarity baselines: dot product and cosine of query and training gradients.
+
+At the final model, with ``s = measurement_sign(task)``:
+
+- ``grad_dot``: ``s * <grad l(z), grad f(x)>`` (TracIn with one checkpoint and learning rate 1,
+  or an influence function with ``H = I``, without ``1/n``);
+- ``grad_cos``: ``s * cos(grad l(z), grad f(x))``, in ``[-1, 1]`` (Barshan et al. 2020 argue
+  that normalising removes the dominance of high-loss, outlying training examples).
+
+Positive still means a proponent. A zero gradient gives a cosine of 0.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+
+from influence.exceptions import invalid
+from influence.gradients.layout import select_parameters
+from influence.gradients.per_example import gradient_matrix, iter_gradients, measurement_sign
+from influence.methods.common import check_batch_size, stream_products
+from influence.task import Task
+
+SIMILARITIES: tuple[str, ...] = ("dot", "cos")
+
+
+def _unit(g: Tensor) -> Tensor:
+    norms = torch.linalg.vector_norm(g, dim=1, keepdim=True)
+    return g / torch.where(norms > 0, norms, torch.ones_like(norms))
+
+
+def similarity_scores(
+    task: Task,
+    model: nn.Module,
+    train_data: Dataset | DataLoader,
+    query_data: Dataset | DataLoader,
+    *,
+    similarity: Literal["dot", "cos"] = "dot",
+    params: str | Sequence[str] = "all",
+    batch_size: int = 64,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype | None = None,
+    projector: Any = None,
+) -> Tensor:
+    """Gradient dot products or cosines of every (query, training example) pair.
+
+    Args:
+        task: gives the per-example training loss and the query measurement.
+        model: the trained model (not modified).
+        train_data: the ``n`` training examples.
+        query_data: the ``m`` queries.
+        similarity: ``"dot"`` or ``"cos"``.
+        params: the parameters differentiated: ``"all"``, ``"last"``, ``"embedding"`` or names.
+        batch_size: examples per batch.
+        device: device of the computation.
+        dtype: floating dtype of the computation.
+        projector: optional object with ``project(g [b, P]) -> [b, k]`` applied to both sides.
+
+    Returns:
+        Tensor ``[m, n]`` on ``device``.
+    """
+    if similarity not in SIMILARITIES:
+        raise invalid("similarity", similarity, "'dot' or 'cos'")
+    batch_size = check_batch_size(batch_size)
+    names = select_parameters(model, params)
+    options = {"batch_size": batch_size, "device": device, "dtype": dtype, "projector": projector}
+    queries = gradient_matrix(task, model, query_data, names, kind="measurement", **options)
+    blocks = iter_gradients(task, model, train_data, names, kind="train_loss", **options)
+    if similarity == "cos":
+        queries = _unit(queries)
+        blocks = (_unit(block) for block in blocks)
+    scores = stream_products(queries, blocks)
+    if scores.shape[1] == 0:
+        raise invalid("train_data", "an empty dataset", "at least one training example")
+    return scores * measurement_sign(task)
+
+
+def grad_dot_scores(task: Task, model: nn.Module, train_data, query_data, **options: Any) -> Tensor:
+    """``s * <grad l(z), grad f(x)>``: :func:`similarity_scores` with ``similarity="dot"``.
+
+    Returns:
+        Tensor ``[m, n]``.
+    """
+    return similarity_scores(task, model, train_data, query_data, similarity="dot", **options)
+
+
+def grad_cos_scores(task: Task, model: nn.Module, train_data, query_data, **options: Any) -> Tensor:
+    """``s * cos(grad l(z), grad f(x))``: :func:`similarity_scores` with ``similarity="cos"``.
+
+    Returns:
+        Tensor ``[m, n]`` with entries in ``[-1, 1]``.
+    """
+    return similarity_scores(task, model, train_data, query_data, similarity="cos", **options)
+
+
+def similarity_self_scores(
+    task: Task,
+    model: nn.Module,
+    train_data: Dataset | DataLoader,
+    *,
+    similarity: Literal["dot", "cos"] = "dot",
+    params: str | Sequence[str] = "all",
+    batch_size: int = 64,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype | None = None,
+    projector: Any = None,
+) -> Tensor:
+    """Self-similarity of every training example: ``||grad l(z)||^2`` (dot) or 1 (cos; 0 for a zero gradient).
+
+    Arguments are those of :func:`similarity_scores`.
+
+    Returns:
+        Tensor ``[n]`` on ``device``.
+    """
+    if similarity not in SIMILARITIES:
+        raise invalid("similarity", similarity, "'dot' or 'cos'")
+    batch_size = check_batch_size(batch_size)
+    names = select_parameters(model, params)
+    parts = []
+    for block in iter_gradients(task, model, train_data, names, kind="train_loss", batch_size=batch_size,
+                                device=device, dtype=dtype, projector=projector):
+        if similarity == "cos":
+            block = _unit(block)
+        parts.append((block * block).sum(dim=1))
+    if not parts:
+        raise invalid("train_data", "an empty dataset", "at least one training example")
+    return torch.cat(parts)
+
+
+__all__ = ["SIMILARITIES", "grad_cos_scores", "grad_dot_scores", "similarity_scores", "similarity_self_scores"]

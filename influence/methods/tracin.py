@@ -1,0 +1,121 @@
+"""TracIn (Pruthi et al. 2020): influence traced through the checkpoints of training.
+
+Gradient descent on ``z`` with learning rate ``lr_c`` at checkpoint ``c`` changes the query's
+measurement by about ``-lr_c <g_c(z), g_c(x)>``; summing over checkpoints,
+
+    score(x, z) = s * sum_c lr_c <grad l_c(z), grad f_c(x)>,
+
+with ``s = measurement_sign(task)`` so that positive means a proponent (training on ``z`` helped
+``x``, so removing it would make ``x`` worse). There is no ``1/n`` factor. Restricting the
+gradients to the last layer (``params="last"``) gives the cheap "last-layer TracIn"; an optional
+random projector (TRAK-style) compresses both sides identically.
+
+Checkpoints are ``(state dict or safetensors path, learning rate)`` pairs; each is loaded into a
+deep copy of the model, so the model itself is never modified.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+
+from influence.exceptions import invalid
+from influence.gradients.layout import select_parameters
+from influence.gradients.per_example import gradient_matrix, iter_gradients, measurement_sign
+from influence.methods.common import (
+    Checkpoint,
+    check_batch_size,
+    checkpoint_entries,
+    model_at,
+    stream_products,
+)
+from influence.task import Task
+
+
+def tracin_scores(
+    task: Task,
+    model: nn.Module,
+    train_data: Dataset | DataLoader,
+    query_data: Dataset | DataLoader,
+    *,
+    checkpoints: Sequence[Checkpoint],
+    params: str | Sequence[str] = "all",
+    batch_size: int = 64,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype | None = None,
+    projector: Any = None,
+) -> Tensor:
+    """TracIn scores of every (query, training example) pair.
+
+    Args:
+        task: gives the per-example training loss and the query measurement.
+        model: a model of the trained architecture; each checkpoint is loaded into a copy of it.
+        train_data: the ``n`` training examples (map-style dataset or unshuffled loader).
+        query_data: the ``m`` query examples.
+        checkpoints: ``[(state dict or safetensors path, learning rate), ...]`` (or objects with
+            ``.path`` and ``.learning_rate``), the learning rate being that of the steps the
+            checkpoint stands for.
+        params: the parameters differentiated: ``"all"``, ``"last"`` (last-layer TracIn),
+            ``"embedding"`` or names.
+        batch_size: examples per batch.
+        device: device of the computation.
+        dtype: floating dtype of the computation (default: the model's).
+        projector: optional object with ``project(g [b, P]) -> [b, k]`` applied to both sides.
+
+    Returns:
+        Tensor ``[m, n]`` on ``device``: ``s * sum_c lr_c <g_c(z), g_c(x)>``.
+    """
+    batch_size = check_batch_size(batch_size)
+    entries = checkpoint_entries(checkpoints)
+    names = select_parameters(model, params)
+    options = {"batch_size": batch_size, "device": device, "dtype": dtype, "projector": projector}
+    total: Tensor | None = None
+    for state, learning_rate in entries:
+        current = model_at(model, state, names)
+        queries = gradient_matrix(task, current, query_data, names, kind="measurement", **options)
+        scores = stream_products(queries, iter_gradients(task, current, train_data, names, kind="train_loss", **options))
+        total = learning_rate * scores if total is None else total + learning_rate * scores
+    if total.shape[1] == 0:
+        raise invalid("train_data", "an empty dataset", "at least one training example")
+    return total * measurement_sign(task)
+
+
+def tracin_self_scores(
+    task: Task,
+    model: nn.Module,
+    train_data: Dataset | DataLoader,
+    *,
+    checkpoints: Sequence[Checkpoint],
+    params: str | Sequence[str] = "all",
+    batch_size: int = 64,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype | None = None,
+    projector: Any = None,
+) -> Tensor:
+    """TracIn self-influence ``sum_c lr_c ||grad l_c(z)||^2`` of every training example.
+
+    Arguments are those of :func:`tracin_scores`.
+
+    Returns:
+        Tensor ``[n]`` on ``device``.
+    """
+    batch_size = check_batch_size(batch_size)
+    entries = checkpoint_entries(checkpoints)
+    names = select_parameters(model, params)
+    options = {"batch_size": batch_size, "device": device, "dtype": dtype, "projector": projector}
+    total: Tensor | None = None
+    for state, learning_rate in entries:
+        current = model_at(model, state, names)
+        blocks = [(g * g).sum(dim=1) for g in iter_gradients(task, current, train_data, names, kind="train_loss", **options)]
+        if not blocks:
+            raise invalid("train_data", "an empty dataset", "at least one training example")
+        norms = torch.cat(blocks)
+        total = learning_rate * norms if total is None else total + learning_rate * norms
+    return total
+
+
+__all__ = ["tracin_scores", "tracin_self_scores"]

@@ -1,0 +1,370 @@
+"""Per-example gradients, the objective's curvature products, projection and the gradient cache,
+checked in float64 against brute-force references from ``tests/zoo.py``."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+import influence.gradients.cache as cache_module
+from influence.exceptions import (
+    CacheMismatchError,
+    CorruptedArtifactError,
+    InvalidArgumentError,
+)
+from influence.gradients import (
+    GradientCache,
+    Objective,
+    RandomProjector,
+    gradient_matrix,
+    iter_gradients,
+    measurement_sign,
+    per_example_gradients,
+    select_parameters,
+)
+from influence.task import ClassificationTask, LanguageModelingTask
+from tests import zoo
+
+RTOL, ATOL = 1e-6, 1e-10
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models run fastest on one thread (and do not fight other processes for cores)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def close(actual, expected, rtol=RTOL, atol=ATOL):
+    torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol)
+
+
+# -- per-example gradients --------------------------------------------------------------------
+
+CASES = {
+    "logistic": (zoo.logistic_regression, zoo.tabular_dataset, ClassificationTask()),
+    "mlp": (zoo.tanh_mlp, zoo.tabular_dataset, ClassificationTask()),
+    "text": (zoo.tiny_text_classifier, zoo.text_dataset, ClassificationTask()),
+    "lm": (zoo.tiny_language_model, zoo.token_dataset, LanguageModelingTask()),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("selection", ["all", "last"])
+def test_per_example_gradients_match_autograd_loop(case, selection):
+    make_model, make_data, task = CASES[case]
+    model, data = make_model(), make_data()
+    names = select_parameters(model, selection)
+    expected = zoo.brute_per_example_gradients(task, model, data, names)
+    got = per_example_gradients(task, model, zoo.full_batch(data), names)
+    assert got.shape == (len(data), sum(dict(model.named_parameters())[n].numel() for n in names))
+    close(got, expected)
+
+
+def test_measurement_gradients_and_sign():
+    model, data = zoo.tanh_mlp(), zoo.tabular_dataset(n=6)
+    task = ClassificationTask(measurement="margin")
+    names = select_parameters(model, "all")
+    expected = zoo.brute_per_example_gradients(task, model, data, names, kind="measurement")
+    close(per_example_gradients(task, model, zoo.full_batch(data), names, kind="measurement"), expected)
+    assert measurement_sign(task) == -1.0
+    assert measurement_sign(ClassificationTask()) == 1.0
+
+
+def test_unselected_parameters_and_buffers_are_fixed():
+    model, data = zoo.tanh_mlp(), zoo.tabular_dataset(n=5)
+    task = ClassificationTask()
+    batch = zoo.full_batch(data)
+    head_only = per_example_gradients(task, model, batch, ["head.weight"])
+    full = per_example_gradients(task, model, batch, select_parameters(model, "all"))
+    start = model.hidden.weight.numel() + model.hidden.bias.numel()
+    close(head_only, full[:, start:start + model.head.weight.numel()])
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_invalid_arguments_are_refused():
+    model, data = zoo.logistic_regression(), zoo.tabular_dataset(n=4)
+    batch = zoo.full_batch(data)
+    with pytest.raises(InvalidArgumentError, match="nope"):
+        per_example_gradients(ClassificationTask(), model, batch, ["nope"])
+    with pytest.raises(InvalidArgumentError, match="non-empty"):
+        per_example_gradients(ClassificationTask(), model, batch, [])
+    with pytest.raises(InvalidArgumentError, match="kind"):
+        per_example_gradients(ClassificationTask(), model, batch, ["weight"], kind="loss")
+
+
+def test_iter_gradients_chunks_in_dataset_order():
+    model, data = zoo.tiny_text_classifier(), zoo.text_dataset(n=13)
+    task = ClassificationTask()
+    names = select_parameters(model, "all")
+    expected = zoo.brute_per_example_gradients(task, model, data, names)
+    p = expected.shape[1]
+    blocks = list(iter_gradients(task, model, data, names, batch_size=5, memory_budget_bytes=2 * p * 8))
+    assert [b.shape[0] for b in blocks] == [2, 2, 1, 2, 2, 1, 2, 1]
+    close(torch.cat(blocks), expected)
+    loader = DataLoader(data, batch_size=4, shuffle=False)
+    close(gradient_matrix(task, model, loader, names), expected)
+
+
+def test_iter_gradients_casts_dtype_and_projects():
+    model, data = zoo.logistic_regression(), zoo.tabular_dataset(n=7)
+    task = ClassificationTask()
+    names = ["weight", "bias"]
+    full = gradient_matrix(task, model, data, names, batch_size=3)
+    single = gradient_matrix(task, model, data, names, batch_size=3, dtype=torch.float32)
+    assert single.dtype == torch.float32
+    close(single.double(), full, rtol=1e-4, atol=1e-6)
+    projector = RandomProjector(full.shape[1], 4, seed=7, chunk_size=5)
+    projected = gradient_matrix(task, model, data, names, batch_size=3, projector=projector)
+    close(projected, full @ projector.matrix(dtype=torch.float64))
+
+
+# -- objective ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def mlp_problem():
+    model, data = zoo.tanh_mlp(), zoo.tabular_dataset(n=18)
+    task = ClassificationTask()
+    names = select_parameters(model, "all")
+    penalty = zoo.proximity_penalty(model, alpha=0.3)
+    objective = Objective(task, model, data, names, batch_size=7, regularizer=penalty)
+    return task, model, data, names, penalty, objective
+
+
+def test_objective_loss_and_gradient(mlp_problem):
+    task, model, data, names, penalty, objective = mlp_problem
+    f = zoo.brute_objective(task, model, data, names, penalty)
+    theta = zoo.flat_parameters(model, names).requires_grad_(True)
+    value = f(theta)
+    assert objective.n_examples == len(data)
+    assert objective.loss() == pytest.approx(float(value.detach()), rel=1e-12)
+    close(objective.gradient(), torch.autograd.grad(value, theta)[0])
+
+
+def test_hvp_matches_dense_hessian(mlp_problem):
+    task, model, data, names, penalty, objective = mlp_problem
+    hessian = zoo.brute_hessian(task, model, data, names, penalty)
+    v = torch.randn(3, hessian.shape[0], generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    close(objective.hvp(v), v @ hessian)
+    close(objective.hvp(v[0]), hessian @ v[0])
+    close(objective.hessian(), hessian)
+    close(objective.matvec(v, gauss_newton=False), v @ hessian)
+
+
+def test_hvp_only_selected_block_and_penalty_on_others():
+    model, data = zoo.tanh_mlp(), zoo.tabular_dataset(n=10)
+    task = ClassificationTask()
+    penalty = zoo.proximity_penalty(model, alpha=0.5)
+    objective = Objective(task, model, data, ["head"], batch_size=4, regularizer=penalty)
+    names = ["head.weight", "head.bias"]
+    close(objective.hessian(), zoo.brute_hessian(task, model, data, names, penalty))
+
+
+def test_gauss_newton_products(mlp_problem):
+    task, model, data, names, penalty, objective = mlp_problem
+    gn = zoo.brute_gauss_newton(task, model, data, names, penalty)
+    v = torch.randn(2, gn.shape[0], generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    close(objective.gnhvp(v), v @ gn)
+    close(objective.hessian(gauss_newton=True), gn)
+    assert torch.linalg.eigvalsh(gn).min() > 0
+
+
+def test_gauss_newton_language_model():
+    model, data = zoo.tiny_language_model(), zoo.token_dataset(n=6)
+    task = LanguageModelingTask()
+    names = select_parameters(model, "all")
+    objective = Objective(task, model, data, names, batch_size=4)
+    close(objective.hessian(gauss_newton=True), zoo.brute_gauss_newton(task, model, data, names))
+    close(objective.hessian(), zoo.brute_hessian(task, model, data, names))
+
+
+def test_subsample_and_batch_subset():
+    model, data = zoo.logistic_regression(), zoo.tabular_dataset(n=20)
+    task = ClassificationTask()
+    names = ["weight", "bias"]
+    a = Objective(task, model, data, names, batch_size=4, max_examples=8, seed=3)
+    b = Objective(task, model, data, names, batch_size=4, max_examples=8, seed=3)
+    assert a.n_examples == 8
+    assert a.loss() == b.loss()
+    whole = Objective(task, model, data, names, batch_size=5)
+    first = torch.utils.data.Subset(data, range(5))
+    v = torch.ones(whole.n_parameters, dtype=torch.float64)
+    close(whole.hvp(v, batch_indices=[0]), zoo.brute_hessian(task, model, first, names) @ v)
+    with pytest.raises(InvalidArgumentError, match="batch_indices"):
+        whole.hvp(v, batch_indices=[9])
+    with pytest.raises(InvalidArgumentError, match="P = 15"):
+        whole.hvp(torch.ones(3, dtype=torch.float64))
+
+
+# -- projection -------------------------------------------------------------------------------
+
+
+def test_projection_is_reproducible_from_the_seed():
+    g = torch.randn(5, 23, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    a = RandomProjector(23, 6, seed=11, chunk_size=4)
+    b = RandomProjector(23, 6, seed=11, chunk_size=4, max_cached_bytes=0)
+    assert torch.equal(a.project(g), b.project(g))
+    close(a.project(g), g @ a.matrix(dtype=torch.float64))
+    assert not torch.equal(a.project(g), RandomProjector(23, 6, seed=12, chunk_size=4).project(g))
+    assert a.project(g[0]).shape == (6,)
+    with pytest.raises(InvalidArgumentError, match="P = 23"):
+        a.project(torch.ones(2, 22))
+
+
+def test_rademacher_entries_and_norm_preservation():
+    r = RandomProjector(50, 16, seed=0, kind="rademacher").matrix()
+    assert set((r * 4).round().unique().tolist()) == {-1.0, 1.0}
+    proj = RandomProjector(400, 2000, seed=1, chunk_size=128)
+    g = torch.randn(3, 400, generator=torch.Generator().manual_seed(2))
+    ratio = proj.project(g).norm(dim=1) / g.norm(dim=1)
+    assert torch.allclose(ratio, torch.ones(3), atol=0.1)
+
+
+# -- cache ------------------------------------------------------------------------------------
+
+
+@pytest.fixture()
+def cache_problem():
+    model, data = zoo.tiny_text_classifier(), zoo.text_dataset(n=11)
+    return ClassificationTask(), model, data, select_parameters(model, "all")
+
+
+def build(directory, problem, **options):
+    task, model, data, names = problem
+    arguments = {"shard_size": 3, "batch_size": 2, "dtype_storage": torch.float64, **options}
+    return GradientCache(directory).build(task, model, data, names, **arguments)
+
+
+def test_cache_matches_direct_gradients(tmp_path, cache_problem):
+    task, model, data, names = cache_problem
+    cache = build(tmp_path, cache_problem)
+    manifest = cache.manifest
+    assert manifest["complete"] and manifest["n_shards"] == 4 and manifest["n_examples"] == 11
+    assert sorted(p.name for p in tmp_path.glob("shard_*")) == [f"shard_0000{i}.safetensors" for i in range(4)]
+    close(cache.matrix(), zoo.brute_per_example_gradients(task, model, data, names))
+    assert [s.shape[0] for s in cache.iter_shards()] == [3, 3, 3, 2]
+    assert GradientCache(tmp_path).exists()
+
+
+def test_cache_resume_is_bit_identical(tmp_path, cache_problem, monkeypatch):
+    build(tmp_path / "whole", cache_problem)
+
+    def kill_after_two(done, total):
+        if done == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        build(tmp_path / "resumed", cache_problem, on_shard=kill_after_two)
+    assert not GradientCache(tmp_path / "resumed").exists()
+    calls = []
+    original = cache_module.iter_gradients
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(cache_module, "iter_gradients", counting)
+    build(tmp_path / "resumed", cache_problem)
+    assert len(calls) == 2
+    for i in range(4):
+        name = f"shard_0000{i}.safetensors"
+        assert (tmp_path / "whole" / name).read_bytes() == (tmp_path / "resumed" / name).read_bytes()
+    whole = json.loads((tmp_path / "whole" / "manifest.json").read_text())
+    assert whole == GradientCache(tmp_path / "resumed").manifest
+
+
+def test_cache_refuses_other_arguments(tmp_path, cache_problem):
+    build(tmp_path, cache_problem)
+    with pytest.raises(CacheMismatchError, match="batch_size") as error:
+        build(tmp_path, cache_problem, batch_size=3, dtype_storage=torch.float32)
+    assert "dtype_storage" in str(error.value)
+    task, model, data, names = cache_problem
+    with torch.no_grad():
+        model.head.bias += 1.0
+    with pytest.raises(CacheMismatchError, match="model_fingerprint"):
+        build(tmp_path, cache_problem)
+    projector = RandomProjector(len(zoo.flat_parameters(model, names)), 4, seed=0)
+    rebuilt = build(tmp_path, cache_problem, projector=projector, overwrite=True)
+    assert rebuilt.manifest["dim"] == 4 and rebuilt.manifest["projection"]["seed"] == 0
+
+
+def test_cache_names_a_corrupted_shard(tmp_path, cache_problem):
+    cache = build(tmp_path, cache_problem)
+    path = tmp_path / "shard_00001.safetensors"
+    payload = bytearray(path.read_bytes())
+    payload[-1] ^= 0xFF
+    path.write_bytes(bytes(payload))
+    with pytest.raises(CorruptedArtifactError, match="shard_00001.safetensors"):
+        cache.matrix()
+    with pytest.raises(CorruptedArtifactError, match="shard_00001.safetensors"):
+        build(tmp_path, cache_problem)
+    with pytest.raises(CorruptedArtifactError, match="manifest.json"):
+        GradientCache(tmp_path / "empty").matrix()
+
+
+# -- the pipeline's own models, loaders, contexts -----------------------------------------------
+
+
+def pipeline_models():
+    from influence.models.text import CbowLanguageModel, TextClassifier
+
+    torch.manual_seed(0)
+    classifier = TextClassifier(vocab_size=9, embed_dim=3, hidden_dim=4, num_classes=2).double()
+    language_model = CbowLanguageModel(vocab_size=7, embed_dim=3, hidden_dim=4, window=1).double()
+    return [
+        (classifier, zoo.text_dataset(n=8, vocab_size=9), ClassificationTask()),
+        (language_model, zoo.token_dataset(n=6, vocab_size=7), LanguageModelingTask()),
+    ]
+
+
+@pytest.mark.parametrize("index", [0, 1], ids=["TextClassifier", "CbowLanguageModel"])
+def test_pipeline_models(index):
+    model, data, task = pipeline_models()[index]
+    names = select_parameters(model, "all")
+    close(gradient_matrix(task, model, data, names, batch_size=3),
+          zoo.brute_per_example_gradients(task, model, data, names))
+    objective = Objective(task, model, DataLoader(data, batch_size=5), names, batch_size=4)
+    v = torch.randn(2, objective.n_parameters, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    close(objective.hvp(v), v @ zoo.brute_hessian(task, model, data, names))
+    close(objective.gnhvp(v), v @ zoo.brute_gauss_newton(task, model, data, names))
+
+
+def test_works_inside_no_grad():
+    model, data = zoo.tanh_mlp(), zoo.tabular_dataset(n=6)
+    task = ClassificationTask()
+    names = select_parameters(model, "all")
+    expected = zoo.brute_per_example_gradients(task, model, data, names)
+    objective = Objective(task, model, data, names, batch_size=4)
+    v = torch.ones(objective.n_parameters, dtype=torch.float64)
+    reference = objective.hvp(v)
+    with torch.no_grad():
+        close(per_example_gradients(task, model, zoo.full_batch(data), names), expected)
+        close(objective.hvp(v), reference)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_matches_cpu(tmp_path):
+    model, data = zoo.tiny_text_classifier(), zoo.text_dataset(n=9)
+    task = ClassificationTask()
+    names = select_parameters(model, "all")
+    cpu = gradient_matrix(task, model, data, names, batch_size=4)
+    gpu = gradient_matrix(task, model, data, names, batch_size=4, device="cuda")
+    assert gpu.device.type == "cuda"
+    close(gpu.cpu(), cpu)
+    projector = RandomProjector(cpu.shape[1], 5, seed=3, chunk_size=7)
+    close(projector.project(gpu).cpu(), projector.project(cpu))
+    objective = Objective(task, model, data, names, batch_size=4)
+    on_gpu = Objective(task, model, data, names, batch_size=4, device="cuda")
+    v = torch.randn(3, objective.n_parameters, dtype=torch.float64)
+    close(on_gpu.hvp(v.cuda()).cpu(), objective.hvp(v))
+    close(on_gpu.gnhvp(v.cuda()).cpu(), objective.gnhvp(v))
+    cache = GradientCache(tmp_path).build(task, model, data, names, shard_size=4, batch_size=4,
+                                          dtype_storage=torch.float64, device="cuda")
+    close(cache.matrix(), cpu)

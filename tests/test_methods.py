@@ -1,0 +1,423 @@
+"""Attribution methods against brute-force references, in float64 on tiny models.
+
+- influence functions (exact solver) against actual leave-one-out retraining of an l2-regularised
+  logistic regression minimised by Newton's method; CG against exact;
+- TracIn against a loop over examples and checkpoints (state dicts and safetensors files, with
+  and without a random projection);
+- TracIn-WE against TracIn restricted to the embedding matrix, its word terms, its top-k variant;
+- gradient similarities, self-influence, the public API's validation.
+
+Leave-one-out removes the example's term from ``(1/n) sum_i l(z_i) + R``: the others keep their
+weight ``1/n``, which is the perturbation the influence function linearises. (Re-normalising by
+``1/(n-1)`` also weakens ``R`` by ``1/n`` and shifts every removal's change of a query equally.)
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+from torch import Tensor, nn
+from torch.func import functional_call
+from torch.utils.data import default_collate
+
+import influence
+from influence.exceptions import InvalidArgumentError
+from influence.gradients.layout import ParameterLayout
+from influence.gradients.projection import RandomProjector
+from influence.methods.influence_function import influence_scores
+from influence.methods.similarity import similarity_scores
+from influence.methods.tracin import tracin_scores
+from influence.methods.tracin_we import embedding_rows, tracin_we_scores, tracin_we_words
+from influence.models.text import CbowLanguageModel, TextClassifier
+from influence.task import ClassificationTask, LanguageModelingTask
+
+DTYPE = torch.float64
+LAMBDA = 0.1
+
+
+# -- data and models ---------------------------------------------------------------------------
+
+
+def logistic_data(n: int = 50, d: int = 4, n_query: int = 3, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(d, generator=g, dtype=DTYPE)
+    x = torch.randn(n + n_query, d, generator=g, dtype=DTYPE)
+    y = torch.bernoulli(torch.sigmoid(2 * x @ w), generator=g).long()
+    rows = [{"inputs": x[i], "label": y[i]} for i in range(n + n_query)]
+    return rows[:n], rows[n:]
+
+
+def l2(params: dict[str, Tensor]) -> Tensor:
+    return LAMBDA / 2 * sum((p**2).sum() for p in params.values())
+
+
+def fit_logistic(model: nn.Module, train: list[dict[str, Tensor]], weights: Tensor) -> None:
+    """Newton's method on ``sum_i w_i l_i / n + l2`` to a gradient norm below 1e-11 (in place)."""
+    batch = default_collate(train)
+    names = [n for n, _ in model.named_parameters()]
+    layout = ParameterLayout.of(model, names)
+
+    def objective(x: Tensor) -> Tensor:
+        params = layout.unflatten(x)
+        losses = F.cross_entropy(functional_call(model, params, (batch["inputs"],)), batch["label"], reduction="none")
+        return (losses * weights).sum() / len(train) + l2(params)
+
+    x = layout.flatten({n: p.detach() for n, p in model.named_parameters()})
+    for _ in range(100):
+        gradient = torch.autograd.functional.jacobian(objective, x)
+        if gradient.norm() < 1e-11:
+            break
+        x = x - torch.linalg.solve(torch.autograd.functional.hessian(objective, x), gradient)
+    else:
+        raise RuntimeError("Newton did not converge")
+    with torch.no_grad():
+        for name, value in layout.unflatten(x).items():
+            dict(model.named_parameters())[name].copy_(value)
+
+
+@pytest.fixture(scope="module")
+def logistic():
+    torch.manual_seed(0)
+    train, queries = logistic_data()
+    model = nn.Linear(4, 2).double()
+    fit_logistic(model, train, torch.ones(len(train), dtype=DTYPE))
+    return model, train, queries
+
+
+class MeanPool(nn.Module):
+    """Embedding (padding 0) -> masked mean -> tanh -> linear."""
+
+    def __init__(self, vocab: int = 15, dim: int = 4) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(vocab, dim, padding_idx=0)
+        self.head = nn.Linear(dim, 2)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        mask = (tokens != 0).to(self.embedding.weight.dtype)
+        mean = (self.embedding(tokens) * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp_min(1)
+        return self.head(torch.tanh(mean))
+
+
+class Nested(nn.Module):
+    """A BERT-like name for the word embedding: ``embeddings.word_embeddings``."""
+
+    def __init__(self, vocab: int = 15, dim: int = 4) -> None:
+        super().__init__()
+        self.embeddings = nn.Module()
+        self.embeddings.word_embeddings = nn.Embedding(vocab, dim)
+        self.embeddings.position = nn.Parameter(torch.randn(6, dim))
+        self.head = nn.Linear(dim, 2)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        hidden = torch.tanh(self.embeddings.word_embeddings(tokens) + self.embeddings.position[: tokens.shape[1]])
+        return self.head(hidden.mean(1))
+
+
+def token_data(n: int, length: int = 6, vocab: int = 15, seed: int = 1, pad: bool = True):
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(1, vocab, (n, length), generator=g)
+    if pad:
+        lengths = torch.randint(2, length + 1, (n,), generator=g)
+        tokens[torch.arange(length)[None, :] >= lengths[:, None]] = 0
+    labels = torch.randint(0, 2, (n,), generator=g)
+    return [{"tokens": t, "label": y} for t, y in zip(tokens, labels)]
+
+
+def perturbed_states(model: nn.Module, count: int, seed: int = 2) -> list[dict[str, Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    states = []
+    for _ in range(count):
+        states.append({k: v + 0.3 * torch.randn(v.shape, generator=g, dtype=v.dtype) for k, v in model.state_dict().items()})
+    return states
+
+
+def brute_gradient(model: nn.Module, fn, example, names: list[str]) -> Tensor:
+    params = dict(model.named_parameters())
+    value = fn(model, default_collate([example])).sum()
+    grads = torch.autograd.grad(value, [params[n] for n in names], allow_unused=True)
+    return torch.cat([(g if g is not None else torch.zeros_like(params[n])).reshape(-1) for g, n in zip(grads, names)])
+
+
+def brute_tracin(task, model, train, queries, checkpoints, names, transform=lambda g: g) -> Tensor:
+    sign = -1.0 if task.higher_is_better else 1.0
+    total = torch.zeros(len(queries), len(train), dtype=DTYPE)
+    for state, lr in checkpoints:
+        current = copy.deepcopy(model)
+        current.load_state_dict(state)
+        q = torch.stack([transform(brute_gradient(current, task.measurement, x, names)) for x in queries])
+        t = torch.stack([transform(brute_gradient(current, task.train_loss, z, names)) for z in train])
+        total += lr * q @ t.T
+    return sign * total
+
+
+def pearson(a: Tensor, b: Tensor) -> float:
+    return float(torch.corrcoef(torch.stack([a.flatten(), b.flatten()]))[0, 1])
+
+
+# -- influence functions -----------------------------------------------------------------------
+
+
+def test_influence_matches_leave_one_out(logistic):
+    model, train, queries = logistic
+    task = ClassificationTask()
+    scores = influence_scores(task, model, train, queries, solver="exact", damping=0.0, regularizer=l2)
+    assert scores.shape == (len(queries), len(train))
+    removed = list(range(12))
+    base = task.measurement(model, default_collate(queries)).detach()
+    actual = torch.zeros(len(queries), len(removed), dtype=DTYPE)
+    for column, index in enumerate(removed):
+        refit = nn.Linear(4, 2).double()
+        refit.load_state_dict(model.state_dict())
+        weights = torch.ones(len(train), dtype=DTYPE)
+        weights[index] = 0.0
+        fit_logistic(refit, train, weights)
+        actual[:, column] = task.measurement(refit, default_collate(queries)).detach() - base
+    predicted = scores[:, removed]
+    correlation = pearson(predicted, actual)
+    print(f"influence function vs leave-one-out: Pearson {correlation:.5f} over {actual.numel()} pairs")
+    assert correlation >= 0.99
+    significant = actual.abs() > 0.05 * actual.abs().max()
+    assert bool((torch.sign(predicted) == torch.sign(actual))[significant].all())
+    slope = float((predicted * actual).sum() / (predicted * predicted).sum())
+    assert 0.9 <= slope <= 1.1
+
+
+def test_cg_matches_exact(logistic):
+    model, train, queries = logistic
+    task = ClassificationTask()
+    exact = influence_scores(task, model, train, queries, solver="exact", damping=1e-3, regularizer=l2)
+    cg = influence_scores(task, model, train, queries, solver="cg", damping=1e-3, regularizer=l2,
+                          solver_options={"rtol": 1e-12, "max_iterations": 200}, batch_size=7)
+    torch.testing.assert_close(cg, exact, rtol=1e-7, atol=1e-12)
+
+
+def test_margin_scores_are_oriented_like_loss_scores(logistic):
+    """Two classes: loss = softplus(-margin), so loss scores = sigmoid(-margin) * margin scores."""
+    model, train, queries = logistic
+    loss_task, margin_task = ClassificationTask(), ClassificationTask(measurement="margin")
+    by_loss = influence_scores(loss_task, model, train, queries, solver="exact", damping=0.0, regularizer=l2)
+    by_margin = influence_scores(margin_task, model, train, queries, solver="exact", damping=0.0, regularizer=l2)
+    margins = margin_task.measurement(model, default_collate(queries)).detach()
+    torch.testing.assert_close(by_loss, torch.sigmoid(-margins)[:, None] * by_margin, rtol=1e-9, atol=1e-14)
+
+
+def test_gradient_cache_gives_the_same_scores(logistic, tmp_path):
+    model, train, queries = logistic
+    task = ClassificationTask()
+    plain = influence.attribute(task, model, train, queries, method="if", solver="exact", damping=0.0, regularizer=l2)
+    cached = influence.attribute(task, model, train, queries, method="if", solver="exact", damping=0.0,
+                                 regularizer=l2, cache_dir=tmp_path / "cache")
+    again = influence.attribute(task, model, train, queries, method="if", solver="exact", damping=0.0,
+                                regularizer=l2, cache_dir=tmp_path / "cache")
+    torch.testing.assert_close(cached, plain, rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(again, plain, rtol=1e-12, atol=1e-15)
+
+
+def test_self_influence_is_the_diagonal(logistic):
+    model, train, _ = logistic
+    task = ClassificationTask()
+    full = influence.attribute(task, model, train, train, method="if", solver="exact", damping=0.0, regularizer=l2)
+    diagonal = influence.self_influence(task, model, train, method="if", solver="exact", damping=0.0, regularizer=l2)
+    torch.testing.assert_close(diagonal, full.diagonal(), rtol=1e-10, atol=1e-15)
+    assert bool((diagonal > 0).all())
+
+
+# -- TracIn ------------------------------------------------------------------------------------
+
+
+def test_tracin_matches_brute_force(logistic, tmp_path):
+    model, train, queries = logistic
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    task = ClassificationTask(measurement="margin")
+    states = perturbed_states(model, 3)
+    save_file({k: v.contiguous() for k, v in states[1].items()}, str(tmp_path / "c1.safetensors"))
+    checkpoints = [(states[0], 0.5), (tmp_path / "c1.safetensors", 0.2), (str(tmp_path / "c1.safetensors"), 0.1), (states[2], 0.05)]
+    reference_checkpoints = [(states[0], 0.5), (states[1], 0.3), (states[2], 0.05)]
+    names = ["weight", "bias"]
+    expected = brute_tracin(task, model, train, queries, reference_checkpoints, names)
+    scores = tracin_scores(task, model, train, queries, checkpoints=checkpoints, batch_size=8)
+    torch.testing.assert_close(scores, expected, rtol=1e-10, atol=1e-13)
+    last = tracin_scores(task, model, train, queries, checkpoints=checkpoints, params="last")
+    torch.testing.assert_close(last, expected, rtol=1e-10, atol=1e-13)  # one layer: last = all
+    only_bias = influence.attribute(task, model, train, queries, method="tracin", checkpoints=checkpoints, params=["bias"])
+    torch.testing.assert_close(only_bias, brute_tracin(task, model, train, queries, reference_checkpoints, ["bias"]),
+                               rtol=1e-10, atol=1e-13)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # model untouched
+
+
+def test_tracin_with_projection_matches_projected_brute_force(logistic):
+    model, train, queries = logistic
+    task = ClassificationTask()
+    checkpoints = [(s, 0.1) for s in perturbed_states(model, 2)]
+    projection = RandomProjector(10, 6, seed=3).matrix(dtype=DTYPE)
+    expected = brute_tracin(task, model, train, queries, checkpoints, ["weight", "bias"], transform=lambda g: g @ projection)
+    scores = influence.attribute(task, model, train, queries, method="tracin", checkpoints=checkpoints,
+                                 projection_dim=6, projection_seed=3)
+    torch.testing.assert_close(scores, expected, rtol=1e-10, atol=1e-13)
+
+
+# -- TracIn-WE ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def text_setup():
+    torch.manual_seed(0)
+    model = MeanPool().double().eval()
+    train, queries = token_data(24, seed=1), token_data(5, seed=2)
+    checkpoints = [(s, lr) for s, lr in zip(perturbed_states(model, 3), (0.3, 0.2, 0.1))]
+    return model, train, queries, checkpoints
+
+
+def test_tracin_we_equals_tracin_on_the_embedding(text_setup):
+    model, train, queries, checkpoints = text_setup
+    task = ClassificationTask()
+    sparse = tracin_we_scores(task, model, train, queries, checkpoints=checkpoints, batch_size=7)
+    dense = tracin_scores(task, model, train, queries, checkpoints=checkpoints, params="embedding")
+    torch.testing.assert_close(sparse, dense, rtol=1e-10, atol=1e-13)
+    assert float(sparse.abs().max()) > 0
+
+
+@pytest.mark.parametrize("kind", ["conv classifier", "cbow language model", "nested embedding"])
+def test_tracin_we_is_generic(kind):
+    torch.manual_seed(0)
+    if kind == "conv classifier":
+        model, task, module = TextClassifier(15, embed_dim=4, hidden_dim=5).double().eval(), ClassificationTask(), "embedding"
+        train, queries = token_data(10, seed=3), token_data(3, seed=4)
+    elif kind == "cbow language model":
+        model, task, module = CbowLanguageModel(15, embed_dim=4, hidden_dim=5).double().eval(), LanguageModelingTask(), "embedding"
+        train = [{"tokens": e["tokens"]} for e in token_data(10, seed=3)]
+        queries = [{"tokens": e["tokens"]} for e in token_data(3, seed=4)]
+    else:
+        model, task, module = Nested().double().eval(), ClassificationTask(measurement="margin"), "embeddings.word_embeddings"
+        train, queries = token_data(10, seed=3, pad=False), token_data(3, seed=4, pad=False)
+    checkpoints = [(s, lr) for s, lr in zip(perturbed_states(model, 2), (0.2, 0.1))]
+    sparse = tracin_we_scores(task, model, train, queries, checkpoints=checkpoints, embedding_module=module, batch_size=4)
+    dense = tracin_scores(task, model, train, queries, checkpoints=checkpoints, params=[module])
+    torch.testing.assert_close(sparse, dense, rtol=1e-10, atol=1e-13)
+
+
+def test_tracin_we_word_terms_sum_to_the_score(text_setup):
+    model, train, queries, checkpoints = text_setup
+    task = ClassificationTask(measurement="margin")
+    scores = tracin_we_scores(task, model, train, queries, checkpoints=checkpoints)
+    for q, z in [(0, 0), (1, 5), (4, 23), (2, 11)]:
+        terms = tracin_we_words(task, model, queries[q], train[z], checkpoints=checkpoints)
+        shared = set(queries[q]["tokens"].tolist()) & set(train[z]["tokens"].tolist()) - {0}
+        assert {w for w, _ in terms} == shared
+        assert [t for _, t in terms] == sorted((t for _, t in terms), reverse=True)
+        assert sum(t for _, t in terms) == pytest.approx(float(scores[q, z]), rel=1e-10, abs=1e-14)
+
+
+def test_tracin_we_top_k_rows():
+    torch.manual_seed(0)  # a convolution gives every position its own gradient: no ties in row norms
+    model = TextClassifier(15, embed_dim=4, hidden_dim=5).double().eval()
+    train, queries = token_data(12, seed=5), token_data(3, seed=6)
+    checkpoints = [(s, lr) for s, lr in zip(perturbed_states(model, 2), (0.2, 0.1))]
+    task = ClassificationTask()
+    full = tracin_we_scores(task, model, train, queries, checkpoints=checkpoints)
+    every_row = tracin_we_scores(task, model, train, queries, checkpoints=checkpoints, top_k_rows=6)
+    torch.testing.assert_close(every_row, full, rtol=0, atol=0)
+    top2 = tracin_we_scores(task, model, train, queries, checkpoints=checkpoints, top_k_rows=2)
+
+    def kept(example, current):  # dense [V, d] gradient with only its 2 largest rows
+        g = brute_gradient(current, task.train_loss, example, ["embedding.weight"]).reshape(15, 4)
+        mask = torch.zeros(15, dtype=torch.bool)
+        mask[torch.linalg.vector_norm(g, dim=1).topk(2).indices] = True
+        return g * mask[:, None]
+
+    expected = torch.zeros_like(full)
+    for state, lr in checkpoints:
+        current = copy.deepcopy(model)
+        current.load_state_dict(state)
+        q = torch.stack([kept(x, current).reshape(-1) for x in queries])  # measurement = loss here
+        t = torch.stack([kept(z, current).reshape(-1) for z in train])
+        expected += lr * q @ t.T
+    torch.testing.assert_close(top2, expected, rtol=1e-10, atol=1e-13)
+    assert not torch.allclose(top2, full)
+
+
+def test_embedding_rows_leave_out_padding(text_setup):
+    model, train, _, _ = text_setup
+    batch = default_collate(train[:4])
+    rows = embedding_rows(ClassificationTask(), model, batch)
+    assert bool((rows.word != 0).all())
+    for b in range(4):
+        words = set(rows.word[rows.example == b].tolist())
+        assert words == set(batch["tokens"][b].tolist()) - {0}
+
+
+# -- similarities and the API ------------------------------------------------------------------
+
+
+def test_grad_similarities(text_setup):
+    model, train, queries, _ = text_setup
+    task = ClassificationTask()
+    cos = influence.attribute(task, model, train, queries, method="grad_cos")
+    assert bool((cos.abs() <= 1 + 1e-12).all())
+    same = similarity_scores(task, model, train, train[:3], similarity="cos")
+    torch.testing.assert_close(same[:, :3].diagonal(), torch.ones(3, dtype=DTYPE), rtol=1e-12, atol=1e-12)
+    dot = influence.attribute(task, model, train, queries, method="grad_dot")
+    tracin_once = tracin_scores(task, model, train, queries, checkpoints=[(model.state_dict(), 1.0)])
+    torch.testing.assert_close(dot, tracin_once, rtol=1e-12, atol=1e-15)
+    norms = torch.linalg.vector_norm(
+        torch.stack([brute_gradient(model, task.train_loss, z, [n for n, _ in model.named_parameters()]) for z in train]), dim=1)
+    torch.testing.assert_close(influence.self_influence(task, model, train, method="grad_dot"), norms**2, rtol=1e-10, atol=1e-14)
+
+
+def test_self_influence_of_tracin_methods(text_setup):
+    model, train, _, checkpoints = text_setup
+    task = ClassificationTask()
+    for method in ("tracin", "tracin_we"):
+        full = influence.attribute(task, model, train, train, method=method, checkpoints=checkpoints)
+        diagonal = influence.self_influence(task, model, train, method=method, checkpoints=checkpoints)
+        torch.testing.assert_close(diagonal, full.diagonal(), rtol=1e-10, atol=1e-14)
+
+
+def test_bad_names_list_the_accepted_values(logistic):
+    model, train, queries = logistic
+    task = ClassificationTask()
+    with pytest.raises(InvalidArgumentError, match="'if'.*'tracin'.*'tracin_we'.*'grad_dot'.*'grad_cos'"):
+        influence.attribute(task, model, train, queries, method="influence")
+    with pytest.raises(InvalidArgumentError, match="'exact'.*'cg'"):
+        influence.attribute(task, model, train, queries, solver="newton")
+    with pytest.raises(InvalidArgumentError, match="'exact'.*'cg'"):
+        influence_scores(task, model, train, queries, solver="newton")
+    with pytest.raises(InvalidArgumentError, match="embedding_module.*top_k_rows"):
+        influence.attribute(task, model, train, queries, method="tracin_we", checkpoints=[], top_k=3)
+    with pytest.raises(InvalidArgumentError, match="checkpoints"):
+        influence.attribute(task, model, train, queries, method="tracin")
+    with pytest.raises(InvalidArgumentError, match="projection_dim"):
+        influence.attribute(task, model, train, queries, method="if", projection_dim=4)
+    with pytest.raises(InvalidArgumentError, match="embedding_module"):
+        tracin_we_scores(task, model, train, queries, checkpoints=[(model.state_dict(), 1.0)], embedding_module="head")
+    with pytest.raises(InvalidArgumentError, match="learning rate"):
+        tracin_scores(task, model, train, queries, checkpoints=[(model.state_dict(), "fast")])
+    with pytest.raises(InvalidArgumentError, match="batch_size"):
+        influence_scores(task, model, train, queries, batch_size=0)
+
+
+def test_public_exports():
+    assert influence.Task is not None and influence.ClassificationTask is ClassificationTask
+    assert influence.LanguageModelingTask is LanguageModelingTask
+    assert influence.METHODS == ("if", "tracin", "tracin_we", "grad_dot", "grad_cos")
+    assert callable(influence.multistage) and callable(influence.tracin_we_words)
+
+
+@pytest.mark.gpu
+def test_cuda_matches_cpu(text_setup, logistic):
+    model, train, queries, checkpoints = text_setup
+    task = ClassificationTask()
+    for method in ("tracin", "tracin_we", "grad_cos"):
+        cpu = influence.attribute(task, model, train, queries, method=method, checkpoints=checkpoints)
+        gpu = influence.attribute(task, model, train, queries, method=method, checkpoints=checkpoints, device="cuda")
+        assert gpu.device.type == "cuda"
+        torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-9, atol=1e-12)
+    linear, linear_train, linear_queries = logistic
+    options = {"solver": "cg", "damping": 1e-3, "regularizer": l2, "solver_options": {"rtol": 1e-12}}
+    cpu = influence_scores(task, linear, linear_train, linear_queries, **options)
+    gpu = influence_scores(task, linear, linear_train, linear_queries, device="cuda", **options)
+    torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-8, atol=1e-12)
