@@ -44,27 +44,46 @@ _OPTIONS: dict[str, tuple[str, ...]] = {
 multistage = multistage_scores
 
 
-def _check(method: str, solver: Any, options: dict[str, Any], *, checkpoints: Any, projection_dim: Any, cache_dir: Any) -> None:
+def _check(
+    method: str,
+    solver: Any,
+    options: dict[str, Any],
+    *,
+    checkpoints: Any,
+    projection_dim: Any,
+    cache_dir: Any,
+) -> None:
     if method not in METHODS:
         raise invalid("method", method, "one of " + ", ".join(repr(m) for m in METHODS))
     if not isinstance(solver, InverseHessianSolver) and solver not in SOLVERS:
-        raise invalid("solver", solver, "an InverseHessianSolver or one of " + ", ".join(repr(s) for s in SOLVERS))
+        names = ", ".join(repr(s) for s in SOLVERS)
+        raise invalid("solver", solver, f"an InverseHessianSolver or one of {names}")
     unknown = sorted(set(options) - set(_OPTIONS[method]))
     if unknown:
         accepted = ", ".join(repr(o) for o in _OPTIONS[method]) or "none"
         raise invalid(f"options of method={method!r}", unknown, f"options among: {accepted}")
     if method in ("tracin", "tracin_we") and checkpoints is None:
-        raise invalid("checkpoints", None, f"a sequence of (state dict or path, learning rate) pairs for method={method!r}")
+        raise invalid(
+            "checkpoints", None,
+            f"a sequence of (state dict or path, learning rate) pairs for method={method!r}",
+        )
     if projection_dim is not None:
         if method in ("if", "tracin_we"):
-            raise invalid("projection_dim", projection_dim, f"None for method={method!r} (only 'tracin', 'grad_dot', 'grad_cos' project)")
+            raise invalid(
+                "projection_dim", projection_dim,
+                f"None for method={method!r} (only 'tracin', 'grad_dot' and 'grad_cos' project)",
+            )
         if isinstance(projection_dim, bool) or not isinstance(projection_dim, int) or projection_dim < 1:
             raise invalid("projection_dim", projection_dim, "a positive integer or None")
     if cache_dir is not None and method != "if":
-        raise invalid("cache_dir", str(cache_dir), f"None for method={method!r} (only 'if' caches training gradients)")
+        raise invalid(
+            "cache_dir", str(cache_dir), f"None for method={method!r} (only 'if' caches training gradients)"
+        )
 
 
-def _projector(model: nn.Module, params: Any, projection_dim: int | None, projection_seed: int) -> RandomProjector | None:
+def _projector(
+    model: nn.Module, params: Any, projection_dim: int | None, projection_seed: int
+) -> RandomProjector | None:
     if projection_dim is None:
         return None
     names = select_parameters(model, params)
@@ -122,7 +141,9 @@ def attribute(
         worse). ``"if"`` scores include the factor ``1/n``; the TracIn family and similarities do
         not.
     """
-    _check(method, solver, options, checkpoints=checkpoints, projection_dim=projection_dim, cache_dir=cache_dir)
+    _check(
+        method, solver, options, checkpoints=checkpoints, projection_dim=projection_dim, cache_dir=cache_dir
+    )
     common = {"batch_size": batch_size, "device": device, "dtype": dtype}
     if method == "if":
         train_gradients = None
@@ -137,7 +158,9 @@ def attribute(
             train_gradients=train_gradients, **options, **common,
         )
     if method == "tracin_we":
-        return tracin_we_scores(task, model, train_data, query_data, checkpoints=checkpoints, **options, **common)
+        return tracin_we_scores(
+            task, model, train_data, query_data, checkpoints=checkpoints, **options, **common
+        )
     projector = _projector(model, params, projection_dim, projection_seed)
     if method == "tracin":
         return tracin_scores(task, model, train_data, query_data, checkpoints=checkpoints, params=params,

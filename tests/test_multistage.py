@@ -137,7 +137,9 @@ def pretrain(model: Pretrainer, data: dict[str, Tensor], weights: Tensor, *, war
     minimise(model, [n for n, _ in model.named_parameters()], objective, warm=warm)
 
 
-def finetune(model: Classifier, data: dict[str, Tensor], reference: Tensor, mode: str, *, warm: bool = False) -> None:
+def finetune(
+    model: Classifier, data: dict[str, Tensor], reference: Tensor, mode: str, *, warm: bool = False
+) -> None:
     def objective(params: dict[str, Tensor]) -> Tensor:
         logits = functional_call(model, params, (data["sentences"],))
         value = F.cross_entropy(logits, data["labels"]) + l2_head(params)
@@ -229,8 +231,9 @@ def test_modes_are_distinguished(two_stage):
     removed = two_stage["removed"]
     fixed_pred = two_stage["predicted"]["fixed"][:, removed]
     updated_pred = two_stage["predicted"]["updated"][:, removed]
-    assert pearson(fixed_pred, two_stage["actual"]["fixed"]) > pearson(updated_pred, two_stage["actual"]["fixed"]) + 0.1
-    assert pearson(updated_pred, two_stage["actual"]["updated"]) > pearson(fixed_pred, two_stage["actual"]["updated"]) + 0.1
+    fixed_actual, updated_actual = two_stage["actual"]["fixed"], two_stage["actual"]["updated"]
+    assert pearson(fixed_pred, fixed_actual) > pearson(updated_pred, fixed_actual) + 0.1
+    assert pearson(updated_pred, updated_actual) > pearson(fixed_pred, updated_actual) + 0.1
 
 
 @pytest.mark.parametrize("mode", ["fixed", "updated"])

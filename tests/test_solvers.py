@@ -12,6 +12,7 @@ from influence.solvers import (
     SOLVERS,
     ArnoldiSolver,
     ConjugateGradientSolver,
+    EkfacSolver,
     ExactSolver,
     LissaSolver,
     make_solver,
@@ -215,13 +216,84 @@ def test_arnoldi_restarts_on_breakdown():
 
 
 def test_make_solver_names_and_options():
-    assert SOLVERS == ("exact", "cg", "lissa", "arnoldi")
+    assert SOLVERS == ("exact", "cg", "lissa", "arnoldi", "ekfac")
     for name in SOLVERS:
         solver = make_solver(name, damping=0.5)
         assert solver.name == name and solver.damping == 0.5 and solver.arguments["solver"] == name
-    with pytest.raises(InvalidArgumentError, match="'exact', 'cg', 'lissa', 'arnoldi'"):
+    with pytest.raises(InvalidArgumentError, match="'exact', 'cg', 'lissa', 'arnoldi', 'ekfac'"):
         make_solver("newton")
     with pytest.raises(InvalidArgumentError, match="max_iterations"):
         make_solver("cg", iterations=3)
     with pytest.raises(InvalidArgumentError, match="damping"):
         make_solver("cg", damping=-1.0)
+
+
+# -- EKFAC ------------------------------------------------------------------------------------
+
+
+def block_of(flat, names, layout, out_features):
+    """Flat ``[n, P]`` -> ``[n, out, k]``: weight columns then (if selected) the bias column."""
+    offsets = layout.offsets()
+    parts = []
+    for name in names:
+        start, stop = offsets[name]
+        parts.append(flat[:, start:stop].reshape(flat.shape[0], out_features, -1))
+    return torch.cat(parts, dim=-1)
+
+
+EKFAC_CASES = {
+    "logistic": (zoo.logistic_regression, zoo.tabular_dataset, ["weight", "bias"], ""),
+    "mlp-head": (zoo.tanh_mlp, zoo.tabular_dataset, ["head.weight", "head.bias"], "head"),
+    "lm-output-weight": (zoo.tiny_language_model, zoo.token_dataset, ["output.weight"], "output"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(EKFAC_CASES))
+def test_ekfac_matches_its_definition(case):
+    from influence.task import LanguageModelingTask
+
+    make_model, make_data, names, module = EKFAC_CASES[case]
+    model, data = make_model(), make_data()
+    task = LanguageModelingTask() if case.startswith("lm") else ClassificationTask()
+    objective = Objective(task, model, data, names, batch_size=5)
+    solver = make_solver("ekfac", damping=0.01).fit(objective)
+    (block,) = solver.blocks
+    assert block.module == module
+    out_features = block.out_features
+    per_example = zoo.brute_per_example_gradients(task, model, data, names)
+    g = block_of(per_example, names, objective.layout, out_features)
+    # Corrected eigenvalues: the exact diagonal of the empirical Fisher in the Kronecker eigenbasis.
+    expected = ((block.q_s.T @ g @ block.q_a) ** 2).mean(dim=0)
+    torch.testing.assert_close(block.eigenvalues, expected, rtol=1e-9, atol=1e-14)
+    # The factors' eigenvectors really diagonalise the factors.
+    for factor, q in ((block.a_factor, block.q_a), (block.s_factor, block.q_s)):
+        rotated = q.T @ factor @ q
+        torch.testing.assert_close(rotated, torch.diag(torch.diagonal(rotated)), rtol=0, atol=1e-12)
+    # solve applies Q_S ((Q_S^T X Q_A) / (Lambda + damping)) Q_A^T block-wise.
+    rhs = torch.randn(3, objective.n_parameters, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    x = block_of(rhs, names, objective.layout, out_features)
+    want = block.q_s @ ((block.q_s.T @ x @ block.q_a) / (block.eigenvalues + 0.01)) @ block.q_a.T
+    torch.testing.assert_close(block_of(solver.solve(rhs), names, objective.layout, out_features), want,
+                               rtol=1e-10, atol=1e-12)
+
+
+def test_ekfac_factors_of_logistic_regression():
+    model, data = zoo.logistic_regression(), zoo.tabular_dataset()
+    task = ClassificationTask()
+    objective = Objective(task, model, data, ["weight", "bias"], batch_size=7)
+    (block,) = EkfacSolver(damping=0.1).fit(objective).blocks
+    x, _ = data.tensors
+    a = torch.cat([x, torch.ones(len(x), 1, dtype=torch.float64)], dim=1)
+    torch.testing.assert_close(block.a_factor, a.T @ a / len(x), rtol=1e-10, atol=1e-12)
+    g = zoo.brute_per_example_gradients(task, model, data, ["bias"])
+    torch.testing.assert_close(block.s_factor, g.T @ g / len(x), rtol=1e-10, atol=1e-12)
+
+
+def test_ekfac_refusals():
+    model, data = zoo.tiny_text_classifier(), zoo.text_dataset(n=6)
+    objective = Objective(ClassificationTask(), model, data, ["embedding.weight"], batch_size=6)
+    with pytest.raises(InvalidArgumentError, match="nn.Linear"):
+        EkfacSolver(damping=0.1).fit(objective)
+    logistic = Objective(ClassificationTask(), zoo.logistic_regression(), zoo.tabular_dataset(n=8), ["weight", "bias"])
+    with pytest.raises(SolverDivergedError, match="damping"):
+        EkfacSolver().fit(logistic)

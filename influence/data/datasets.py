@@ -37,7 +37,15 @@ def _check_ids(ids: Sequence[str], n: int) -> list[str]:
 
 
 def _index_tensor(indices: Sequence[int] | Tensor, n: int) -> Tensor:
-    index = torch.as_tensor(indices, dtype=torch.long).reshape(-1)
+    index = torch.as_tensor(indices)
+    if index.dtype == torch.bool:
+        if index.shape != (n,):
+            shape = tuple(index.shape)
+            raise invalid("indices", f"a boolean mask of shape {shape}", f"a mask of shape ({n},)")
+        return index.nonzero().reshape(-1)
+    if index.is_floating_point() or index.is_complex():
+        raise invalid("indices", f"a {index.dtype} tensor", "integer indices or a boolean mask")
+    index = index.to(torch.long).reshape(-1)
     if index.numel() and (int(index.min()) < -n or int(index.max()) >= n):
         raise invalid("indices", f"range [{int(index.min())}, {int(index.max())}]", f"indices in [-{n}, {n})")
     return index % max(n, 1)
@@ -82,7 +90,11 @@ class TokenDataset(Dataset):
         return {"tokens": self.tokens[index]}
 
     def subset(self, indices: Sequence[int] | Tensor) -> "TokenDataset":
-        """The rows at ``indices`` (ids follow), as a new dataset of the same type."""
+        """The rows at ``indices`` (ints, negative allowed, no repeats; or a boolean mask ``[N]``).
+
+        Returns:
+            A new :class:`TokenDataset` with tokens ``[len(indices), L]``; ids follow the rows.
+        """
         index = _index_tensor(indices, len(self))
         return TokenDataset(self.tokens[index], [self.ids[i] for i in index.tolist()])
 
@@ -138,7 +150,12 @@ class TextClassificationDataset(Dataset):
         return {"tokens": self.tokens[index], "label": self.labels[index]}
 
     def subset(self, indices: Sequence[int] | Tensor) -> "TextClassificationDataset":
-        """The rows at ``indices`` (labels and ids follow), as a new dataset of the same type."""
+        """The rows at ``indices`` (ints, negative allowed, no repeats; or a boolean mask ``[N]``).
+
+        Returns:
+            A new :class:`TextClassificationDataset` with tokens ``[len(indices), L]`` and labels
+            ``[len(indices)]``; ids follow the rows.
+        """
         index = _index_tensor(indices, len(self))
         return TextClassificationDataset(
             self.tokens[index], self.labels[index], [self.ids[i] for i in index.tolist()]

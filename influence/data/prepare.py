@@ -7,9 +7,10 @@
 * ``finetune.csv`` (Rotten Tomatoes, binary sentiment): columns ``id`` (``rt-{source_row:05d}``,
   the 0-based data row of the original CSV), ``text``, ``label`` (1 = fresh, 0 = rotten),
   ``label_name``, ``movie``, ``split`` (``train``/``validation``/``test``). Duplicate texts are
-  dropped (the first is kept) and whole movies go to one split. A few films appear under two
-  names (e.g. ``el_crimen_del_padre_amaro`` / ``the_crime_of_padre_amaro``); movies that share a
-  review text are grouped and a group goes to one split, so no film leaks across splits.
+  dropped (the first is kept) and whole movies go to one split. A film can appear under two
+  names (``el_crimen_del_padre_amaro`` / ``the_crime_of_padre_amaro``), so movies that share a
+  review text are grouped and a group goes to one split (a few groups are only linked by a
+  generic snippet such as "Nice piece of work.", which costs nothing).
 * ``mnist.csv`` (the 5,000 digits, shuffled with the seed): columns ``id``
   (``mnist-{original_index:04d}``), ``label``, ``split`` (``train``/``test``), ``pixels`` (784
   integers 0..255, row-major 28x28, separated by single spaces). :func:`mnist_arrays` turns the
@@ -166,10 +167,12 @@ def _check_fractions(fractions: Sequence[float]) -> tuple[float, float, float]:
         len(values) != 3
         or any(not math.isfinite(f) or f < 0 for f in values)
         or values[0] <= 0
-        or abs(sum(values) - 1.0) > 1e-9
+        or abs(sum(values) - 1.0) > 1e-6
     ):
         raise invalid(
-            "fractions", tuple(fractions), "three non-negative (train, validation, test) fractions summing to 1, train > 0"
+            "fractions",
+            tuple(fractions),
+            "three non-negative (train, validation, test) fractions summing to 1, train > 0",
         )
     return values  # type: ignore[return-value]
 
@@ -257,7 +260,9 @@ def build_finetuning_rows(
     ]
 
 
-def build_mnist_rows(pixels: np.ndarray, labels: np.ndarray, *, seed: int, test_size: int = 1000) -> list[dict]:
+def build_mnist_rows(
+    pixels: np.ndarray, labels: np.ndarray, *, seed: int, test_size: int = 1000
+) -> list[dict]:
     """Shuffle the digits with a fixed seed and split them into train and test.
 
     Args:
@@ -306,7 +311,9 @@ def mnist_arrays(rows: Sequence[Mapping]) -> tuple[np.ndarray, np.ndarray]:
     except (KeyError, ValueError) as error:
         raise DataError(f"MNIST rows are malformed ({error!r})") from error
     if pixels.ndim != 2 or (pixels.size and (pixels.min() < 0 or pixels.max() > 255)):
-        raise DataError(f"MNIST rows are malformed: pixel array of shape {pixels.shape}, values outside 0..255?")
+        raise DataError(
+            f"MNIST rows are malformed: pixel array of shape {pixels.shape}, expected [N, D] in 0..255"
+        )
     return pixels.astype(np.uint8), labels
 
 
@@ -379,7 +386,8 @@ def read_table(path: Path, columns: Sequence[str] | None = None) -> list[dict[st
             for fields in reader:
                 if len(fields) != len(header):
                     raise DataError(
-                        f"{path}: line {reader.line_num} has {len(fields)} fields, the header has {len(header)}"
+                        f"{path}: line {reader.line_num} has {len(fields)} fields, "
+                        f"the header has {len(header)}"
                     )
                 rows.append(dict(zip(header, fields)))
     except FileNotFoundError as error:

@@ -20,6 +20,7 @@ from influence.exceptions import InvalidArgumentError, invalid
 from influence.solvers import SOLVERS, InverseHessianSolver, make_solver
 
 Checkpoint = tuple[Mapping[str, Tensor] | str | Path, float]
+_CHECKPOINTS = "a non-empty sequence of (state dict or path, learning rate) pairs"
 
 
 def build_solver(
@@ -44,7 +45,8 @@ def build_solver(
     if isinstance(solver, InverseHessianSolver):
         return solver
     if not isinstance(solver, str) or solver not in SOLVERS:
-        raise invalid(argument, solver, "an InverseHessianSolver or one of " + ", ".join(repr(s) for s in SOLVERS))
+        names = ", ".join(repr(s) for s in SOLVERS)
+        raise invalid(argument, solver, f"an InverseHessianSolver or one of {names}")
     options = dict(solver_options or {})
     if "damping" in options:
         raise invalid("solver_options", sorted(options), "options without 'damping' (pass damping=...)")
@@ -89,8 +91,8 @@ def checkpoint_entries(checkpoints: Any) -> list[tuple[Mapping[str, Tensor] | st
     Returns:
         The list of ``(state, learning_rate)`` pairs.
     """
-    if checkpoints is None or isinstance(checkpoints, (str, Path, Mapping)) or not isinstance(checkpoints, Sequence):
-        raise invalid("checkpoints", type(checkpoints).__name__, "a non-empty sequence of (state dict or path, learning rate) pairs")
+    if isinstance(checkpoints, (str, Path, Mapping)) or not isinstance(checkpoints, Sequence):
+        raise invalid("checkpoints", type(checkpoints).__name__, _CHECKPOINTS)
     entries = []
     for item in checkpoints:
         if hasattr(item, "path") and hasattr(item, "learning_rate"):
@@ -105,7 +107,7 @@ def checkpoint_entries(checkpoints: Any) -> list[tuple[Mapping[str, Tensor] | st
             raise invalid("checkpoint learning rate", lr, "a finite number")
         entries.append((state, float(lr)))
     if not entries:
-        raise invalid("checkpoints", checkpoints, "a non-empty sequence of (state dict or path, learning rate) pairs")
+        raise invalid("checkpoints", checkpoints, _CHECKPOINTS)
     return entries
 
 
@@ -132,7 +134,9 @@ def model_at(model: nn.Module, state: Mapping[str, Tensor] | str | Path, names: 
     except RuntimeError as error:
         raise InvalidArgumentError(f"the checkpoint does not fit the model: {error}") from error
     if result.unexpected_keys:
-        raise invalid("checkpoint keys", sorted(result.unexpected_keys), "only names of the model's state dict")
+        raise invalid(
+            "checkpoint keys", sorted(result.unexpected_keys), "only names of the model's state dict"
+        )
     missing = sorted(set(result.missing_keys) & set(names))
     if missing:
         raise invalid("checkpoint", f"without {missing}", "a state dict holding every attributed parameter")

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from influence.exceptions import invalid
-from influence.gradients.cache import GradientCache
+from influence.gradients.cache import GradientCache, model_fingerprint
 from influence.gradients.layout import select_parameters
 from influence.gradients.objective import Objective
 from influence.gradients.per_example import (
@@ -99,7 +99,7 @@ def training_gradient_blocks(
         train_data: the training set (used when ``train_gradients`` is ``None``).
         names: selected parameter names.
         train_gradients: a built, unprojected cache of ``kind="train_loss"`` gradients over
-            exactly ``names``, or ``None``.
+            exactly ``names`` of this model's state, or ``None``.
         batch_size: examples per batch.
         device: device of the computation.
         dtype: floating dtype of the computation.
@@ -119,9 +119,15 @@ def training_gradient_blocks(
     if arguments.get("kind") != "train_loss":
         raise invalid("train_gradients kind", arguments.get("kind"), "'train_loss'")
     if list(arguments.get("names", [])) != list(names):
-        raise invalid("train_gradients names", arguments.get("names"), f"the attributed parameters {list(names)}")
+        raise invalid(
+            "train_gradients names", arguments.get("names"), f"the attributed parameters {list(names)}"
+        )
     if not manifest.get("complete", False):
         raise invalid("train_gradients", str(train_gradients.directory), "a completely built cache")
+    if manifest.get("model_fingerprint") != model_fingerprint(model):
+        raise invalid(
+            "train_gradients", str(train_gradients.directory), "a cache built from this model's state"
+        )
     return train_gradients.iter_shards()
 
 

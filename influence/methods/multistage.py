@@ -52,9 +52,15 @@ def _check_shared(
     ft_params, pt_params = dict(finetuned.named_parameters()), dict(pretrained.named_parameters())
     for ft_name, pt_name in shared.items():
         if ft_name not in ft_params:
-            raise invalid("shared finetuned name", ft_name, f"a parameter of the finetuned model among {sorted(ft_params)}")
+            raise invalid(
+                "shared finetuned name", ft_name,
+                f"a parameter of the finetuned model among {sorted(ft_params)}",
+            )
         if pt_name not in pt_params:
-            raise invalid("shared pretrained name", pt_name, f"a parameter of the pretrained model among {sorted(pt_params)}")
+            raise invalid(
+                "shared pretrained name", pt_name,
+                f"a parameter of the pretrained model among {sorted(pt_params)}",
+            )
         if ft_params[ft_name].shape != pt_params[pt_name].shape:
             raise invalid(
                 f"shape of {ft_name!r}", tuple(ft_params[ft_name].shape),
@@ -155,10 +161,15 @@ def finetune_embedding_gradient(
     built = build_solver(solver, damping=damping, solver_options=solver_options, argument="finetune_solver")
     options = {"batch_size": batch_size, "device": device, "dtype": dtype}
     if embedding == "fixed":
-        inner = Objective(finetune_task, finetuned_model, finetune_data, theta_names, regularizer=regularizer, **options)
+        inner = Objective(
+            finetune_task, finetuned_model, finetune_data, theta_names, regularizer=regularizer, **options
+        )
         built.fit(inner)
         u = built.solve(layout.block(queries, theta_names).to(inner.dtype))  # [m, P_Theta]
-        full = Objective(finetune_task, finetuned_model, finetune_data, theta_names + w_names, regularizer=regularizer, **options)
+        full = Objective(
+            finetune_task, finetuned_model, finetune_data, theta_names + w_names, regularizer=regularizer,
+            **options,
+        )
         cross = full.hvp(layout.embed(u, theta_names))  # [m, P]
         return layout.block(queries, w_names).to(cross.dtype) - layout.block(cross, w_names)
     penalty = proximity_regularizer(reference, alpha)
@@ -190,6 +201,7 @@ def multistage_scores(
     damping: float = 1e-3,
     pretrain_damping: float | None = None,
     solver_options: Mapping[str, Any] | None = None,
+    pretrain_solver_options: Mapping[str, Any] | None = None,
     pretrain_hessian_data: Dataset | DataLoader | None = None,
     finetune_regularizer: Regularizer | None = None,
     pretrain_regularizer: Regularizer | None = None,
@@ -221,7 +233,9 @@ def multistage_scores(
         pretrain_solver: solver name or instance for ``H_pt``.
         damping: damping of the finetuning Hessian.
         pretrain_damping: damping of ``H_pt`` (default: ``damping``).
-        solver_options: extra options of named solvers (both stages).
+        solver_options: extra options of a named finetuning solver (``max_iterations``, ``rtol``, ...).
+        pretrain_solver_options: extra options of a named pretraining solver (default:
+            ``solver_options``).
         pretrain_hessian_data: examples whose mean loss defines ``H_pt`` (default:
             ``pretrain_data``); the factor ``1/n_pt`` always uses ``pretrain_data``'s size.
         finetune_regularizer: ``R(params) -> scalar`` that was part of the finetuning objective
@@ -237,7 +251,8 @@ def multistage_scores(
     """
     if embedding not in EMBEDDING_MODES:
         raise invalid("embedding", embedding, "'fixed' or 'updated'")
-    if embedding == "updated" and (isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0):
+    alpha_ok = isinstance(alpha, (int, float)) and not isinstance(alpha, bool) and alpha > 0
+    if embedding == "updated" and not alpha_ok:
         raise invalid("alpha", alpha, "a positive number when embedding='updated'")
     batch_size = check_batch_size(batch_size)
     shared = _check_shared(DEFAULT_SHARED if shared is None else shared, finetuned_model, pretrained_model)
@@ -246,7 +261,9 @@ def multistage_scores(
     pt_names = select_parameters(pretrained_model, pretrain_params)
     missing = [n for n in shared.values() if n not in pt_names]
     if missing:
-        raise invalid("pretrain_params", pretrain_params, f"a selection that includes the shared parameters {missing}")
+        raise invalid(
+            "pretrain_params", pretrain_params, f"a selection that includes the shared parameters {missing}"
+        )
     pt_damping = damping if pretrain_damping is None else pretrain_damping
 
     queries = gradient_matrix(
@@ -266,10 +283,15 @@ def multistage_scores(
 
     pt_layout = ParameterLayout.of(pretrained_model, pt_names)
     rhs = pt_layout.embed(g_w, [shared[n] for n in w_names])  # [m, P_pt]
-    pt_solver = build_solver(pretrain_solver, damping=pt_damping, solver_options=solver_options, argument="pretrain_solver")
+    pt_solver = build_solver(
+        pretrain_solver, damping=pt_damping,
+        solver_options=solver_options if pretrain_solver_options is None else pretrain_solver_options,
+        argument="pretrain_solver",
+    )
+    hessian_data = pretrain_data if pretrain_hessian_data is None else pretrain_hessian_data
     pt_objective = Objective(
-        pretrain_task, pretrained_model, pretrain_data if pretrain_hessian_data is None else pretrain_hessian_data,
-        pt_names, batch_size=batch_size, device=device, dtype=dtype, regularizer=pretrain_regularizer,
+        pretrain_task, pretrained_model, hessian_data, pt_names, batch_size=batch_size, device=device,
+        dtype=dtype, regularizer=pretrain_regularizer,
     )
     left = pt_solver.fit(pt_objective).solve(rhs.to(pt_objective.dtype))  # [m, P_pt]
     raw = stream_products(left, iter_gradients(

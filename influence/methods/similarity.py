@@ -131,4 +131,10 @@ def similarity_self_scores(
     return torch.cat(parts)
 
 
-__all__ = ["SIMILARITIES", "grad_cos_scores", "grad_dot_scores", "similarity_scores", "similarity_self_scores"]
+__all__ = [
+    "SIMILARITIES",
+    "grad_cos_scores",
+    "grad_dot_scores",
+    "similarity_scores",
+    "similarity_self_scores",
+]

@@ -77,7 +77,8 @@ def tracin_scores(
     for state, learning_rate in entries:
         current = model_at(model, state, names)
         queries = gradient_matrix(task, current, query_data, names, kind="measurement", **options)
-        scores = stream_products(queries, iter_gradients(task, current, train_data, names, kind="train_loss", **options))
+        blocks = iter_gradients(task, current, train_data, names, kind="train_loss", **options)
+        scores = stream_products(queries, blocks)
         total = learning_rate * scores if total is None else total + learning_rate * scores
     if total.shape[1] == 0:
         raise invalid("train_data", "an empty dataset", "at least one training example")
@@ -110,7 +111,8 @@ def tracin_self_scores(
     total: Tensor | None = None
     for state, learning_rate in entries:
         current = model_at(model, state, names)
-        blocks = [(g * g).sum(dim=1) for g in iter_gradients(task, current, train_data, names, kind="train_loss", **options)]
+        gradients = iter_gradients(task, current, train_data, names, kind="train_loss", **options)
+        blocks = [(g * g).sum(dim=1) for g in gradients]
         if not blocks:
             raise invalid("train_data", "an empty dataset", "at least one training example")
         norms = torch.cat(blocks)

@@ -111,6 +111,10 @@ def embedding_rows(
     calls: list[tuple[Tensor, Tensor]] = []
 
     def hook(_module: nn.Module, inputs: tuple[Any, ...], output: Tensor) -> Tensor:
+        if not inputs:
+            raise invalid(
+                "embedding_module call", "token ids given by keyword", "token ids given positionally"
+            )
         leaf = output.detach().requires_grad_(True)
         calls.append((inputs[0], leaf))
         return leaf
@@ -120,7 +124,9 @@ def embedding_rows(
         with torch.enable_grad():
             values = getattr(task, kind)(model, batch)
             if not calls:
-                raise invalid("embedding_module", module_name, "a module that the model calls on its inputs")
+                raise invalid(
+                    "embedding_module", module_name, "a module that the model calls on its inputs"
+                )
             grads = torch.autograd.grad(values.sum(), [leaf for _, leaf in calls], allow_unused=True)
     finally:
         handle.remove()
@@ -132,7 +138,9 @@ def embedding_rows(
         if grad is None:
             continue
         if ids.dim() != 2 or ids.shape[0] != n_examples:
-            raise invalid("embedding input shape", tuple(ids.shape), f"token ids [B, L] with B = {n_examples}")
+            raise invalid(
+                "embedding input shape", tuple(ids.shape), f"token ids [B, L] with B = {n_examples}"
+            )
         ids = ids.to(grad.device)
         mask = torch.ones_like(ids, dtype=torch.bool) if padding is None else ids != padding
         example = torch.arange(n_examples, device=ids.device)[:, None].expand_as(ids)
@@ -185,7 +193,7 @@ def _all_rows(task, model, data, *, module_name, kind, top_k_rows, batch_size, d
 
 
 def _dense_queries(parts: list[EmbeddingRows], vocab: int) -> tuple[Tensor, Tensor]:
-    """Query rows as a dense ``[Q, U, d]`` over the ``U`` words the queries contain, and ``[V]`` word -> slot."""
+    """Query rows, dense ``[Q, U, d]`` over the ``U`` words the queries contain; ``[V]`` word -> slot."""
     example = torch.cat([p.example + offset for p, offset in zip(parts, _offsets(parts))])
     word = torch.cat([p.word for p in parts])
     rows = torch.cat([p.rows for p in parts])
@@ -264,7 +272,8 @@ def tracin_we_scores(
         if not queries:
             raise invalid("query_data", "an empty dataset", "at least one query")
         dense, lookup = _dense_queries(queries, vocab)
-        blocks = [_row_scores(dense, lookup, rows) for rows in _all_rows(task, current, train_data, kind="train_loss", **options)]
+        train_rows = _all_rows(task, current, train_data, kind="train_loss", **options)
+        blocks = [_row_scores(dense, lookup, rows) for rows in train_rows]
         if not blocks:
             raise invalid("train_data", "an empty dataset", "at least one training example")
         scores = torch.cat(blocks, dim=1)

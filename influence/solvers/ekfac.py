@@ -157,11 +157,12 @@ class EkfacSolver(InverseHessianSolver):
                 per_example = torch.einsum("bto,bti->boi", g, a)
                 rotated = b.q_s.T @ per_example @ b.q_a
                 b.eigenvalues += (rotated**2).sum(dim=0)
-        smallest = float("inf")
+        smallest, largest = float("inf"), 0.0
         for b in self.blocks:
             b.eigenvalues /= objective.n_examples
             smallest = min(smallest, float(b.eigenvalues.min()))
-        if smallest + self.damping <= 0:
+            largest = max(largest, float(b.eigenvalues.max()))
+        if smallest + self.damping <= 1e-12 * max(largest, 1e-300):
             raise SolverDivergedError(
                 f"the EKFAC curvature has a zero eigenvalue (smallest {smallest:.3e}) and damping="
                 f"{self.damping}; use damping > 0"
