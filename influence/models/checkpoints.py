@@ -5,7 +5,8 @@ temporary name and then renamed, so a killed process leaves either the old file 
 
 The manifest (``manifest.json`` in a checkpoint directory) lists the checkpoints of one run with
 their step and learning rate, and records the arguments that made the run so that a later call
-can refuse to mix runs (see :func:`influence.models.training.train`).
+can refuse to mix runs (see :func:`influence.models.training.train`). A *training state* file
+holds what resuming needs: the model, the optimizer's state tensors and a JSON position.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any
 
 import safetensors
 import safetensors.torch
+import torch
 from torch import Tensor, nn
 
 from influence.exceptions import CorruptedArtifactError, invalid
@@ -213,3 +215,76 @@ def read_manifest(directory: str | Path) -> list[CheckpointInfo]:
         raise CorruptedArtifactError(
             f"the checkpoint manifest {directory / MANIFEST_NAME} has a malformed entry: {err}"
         ) from err
+
+
+def load_model_state(model: nn.Module, path: str | Path) -> nn.Module:
+    """Load a state dict saved by :func:`save_state` into ``model`` (strictly), in place.
+
+    Raises:
+        CorruptedArtifactError: the file is unreadable or does not match the model's parameters.
+    """
+    path = Path(path)
+    try:
+        model.load_state_dict(load_state(path), strict=True)
+    except RuntimeError as err:
+        raise CorruptedArtifactError(f"{path} does not hold this model's state: {err}") from err
+    return model
+
+
+def save_training_state(
+    path: str | Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    position: Mapping[str, Any],
+) -> Path:
+    """Save everything a training loop needs to resume: model, optimizer state, position.
+
+    Args:
+        path: the safetensors file to write.
+        model: its state dict is stored under ``model.<name>``.
+        optimizer: its per-parameter state tensors (e.g. Adam's ``step``, ``exp_avg``,
+            ``exp_avg_sq``) are stored under ``optimizer.<index>.<key>``; hyper-parameters are not
+            (the resuming loop rebuilds the optimizer with the same arguments).
+        position: JSON-serialisable loop position, stored in the header.
+
+    Returns:
+        ``path`` as a ``Path``.
+    """
+    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+    for index, state in optimizer.state_dict()["state"].items():
+        for key, value in state.items():
+            if isinstance(value, Tensor):
+                tensors[f"optimizer.{index}.{key}"] = value
+            elif value is not None:
+                tensors[f"optimizer.{index}.{key}"] = torch.tensor(value, dtype=torch.float64)
+    return save_state(tensors, path, {"position": json.dumps(dict(position))})
+
+
+def load_training_state(
+    path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer
+) -> dict[str, Any]:
+    """Restore ``model`` and ``optimizer`` from :func:`save_training_state`; return the position.
+
+    Raises:
+        CorruptedArtifactError: the file is unreadable or does not fit the model or optimizer.
+    """
+    path = Path(path)
+    tensors = load_state(path)
+    try:
+        position = json.loads(load_metadata(path)["position"])
+        model.load_state_dict(
+            {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}, strict=True
+        )
+        state_dict = optimizer.state_dict()
+        state: dict[int, dict[str, Tensor]] = {}
+        for key, value in tensors.items():
+            if key.startswith("optimizer."):
+                _, index, name = key.split(".", 2)
+                state.setdefault(int(index), {})[name] = value
+        state_dict["state"] = state
+        optimizer.load_state_dict(state_dict)
+    except (KeyError, ValueError, TypeError, RuntimeError, json.JSONDecodeError) as err:
+        raise CorruptedArtifactError(f"the training state {path} does not fit this run: {err}") from err
+    if not isinstance(position, dict):
+        raise CorruptedArtifactError(f"the training state {path} has a malformed position")
+    return position
