@@ -151,13 +151,21 @@ def finetune_regularizer(settings: PipelineSettings, ws: Workspace, mode: str):
     return Regularizer(l2=settings.finetune.l2, proximity=proximity, l2_names=tuple(trainable))
 
 
-def solver_options(settings: PipelineSettings, solver: str | None = None) -> dict:
-    """Options of the inverse-Hessian solver named by the settings (or ``solver``)."""
+def solver_options(settings: PipelineSettings, stage: str = "finetune") -> dict:
+    """Options of the inverse-Hessian solver of the finetuning or the pretraining stage."""
     a = settings.attribution
-    options: dict = {"gauss_newton": a.gauss_newton}
-    if (solver or a.solver) == "cg":
+    solver = a.solver if stage == "finetune" else a.pretrain_solver
+    options: dict = {"gauss_newton": a.gauss_newton if stage == "finetune" else a.pretrain_gauss_newton}
+    if solver == "cg":
         options["max_iterations"] = a.cg_iterations
+    elif solver == "arnoldi":
+        options.update(n_iterations=a.arnoldi_iterations, top_k=a.arnoldi_rank, seed=settings.seed)
     return options
+
+
+def sample_indices(n: int, k: int, seed: int) -> list[int]:
+    """A sorted seeded sample of ``min(k, n)`` indices out of ``range(n)``."""
+    return sorted(random.Random(seed).sample(range(n), min(k, n)))
 
 
 def checkpoints_of(ws: Workspace, mode: str) -> list[tuple[str, float]]:
@@ -311,6 +319,7 @@ def influence(settings: PipelineSettings, ws: Workspace) -> StageResult:
                 solver_options=solver_options(settings),
                 regularizer=finetune_regularizer(settings, ws, mode),
                 train_gradients=GradientCache(ws.artifacts / "gradients" / mode), batch_size=256,
+                hessian_data=train_data.subset(sample_indices(len(train_data), a.hessian_examples, settings.seed)),
             )
             path = ws.stage_dir("influence") / f"{mode}.safetensors"
             save_file({"scores": scores.float().contiguous()}, str(path))
@@ -331,8 +340,9 @@ def multistage(settings: PipelineSettings, ws: Workspace) -> StageResult:
     with timed(result):
         pretrained = pretrained_model(settings, ws)
         pretrain_data = load_split(ws, "pretrain")
-        n_hessian = min(a.pretrain_hessian_examples, len(pretrain_data))
-        hessian_idx = sorted(random.Random(settings.seed).sample(range(len(pretrain_data)), n_hessian))
+        hessian_idx = sample_indices(len(pretrain_data), a.pretrain_hessian_examples, settings.seed)
+        train_data = load_split(ws, "train")
+        finetune_hessian = train_data.subset(sample_indices(len(train_data), a.hessian_examples, settings.seed))
         for mode in settings.finetune.modes:
             ft_damping = max(a.damping, settings.finetune.l2)
             pt_damping = max(a.pretrain_damping, settings.pretrain.l2)
@@ -340,10 +350,10 @@ def multistage(settings: PipelineSettings, ws: Workspace) -> StageResult:
             trainable, _ = finetune_setup(settings, ws, mode, model)
             scores = multistage_scores(
                 LanguageModelingTask(padding_idx=0), pretrained, pretrain_data,
-                classification_task(settings), model, load_split(ws, "train"),
+                classification_task(settings), model, finetune_hessian,
                 load_split(ws, "queries"), embedding=mode, alpha=settings.finetune.alpha,
                 finetune_solver=make_solver(a.solver, damping=ft_damping, **solver_options(settings)),
-                pretrain_solver=make_solver(a.pretrain_solver, damping=pt_damping, **solver_options(settings, a.pretrain_solver)),
+                pretrain_solver=make_solver(a.pretrain_solver, damping=pt_damping, **solver_options(settings, "pretrain")),
                 damping=ft_damping, pretrain_damping=pt_damping,
                 finetune_regularizer=Regularizer(l2=settings.finetune.l2, l2_names=tuple(trainable)),
                 pretrain_regularizer=Regularizer(l2=settings.pretrain.l2),

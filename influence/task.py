@@ -204,7 +204,9 @@ class LanguageModelingTask(Task):
         if self.shift:
             logits, targets = logits[:, :-1], tokens[:, 1:]
         mask = (targets != self.padding_idx).to(logits.dtype)
-        token_loss = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
+        token_loss = F.cross_entropy(  # flattened: much faster than a [B, V, L] transpose
+            logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none"
+        ).reshape(targets.shape)
         return (token_loss * mask).sum(dim=1) / mask.sum(dim=1).clamp_min(1.0)
 
 

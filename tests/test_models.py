@@ -36,6 +36,15 @@ from influence.task import ClassificationTask, LanguageModelingTask
 VOCAB = 30
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run faster on one thread, above all on a machine shared with other work."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 def _tokens(n: int, length: int, seed: int = 0, min_len: int = 2) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
     tokens = torch.randint(2, VOCAB, (n, length), generator=generator)
@@ -230,11 +239,16 @@ def test_training_is_deterministic_and_learns():
     assert mean_loss(ClassificationTask(), a, data, batch_size=7) == pytest.approx(expected_loss, rel=1e-6)
 
 
-def test_language_model_trains():
+def test_language_model_trains_and_threads_are_restored():
     cbow = _cbow()
     tokens = _tokens(40, 8)
-    result = train(cbow, LanguageModelingTask(padding_idx=0), DictDataset({"tokens": tokens}),
-                   epochs=4, batch_size=10, learning_rate=0.05, seed=0, optimizer="sgd")
+    torch.set_num_threads(2)
+    try:
+        result = train(cbow, LanguageModelingTask(padding_idx=0), DictDataset({"tokens": tokens}),
+                       epochs=4, batch_size=10, learning_rate=0.05, seed=0, optimizer="sgd", num_threads=1)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(1)
     assert result.steps == 16 and result.losses[-1] < result.losses[0]
 
 
@@ -248,6 +262,7 @@ def test_frozen_parameters_stay_unchanged():
     assert not torch.equal(model.encoder.weight, encoder)
     assert result.trainable == ["encoder.weight", "encoder.bias", "head.weight", "head.bias"]
     assert result.regularizer.l2_names == tuple(result.trainable)
+    assert all(total > data for total, data in zip(result.losses, result.data_losses))
 
 
 def test_proximity_pulls_towards_the_reference():
@@ -270,6 +285,8 @@ def test_proximity_pulls_towards_the_reference():
 
 def test_invalid_arguments_raise():
     model = _classifier()
+    with pytest.raises(InvalidArgumentError):
+        _train_classifier(model, num_threads=0)
     with pytest.raises(InvalidArgumentError):
         _train_classifier(model, optimizer="lbfgs")
     with pytest.raises(InvalidArgumentError):
@@ -321,15 +338,24 @@ def test_resume_after_interruption_is_bit_identical(tmp_path, optimizer):
     assert resumed.resumed_from_step == 6
     assert _same_weights(resumed_model, uninterrupted)
     assert resumed.losses == expected.losses
+    assert resumed.data_losses == expected.data_losses
     assert [c.step for c in resumed.checkpoints] == [c.step for c in expected.checkpoints]
     for a, b in zip(resumed.checkpoints, expected.checkpoints):
         sa, sb = load_state(a.path), load_state(b.path)
         assert all(torch.equal(sa[k], sb[k]) for k in sa)
 
+    # A corrupted resume state is refused, naming the file.
+    with pytest.raises(Interrupted):
+        _train_classifier(_classifier(), checkpoint_dir=tmp_path / "c", log=kill_at_step_6, **options)
+    (tmp_path / "c" / "resume.safetensors").write_bytes(b"garbage")
+    with pytest.raises(CorruptedArtifactError, match="resume.safetensors"):
+        _train_classifier(_classifier(), checkpoint_dir=tmp_path / "c", **options)
+
     # A finished run is loaded, not retrained.
     loaded_model = _classifier()
     loaded = _train_classifier(loaded_model, checkpoint_dir=tmp_path / "b", **options)
     assert loaded.resumed_from_step == loaded.steps == 15
+    assert loaded.losses == expected.losses and loaded.data_losses == expected.data_losses
     assert _same_weights(loaded_model, uninterrupted)
 
 

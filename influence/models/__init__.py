@@ -4,15 +4,19 @@
 - :mod:`influence.models.training`: ``train`` (frozen parameters, L2 and proximity penalties,
   checkpoints with learning rates, resume), ``Proximity``, ``Regularizer``, ``evaluate_accuracy``,
   ``mean_loss``.
-- :mod:`influence.models.checkpoints`: safetensors state dicts and the checkpoint manifest.
+- :mod:`influence.models.checkpoints`: safetensors state dicts, resumable training states and the
+  checkpoint manifest.
 """
 
 from influence.models.checkpoints import (
     CheckpointInfo,
     load_metadata,
+    load_model_state,
     load_state,
+    load_training_state,
     read_manifest,
     save_state,
+    save_training_state,
     write_manifest,
 )
 from influence.models.text import CbowLanguageModel, TextClassifier, transfer_embedding
@@ -36,10 +40,13 @@ __all__ = [
     "collate_dataset",
     "evaluate_accuracy",
     "load_metadata",
+    "load_model_state",
     "load_state",
+    "load_training_state",
     "mean_loss",
     "read_manifest",
     "save_state",
+    "save_training_state",
     "train",
     "transfer_embedding",
     "write_manifest",

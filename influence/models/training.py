@@ -50,10 +50,11 @@ from influence.gradients.layout import select_parameters
 from influence.models.checkpoints import (
     MANIFEST_NAME,
     CheckpointInfo,
-    load_metadata,
-    load_state,
+    load_model_state,
+    load_training_state,
     read_manifest_document,
     save_state,
+    save_training_state,
     write_manifest,
 )
 from influence.task import Batch, Task, split_inputs_labels, to_device
@@ -264,6 +265,7 @@ class TrainResult:
 
     Attributes:
         losses: mean training objective (loss + penalties) of each epoch's batches.
+        data_losses: mean task loss (without penalties) of each epoch's batches.
         steps: optimizer steps taken in total.
         checkpoints: the saved checkpoints in step order (empty without ``checkpoint_dir``).
         seconds: wall-clock training time, summed over interrupted and resumed calls.
@@ -277,6 +279,7 @@ class TrainResult:
     steps: int
     checkpoints: list[CheckpointInfo]
     seconds: float
+    data_losses: list[float] = field(default_factory=list)
     trainable: list[str] = field(default_factory=list)
     regularizer: Regularizer = field(default_factory=Regularizer)
     resumed_from_step: int = 0
@@ -298,34 +301,89 @@ def _task_description(task: Task) -> dict[str, Any]:
     return {"class": f"{type(task).__module__}.{type(task).__qualname__}", "state": state}
 
 
-def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> dict[str, Tensor]:
-    out = {}
-    for index, state in optimizer.state_dict()["state"].items():
-        for key, value in state.items():
-            if isinstance(value, Tensor):
-                out[f"optimizer.{index}.{key}"] = value
-            elif value is not None:
-                out[f"optimizer.{index}.{key}"] = torch.tensor(value, dtype=torch.float64)
-    return out
+def _info(directory: Path, entry: Mapping[str, Any]) -> CheckpointInfo:
+    return CheckpointInfo(directory / entry["path"], int(entry["step"]), float(entry["learning_rate"]))
 
 
-def _restore_optimizer(optimizer: torch.optim.Optimizer, tensors: Mapping[str, Tensor]) -> None:
-    state_dict = optimizer.state_dict()
-    state: dict[int, dict[str, Tensor]] = {}
-    for key, value in tensors.items():
-        if key.startswith("optimizer."):
-            _, index, name = key.split(".", 2)
-            state.setdefault(int(index), {})[name] = value
-    state_dict["state"] = state
-    optimizer.load_state_dict(state_dict)
+class _RunDirectory:
+    """Checkpoints, manifest and resume state of one run in ``checkpoint_dir``.
 
+    After construction, ``document`` is the manifest of an earlier run with the same arguments
+    (``None`` when starting afresh); ``checkpoints`` lists the checkpoints saved so far.
+    """
 
-def _load_into(model: nn.Module, tensors: Mapping[str, Tensor], prefix: str, path: Path) -> None:
-    state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as err:
-        raise CorruptedArtifactError(f"{path} does not hold this model's state: {err}") from err
+    def __init__(self, directory: Path, arguments: dict[str, Any], overwrite: bool) -> None:
+        self.directory = directory
+        self.arguments = arguments
+        self.checkpoints: list[CheckpointInfo] = []
+        self.document: dict[str, Any] | None = None
+        if (directory / MANIFEST_NAME).exists():
+            document = read_manifest_document(directory)
+            previous = document.get("arguments", {})
+            if previous != arguments and not overwrite:
+                differing = sorted(k for k in set(previous) | set(arguments) if previous.get(k) != arguments.get(k))
+                raise CacheMismatchError(
+                    f"{directory} holds a training run made with other arguments (differing: "
+                    f"{differing}); pass overwrite=True or another checkpoint_dir"
+                )
+            if overwrite:
+                for path in [directory / MANIFEST_NAME, self.resume_path, *directory.glob("step-*.safetensors")]:
+                    path.unlink(missing_ok=True)
+            else:
+                self.document = document
+        if self.document is None:
+            write_manifest(directory, [], arguments=arguments, extra={"complete": False})
+
+    @property
+    def resume_path(self) -> Path:
+        return self.directory / RESUME_NAME
+
+    def completed(self) -> tuple[list[float], list[float], int, float] | None:
+        """``(losses, data_losses, steps, seconds)`` of a finished run with these arguments, else ``None``."""
+        if self.document is None or not self.document.get("complete"):
+            return None
+        try:
+            self.checkpoints = [_info(self.directory, e) for e in self.document["checkpoints"]]
+            return ([float(x) for x in self.document["losses"]],
+                    [float(x) for x in self.document.get("data_losses", [])],
+                    int(self.document["steps"]), float(self.document["seconds"]))
+        except (KeyError, TypeError, ValueError) as err:
+            raise CorruptedArtifactError(
+                f"the manifest in {self.directory} of a finished run is malformed: {err}"
+            ) from err
+
+    def resume(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any] | None:
+        """Restore model and optimizer from the resume state; its position, or ``None``."""
+        if self.document is None or not self.resume_path.exists():
+            return None
+        position = load_training_state(self.resume_path, model, optimizer)
+        try:
+            self.checkpoints = [_info(self.directory, e) for e in position["checkpoints"]]
+        except (KeyError, TypeError, ValueError) as err:
+            raise CorruptedArtifactError(f"the resume state {self.resume_path} is malformed: {err}") from err
+        return position
+
+    def save_checkpoint(self, model: nn.Module, step: int, learning_rate: float) -> CheckpointInfo:
+        path = self.directory / f"step-{step:08d}.safetensors"
+        save_state(model, path, {"step": str(step), "learning_rate": repr(learning_rate)})
+        info = CheckpointInfo(path, step, learning_rate)
+        if not self.checkpoints or self.checkpoints[-1].step != step:
+            self.checkpoints.append(info)
+        return info
+
+    def save_progress(self, model: nn.Module, optimizer: torch.optim.Optimizer, position: dict[str, Any]) -> None:
+        position = dict(position, checkpoints=[
+            {"path": c.path.name, "step": c.step, "learning_rate": c.learning_rate} for c in self.checkpoints
+        ])
+        save_training_state(self.resume_path, model, optimizer, position)
+        write_manifest(self.directory, self.checkpoints, arguments=self.arguments, extra={"complete": False})
+
+    def finish(self, losses: list[float], data_losses: list[float], steps: int, seconds: float) -> None:
+        write_manifest(self.directory, self.checkpoints, arguments=self.arguments, extra={
+            "complete": True, "losses": losses, "data_losses": data_losses, "steps": steps,
+            "seconds": seconds,
+        })
+        self.resume_path.unlink(missing_ok=True)
 
 
 def train(
@@ -346,6 +404,7 @@ def train(
     device: torch.device | str = "cpu",
     log: Callable[[dict[str, Any]], None] | None = None,
     overwrite: bool = False,
+    num_threads: int | None = None,
 ) -> TrainResult:
     """Train ``model`` in place by minibatch Adam or SGD on the task's mean loss plus penalties.
 
@@ -368,11 +427,15 @@ def train(
         checkpoint_every: save a checkpoint every this many steps (one is always saved after the
             last step when ``checkpoint_dir`` is given).
         device: where to train.
-        log: called with ``{"event": "epoch", "epoch", "step", "loss", "seconds"}`` after each
+        log: called with ``{"event": "epoch", "epoch", "step", "loss", "data_loss", "seconds"}`` after each
             epoch and ``{"event": "checkpoint", "step", "path", "learning_rate"}`` after each
-            checkpoint (``"resumed"``/``"loaded"`` events tell about resumed or finished runs).
+            checkpoint (once it and the resume state are on disk); ``{"event": "resumed",
+            "step"}`` / ``{"event": "loaded", "step", "path"}`` tell about resumed or finished runs.
         overwrite: discard a run in ``checkpoint_dir`` made with other arguments (or a finished
             one) instead of raising (or loading it).
+        num_threads: torch intra-op threads while training (restored afterwards); ``None`` leaves
+            the setting alone. ``1`` is much faster for small models on a busy machine, where
+            OpenMP threads otherwise wait on each other at every tiny operation.
 
     Returns:
         A :class:`TrainResult`.
@@ -384,7 +447,8 @@ def train(
     """
     _check_int("epochs", epochs, 0)
     _check_int("batch_size", batch_size, 1)
-    _check_int("seed", seed, -(2**62))
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise invalid("seed", seed, "an integer")
     if not isinstance(learning_rate, (int, float)) or not math.isfinite(learning_rate) or learning_rate <= 0:
         raise invalid("learning_rate", learning_rate, "a finite number > 0")
     if optimizer not in ("adam", "sgd"):
@@ -393,7 +457,43 @@ def train(
         _check_int("checkpoint_every", checkpoint_every, 1)
         if checkpoint_dir is None:
             raise invalid("checkpoint_every", checkpoint_every, "None when checkpoint_dir is None")
+    if num_threads is not None:
+        _check_int("num_threads", num_threads, 1)
+    previous_threads = torch.get_num_threads()
+    if num_threads is not None:
+        torch.set_num_threads(num_threads)
+    try:
+        return _train(
+            model, task, dataset, epochs=epochs, batch_size=batch_size, learning_rate=learning_rate,
+            seed=seed, optimizer=optimizer, l2=l2, trainable=trainable, proximity=proximity,
+            checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every, device=device, log=log,
+            overwrite=overwrite,
+        )
+    finally:
+        if num_threads is not None:
+            torch.set_num_threads(previous_threads)
 
+
+def _train(
+    model: nn.Module,
+    task: Task,
+    dataset: Dataset | Mapping[str, Tensor],
+    *,
+    epochs: int,
+    batch_size: int,
+    learning_rate: float,
+    seed: int,
+    optimizer: str,
+    l2: float,
+    trainable: str | Sequence[str] | None,
+    proximity: Proximity | None,
+    checkpoint_dir: str | Path | None,
+    checkpoint_every: int | None,
+    device: torch.device | str,
+    log: Callable[[dict[str, Any]], None] | None,
+    overwrite: bool,
+) -> TrainResult:
+    """The body of :func:`train`, with validated arguments."""
     started = time.perf_counter()
     model.to(device)
     names = select_parameters(model, "all" if trainable is None else trainable)
@@ -411,18 +511,13 @@ def train(
     data = collate_dataset(dataset)
     n_examples = _num_examples(data)
     steps_per_epoch = math.ceil(n_examples / batch_size)
-
     opt_class = torch.optim.Adam if optimizer == "adam" else torch.optim.SGD
     opt = opt_class(list(trained.values()), lr=float(learning_rate))
-
-    losses: list[float] = []
-    checkpoints: list[CheckpointInfo] = []
-    step, start_epoch, start_batch, epoch_sum, previous_seconds = 0, 0, 0, 0.0, 0.0
-    directory = Path(checkpoint_dir) if checkpoint_dir is not None else None
-    arguments: dict[str, Any] = {}
     emit = log or (lambda event: None)
 
-    if directory is not None:
+    run: _RunDirectory | None = None
+    position: dict[str, Any] | None = None
+    if checkpoint_dir is not None:
         arguments = json.loads(json.dumps({
             "epochs": epochs, "batch_size": batch_size, "learning_rate": float(learning_rate),
             "seed": seed, "optimizer": optimizer, "l2": float(l2), "trainable": names,
@@ -435,119 +530,79 @@ def train(
                 "reference_sha256": _sha256(sorted(proximity.reference.items())),
             },
         }))
-        resumed = _prepare_directory(directory, arguments, overwrite)
-        if resumed is not None and resumed.get("complete"):
-            infos = [CheckpointInfo(directory / e["path"], int(e["step"]), float(e["learning_rate"]))
-                     for e in resumed["checkpoints"]]
-            final = infos[-1].path
-            _load_into(model, load_state(final), "", final)
-            emit({"event": "loaded", "step": int(resumed["steps"]), "path": str(final)})
-            return TrainResult(
-                losses=[float(x) for x in resumed["losses"]], steps=int(resumed["steps"]),
-                checkpoints=infos, seconds=float(resumed["seconds"]), trainable=list(names),
-                regularizer=regularizer, resumed_from_step=int(resumed["steps"]),
-            )
-        resume_path = directory / RESUME_NAME
-        if resumed is not None and resume_path.exists():
-            tensors, meta = load_state(resume_path), load_metadata(resume_path)
-            _load_into(model, tensors, "model.", resume_path)
-            try:
-                _restore_optimizer(opt, tensors)
-                position = json.loads(meta["position"])
-                step, start_epoch = int(position["step"]), int(position["epoch"])
-                start_batch, epoch_sum = int(position["batch"]), float(position["epoch_loss_sum"])
-                losses = [float(x) for x in position["losses"]]
-                previous_seconds = float(position["seconds"])
-                checkpoints = [CheckpointInfo(directory / e["path"], int(e["step"]), float(e["learning_rate"]))
-                               for e in position["checkpoints"]]
-            except (KeyError, ValueError, TypeError, RuntimeError) as err:
-                raise CorruptedArtifactError(f"the resume state {resume_path} is malformed: {err}") from err
-            emit({"event": "resumed", "step": step})
-        else:
-            write_manifest(directory, [], arguments=arguments, extra={"complete": False})
+        run = _RunDirectory(Path(checkpoint_dir), arguments, overwrite)
+        finished = run.completed()
+        if finished is not None:
+            losses, data_losses, steps, seconds = finished
+            load_model_state(model, run.checkpoints[-1].path)
+            emit({"event": "loaded", "step": steps, "path": str(run.checkpoints[-1].path)})
+            return TrainResult(losses=losses, steps=steps, checkpoints=list(run.checkpoints), seconds=seconds,
+                               data_losses=data_losses, trainable=list(names), regularizer=regularizer,
+                               resumed_from_step=steps)
+        position = run.resume(model, opt)
+
+    try:
+        position = position or {}
+        step, start_epoch = int(position.get("step", 0)), int(position.get("epoch", 0))
+        start_batch = int(position.get("batch", 0))
+        epoch_sum = float(position.get("epoch_loss_sum", 0.0))
+        epoch_data_sum = float(position.get("epoch_data_loss_sum", 0.0))
+        losses = [float(x) for x in position.get("losses", [])]
+        data_losses = [float(x) for x in position.get("data_losses", [])]
+        previous_seconds = float(position.get("seconds", 0.0))
+    except (TypeError, ValueError) as err:
+        raise CorruptedArtifactError(f"the resume state in {checkpoint_dir} is malformed: {err}") from err
     resumed_from = step
+    if step:
+        emit({"event": "resumed", "step": step})
+
+    def save(epoch: int, batch: int, loss_sum: float, data_sum: float, checkpoint: bool) -> None:
+        if checkpoint:
+            info = run.save_checkpoint(model, step, float(opt.param_groups[0]["lr"]))
+        run.save_progress(model, opt, {
+            "step": step, "epoch": epoch, "batch": batch, "epoch_loss_sum": loss_sum,
+            "epoch_data_loss_sum": data_sum, "losses": losses, "data_losses": data_losses,
+            "seconds": previous_seconds + time.perf_counter() - started,
+        })
+        if checkpoint:
+            emit({"event": "checkpoint", "step": step, "path": str(info.path), "learning_rate": info.learning_rate})
 
     data = to_device(data, device)
-
-    def save_checkpoint() -> None:
-        path = directory / f"step-{step:08d}.safetensors"
-        lr = float(opt.param_groups[0]["lr"])
-        save_state(model, path, {"step": str(step), "learning_rate": repr(lr)})
-        if not checkpoints or checkpoints[-1].step != step:
-            checkpoints.append(CheckpointInfo(path, step, lr))
-
-    def save_resume(epoch: int, batch: int, loss_sum: float) -> None:
-        position = {
-            "step": step, "epoch": epoch, "batch": batch, "epoch_loss_sum": loss_sum,
-            "losses": losses, "seconds": previous_seconds + time.perf_counter() - started,
-            "checkpoints": [{"path": c.path.name, "step": c.step, "learning_rate": c.learning_rate}
-                            for c in checkpoints],
-        }
-        tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
-        tensors.update(_optimizer_tensors(opt))
-        save_state(tensors, directory / RESUME_NAME, {"position": json.dumps(position)})
-        write_manifest(directory, checkpoints, arguments=arguments, extra={"complete": False})
-
     model.train()
     for epoch in range(start_epoch, epochs):
         order = _permutation(n_examples, seed, epoch).to(device)
         first = start_batch if epoch == start_epoch else 0
         loss_sum = epoch_sum if epoch == start_epoch else 0.0
+        data_sum = epoch_data_sum if epoch == start_epoch else 0.0
         for b in range(first, steps_per_epoch):
             batch = _index(data, order[b * batch_size:(b + 1) * batch_size])
             opt.zero_grad(set_to_none=True)
-            loss = task.train_loss(model, batch).mean()
-            if not regularizer.is_zero:
-                loss = loss + regularizer(trained)
+            data_loss = task.train_loss(model, batch).mean()
+            loss = data_loss if regularizer.is_zero else data_loss + regularizer(trained)
             loss.backward()
             opt.step()
             step += 1
             loss_sum += float(loss.detach())
+            data_sum += float(data_loss.detach())
             if checkpoint_every is not None and step % checkpoint_every == 0:
-                save_checkpoint()
-                save_resume(epoch, b + 1, loss_sum)
-                emit({"event": "checkpoint", "step": step, "path": str(checkpoints[-1].path),
-                      "learning_rate": checkpoints[-1].learning_rate})
+                save(epoch, b + 1, loss_sum, data_sum, checkpoint=True)
         losses.append(loss_sum / steps_per_epoch)
-        if directory is not None:
-            save_resume(epoch + 1, 0, 0.0)
+        data_losses.append(data_sum / steps_per_epoch)
+        if run is not None:
+            save(epoch + 1, 0, 0.0, 0.0, checkpoint=False)
         emit({"event": "epoch", "epoch": epoch + 1, "step": step, "loss": losses[-1],
-              "seconds": previous_seconds + time.perf_counter() - started})
+              "data_loss": data_losses[-1], "seconds": previous_seconds + time.perf_counter() - started})
 
+    if run is not None and (not run.checkpoints or run.checkpoints[-1].step != step):
+        save(epochs, 0, 0.0, 0.0, checkpoint=True)
     seconds = previous_seconds + time.perf_counter() - started
-    if directory is not None:
-        if not checkpoints or checkpoints[-1].step != step:
-            save_checkpoint()
-            emit({"event": "checkpoint", "step": step, "path": str(checkpoints[-1].path),
-                  "learning_rate": checkpoints[-1].learning_rate})
-        write_manifest(directory, checkpoints, arguments=arguments, extra={
-            "complete": True, "losses": losses, "steps": step, "seconds": seconds,
-        })
-        (directory / RESUME_NAME).unlink(missing_ok=True)
+    if run is not None:
+        run.finish(losses, data_losses, step, seconds)
     return TrainResult(
-        losses=losses, steps=step, checkpoints=list(checkpoints), seconds=seconds,
-        trainable=list(names), regularizer=regularizer, resumed_from_step=resumed_from,
+        losses=losses, steps=step, checkpoints=list(run.checkpoints) if run is not None else [],
+        seconds=seconds, data_losses=data_losses, trainable=list(names), regularizer=regularizer,
+        resumed_from_step=resumed_from,
     )
-
-
-def _prepare_directory(directory: Path, arguments: dict[str, Any], overwrite: bool) -> dict | None:
-    """The manifest of a previous run with the same arguments, or ``None`` (starting afresh)."""
-    if not (directory / MANIFEST_NAME).exists():
-        return None
-    document = read_manifest_document(directory)
-    same = document.get("arguments") == arguments
-    if same and not overwrite:
-        return document
-    if not same and not overwrite:
-        previous = document.get("arguments", {})
-        differing = sorted(k for k in set(previous) | set(arguments) if previous.get(k) != arguments.get(k))
-        raise CacheMismatchError(
-            f"{directory} holds a training run made with other arguments (differing: {differing}); "
-            "pass overwrite=True or another checkpoint_dir"
-        )
-    for path in [directory / MANIFEST_NAME, directory / RESUME_NAME, *directory.glob("step-*.safetensors")]:
-        path.unlink(missing_ok=True)
-    return None
 
 
 # -- evaluation -------------------------------------------------------------------------------
