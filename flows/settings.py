@@ -34,11 +34,11 @@ class DataSettings(_Section):
     split_seed: int = Field(13, title="Split seed", description="Seed that assigns whole movies to train/validation/test.")
     train_fraction: float = Field(0.8, gt=0, lt=1, title="Train fraction", description="Fraction of movies in the finetuning train split.")
     validation_fraction: float = Field(0.1, gt=0, lt=1, title="Validation fraction", description="Fraction of movies in the validation split; the rest is test.")
-    pretrain_sentences: int = Field(20000, ge=100, title="Pretraining sentences", description="How many news sentences (a seeded sample of the corpus) pretrain the text model.")
+    pretrain_sentences: int = Field(12000, ge=100, title="Pretraining sentences", description="How many news sentences (a seeded sample of the corpus) pretrain the text model.")
     finetune_train_examples: int = Field(0, ge=0, title="Finetuning train examples", description="Cap on the finetuning train split (a seeded sample); 0 keeps all.")
     max_length: int = Field(32, ge=4, le=256, title="Max tokens", description="Texts are truncated/padded to this many tokens.")
     vocab_min_count: int = Field(3, ge=1, title="Vocabulary min count", description="Words seen fewer times map to <unk>.")
-    vocab_max_size: int = Field(6000, ge=100, title="Vocabulary size", description="Largest vocabulary, built from the pretraining sample and the finetuning train split.")
+    vocab_max_size: int = Field(5000, ge=100, title="Vocabulary size", description="Largest vocabulary, built from the pretraining sample and the finetuning train split.")
 
     @model_validator(mode="after")
     def _fractions(self) -> "DataSettings":
@@ -58,7 +58,7 @@ class PretrainSettings(_Section):
     window: int = Field(2, ge=1, le=8, title="Context window", description="Each word is predicted from this many neighbours on each side.")
     epochs: int = Field(3, ge=1, le=100, title="Epochs", description="Passes over the pretraining sentences.")
     batch_size: int = Field(128, ge=1, title="Batch size", description="Sentences per step.")
-    learning_rate: float = Field(0.003, gt=0, title="Learning rate", description="Adam learning rate.")
+    learning_rate: float = Field(0.01, gt=0, title="Learning rate", description="Adam learning rate.")
     l2: float = Field(1e-5, ge=0, title="L2", description="(l2/2)·||θ||² added to the pretraining loss (also in its Hessian).")
 
 

@@ -329,8 +329,13 @@ def influence(settings: PipelineSettings, ws: Workspace) -> StageResult:
 
 
 def multistage(settings: PipelineSettings, ws: Workspace) -> StageResult:
-    """Multi-stage influence of pretraining sentences on the finetuned queries: [n_query, n_pretrain]."""
-    from influence.methods.multistage import multistage_scores
+    """Multi-stage influence of pretraining sentences on the finetuned queries: [n_query, n_pretrain].
+
+    The finetuning half runs per embedding mode; the pretraining half (the inverse pretraining
+    Hessian and the pass over every pretraining sentence) runs once for all modes stacked.
+    """
+    from influence.gradients.layout import select_parameters
+    from influence.methods.multistage import embedding_sensitivity, pretraining_scores
     from influence.models.training import Regularizer
     from influence.solvers import make_solver
     from influence.task import LanguageModelingTask
@@ -340,27 +345,35 @@ def multistage(settings: PipelineSettings, ws: Workspace) -> StageResult:
     with timed(result):
         pretrained = pretrained_model(settings, ws)
         pretrain_data = load_split(ws, "pretrain")
-        hessian_idx = sample_indices(len(pretrain_data), a.pretrain_hessian_examples, settings.seed)
-        train_data = load_split(ws, "train")
+        train_data, queries = load_split(ws, "train"), load_split(ws, "queries")
         finetune_hessian = train_data.subset(sample_indices(len(train_data), a.hessian_examples, settings.seed))
+        shared = {"embedding.weight": "embedding.weight"}
+        ft_damping = max(a.damping, settings.finetune.l2)
+        sensitivities = []
         for mode in settings.finetune.modes:
-            ft_damping = max(a.damping, settings.finetune.l2)
-            pt_damping = max(a.pretrain_damping, settings.pretrain.l2)
             model = finetuned_model(settings, ws, mode)
             trainable, _ = finetune_setup(settings, ws, mode, model)
-            scores = multistage_scores(
-                LanguageModelingTask(padding_idx=0), pretrained, pretrain_data,
-                classification_task(settings), model, finetune_hessian,
-                load_split(ws, "queries"), embedding=mode, alpha=settings.finetune.alpha,
+            theta = [n for n in select_parameters(model, "all") if n not in shared]
+            sensitivities.append(embedding_sensitivity(
+                pretrained, classification_task(settings), model, finetune_hessian, queries, shared=shared,
+                embedding=mode, alpha=settings.finetune.alpha, theta_names=theta,
                 finetune_solver=make_solver(a.solver, damping=ft_damping, **solver_options(settings)),
-                pretrain_solver=make_solver(a.pretrain_solver, damping=pt_damping, **solver_options(settings, "pretrain")),
-                damping=ft_damping, pretrain_damping=pt_damping,
+                damping=ft_damping, solver_options=None,
                 finetune_regularizer=Regularizer(l2=settings.finetune.l2, l2_names=tuple(trainable)),
-                pretrain_regularizer=Regularizer(l2=settings.pretrain.l2),
-                pretrain_hessian_data=pretrain_data.subset(hessian_idx), batch_size=128,
-            )
+                batch_size=256, device="cpu", dtype=None,
+            ))
+        pt_damping = max(a.pretrain_damping, settings.pretrain.l2)
+        scores = pretraining_scores(
+            LanguageModelingTask(padding_idx=0), pretrained, pretrain_data, torch.cat(sensitivities),
+            shared_names=list(shared.values()),
+            pretrain_solver=make_solver(a.pretrain_solver, damping=pt_damping, **solver_options(settings, "pretrain")),
+            pretrain_damping=pt_damping,
+            pretrain_hessian_data=pretrain_data.subset(sample_indices(len(pretrain_data), a.pretrain_hessian_examples, settings.seed)),
+            pretrain_regularizer=Regularizer(l2=settings.pretrain.l2), batch_size=128,
+        )
+        for mode, block in zip(settings.finetune.modes, scores.split(len(queries))):
             path = ws.stage_dir("multistage") / f"{mode}.safetensors"
-            save_file({"scores": scores.float().contiguous()}, str(path))
+            save_file({"scores": block.float().contiguous()}, str(path))
             result.outputs[mode] = str(path.relative_to(ws.root))
     result.save(ws)
     return result

@@ -265,7 +265,62 @@ def multistage_scores(
             "pretrain_params", pretrain_params, f"a selection that includes the shared parameters {missing}"
         )
     pt_damping = damping if pretrain_damping is None else pretrain_damping
+    sensitivity = embedding_sensitivity(
+        pretrained_model, finetune_task, finetuned_model, finetune_data, query_data, shared=shared,
+        embedding=embedding, alpha=float(alpha), theta_names=theta_names, finetune_solver=finetune_solver,
+        damping=damping, solver_options=solver_options, finetune_regularizer=finetune_regularizer,
+        batch_size=batch_size, device=device, dtype=dtype,
+    )
+    return pretraining_scores(
+        pretrain_task, pretrained_model, pretrain_data, sensitivity, shared_names=[shared[n] for n in w_names],
+        pretrain_names=pt_names, pretrain_solver=pretrain_solver, pretrain_damping=pt_damping,
+        pretrain_solver_options=solver_options if pretrain_solver_options is None else pretrain_solver_options,
+        pretrain_hessian_data=pretrain_hessian_data, pretrain_regularizer=pretrain_regularizer,
+        batch_size=batch_size, device=device, dtype=dtype,
+    )
 
+
+def embedding_sensitivity(
+    pretrained_model: nn.Module,
+    finetune_task: Task,
+    finetuned_model: nn.Module,
+    finetune_data: Dataset | DataLoader,
+    query_data: Dataset | DataLoader,
+    *,
+    shared: Mapping[str, str],
+    embedding: Literal["fixed", "updated"],
+    alpha: float,
+    theta_names: Sequence[str],
+    finetune_solver: str | InverseHessianSolver,
+    damping: float,
+    solver_options: Mapping[str, Any] | None,
+    finetune_regularizer: Regularizer | None,
+    batch_size: int,
+    device: torch.device | str,
+    dtype: torch.dtype | None,
+) -> Tensor:
+    """The finetuning half of multi-stage influence: ``s * d f / d W_pt`` for every query.
+
+    Sensitivities of several finetuned models (for example both embedding modes) can be stacked
+    and passed to one :func:`pretraining_scores` call, which then fits the pretraining Hessian
+    and streams the pretraining gradients once for all of them.
+
+    Args:
+        pretrained_model: the pretrained model (gives ``W_pt``).
+        finetune_task, finetuned_model, finetune_data, query_data: as in :func:`multistage_scores`.
+        shared: ``{finetuned name: pretrained name}`` of the carried parameters ``W``.
+        embedding: ``"fixed"`` or ``"updated"``.
+        alpha: proximity strength (``"updated"``).
+        theta_names: the finetuning parameters other than ``W``.
+        finetune_solver, damping, solver_options, finetune_regularizer: the finetuning solve.
+        batch_size, device, dtype: computation options.
+
+    Returns:
+        ``[m, P_W]``: the measurement-sign-oriented total derivative of each query's measurement
+        with respect to the pretrained values of ``W`` (in the order of ``shared``).
+    """
+    w_names = list(shared)
+    theta_names = list(theta_names)
     queries = gradient_matrix(
         finetune_task, finetuned_model, query_data, theta_names + w_names, kind="measurement",
         batch_size=batch_size, device=device, dtype=dtype,
@@ -280,13 +335,51 @@ def multistage_scores(
         damping=damping, solver_options=solver_options, regularizer=finetune_regularizer,
         batch_size=batch_size, device=device, dtype=dtype,
     )  # [m, P_W]
+    return g_w * measurement_sign(finetune_task)
 
+
+def pretraining_scores(
+    pretrain_task: Task,
+    pretrained_model: nn.Module,
+    pretrain_data: Dataset | DataLoader,
+    sensitivity: Tensor,
+    *,
+    shared_names: Sequence[str],
+    pretrain_names: str | Sequence[str] = "all",
+    pretrain_solver: str | InverseHessianSolver = "cg",
+    pretrain_damping: float = 1e-3,
+    pretrain_solver_options: Mapping[str, Any] | None = None,
+    pretrain_hessian_data: Dataset | DataLoader | None = None,
+    pretrain_regularizer: Regularizer | None = None,
+    batch_size: int = 64,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype | None = None,
+) -> Tensor:
+    """The pretraining half of multi-stage influence: ``v^T P_W H_pt^{-1} grad l_pt(z) / n_pt``.
+
+    Args:
+        pretrain_task: the pretraining task.
+        pretrained_model: the pretrained model.
+        pretrain_data: the ``n_pt`` pretraining examples scored.
+        sensitivity: ``[m, P_W]`` from :func:`embedding_sensitivity` (stacked for several models).
+        shared_names: the pretrained names of ``W``, in the order of ``sensitivity``'s columns.
+        pretrain_names: parameters of ``H_pt`` (``"all"`` or names); must include ``shared_names``.
+        pretrain_solver, pretrain_damping, pretrain_solver_options: the pretraining solve.
+        pretrain_hessian_data: examples whose mean loss defines ``H_pt`` (default ``pretrain_data``).
+        pretrain_regularizer: penalty that was part of the pretraining objective.
+        batch_size, device, dtype: computation options.
+
+    Returns:
+        ``[m, n_pt]`` scores, positive = proponent.
+    """
+    pt_names = select_parameters(pretrained_model, pretrain_names)
+    missing = [n for n in shared_names if n not in pt_names]
+    if missing:
+        raise invalid("pretrain_params", pretrain_names, f"a selection that includes the shared parameters {missing}")
     pt_layout = ParameterLayout.of(pretrained_model, pt_names)
-    rhs = pt_layout.embed(g_w, [shared[n] for n in w_names])  # [m, P_pt]
+    rhs = pt_layout.embed(sensitivity, list(shared_names))  # [m, P_pt]
     pt_solver = build_solver(
-        pretrain_solver, damping=pt_damping,
-        solver_options=solver_options if pretrain_solver_options is None else pretrain_solver_options,
-        argument="pretrain_solver",
+        pretrain_solver, damping=pretrain_damping, solver_options=pretrain_solver_options, argument="pretrain_solver",
     )
     hessian_data = pretrain_data if pretrain_hessian_data is None else pretrain_hessian_data
     pt_objective = Objective(
@@ -301,7 +394,10 @@ def multistage_scores(
     n_pt = raw.shape[1]
     if n_pt == 0:
         raise invalid("pretrain_data", "an empty dataset", "at least one pretraining example")
-    return raw * (measurement_sign(finetune_task) / n_pt)
+    return raw / n_pt
 
 
-__all__ = ["EMBEDDING_MODES", "finetune_embedding_gradient", "multistage_scores", "proximity_regularizer"]
+__all__ = [
+    "EMBEDDING_MODES", "embedding_sensitivity", "finetune_embedding_gradient", "multistage_scores",
+    "pretraining_scores", "proximity_regularizer",
+]
