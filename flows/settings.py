@@ -56,7 +56,7 @@ class PretrainSettings(_Section):
     embed_dim: int = Field(32, ge=2, le=512, title="Embedding size", description="Width of the word embedding shared by both stages.")
     hidden_dim: int = Field(64, ge=2, le=1024, title="Hidden size", description="Hidden width of the masked-word predictor.")
     window: int = Field(2, ge=1, le=8, title="Context window", description="Each word is predicted from this many neighbours on each side.")
-    epochs: int = Field(3, ge=1, le=100, title="Epochs", description="Passes over the pretraining sentences.")
+    epochs: int = Field(4, ge=1, le=100, title="Epochs", description="Passes over the pretraining sentences.")
     batch_size: int = Field(128, ge=1, title="Batch size", description="Sentences per step.")
     learning_rate: float = Field(0.01, gt=0, title="Learning rate", description="Adam learning rate.")
     l2: float = Field(1e-5, ge=0, title="L2", description="(l2/2)·||θ||² added to the pretraining loss (also in its Hessian).")
@@ -70,10 +70,10 @@ class FinetuneSettings(_Section):
         description="'fixed': the pretrained embedding is frozen; 'updated': it is trained with the proximity penalty (alpha/2)·||W − W_pretrained||².",
     )
     hidden_dim: int = Field(32, ge=2, le=1024, title="Hidden size", description="Channels of the convolutional encoder.")
-    alpha: float = Field(0.01, gt=0, title="Proximity alpha", description="Strength of the proximity penalty in 'updated' mode.")
-    epochs: int = Field(4, ge=1, le=100, title="Epochs", description="Passes over the finetuning train split.")
+    alpha: float = Field(1e-4, gt=0, title="Proximity alpha", description="Strength of the proximity penalty in 'updated' mode.")
+    epochs: int = Field(5, ge=1, le=100, title="Epochs", description="Passes over the finetuning train split.")
     batch_size: int = Field(64, ge=1, title="Batch size", description="Examples per step.")
-    learning_rate: float = Field(0.003, gt=0, title="Learning rate", description="Adam learning rate.")
+    learning_rate: float = Field(0.01, gt=0, title="Learning rate", description="Adam learning rate.")
     l2: float = Field(1e-4, ge=0, title="L2", description="(l2/2)·||θ||² on the trained parameters (also in the Hessian).")
     checkpoint_every: int = Field(100, ge=1, title="Checkpoint every (steps)", description="Checkpoints for TracIn are saved every this many steps and at the end.")
 
@@ -102,7 +102,7 @@ class EvaluationSettings(_Section):
     """The case-deletion check of the pipeline's own answers."""
 
     enabled: bool = Field(True, title="Case deletion", description="Retrain without the top proponents and compare with random removals.")
-    mode: Literal["fixed", "updated"] = Field("fixed", title="Mode checked", description="Which finetuned model is retrained.")
+    mode: Literal["fixed", "updated"] = Field("updated", title="Mode checked", description="Which finetuned model is retrained.")
     methods: list[Literal["if", "tracin_we"]] = Field(["if", "tracin_we"], min_length=1, title="Methods checked", description="Whose top proponents are removed.")
     queries: int = Field(4, ge=1, le=50, title="Queries", description="How many of the explained queries are checked.")
     k: int = Field(50, ge=1, title="k", description="Examples removed per query.")

@@ -106,17 +106,19 @@ def classification_task(settings: PipelineSettings):
 
 
 def finetune_setup(settings: PipelineSettings, ws: Workspace, mode: str, model):
-    """Trainable parameter names and proximity penalty of the finetuning objective in ``mode``.
+    """Trainable names, L2-covered names and proximity penalty of the finetuning objective in ``mode``.
 
     ``fixed``: the embedding is frozen, no penalty. ``updated``: everything trains, with
-    ``(alpha/2)·||W − W_pretrained||²`` on the embedding.
+    ``(alpha/2)·||W − W_pretrained||²`` on the embedding. The L2 term covers the layers above the
+    embedding in both modes (the proximity penalty is the embedding's regulariser).
     """
     from influence.models.training import Proximity
 
+    head = [n for n, _ in model.named_parameters() if not n.startswith("embedding.")]
     if mode == "fixed":
-        return [n for n, _ in model.named_parameters() if not n.startswith("embedding.")], None
+        return head, head, None
     reference = {"embedding.weight": pretrained_model(settings, ws).embedding.weight.detach().clone()}
-    return [n for n, _ in model.named_parameters()], Proximity(alpha=settings.finetune.alpha, reference=reference)
+    return [n for n, _ in model.named_parameters()], head, Proximity(alpha=settings.finetune.alpha, reference=reference)
 
 
 def finetune_on(settings: PipelineSettings, ws: Workspace, mode: str, train_data, checkpoint_dir: Path | None):
@@ -131,11 +133,11 @@ def finetune_on(settings: PipelineSettings, ws: Workspace, mode: str, train_data
 
     model = new_classifier(settings, len(vocabulary(ws)))
     transfer_embedding(pretrained_model(settings, ws), model)
-    trainable, proximity = finetune_setup(settings, ws, mode, model)
+    trainable, l2_names, proximity = finetune_setup(settings, ws, mode, model)
     ft = settings.finetune
     result = resume_or_replace(
         train, model=model, task=ClassificationTask(), dataset=train_data, epochs=ft.epochs, batch_size=ft.batch_size,
-        learning_rate=ft.learning_rate, seed=settings.seed, l2=ft.l2, trainable=trainable,
+        learning_rate=ft.learning_rate, seed=settings.seed, l2=ft.l2, trainable=trainable, l2_names=l2_names,
         proximity=proximity, checkpoint_dir=checkpoint_dir,
         checkpoint_every=ft.checkpoint_every if checkpoint_dir is not None else None,
     )
@@ -147,8 +149,8 @@ def finetune_regularizer(settings: PipelineSettings, ws: Workspace, mode: str):
     from influence.models.training import Regularizer
 
     model = new_classifier(settings, len(vocabulary(ws)))
-    trainable, proximity = finetune_setup(settings, ws, mode, model)
-    return Regularizer(l2=settings.finetune.l2, proximity=proximity, l2_names=tuple(trainable))
+    _, l2_names, proximity = finetune_setup(settings, ws, mode, model)
+    return Regularizer(l2=settings.finetune.l2, proximity=proximity, l2_names=tuple(l2_names))
 
 
 def solver_options(settings: PipelineSettings, stage: str = "finetune") -> dict:
@@ -352,14 +354,14 @@ def multistage(settings: PipelineSettings, ws: Workspace) -> StageResult:
         sensitivities = []
         for mode in settings.finetune.modes:
             model = finetuned_model(settings, ws, mode)
-            trainable, _ = finetune_setup(settings, ws, mode, model)
+            _, l2_names, _ = finetune_setup(settings, ws, mode, model)
             theta = [n for n in select_parameters(model, "all") if n not in shared]
             sensitivities.append(embedding_sensitivity(
                 pretrained, classification_task(settings), model, finetune_hessian, queries, shared=shared,
                 embedding=mode, alpha=settings.finetune.alpha, theta_names=theta,
                 finetune_solver=make_solver(a.solver, damping=ft_damping, **solver_options(settings)),
                 damping=ft_damping, solver_options=None,
-                finetune_regularizer=Regularizer(l2=settings.finetune.l2, l2_names=tuple(trainable)),
+                finetune_regularizer=Regularizer(l2=settings.finetune.l2, l2_names=tuple(l2_names)),
                 batch_size=256, device="cpu", dtype=None,
             ))
         pt_damping = max(a.pretrain_damping, settings.pretrain.l2)

@@ -405,6 +405,7 @@ def train(
     log: Callable[[dict[str, Any]], None] | None = None,
     overwrite: bool = False,
     num_threads: int | None = None,
+    l2_names: str | Sequence[str] | None = None,
 ) -> TrainResult:
     """Train ``model`` in place by minibatch Adam or SGD on the task's mean loss plus penalties.
 
@@ -419,7 +420,7 @@ def train(
         learning_rate: constant learning rate.
         seed: seeds the data order (model initialisation is the caller's).
         optimizer: ``"adam"`` (default betas) or ``"sgd"`` (plain, no momentum).
-        l2: adds ``(l2 / 2) * ||theta||^2`` over the trainable parameters to the loss.
+        l2: adds ``(l2 / 2) * ||theta||^2`` over the trainable parameters (or ``l2_names``) to the loss.
         trainable: parameters to train, as ``select_parameters`` accepts them (``"all"``,
             ``"embedding"``, module or parameter names); ``None``: those that already require grad.
         proximity: adds ``(alpha / 2) * ||W - W_ref||^2`` over its reference names.
@@ -436,6 +437,9 @@ def train(
         num_threads: torch intra-op threads while training (restored afterwards); ``None`` leaves
             the setting alone. ``1`` is much faster for small models on a busy machine, where
             OpenMP threads otherwise wait on each other at every tiny operation.
+        l2_names: the parameters the L2 term covers, as ``select_parameters`` accepts them
+            (``None``: every trainable parameter), e.g. everything but an embedding that a
+            proximity penalty already anchors.
 
     Returns:
         A :class:`TrainResult`.
@@ -467,7 +471,7 @@ def train(
             model, task, dataset, epochs=epochs, batch_size=batch_size, learning_rate=learning_rate,
             seed=seed, optimizer=optimizer, l2=l2, trainable=trainable, proximity=proximity,
             checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every, device=device, log=log,
-            overwrite=overwrite,
+            overwrite=overwrite, l2_names=l2_names,
         )
     finally:
         if num_threads is not None:
@@ -492,6 +496,7 @@ def _train(
     device: torch.device | str,
     log: Callable[[dict[str, Any]], None] | None,
     overwrite: bool,
+    l2_names: str | Sequence[str] | None = None,
 ) -> TrainResult:
     """The body of :func:`train`, with validated arguments."""
     started = time.perf_counter()
@@ -506,7 +511,8 @@ def _train(
                 shape = tuple(params[name].shape) if name in params else "absent"
                 raise invalid(f"proximity.reference[{name!r}]", tuple(ref.shape), f"the model's shape {shape}")
         proximity = proximity.to(device)
-    regularizer = Regularizer(l2=l2, proximity=proximity, l2_names=tuple(names))
+    covered = names if l2_names is None else [n for n in select_parameters(model, l2_names) if n in names]
+    regularizer = Regularizer(l2=l2, proximity=proximity, l2_names=tuple(covered))
     trained = {n: params[n] for n in names}
     data = collate_dataset(dataset)
     n_examples = _num_examples(data)
@@ -520,7 +526,7 @@ def _train(
     if checkpoint_dir is not None:
         arguments = json.loads(json.dumps({
             "epochs": epochs, "batch_size": batch_size, "learning_rate": float(learning_rate),
-            "seed": seed, "optimizer": optimizer, "l2": float(l2), "trainable": names,
+            "seed": seed, "optimizer": optimizer, "l2": float(l2), "trainable": names, "l2_names": covered,
             "checkpoint_every": checkpoint_every, "task": _task_description(task),
             "model": f"{type(model).__module__}.{type(model).__qualname__}",
             "initial_state_sha256": _sha256(sorted(model.state_dict().items())),
