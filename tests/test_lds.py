@@ -1,0 +1,87 @@
+"""LDS against a brute-force Spearman computation, and against actual retraining of a tiny model."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+
+from influence.evaluation import lds, lds_per_query, random_subsets, spearman
+from influence.exceptions import InvalidArgumentError
+
+
+def brute_ranks(values: list[float]) -> list[float]:
+    ranks = []
+    for v in values:
+        below = sum(1 for w in values if w < v)
+        equal = sum(1 for w in values if w == v)
+        ranks.append(below + (equal + 1) / 2)
+    return ranks
+
+
+def brute_spearman(a: list[float], b: list[float]) -> float:
+    ra, rb = brute_ranks(a), brute_ranks(b)
+    ma, mb = sum(ra) / len(ra), sum(rb) / len(rb)
+    cov = sum((x - ma) * (y - mb) for x, y in zip(ra, rb))
+    return cov / math.sqrt(sum((x - ma) ** 2 for x in ra) * sum((y - mb) ** 2 for y in rb))
+
+
+def test_spearman_matches_brute_force_with_ties():
+    g = torch.Generator().manual_seed(0)
+    a = torch.randint(0, 5, (4, 12), generator=g).double()  # many ties
+    b = torch.randn(4, 12, generator=g, dtype=torch.float64)
+    ours = spearman(a, b)
+    for i in range(4):
+        assert ours[i].item() == pytest.approx(brute_spearman(a[i].tolist(), b[i].tolist()), rel=1e-12, abs=1e-12)
+
+
+def test_lds_matches_brute_force():
+    g = torch.Generator().manual_seed(1)
+    scores = torch.randn(3, 10, generator=g, dtype=torch.float64)
+    masks = random_subsets(10, 0.5, 8, seed=2)
+    outputs = torch.randn(8, 3, generator=g, dtype=torch.float64)
+    expected = []
+    for q in range(3):
+        predicted = [-sum(scores[q, i].item() for i in range(10) if masks[j, i]) for j in range(8)]
+        expected.append(brute_spearman(predicted, outputs[:, q].tolist()))
+    assert lds_per_query(scores, masks, outputs).tolist() == pytest.approx(expected, rel=1e-12)
+    assert lds(scores, masks, outputs) == pytest.approx(sum(expected) / 3, rel=1e-12)
+
+
+def test_exact_leave_out_scores_on_least_squares_give_high_lds():
+    """On ridge regression the influence function is nearly additive: LDS of exact scores is high."""
+    g = torch.Generator().manual_seed(3)
+    n, d, lam = 60, 3, 1.0
+    x = torch.randn(n, d, generator=g, dtype=torch.float64)
+    y = x @ torch.tensor([1.0, -1.0, 2.0], dtype=torch.float64) + torch.randn(n, generator=g, dtype=torch.float64)
+    xq = torch.randn(4, d, generator=g, dtype=torch.float64)
+    yq = xq @ torch.tensor([1.0, -1.0, 2.0], dtype=torch.float64) + 3.0  # far from the fit: first order dominates
+
+    def fit(mask):
+        xs, ys = x[mask], y[mask]
+        return torch.linalg.solve(xs.T @ xs / n + lam * torch.eye(d, dtype=torch.float64), xs.T @ ys / n)
+
+    def losses(w):
+        return 0.5 * (xq @ w - yq) ** 2
+
+    full = torch.ones(n, dtype=torch.bool)
+    w = fit(full)
+    hessian = x.T @ x / n + lam * torch.eye(d, dtype=torch.float64)
+    residual = x @ w - y
+    train_grads = x * residual[:, None]  # [n, d]
+    query_grads = xq * (xq @ w - yq)[:, None]  # [Q, d]
+    scores = query_grads @ torch.linalg.solve(hessian, train_grads.T) / n  # removal raises loss by this
+    masks = random_subsets(n, 0.9, 30, seed=4)  # near the linear regime
+    outputs = torch.stack([losses(fit(m)) for m in masks])
+    value = lds(scores, masks, outputs)
+    assert value > 0.8, value
+    assert lds(-scores, masks, outputs) == pytest.approx(-value)
+
+
+def test_bad_shapes_are_named():
+    with pytest.raises(InvalidArgumentError, match="outputs.shape"):
+        lds(torch.zeros(2, 5), torch.ones(3, 5, dtype=torch.bool), torch.zeros(2, 3))
+    with pytest.raises(InvalidArgumentError, match="fraction"):
+        random_subsets(10, 1.5, 2, seed=0)
