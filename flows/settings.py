@@ -187,3 +187,20 @@ def load_settings(path: str | Path = PARAMS_FILE) -> PipelineSettings:
 def write_settings(settings: PipelineSettings, path: str | Path) -> None:
     """Write settings as ``params.yaml`` (sections in declaration order)."""
     Path(path).write_text(yaml.safe_dump(settings.model_dump(mode="json"), sort_keys=False))
+
+
+def settings_table() -> str:
+    """Markdown table of every setting, its default and its meaning (the README's Settings section)."""
+    lines = ["| setting | default | meaning |", "| --- | --- | --- |"]
+
+    def walk(model: type[BaseModel], prefix: str) -> None:
+        for name, field in model.model_fields.items():
+            annotation = field.annotation
+            if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+                walk(annotation, f"{prefix}{name}.")
+                continue
+            default = field.get_default(call_default_factory=True)
+            lines.append(f"| `{prefix}{name}` | `{json.dumps(default)}` | {field.description or field.title or ''} |")
+
+    walk(PipelineSettings, "")
+    return "\n".join(lines)

@@ -26,6 +26,18 @@ METHOD_STAGES = {"if": "influence", "tracin_we": "tracin_we"}  # evaluation.meth
 # ----------------------------------------------------------------------------- helpers
 
 
+def progress(stage: str):
+    """A training-log callback that prints one line per epoch (Prefect records printed lines)."""
+
+    def log(event: dict) -> None:
+        if event.get("event") == "epoch":
+            print(f"{stage}: epoch {event['epoch']} loss {event['loss']:.4f} ({event['seconds']:.1f} s)")
+        elif event.get("event") in ("resumed", "loaded"):
+            print(f"{stage}: {event['event']} at step {event['step']}")
+
+    return log
+
+
 def _seed(settings: PipelineSettings) -> None:
     torch.manual_seed(settings.seed)
     random.seed(settings.seed)
@@ -251,7 +263,7 @@ def pretrain(settings: PipelineSettings, ws: Workspace) -> StageResult:
         trained = resume_or_replace(
             train, model=model, task=LanguageModelingTask(padding_idx=0), dataset=load_split(ws, "pretrain"), epochs=p.epochs,
             batch_size=p.batch_size, learning_rate=p.learning_rate, seed=settings.seed, l2=p.l2,
-            checkpoint_dir=out / "checkpoints", checkpoint_every=10_000_000,
+            checkpoint_dir=out / "checkpoints", checkpoint_every=100, log=progress("pretrain"),
         )
         save_state(model, out / "model.safetensors")
         result.metrics.update({f"loss_epoch_{i}": float(v) for i, v in enumerate(trained.losses)})
@@ -383,6 +395,7 @@ def multistage(settings: PipelineSettings, ws: Workspace) -> StageResult:
 
 def tracin_we(settings: PipelineSettings, ws: Workspace) -> StageResult:
     """TracIn-WE scores over the finetuning checkpoints, per mode, with word-level terms of the top pairs."""
+    from influence.data.text import UNK
     from influence.methods.tracin_we import tracin_we_scores, tracin_we_words
 
     a = settings.attribution
@@ -393,14 +406,15 @@ def tracin_we(settings: PipelineSettings, ws: Workspace) -> StageResult:
         for mode in settings.finetune.modes:
             model, checkpoints = finetuned_model(settings, ws, mode), checkpoints_of(ws, mode)
             task = classification_task(settings)
-            scores = tracin_we_scores(task, model, train_data, queries, checkpoints=checkpoints, batch_size=256)
+            scores = tracin_we_scores(task, model, train_data, queries, checkpoints=checkpoints, batch_size=256,
+                                      ignore_ids=(UNK,))
             out = ws.stage_dir("tracin_we")
             save_file({"scores": scores.float().contiguous()}, str(out / f"{mode}.safetensors"))
             terms: dict[str, dict[str, list]] = {}
             for q in range(scores.shape[0]):
                 order = scores[q].argsort(descending=True)
                 for z in list(order[: a.top_k].tolist()) + list(order[-a.top_k:].tolist()):
-                    pairs = tracin_we_words(task, model, queries[q], train_data[z], checkpoints=checkpoints)
+                    pairs = tracin_we_words(task, model, queries[q], train_data[z], checkpoints=checkpoints, ignore_ids=(UNK,))
                     terms[f"{queries.ids[q]}|{train_data.ids[z]}"] = [[words.words([w])[0], float(t)] for w, t in pairs]
             _save_json(terms, out / f"{mode}_words.json")
             result.outputs[mode] = str((out / f"{mode}.safetensors").relative_to(ws.root))

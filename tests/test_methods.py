@@ -453,3 +453,19 @@ def test_a_cache_of_another_model_is_refused(logistic, tmp_path):
         task, model, train, ["weight", "bias"], projector=RandomProjector(10, 4, seed=0))
     with pytest.raises(InvalidArgumentError, match="unprojected"):
         influence_scores(task, model, train, queries, solver="exact", regularizer=l2, train_gradients=projected)
+
+
+def test_tracin_we_ignore_ids_drops_those_words(text_setup):
+    """Leaving out a token id (e.g. <unk>) removes exactly that word's terms."""
+    from influence.methods.tracin_we import tracin_we_scores, tracin_we_words
+
+    model, train, queries, checkpoints = text_setup
+    task = ClassificationTask()
+    word = int(queries[0]["tokens"][0])
+    full = tracin_we_scores(task, model, train, queries, checkpoints=checkpoints)
+    dropped = tracin_we_scores(task, model, train, queries, checkpoints=checkpoints, ignore_ids=(word,))
+    for z in range(len(train)):
+        terms = dict(tracin_we_words(task, model, queries[0], train[z], checkpoints=checkpoints))
+        expected = float(full[0, z]) - terms.get(word, 0.0)
+        assert float(dropped[0, z]) == pytest.approx(expected, rel=1e-9, abs=1e-12)
+        assert word not in dict(tracin_we_words(task, model, queries[0], train[z], checkpoints=checkpoints, ignore_ids=(word,)))

@@ -71,3 +71,9 @@ def test_cli_refuses_bad_params_before_any_work(tmp_path):
 
 def test_settings_digest_changes_with_values():
     assert PipelineSettings().digest() != validate_settings({"seed": 1}).digest()
+
+
+def test_readme_documents_every_setting():
+    from flows.settings import settings_table
+
+    assert settings_table() in (REPO / "README.md").read_text(), "README's settings table is stale: paste flows.settings.settings_table()"

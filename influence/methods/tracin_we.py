@@ -91,6 +91,7 @@ def embedding_rows(
     module_name: str = "embedding",
     kind: str = "train_loss",
     top_k_rows: int | None = None,
+    ignore_ids: Sequence[int] = (),
 ) -> EmbeddingRows:
     """Per-example word-embedding gradients of one batch, as sparse rows.
 
@@ -101,6 +102,8 @@ def embedding_rows(
         module_name: name of the word ``nn.Embedding`` module.
         kind: ``"train_loss"`` or ``"measurement"``.
         top_k_rows: keep only each example's ``k`` rows of largest norm (``None``: all).
+        ignore_ids: more token ids to leave out besides padding, e.g. the unknown-word id, whose
+            row is shared by every out-of-vocabulary word and so is no evidence of a shared word.
 
     Returns:
         :class:`EmbeddingRows` sorted by example; rows of the padding id are left out.
@@ -143,6 +146,8 @@ def embedding_rows(
             )
         ids = ids.to(grad.device)
         mask = torch.ones_like(ids, dtype=torch.bool) if padding is None else ids != padding
+        for ignored in ignore_ids:
+            mask &= ids != int(ignored)
         example = torch.arange(n_examples, device=ids.device)[:, None].expand_as(ids)
         keys.append((example * vocab + ids)[mask])
         vectors.append(grad[mask])
@@ -186,10 +191,11 @@ def _prepared(model: nn.Module, state: Any, module_name: str, device, dtype) -> 
     return current.to(device=device, dtype=dtype) if dtype is not None else current.to(device=device)
 
 
-def _all_rows(task, model, data, *, module_name, kind, top_k_rows, batch_size, device, dtype):
+def _all_rows(task, model, data, *, module_name, kind, top_k_rows, batch_size, device, dtype, ignore_ids=()):
     for batch in as_loader(data, batch_size):
         batch = convert_batch(batch, device, dtype)
-        yield embedding_rows(task, model, batch, module_name=module_name, kind=kind, top_k_rows=top_k_rows)
+        yield embedding_rows(task, model, batch, module_name=module_name, kind=kind, top_k_rows=top_k_rows,
+                             ignore_ids=ignore_ids)
 
 
 def _dense_queries(parts: list[EmbeddingRows], vocab: int) -> tuple[Tensor, Tensor]:
@@ -240,6 +246,7 @@ def tracin_we_scores(
     batch_size: int = 64,
     device: torch.device | str = "cpu",
     dtype: torch.dtype | None = None,
+    ignore_ids: Sequence[int] = (),
 ) -> Tensor:
     """TracIn-WE scores of every (query, training example) pair.
 
@@ -255,6 +262,7 @@ def tracin_we_scores(
         batch_size: examples per batch.
         device: device of the computation.
         dtype: floating dtype of the computation (default: the model's).
+        ignore_ids: token ids left out besides padding (e.g. the unknown-word id).
 
     Returns:
         Tensor ``[m, n]`` on ``device``:
@@ -263,7 +271,7 @@ def tracin_we_scores(
     batch_size = check_batch_size(batch_size)
     entries = checkpoint_entries(checkpoints)
     options = {"module_name": embedding_module, "top_k_rows": top_k_rows, "batch_size": batch_size,
-               "device": device, "dtype": dtype}
+               "device": device, "dtype": dtype, "ignore_ids": tuple(ignore_ids)}
     total: Tensor | None = None
     for state, learning_rate in entries:
         current = _prepared(model, state, embedding_module, device, dtype)
@@ -333,6 +341,7 @@ def tracin_we_words(
     top_k_rows: int | None = None,
     device: torch.device | str = "cpu",
     dtype: torch.dtype | None = None,
+    ignore_ids: Sequence[int] = (),
 ) -> list[tuple[int, float]]:
     """The per-word terms of one pair's TracIn-WE score.
 
@@ -347,6 +356,7 @@ def tracin_we_words(
         top_k_rows: as in :func:`tracin_we_scores`.
         device: device of the computation.
         dtype: floating dtype of the computation.
+        ignore_ids: as in :func:`tracin_we_scores`.
 
     Returns:
         ``[(word id, term), ...]`` over the words the two examples share, sorted by decreasing
@@ -360,9 +370,9 @@ def tracin_we_words(
     for state, learning_rate in entries:
         current = _prepared(model, state, embedding_module, device, dtype)
         query = embedding_rows(task, current, query_batch, module_name=embedding_module,
-                               kind="measurement", top_k_rows=top_k_rows)
+                               kind="measurement", top_k_rows=top_k_rows, ignore_ids=ignore_ids)
         train = embedding_rows(task, current, train_batch, module_name=embedding_module,
-                               kind="train_loss", top_k_rows=top_k_rows)
+                               kind="train_loss", top_k_rows=top_k_rows, ignore_ids=ignore_ids)
         query_rows = {int(w): r for w, r in zip(query.word.tolist(), query.rows)}
         for word, row in zip(train.word.tolist(), train.rows):
             if word in query_rows:

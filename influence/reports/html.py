@@ -31,7 +31,7 @@ def _e(value: object) -> str:
 
 
 def _table(rows: Sequence[Mapping[str, object]], columns: Sequence[str]) -> str:
-    head = "".join(f"<th>{_e(c)}</th>" for c in columns)
+    head = "".join(f"<th>{_e(c.removesuffix('_html'))}</th>" for c in columns)
     body = []
     for row in rows:
         cells = []
