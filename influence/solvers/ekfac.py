@@ -1,22 +1,42 @@
 """EKFAC: eigenvalue-corrected Kronecker-factored curvature (George et al., 2018; Grosse et al., 2023).
 
-For every selected ``nn.Linear`` layer with inputs ``a`` (augmented with a constant 1 when its
-bias is selected) and gradients ``g`` of the per-example losses with respect to its outputs, the
-layer's block of the (empirical) Fisher is approximated in the Kronecker-factored eigenbasis of
-``A = E[a a^T]`` and ``S = E[g g^T]`` (expectations over examples and sequence positions):
+Every selected layer is treated as a linear map ``s_t = W a_t (+ b)`` applied at positions ``t``:
+an ``nn.Linear`` layer with inputs ``a`` (augmented with a constant 1 when its bias is selected),
+or an ``nn.Embedding`` layer, which is a linear layer on one-hot inputs (``W = weight^T``
+``[dim, vocab]``, ``a_t = onehot(token_t)``; padding tokens have ``a_t = 0`` since their row gets no
+gradient). With ``G_nr = sum_t g_nrt a_t^T`` ``[out, in (+1)]`` the layer-weight gradient that
+backward vector ``r`` of example ``n`` produces, the layer's curvature block is
 
-    F_layer ~= (Q_S kron Q_A) diag(Lambda) (Q_S kron Q_A)^T,
-    Lambda_ij = (1/n) sum_n ((Q_S^T G_n Q_A)_ij)^2,
+    C_layer = (1/n) sum_n sum_r vec(G_nr) vec(G_nr)^T,
 
-where ``G_n = sum_t g_t a_t^T`` ``[out, in (+1)]`` is example ``n``'s gradient of the layer's
-weights (and bias). The eigenvalue correction makes the diagonal in that basis exact, and the
-scale matches the Hessian of the objective's mean loss. Layers are independent (block
-diagonal), so ``solve`` applies ``Q_S ((Q_S^T X Q_A) / (Lambda + damping)) Q_A^T`` to each block.
+and EKFAC approximates it in the Kronecker-factored eigenbasis of ``A = E[a a^T]`` and
+``S = E[g g^T]`` (expectations over examples, backward vectors and positions):
 
-EKFAC always approximates the empirical Fisher, a positive semi-definite stand-in for the
-Gauss-Newton matrix; ``gauss_newton`` is accepted for interface compatibility. It does not see the
-objective's regulariser: fold an isotropic penalty ``(alpha/2)||W - W_ref||^2`` into ``damping``.
-Only parameters of ``nn.Linear`` layers that run once per forward pass are supported.
+    C_layer ~= (Q_S kron Q_A) diag(Lambda) (Q_S kron Q_A)^T,
+    Lambda_ij = (1/n) sum_n sum_r ((Q_S^T G_nr Q_A)_ij)^2.
+
+The eigenvalue correction makes the diagonal in that basis exact, and fixes the scale to that of
+the objective's mean loss. For an embedding ``A`` is diagonal (token frequencies), so ``Q_A = I``
+and only its diagonal is stored. Layers are independent (block diagonal), so ``solve`` applies
+``Q_S ((Q_S^T X Q_A) / (Lambda + damping)) Q_A^T`` to each block.
+
+Which curvature ``C`` is approximated:
+
+- ``gauss_newton=False``: the empirical Fisher; one backward vector per example, the gradient of its
+  training loss (``task.train_loss``) with respect to the layer outputs.
+- ``gauss_newton=True``: the Gauss-Newton matrix ``(1/n) sum_n J_n^T H_n J_n`` of the objective
+  (``H_n`` the Hessian of ``task.loss_from_outputs`` at example ``n``'s ``task.outputs``; for
+  cross-entropy ``diag(p) - p p^T``, so this is the true Fisher). ``H_n = L_n L_n^T`` is factorised
+  exactly (symmetric eigendecomposition, negative eigenvalues clipped to 0) and the columns of
+  ``L_n`` are back-propagated as ``O`` backward vectors per example, ``O`` the number of outputs
+  of one example. This is the exact expectation over labels drawn from the model, not a sample;
+  it costs ``O`` backward passes per batch, so it suits small output dimensions.
+
+EKFAC is exact where the block is a Kronecker product diagonal in that basis: e.g. a single linear
+layer with ``gauss_newton=True`` when every example has the same output Hessian (squared loss,
+``C = H_out kron A``) or when there is one example at one position (``C = H_1 kron a a^T``). It
+does not see the objective's regulariser: fold an isotropic penalty ``(alpha/2)||W - W_ref||^2``
+into ``damping``. Only layers that run once per forward pass are supported.
 """
 
 from __future__ import annotations
@@ -29,6 +49,7 @@ import torch
 from torch import Tensor, nn
 
 from influence.exceptions import SolverDivergedError, invalid
+from influence.gradients.per_example import functional_state, task_function
 from influence.solvers.base import InverseHessianSolver
 
 logger = logging.getLogger(__name__)
@@ -36,14 +57,22 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class _Block:
-    """One linear layer's factors; ``weight``/``bias`` are parameter names or ``None``."""
+    """One layer's factors; ``weight``/``bias`` are parameter names or ``None``.
+
+    ``kind`` is ``"linear"`` or ``"embedding"``. For an embedding, ``in_features`` is the
+    vocabulary size, ``out_features`` the embedding dimension, ``a_diagonal`` ``[vocab]`` holds
+    ``A``'s diagonal and ``a_factor``/``q_a`` stay ``None`` (``Q_A = I``).
+    """
 
     module: str
+    kind: str
     weight: str | None
     bias: str | None
     out_features: int
     in_features: int
+    padding_idx: int | None = None
     a_factor: Tensor | None = None
+    a_diagonal: Tensor | None = None
     s_factor: Tensor | None = None
     q_a: Tensor | None = None
     q_s: Tensor | None = None
@@ -51,6 +80,7 @@ class _Block:
 
     @property
     def width(self) -> int:
+        """Columns of the block matrix: inputs (if the weight is selected) plus 1 for a bias."""
         return (self.in_features if self.weight else 0) + (1 if self.bias else 0)
 
 
@@ -60,28 +90,42 @@ def _blocks(model: nn.Module, names: list[str]) -> list[_Block]:
     for name in names:
         owner, _, attribute = name.rpartition(".")
         module = modules.get(owner)
-        if not isinstance(module, nn.Linear) or attribute not in ("weight", "bias"):
+        if isinstance(module, nn.Linear) and attribute in ("weight", "bias"):
+            block = by_module.setdefault(
+                owner, _Block(owner, "linear", None, None, module.out_features, module.in_features)
+            )
+        elif isinstance(module, nn.Embedding) and attribute == "weight":
+            if module.max_norm is not None:
+                raise invalid(
+                    f"max_norm of embedding {owner!r} for solver='ekfac'", module.max_norm,
+                    "None (a renormalised embedding is not a linear layer)",
+                )
+            block = by_module.setdefault(
+                owner, _Block(owner, "embedding", None, None, module.embedding_dim,
+                              module.num_embeddings, padding_idx=module.padding_idx)
+            )
+        else:
             raise invalid(
                 "params for solver='ekfac'", name,
-                "parameters of nn.Linear layers only (e.g. params='last'); use 'cg' or 'arnoldi' otherwise",
+                "parameters of nn.Linear or nn.Embedding layers only (e.g. params='last'); "
+                "use 'cg' or 'arnoldi' otherwise",
             )
-        block = by_module.setdefault(
-            owner, _Block(owner, None, None, module.out_features, module.in_features)
-        )
         setattr(block, attribute, name)
     return list(by_module.values())
 
 
 class EkfacSolver(InverseHessianSolver):
-    """Eigenvalue-corrected K-FAC inverse of the empirical Fisher, layer by layer.
+    """Eigenvalue-corrected K-FAC inverse of the empirical Fisher or Gauss-Newton matrix, per layer.
 
     Args:
         damping: ``lambda >= 0`` added to every corrected eigenvalue.
-        gauss_newton: accepted for interface compatibility (EKFAC is always a Fisher approximation).
+        gauss_newton: approximate the Gauss-Newton matrix (exact output-Hessian factorisation; needs
+            ``task.outputs``/``task.loss_from_outputs``) instead of the empirical Fisher.
 
     Attributes:
-        blocks: per layer: names, Kronecker factors ``A`` ``[k, k]`` and ``S`` ``[out, out]``, their
-            eigenvectors ``q_a``/``q_s`` and the corrected eigenvalues ``[out, k]``.
+        blocks: per layer: names, Kronecker factors ``A`` ``[k, k]`` (embeddings: ``a_diagonal``
+            ``[vocab]``) and ``S`` ``[out, out]``, their eigenvectors ``q_a``/``q_s`` and the
+            corrected eigenvalues ``[out, k]``.
     """
 
     name = "ekfac"
@@ -89,9 +133,12 @@ class EkfacSolver(InverseHessianSolver):
     def __init__(self, damping: float = 0.0, gauss_newton: bool = False) -> None:
         super().__init__(damping=damping, gauss_newton=gauss_newton)
         self.blocks: list[_Block] = []
+        self._outputs_fn: Any = None
 
-    def _captured(self, objective: Any, batch: Any) -> dict[str, tuple[Tensor, Tensor]]:
-        """Per layer: inputs ``[B, T, k]`` (augmented) and output gradients ``[B, T, out]``."""
+    # -- statistics -------------------------------------------------------------------------------
+
+    def _forward(self, objective: Any, batch: Any, fn: Any) -> tuple[Tensor, dict, dict]:
+        """Run ``fn(params, batch)`` with hooks: ``(result, inputs, outputs)`` of every block."""
         modules = dict(objective.model.named_modules())
         inputs: dict[str, list[Tensor]] = {b.module: [] for b in self.blocks}
         outputs: dict[str, list[Tensor]] = {b.module: [] for b in self.blocks}
@@ -105,29 +152,86 @@ class EkfacSolver(InverseHessianSolver):
         handles = [modules[b.module].register_forward_hook(hook(b.module)) for b in self.blocks]
         try:
             params = {n: p.detach().requires_grad_(True) for n, p in objective.params.items()}
-            with torch.enable_grad():
-                loss = objective.per_example_loss(params, batch).sum()
-                for b in self.blocks:
-                    if len(outputs[b.module]) != 1:
-                        raise invalid(
-                            f"calls of layer {b.module!r} per forward pass", len(outputs[b.module]),
-                            "exactly 1 for solver='ekfac'",
-                        )
-                grads = torch.autograd.grad(loss, [outputs[b.module][0] for b in self.blocks], allow_unused=True)
+            result = fn(params, batch)
         finally:
             for handle in handles:
                 handle.remove()
-        out = {}
-        for b, g in zip(self.blocks, grads):
-            a = inputs[b.module][0].detach()
-            z = outputs[b.module][0]
-            g = torch.zeros_like(z) if g is None else g
-            n = a.shape[0]
-            a = a.reshape(n, -1, a.shape[-1])
-            g = g.detach().reshape(n, -1, g.shape[-1])
-            parts = ([a] if b.weight else []) + ([torch.ones_like(a[..., :1])] if b.bias else [])
-            out[b.module] = (torch.cat(parts, dim=-1), g)
-        return out
+        for b in self.blocks:
+            if len(outputs[b.module]) != 1:
+                raise invalid(
+                    f"calls of layer {b.module!r} per forward pass", len(outputs[b.module]),
+                    "exactly 1 for solver='ekfac'",
+                )
+        return result, {k: v[0] for k, v in inputs.items()}, {k: v[0] for k, v in outputs.items()}
+
+    def _backward_vectors(self, objective: Any, batch: Any) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """Per block: inputs (``[B, T, k]`` augmented, or tokens ``[B, T]``) and ``g`` ``[B, R, T, out]``."""
+        with torch.enable_grad():
+            if not self.gauss_newton:
+                loss, inputs, outputs = self._forward(objective, batch, objective.per_example_loss)
+                seeds = [None]
+                roots = loss.sum()
+            else:
+                out, inputs, outputs = self._forward(objective, batch, self._outputs_fn)
+                roots, seeds = out, self._output_hessian_roots(objective, out, batch)
+            targets = [outputs[b.module] for b in self.blocks]
+            per_seed = []
+            for seed in seeds:
+                grads = torch.autograd.grad(roots, targets, grad_outputs=seed, retain_graph=True,
+                                            allow_unused=True)
+                per_seed.append([
+                    torch.zeros_like(t) if g is None else g.detach() for g, t in zip(grads, targets)
+                ])
+        a_out, g_out = {}, {}
+        for i, b in enumerate(self.blocks):
+            x = inputs[b.module].detach()
+            n = x.shape[0]
+            g = torch.stack([grads[i] for grads in per_seed], dim=1)
+            g_out[b.module] = g.reshape(n, len(per_seed), -1, g.shape[-1])
+            if b.kind == "embedding":
+                a_out[b.module] = x.reshape(n, -1)
+                continue
+            x = x.reshape(n, -1, x.shape[-1])
+            parts = ([x] if b.weight else []) + ([torch.ones_like(x[..., :1])] if b.bias else [])
+            a_out[b.module] = torch.cat(parts, dim=-1)
+        return a_out, g_out
+
+    def _output_hessian_roots(self, objective: Any, out: Tensor, batch: Any) -> list[Tensor]:
+        """Columns of ``L_n`` with ``L_n L_n^T = H_n`` (per example), each shaped like ``out``."""
+        n = out.shape[0]
+        detached = out.detach().requires_grad_(True)
+        loss = objective.task.loss_from_outputs(detached, batch).sum()
+        (first,) = torch.autograd.grad(loss, detached, create_graph=True)
+        flat = first.reshape(n, -1)
+        width = flat.shape[1]
+        columns = []
+        for k in range(width if flat.requires_grad else 0):
+            unit = torch.zeros_like(flat)
+            unit[:, k] = 1.0
+            (column,) = torch.autograd.grad(flat, detached, grad_outputs=unit, retain_graph=k + 1 < width,
+                                            allow_unused=True)
+            column = torch.zeros_like(detached) if column is None else column
+            columns.append(column.detach().reshape(n, width))
+        if not columns:  # the loss is linear in the outputs: H_n = 0
+            return [torch.zeros_like(out)]
+        hessian = torch.stack(columns, dim=-1)
+        values, vectors = torch.linalg.eigh((hessian + hessian.transpose(1, 2)) / 2)
+        roots = vectors * values.clamp_min(0.0).sqrt()[:, None, :]
+        return [roots[:, :, r].reshape(out.shape) for r in range(width)]
+
+    def _layer_gradients(self, b: _Block, a: Tensor, g: Tensor) -> Tensor:
+        """``G_nr`` ``[B, R, out, width]`` from inputs and backward vectors ``g`` ``[B, R, T, out]``."""
+        if b.kind == "linear":
+            return torch.einsum("brto,bti->broi", g, a)
+        tokens = a.to(torch.long)
+        if b.padding_idx is not None:
+            g = g * (tokens != b.padding_idx)[:, None, :, None].to(g.dtype)
+        flat = g.new_zeros(g.shape[0], g.shape[1], b.in_features, g.shape[-1])
+        index = tokens[:, None, :, None].expand(-1, g.shape[1], -1, g.shape[-1])
+        flat.scatter_add_(2, index, g)
+        return flat.transpose(2, 3)
+
+    # -- fitting ----------------------------------------------------------------------------------
 
     def _fit(self, objective: Any) -> None:
         if objective.regularizer is not None:
@@ -136,27 +240,47 @@ class EkfacSolver(InverseHessianSolver):
                 "(alpha/2)||W - W_ref||^2 into damping (damping += alpha)"
             )
         self.blocks = _blocks(objective.model, list(objective.names))
+        if self.gauss_newton:
+            _, fixed = functional_state(objective.model, objective.names, device=objective.device,
+                                        dtype=objective.dtype)
+            self._outputs_fn = task_function(objective.task, objective.model, "outputs", fixed)
         dtype, device = objective.dtype, objective.device
         for b in self.blocks:
-            b.a_factor = torch.zeros(b.width, b.width, dtype=dtype, device=device)
+            if b.kind == "linear":
+                b.a_factor = torch.zeros(b.width, b.width, dtype=dtype, device=device)
+            else:
+                b.a_diagonal = torch.zeros(b.in_features, dtype=dtype, device=device)
             b.s_factor = torch.zeros(b.out_features, b.out_features, dtype=dtype, device=device)
-        positions = [0] * len(self.blocks)
+        a_counts = [0] * len(self.blocks)
+        s_counts = [0] * len(self.blocks)
         for batch in objective.batches:
-            for i, (b, (a, g)) in enumerate(zip(self.blocks, self._captured(objective, batch).values())):
-                b.a_factor += torch.einsum("bti,btj->ij", a, a)
-                b.s_factor += torch.einsum("bti,btj->ij", g, g)
-                positions[i] += a.shape[0] * a.shape[1]
-        for b, count in zip(self.blocks, positions):
-            b.a_factor /= max(count, 1)
-            b.s_factor /= max(count, 1)
-            b.q_a = torch.linalg.eigh(b.a_factor).eigenvectors
+            a_all, g_all = self._backward_vectors(objective, batch)
+            for i, b in enumerate(self.blocks):
+                a, g = a_all[b.module], g_all[b.module]
+                if b.kind == "linear":
+                    b.a_factor += torch.einsum("bti,btj->ij", a, a)
+                else:
+                    tokens = a.to(torch.long).reshape(-1)
+                    if b.padding_idx is not None:
+                        tokens = tokens[tokens != b.padding_idx]
+                    b.a_diagonal += torch.bincount(tokens, minlength=b.in_features).to(dtype)
+                b.s_factor += torch.einsum("brto,brtp->op", g, g)
+                a_counts[i] += a.shape[0] * a.shape[1]
+                s_counts[i] += g.shape[0] * g.shape[1] * g.shape[2]
+        for b, a_count, s_count in zip(self.blocks, a_counts, s_counts):
+            if b.kind == "linear":
+                b.a_factor /= max(a_count, 1)
+                b.q_a = torch.linalg.eigh(b.a_factor).eigenvectors
+            else:
+                b.a_diagonal /= max(a_count, 1)
+            b.s_factor /= max(s_count, 1)
             b.q_s = torch.linalg.eigh(b.s_factor).eigenvectors
             b.eigenvalues = torch.zeros(b.out_features, b.width, dtype=dtype, device=device)
         for batch in objective.batches:
-            for b, (a, g) in zip(self.blocks, self._captured(objective, batch).values()):
-                per_example = torch.einsum("bto,bti->boi", g, a)
-                rotated = b.q_s.T @ per_example @ b.q_a
-                b.eigenvalues += (rotated**2).sum(dim=0)
+            a_all, g_all = self._backward_vectors(objective, batch)
+            for b in self.blocks:
+                rotated = self._rotate(self._layer_gradients(b, a_all[b.module], g_all[b.module]), b)
+                b.eigenvalues += (rotated**2).sum(dim=(0, 1))
         smallest, largest = float("inf"), 0.0
         for b in self.blocks:
             b.eigenvalues /= objective.n_examples
@@ -168,9 +292,27 @@ class EkfacSolver(InverseHessianSolver):
                 f"{self.damping}; use damping > 0"
             )
 
+    # -- solving ----------------------------------------------------------------------------------
+
+    @staticmethod
+    def _rotate(x: Tensor, b: _Block) -> Tensor:
+        """``Q_S^T X Q_A`` for ``X`` ``[..., out, width]``."""
+        y = b.q_s.T @ x
+        return y if b.q_a is None else y @ b.q_a
+
+    @staticmethod
+    def _unrotate(y: Tensor, b: _Block) -> Tensor:
+        """``Q_S Y Q_A^T`` for ``Y`` ``[..., out, width]``."""
+        x = b.q_s @ y
+        return x if b.q_a is None else x @ b.q_a.T
+
     def _block_matrix(self, flat: Tensor, b: _Block) -> Tensor:
+        """Flat ``[m, P]`` -> the block's ``[m, out, width]`` (embeddings: ``weight^T``)."""
         offsets = self.objective.layout.offsets()
         m = flat.shape[0]
+        if b.kind == "embedding":
+            start, stop = offsets[b.weight]
+            return flat[:, start:stop].reshape(m, b.in_features, b.out_features).transpose(1, 2)
         parts = []
         if b.weight:
             start, stop = offsets[b.weight]
@@ -183,13 +325,17 @@ class EkfacSolver(InverseHessianSolver):
     def _solve(self, rhs: Tensor) -> Tensor:
         out = torch.empty_like(rhs)
         offsets = self.objective.layout.offsets()
+        m = rhs.shape[0]
         for b in self.blocks:
             x = self._block_matrix(rhs, b)
-            y = (b.q_s.T @ x @ b.q_a) / (b.eigenvalues + self.damping)
-            y = b.q_s @ y @ b.q_a.T
+            y = self._unrotate(self._rotate(x, b) / (b.eigenvalues + self.damping), b)
+            if b.kind == "embedding":
+                start, stop = offsets[b.weight]
+                out[:, start:stop] = y.transpose(1, 2).reshape(m, -1)
+                continue
             if b.weight:
                 start, stop = offsets[b.weight]
-                out[:, start:stop] = y[..., : b.in_features].reshape(rhs.shape[0], -1)
+                out[:, start:stop] = y[..., : b.in_features].reshape(m, -1)
             if b.bias:
                 start, stop = offsets[b.bias]
                 out[:, start:stop] = y[..., -1]
