@@ -71,4 +71,4 @@ def timed(result: StageResult) -> Iterator[StageResult]:
     start = time.perf_counter()
     yield result
     result.seconds = round(time.perf_counter() - start, 3)
-    result.metrics[f"seconds"] = result.seconds
+    result.metrics["seconds"] = result.seconds
