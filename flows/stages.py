@@ -52,6 +52,13 @@ def _load_json(path: Path) -> object:
     return json.loads(path.read_text())
 
 
+def save_scores(ws: Workspace, stage: str, mode: str, scores: torch.Tensor) -> str:
+    """Write a ``[n_query, n_train]`` score matrix as ``artifacts/<stage>/<mode>.safetensors``; return its path."""
+    path = ws.stage_dir(stage) / f"{mode}.safetensors"
+    save_file({"scores": scores.float().contiguous()}, str(path))
+    return str(path.relative_to(ws.root))
+
+
 def resume_or_replace(call, **kwargs):
     """Run ``call(**kwargs)``, which resumes (or reuses) the artifact its folder holds; when that
     artifact was made with other arguments (an earlier run with other settings), replace it."""
@@ -335,9 +342,7 @@ def influence(settings: PipelineSettings, ws: Workspace) -> StageResult:
                 train_gradients=GradientCache(ws.artifacts / "gradients" / mode), batch_size=256,
                 hessian_data=train_data.subset(sample_indices(len(train_data), a.hessian_examples, settings.seed)),
             )
-            path = ws.stage_dir("influence") / f"{mode}.safetensors"
-            save_file({"scores": scores.float().contiguous()}, str(path))
-            result.outputs[mode] = str(path.relative_to(ws.root))
+            result.outputs[mode] = save_scores(ws, "influence", mode, scores)
     result.save(ws)
     return result
 
@@ -386,9 +391,7 @@ def multistage(settings: PipelineSettings, ws: Workspace) -> StageResult:
             pretrain_regularizer=Regularizer(l2=settings.pretrain.l2), batch_size=128,
         )
         for mode, block in zip(settings.finetune.modes, scores.split(len(queries))):
-            path = ws.stage_dir("multistage") / f"{mode}.safetensors"
-            save_file({"scores": block.float().contiguous()}, str(path))
-            result.outputs[mode] = str(path.relative_to(ws.root))
+            result.outputs[mode] = save_scores(ws, "multistage", mode, block)
     result.save(ws)
     return result
 
@@ -409,7 +412,7 @@ def tracin_we(settings: PipelineSettings, ws: Workspace) -> StageResult:
             scores = tracin_we_scores(task, model, train_data, queries, checkpoints=checkpoints, batch_size=256,
                                       ignore_ids=(UNK,))
             out = ws.stage_dir("tracin_we")
-            save_file({"scores": scores.float().contiguous()}, str(out / f"{mode}.safetensors"))
+            result.outputs[mode] = save_scores(ws, "tracin_we", mode, scores)
             terms: dict[str, dict[str, list]] = {}
             for q in range(scores.shape[0]):
                 order = scores[q].argsort(descending=True)
@@ -417,7 +420,6 @@ def tracin_we(settings: PipelineSettings, ws: Workspace) -> StageResult:
                     pairs = tracin_we_words(task, model, queries[q], train_data[z], checkpoints=checkpoints, ignore_ids=(UNK,))
                     terms[f"{queries.ids[q]}|{train_data.ids[z]}"] = [[words.words([w])[0], float(t)] for w, t in pairs]
             _save_json(terms, out / f"{mode}_words.json")
-            result.outputs[mode] = str((out / f"{mode}.safetensors").relative_to(ws.root))
     result.save(ws)
     return result
 

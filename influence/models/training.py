@@ -17,7 +17,7 @@ on the seed, the dataset and the model's initial state: bit for bit on the CPU; 
 atomics of the embedding backward unless ``torch.use_deterministic_algorithms(True)``.
 
 Checkpoints (only with ``checkpoint_dir``): the full state dict every ``checkpoint_every``
-optimizer steps and after the last step, as ``step-XXXXXXXX.safetensors``, listed in
+optimizer steps and after the last step, as ``step-<8-digit step>.safetensors``, listed in
 ``manifest.json`` with the learning rate of the steps *preceding* each checkpoint (the interval
 since the previous checkpoint), which is what TracIn weighs that checkpoint's gradients by. No
 checkpoint is written at step 0.
