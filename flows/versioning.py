@@ -8,6 +8,7 @@ to the default remote (``dvc push``), exactly as ``dvc repro data && dvc push`` 
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import shutil
 import subprocess
@@ -51,20 +52,34 @@ def commit_data(root: Path, settings: "PipelineSettings | None" = None, push: bo
 
     Args:
         root: the project folder (a DVC repository).
-        settings: the settings the data stage ran with; when they differ from ``params.yaml`` the
-            file is rewritten first, so that ``dvc.lock`` records the parameters actually used.
+        settings: the settings the data stage ran with; when its parameters (``DATA_PARAMS``)
+            differ from ``params.yaml``, those values are written there first, so that
+            ``dvc.lock`` records the parameters actually used (other settings are left alone).
         push: also ``dvc push`` the data to the default remote.
     """
     if settings is not None:
-        from flows.settings import PARAMS_FILE, load_settings, write_settings
-
-        params = root / PARAMS_FILE
-        if not params.is_file() or load_settings(params) != settings:
-            write_settings(settings, params)
+        _record_data_params(root, settings)
     run_dvc(root, "commit", "--force", DATA_STAGE)
     if push:
         run_dvc(root, "push", DATA_STAGE)
     return dataset_hashes(root)
+
+
+DATA_PARAMS = ("split_seed", "train_fraction", "validation_fraction")  # the data stage's params in dvc.yaml
+
+
+def _record_data_params(root: Path, settings: "PipelineSettings") -> None:
+    from flows.settings import PARAMS_FILE
+
+    path = root / PARAMS_FILE
+    raw = (yaml.safe_load(path.read_text()) if path.is_file() else None) or {}
+    section = raw.setdefault("data", {})
+    used = {name: getattr(settings.data, name) for name in DATA_PARAMS}
+    if all(section.get(name) == value for name, value in used.items()):
+        return
+    logging.getLogger(__name__).warning("recording the data parameters of this run in %s: %s", path, used)
+    section.update(used)
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
 
 
 def dataset_hashes(root: Path) -> dict[str, str]:

@@ -44,3 +44,18 @@ def test_data_stage_is_versioned_pushed_and_restorable(project):
 def test_stage_before_data_names_the_missing_file(project):
     with pytest.raises(DataError, match="dvc.lock is missing|is missing"):
         stages.features(load_settings(project / "params.yaml"), Workspace(project))
+
+
+def test_only_changed_data_parameters_are_recorded_in_params_yaml(project):
+    from flows.settings import validate_settings
+    from flows.versioning import _record_data_params
+
+    params = project / "params.yaml"
+    before = params.read_text()
+    settings = load_settings(params)
+    _record_data_params(project, settings.model_copy(update={"seed": 7}))
+    assert params.read_text() == before  # a non-data override leaves the file alone
+    changed = validate_settings({**settings.model_dump(), "data": {**settings.data.model_dump(), "split_seed": 99}})
+    _record_data_params(project, changed)
+    after = load_settings(params)
+    assert after.data.split_seed == 99 and after.seed == settings.seed and after.data.pretrain_sentences == settings.data.pretrain_sentences
