@@ -91,10 +91,13 @@ def build_report(settings: PipelineSettings, ws: Workspace, extra_tags: dict[str
         results = {s: StageResult.load(ws, s) for s in STAGES if (ws.artifacts / s / "result.json").is_file() and s != "report"}
         deletion_rows = []
         if "deletion" in results and not results["deletion"].info.get("skipped"):
-            checks = stages._load_json(ws.artifacts / "deletion" / "deletion.json")
-            for method, c in checks.items():
-                deletion_rows.append({"method": method, "mode": settings.evaluation.mode, "k": c["k"], "mean_top": c["mean_top"],
-                                      "mean_random": c["mean_random"], "ratio": c["ratio"], "passed": c["passed"]})
+            for c in stages._load_json(ws.artifacts / "deletion" / "deletion.json"):
+                deletion_rows.append({
+                    "method": c["method"], "mode": settings.evaluation.mode, "removed": c["kind"],
+                    "k": f"{c['k']} ({100 * c['fraction']:.1f}%)", "mean_top": c["mean_top"], "mean_random": c["mean_random"],
+                    "difference": c["difference"], "interval_95": f"[{c['interval_low']:.4g}, {c['interval_high']:.4g}]",
+                    "passed": c["passed"],
+                })
         hashes = dataset_hashes(ws.root)
         revision = git_revision(ws.root)
         summary = {"git revision": revision, "settings digest": settings.digest()}

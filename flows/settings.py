@@ -105,8 +105,22 @@ class EvaluationSettings(_Section):
     mode: Literal["fixed", "updated"] = Field("updated", title="Mode checked", description="Which finetuned model is retrained.")
     methods: list[Literal["if", "tracin_we"]] = Field(["if", "tracin_we"], min_length=1, title="Methods checked", description="Whose top proponents are removed.")
     queries: int = Field(4, ge=1, le=50, title="Queries", description="How many of the explained queries are checked.")
-    k: int = Field(50, ge=1, title="k", description="Examples removed per query.")
-    random_repeats: int = Field(3, ge=1, le=20, title="Random repeats", description="Random removals of k examples, each retrained.")
+    k_fractions: list[float] = Field(
+        [0.005, 0.01, 0.05], min_length=1, title="k (fractions)",
+        description="How many training examples are removed per retraining, as fractions of the finetuning train split.",
+    )
+    kinds: list[Literal["proponents", "opponents"]] = Field(
+        ["proponents", "opponents"], min_length=1, title="Removed kinds",
+        description="Remove each query's top proponents (its loss should rise) and/or top opponents (it should fall).",
+    )
+    random_repeats: int = Field(3, ge=1, le=20, title="Random repeats", description="Random removals of k examples per k, each retrained.")
+
+    @model_validator(mode="after")
+    def _fractions(self) -> "EvaluationSettings":
+        bad = [f for f in self.k_fractions if not 0 < f < 0.5]
+        if bad:
+            raise ValueError(f"k_fractions {bad} must lie strictly between 0 and 0.5")
+        return self
 
 
 class TrackingSettings(_Section):

@@ -454,16 +454,23 @@ def deletion(settings: PipelineSettings, ws: Workspace) -> StageResult:
             method: load_file(str(ws.artifacts / METHOD_STAGES[method] / f"{mode}.safetensors"))["scores"][: e.queries]
             for method in e.methods
         }
+        ks = sorted({max(1, round(f * len(train_data))) for f in e.k_fractions})
         checks = case_deletion(
-            scores, retrain=retrain, measure=measure, base=base, n_train=len(train_data), k=e.k,
-            random_repeats=e.random_repeats, seed=settings.seed,
+            scores, retrain=retrain, measure=measure, base=base, n_train=len(train_data), k=ks,
+            kinds=e.kinds, random_repeats=e.random_repeats, seed=settings.seed, log=print,
         )
-        report = {method: check.to_dict() for method, check in checks.items()}
-        for method, check in checks.items():
-            result.metrics[f"{method}.delta_top_k"] = check.mean_top
-            result.metrics[f"{method}.delta_random"] = check.mean_random
-            result.metrics[f"{method}.ratio"] = check.ratio
-            result.metrics[f"{method}.passed"] = float(check.passed)
+        report = [dict(check.to_dict(), fraction=check.k / len(train_data)) for check in checks]
+        for check in checks:
+            name = f"{check.method}.{check.kind}.k{check.k}"
+            low, high = check.interval()
+            result.metrics.update({
+                f"{name}.delta_top": check.mean_top, f"{name}.delta_random": check.mean_random,
+                f"{name}.difference": check.mean_top - check.mean_random,
+                f"{name}.interval_low": low, f"{name}.interval_high": high, f"{name}.passed": float(check.passed),
+            })
+        for method in e.methods:
+            mine = [c for c in checks if c.method == method]
+            result.metrics[f"{method}.passed_fraction"] = sum(c.passed for c in mine) / len(mine)
         _save_json(report, ws.stage_dir("deletion") / "deletion.json")
         result.outputs["deletion"] = str((ws.artifacts / "deletion" / "deletion.json").relative_to(ws.root))
     result.save(ws)

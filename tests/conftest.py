@@ -59,7 +59,7 @@ TINY_SETTINGS = {
     "pretrain": {"embed_dim": 8, "hidden_dim": 16, "epochs": 1, "batch_size": 64},
     "finetune": {"hidden_dim": 8, "epochs": 2, "batch_size": 32, "checkpoint_every": 4},
     "attribution": {"queries": 3, "cg_iterations": 30, "pretrain_hessian_examples": 60, "top_k": 3},
-    "evaluation": {"queries": 2, "k": 10, "random_repeats": 1},
+    "evaluation": {"queries": 2, "k_fractions": [0.02, 0.05], "random_repeats": 1},
 }
 
 

@@ -37,13 +37,20 @@ def test_matches_retraining_by_hand():
 
     base = measure(_fit(x, y))
     scores = {"a": torch.randn(3, 40, generator=torch.Generator().manual_seed(1), dtype=torch.float64)}
-    result = case_deletion(scores, retrain=retrain, measure=measure, base=base, n_train=40, k=5, random_repeats=2, seed=3)["a"]
+    result, opponents = case_deletion(scores, retrain=retrain, measure=measure, base=base, n_train=40, k=5,
+                                      kinds=("proponents", "opponents"), random_repeats=2, seed=3)
     for q in range(3):
         removed = scores["a"][q].topk(5).indices.tolist()
         keep = sorted(set(range(40)) - set(removed))
         expected = float(measure(_fit(x[keep], y[keep]))[q] - base[q])
         assert result.delta_top[q] == pytest.approx(expected, rel=1e-10, abs=1e-12)
-    for r, removed in enumerate(random_removals(40, 5, 2, 3)):
+    for q in range(3):
+        removed = scores["a"][q].topk(5, largest=False).indices.tolist()
+        keep = sorted(set(range(40)) - set(removed))
+        expected = float(measure(_fit(x[keep], y[keep]))[q] - base[q])
+        assert opponents.delta_top[q] == pytest.approx(expected, rel=1e-10, abs=1e-12)
+    assert opponents.delta_random == result.delta_random and opponents.kind == "opponents"
+    for r, removed in enumerate(random_removals(40, 5, 2, 3 + 5)):
         keep = sorted(set(range(40)) - set(removed))
         expected = (measure(_fit(x[keep], y[keep])) - base).tolist()
         assert result.delta_random[r] == pytest.approx(expected, rel=1e-10, abs=1e-12)
@@ -60,9 +67,24 @@ def test_ideal_scores_beat_random():
 
     base = measure(_fit(x, y))
     loo = torch.stack([measure(_fit(x[[j for j in range(40) if j != i]], y[[j for j in range(40) if j != i]])) - base for i in range(40)], 1)
-    result = case_deletion({"loo": loo}, retrain=lambda keep: _fit(x[keep], y[keep]), measure=measure, base=base,
-                           n_train=40, k=4, random_repeats=3, seed=0)["loo"]
-    assert result.passed and result.mean_top > result.mean_random
+    proponents, opponents = case_deletion(
+        {"loo": loo}, retrain=lambda keep: _fit(x[keep], y[keep]), measure=measure, base=base,
+        n_train=40, k=4, kinds=("proponents", "opponents"), random_repeats=3, seed=0,
+    )
+    assert proponents.passed and proponents.mean_top > proponents.mean_random
+    assert opponents.mean_top < proponents.mean_top  # the least helpful examples hurt least when removed
+
+
+def test_interval_is_the_student_t_interval_of_per_query_differences():
+    from influence.evaluation.case_deletion import DeletionResult
+
+    result = DeletionResult("m", 3, [1.0, 2.0, 3.0], [[0.0, 1.0, 0.0], [0.0, 1.0, 2.0]])
+    assert result.differences() == [1.0, 1.0, 2.0]
+    low, high = result.interval()
+    mean, sd = 4 / 3, (((1 - 4 / 3) ** 2 * 2 + (2 - 4 / 3) ** 2) / 2) ** 0.5
+    assert low == pytest.approx(mean - 4.303 * sd / 3 ** 0.5) and high == pytest.approx(mean + 4.303 * sd / 3 ** 0.5)
+    assert result.passed == (low > 0)
+    assert DeletionResult("m", 3, [1.0], [[0.0]]).interval() == (float("-inf"), float("inf"))
 
 
 def test_random_removals_are_seeded_and_distinct():
@@ -76,3 +98,5 @@ def test_bad_arguments():
         top_k_indices(torch.zeros(2, 5), 0)
     with pytest.raises(InvalidArgumentError, match="scores\\['m'\\].shape"):
         case_deletion({"m": torch.zeros(2, 4)}, retrain=lambda k: None, measure=lambda m: None, base=torch.zeros(3), n_train=4, k=1)
+    with pytest.raises(InvalidArgumentError, match="kind"):
+        top_k_indices(torch.zeros(2, 5), 1, "neutral")

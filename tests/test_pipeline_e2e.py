@@ -42,7 +42,9 @@ def test_pipeline_end_to_end(project: Path, prefect_harness):
     for mode in settings.finetune.modes:
         assert 0.0 <= metrics[f"finetune.{mode}.accuracy_test"] <= 1.0
     for method in settings.evaluation.methods:
-        assert f"deletion.{method}.delta_top_k" in metrics and f"deletion.{method}.passed" in metrics
+        assert f"deletion.{method}.passed_fraction" in metrics
+        assert any(k.startswith(f"deletion.{method}.proponents.k") and k.endswith(".interval_low") for k in metrics)
+        assert any(k.startswith(f"deletion.{method}.opponents.k") and k.endswith(".passed") for k in metrics)
     children = client.search_runs(
         [run.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{run.info.run_id}'"
     )

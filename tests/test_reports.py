@@ -22,7 +22,8 @@ def test_ranked_rows_orders_proponents_and_opponents():
 def test_html_report_has_every_query_and_escapes_text():
     report = {
         "title": "t", "summary": {"accuracy": 0.8}, "data_versions": {"finetune": "abc"}, "settings": {"seed": 0},
-        "deletion": [{"method": "if", "mode": "fixed", "k": 5, "mean_top": 0.2, "mean_random": 0.01, "ratio": 20.0, "passed": True}],
+        "deletion": [{"method": "if", "mode": "fixed", "removed": "proponents", "k": "5 (1.0%)", "mean_top": 0.2,
+                      "mean_random": 0.01, "difference": 0.19, "interval_95": "[0.1, 0.3]", "passed": True}],
         "queries": [{"id": f"q{i}", "text": "<b>x</b>", "label": "fresh", "prediction": "fresh",
                      "sections": [{"title": "IF", "rows": [{"kind": "proponent", "rank": 1, "id": "z", "text": "y", "label": "rotten", "score": 0.5}]}]}
                     for i in range(3)],

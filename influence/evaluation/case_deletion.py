@@ -1,10 +1,14 @@
 """Case deletion: check attributions by actually retraining without the examples they name.
 
-For every query, the ``k`` training examples with the largest scores (its top proponents) are
-removed and the model is retrained; if the scores are right the query's loss rises. The same is
-done with ``k`` examples drawn at random (shared by all queries, repeated with different draws).
-An attribution method passes when removing its proponents raises the queries' mean loss by more
-than removing random examples does.
+Protocol of Yeh et al. 2022: for every query, the ``k`` training examples with the largest scores
+(its top *proponents*) are removed and the model is retrained; if the scores are right the query's
+loss rises. Removing its top *opponents* (smallest scores) should lower it. The same is done with
+``k`` examples drawn at random (shared by all queries, repeated with different draws), the
+baseline every method must beat.
+
+For each query ``q`` the effect beyond random is ``d_q = delta_q - mean_r delta_random[r, q]``; a
+method passes for proponents when the 95% (Student t) interval of the mean of ``d_q`` over queries
+lies above zero, and for opponents when it lies below zero.
 
 The retraining itself is the caller's (a closure over the real training code), so the check
 measures exactly the training that produced the model.
@@ -21,16 +25,31 @@ from torch import Tensor, nn
 
 from influence.exceptions import invalid
 
+KINDS = ("proponents", "opponents")
+
+# two-sided 95% Student t quantiles for 1..30 degrees of freedom; the normal 1.96 beyond
+_T95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
+        2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
+        2.045, 2.042)
+
+
+def t_quantile_95(degrees_of_freedom: int) -> float:
+    """Two-sided 95% quantile of Student's t with ``degrees_of_freedom >= 1``."""
+    if degrees_of_freedom < 1:
+        raise invalid("degrees_of_freedom", degrees_of_freedom, "an integer >= 1")
+    return _T95[degrees_of_freedom - 1] if degrees_of_freedom <= len(_T95) else 1.96
+
 
 @dataclass
 class DeletionResult:
-    """Outcome of one method's case-deletion check.
+    """Outcome of one method's case-deletion check for one kind and one ``k``.
 
     Attributes:
-        method: the attribution method whose proponents were removed.
+        method: the attribution method whose examples were removed.
+        kind: ``"proponents"`` (largest scores removed) or ``"opponents"`` (smallest).
         k: examples removed per retraining.
-        delta_top: ``[Q]`` change of each query's measurement after removing its top-k proponents.
-        delta_random: ``[R, Q]`` change after each random removal.
+        delta_top: ``[Q]`` change of each query's measurement after removing its top-k examples.
+        delta_random: ``[R][Q]`` change after each random removal of k examples.
         removed_top: ``[Q][k]`` training indices removed for each query.
     """
 
@@ -39,6 +58,7 @@ class DeletionResult:
     delta_top: list[float]
     delta_random: list[list[float]]
     removed_top: list[list[int]] = field(default_factory=list)
+    kind: str = "proponents"
 
     @property
     def mean_top(self) -> float:
@@ -56,32 +76,57 @@ class DeletionResult:
             return math.copysign(math.inf, self.mean_top) if self.mean_top else math.nan
         return self.mean_top / self.mean_random
 
+    def differences(self) -> list[float]:
+        """``[Q]``: each query's change beyond the mean random change for that query."""
+        repeats = len(self.delta_random)
+        return [
+            top - sum(row[q] for row in self.delta_random) / repeats
+            for q, top in enumerate(self.delta_top)
+        ]
+
+    def interval(self) -> tuple[float, float]:
+        """95% Student-t interval of the mean of :meth:`differences` (``(-inf, inf)`` for one query)."""
+        d = self.differences()
+        mean = sum(d) / len(d)
+        if len(d) < 2:
+            return (-math.inf, math.inf)
+        sd = math.sqrt(sum((x - mean) ** 2 for x in d) / (len(d) - 1))
+        half = t_quantile_95(len(d) - 1) * sd / math.sqrt(len(d))
+        return (mean - half, mean + half)
+
     @property
     def passed(self) -> bool:
-        """Removing the proponents raised the mean measurement more than random removal did."""
-        return self.mean_top > self.mean_random and self.mean_top > 0
+        """Proponents: the interval lies above zero. Opponents: it lies below zero."""
+        low, high = self.interval()
+        return low > 0 if self.kind == "proponents" else high < 0
 
     def to_dict(self) -> dict:
         out = asdict(self)
-        out.update(mean_top=self.mean_top, mean_random=self.mean_random, ratio=self.ratio, passed=self.passed)
+        low, high = self.interval()
+        out.update(mean_top=self.mean_top, mean_random=self.mean_random, ratio=self.ratio,
+                   difference=sum(self.differences()) / len(self.delta_top), interval_low=low,
+                   interval_high=high, passed=self.passed)
         return out
 
 
-def top_k_indices(scores: Tensor, k: int) -> Tensor:
-    """Indices of the ``k`` largest scores of each row.
+def top_k_indices(scores: Tensor, k: int, kind: str = "proponents") -> Tensor:
+    """Indices of the ``k`` largest (proponents) or smallest (opponents) scores of each row.
 
     Args:
         scores: ``[Q, N]``.
         k: how many per row, ``1 <= k <= N``.
+        kind: ``"proponents"`` or ``"opponents"``.
 
     Returns:
-        ``[Q, k]`` long tensor, largest first.
+        ``[Q, k]`` long tensor, most extreme first.
     """
     if scores.dim() != 2:
         raise invalid("scores.shape", tuple(scores.shape), "a 2-d tensor [n_query, n_train]")
     if not 1 <= k <= scores.shape[1]:
         raise invalid("k", k, f"an integer between 1 and n_train={scores.shape[1]}")
-    return scores.topk(k, dim=1).indices
+    if kind not in KINDS:
+        raise invalid("kind", kind, "'proponents' or 'opponents'")
+    return scores.topk(k, dim=1, largest=kind == "proponents").indices
 
 
 def random_removals(n_train: int, k: int, repeats: int, seed: int) -> list[list[int]]:
@@ -97,33 +142,42 @@ def case_deletion(
     measure: Callable[[nn.Module], Tensor],
     base: Tensor,
     n_train: int,
-    k: int,
+    k: int | Sequence[int],
+    kinds: Sequence[str] = ("proponents",),
     random_repeats: int = 3,
     seed: int = 0,
     log: Callable[[str], None] | None = None,
-) -> dict[str, DeletionResult]:
-    """Retrain without each query's top-k proponents (per method) and without k random examples.
+) -> list[DeletionResult]:
+    """Retrain without each query's top-k examples (per method, kind and k) and without k random ones.
 
     Args:
         scores: ``{method: [Q, N]}`` attribution scores (positive = proponent).
         retrain: trains a fresh model on the kept training indices (sorted list) and returns it.
-        measure: ``model -> [Q]`` each query's measurement (e.g. its loss).
+        measure: ``model -> [Q]`` each query's measurement (e.g. its loss; larger = worse).
         base: ``[Q]`` the measurement of the model trained on all data.
         n_train: ``N``, the training-set size.
-        k: examples removed per retraining.
-        random_repeats: independent random removals (shared by every method).
+        k: examples removed per retraining, or several values.
+        kinds: any of ``"proponents"``, ``"opponents"``.
+        random_repeats: independent random removals per ``k`` (shared by every method and kind).
         seed: seed of the random removals.
         log: optional progress callback.
 
     Returns:
-        ``{method: DeletionResult}``; every method is compared against the same random retrainings.
+        One :class:`DeletionResult` per (k, method, kind), in that nesting order; all results for
+        one ``k`` share the same random retrainings.
     """
     if not scores:
         raise invalid("scores", {}, "at least one method's [Q, N] scores")
+    ks = [k] if isinstance(k, int) else list(k)
+    if not ks:
+        raise invalid("k", k, "an integer or a non-empty list of integers")
     n_query = int(base.shape[0])
     for method, s in scores.items():
         if tuple(s.shape) != (n_query, n_train):
             raise invalid(f"scores[{method!r}].shape", tuple(s.shape), f"({n_query}, {n_train}) = (len(base), n_train)")
+    for kind in kinds:
+        if kind not in KINDS:
+            raise invalid("kinds", list(kinds), "a list of 'proponents' and/or 'opponents'")
     if random_repeats < 1:
         raise invalid("random_repeats", random_repeats, "an integer >= 1")
     everything = set(range(n_train))
@@ -132,18 +186,20 @@ def case_deletion(
         model = retrain(sorted(everything.difference(removed)))
         return (measure(model).detach().double() - base.detach().double()).cpu()
 
-    random_deltas = []
-    for r, removed in enumerate(random_removals(n_train, k, random_repeats, seed)):
-        if log:
-            log(f"random removal {r + 1}/{random_repeats}")
-        random_deltas.append(delta_after_removing(removed).tolist())
-    results = {}
-    for method, s in scores.items():
-        top = top_k_indices(s.detach(), k)
-        deltas = []
-        for q in range(n_query):
+    results = []
+    for size in ks:
+        random_deltas = []
+        for r, removed in enumerate(random_removals(n_train, size, random_repeats, seed + size)):
             if log:
-                log(f"{method}: query {q + 1}/{n_query}")
-            deltas.append(float(delta_after_removing(top[q].tolist())[q]))
-        results[method] = DeletionResult(method, k, deltas, random_deltas, top.tolist())
+                log(f"k={size}: random removal {r + 1}/{random_repeats}")
+            random_deltas.append(delta_after_removing(removed).tolist())
+        for method, s in scores.items():
+            for kind in kinds:
+                top = top_k_indices(s.detach(), size, kind)
+                deltas = []
+                for q in range(n_query):
+                    if log:
+                        log(f"k={size}: {method} {kind}, query {q + 1}/{n_query}")
+                    deltas.append(float(delta_after_removing(top[q].tolist())[q]))
+                results.append(DeletionResult(method, size, deltas, random_deltas, top.tolist(), kind))
     return results

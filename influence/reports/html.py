@@ -68,7 +68,7 @@ def render_report(report: Mapping[str, object]) -> str:
     Args:
         report: a dict with keys ``title``; ``summary`` (``{name: value}``); ``data_versions``
             (``{dataset: hash}``); ``settings`` (``{name: value}``); ``deletion`` (a list of rows with
-            keys method, k, mean_top, mean_random, ratio, passed); ``queries``: a list of dicts with
+            keys method, mode, removed, k, mean_top, mean_random, difference, interval_95, passed); ``queries``: a list of dicts with
             ``id, text, label, prediction`` and ``sections``: lists of ``{"title", "rows"}`` where rows
             hold ``kind, rank, id, text or text_html, label, score``.
 
@@ -89,10 +89,13 @@ def render_report(report: Mapping[str, object]) -> str:
             verdict = '<span class="pass">pass</span>' if d["passed"] else '<span class="fail">fail</span>'
             rows.append({**d, "verdict_html": verdict})
         parts.append(
-            "<h2>Case-deletion check</h2><p>For each query its top-k proponents were removed and the model "
-            "retrained; the change of the query's loss is compared with removing k random examples. "
-            "A method passes when its removals raise the mean loss more than random ones.</p>"
-            + _table(rows, ["method", "mode", "k", "mean_top", "mean_random", "ratio", "verdict_html"])
+            "<h2>Case-deletion check</h2><p>For each query its k top proponents (or opponents) were removed "
+            "and the model retrained; the change of the query's loss (<i>mean_top</i>, averaged over queries) "
+            "is compared with removing k random examples (<i>mean_random</i>). <i>difference</i> is the mean "
+            "per-query excess over random, with its 95% Student-t interval over queries. Removing proponents "
+            "passes when the interval lies above zero; removing opponents when it lies below zero. A failed "
+            "row means the method's ranking is not borne out by retraining at that k.</p>"
+            + _table(rows, ["method", "mode", "removed", "k", "mean_top", "mean_random", "difference", "interval_95", "verdict_html"])
         )
     for q in report.get("queries", []):
         parts.append(f"<div class='query'><h2>Query {_e(q['id'])}</h2><p><i>{_e(q['text'])}</i></p>"
