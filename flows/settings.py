@@ -127,7 +127,7 @@ class TrackingSettings(_Section):
     """Where the report goes."""
 
     experiment: str = Field("influence-pipeline", min_length=1, title="MLflow experiment", description="Experiment that holds the runs.")
-    tracking_uri: str = Field("", title="MLflow tracking URI", description="Empty: a SQLite store mlruns.db inside the project folder.")
+    tracking_uri: str = Field("", title="MLflow tracking URI", description="Empty: $MLFLOW_TRACKING_URI when set (scripts/servers sets it for its worker), else a SQLite store mlruns.db inside the project folder.")
 
 
 class PipelineSettings(_Section):
@@ -218,3 +218,19 @@ def settings_table() -> str:
 
     walk(PipelineSettings, "")
     return "\n".join(lines)
+
+
+def deployment_parameters(params_file: str = PARAMS_FILE) -> dict[str, Any]:
+    """A Prefect deploy step (``prefect.yaml``): the ``pipeline`` flow's parameters from ``params.yaml``.
+
+    Args:
+        params_file: the settings file, relative to the folder ``prefect deploy`` runs in.
+
+    Returns:
+        ``{"settings": <every setting, validated>, "project_dir": <the folder holding the file>}``.
+
+    Raises:
+        SettingsError: the file holds an invalid value (the deployment is not made).
+    """
+    path = Path(params_file).resolve()
+    return {"settings": load_settings(path).model_dump(mode="json"), "project_dir": str(path.parent)}

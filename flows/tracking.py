@@ -1,7 +1,9 @@
 """MLflow: one parent run per pipeline run, one child run per stage, the report as artifacts.
 
-Nothing else in the project imports MLflow. With no tracking URI configured the store is a SQLite
-file ``mlruns.db`` in the project folder and artifacts go to ``mlartifacts/`` beside it, so
+Nothing else in the project imports MLflow. The tracking URI is ``tracking.tracking_uri``, else the
+``MLFLOW_TRACKING_URI`` environment variable (``scripts/servers`` sets it for its worker, so
+deployment runs log to the project's MLflow server, which places the artifacts), else a SQLite
+file ``mlruns.db`` in the project folder with artifacts in ``mlartifacts/`` beside it, so
 ``mlflow ui --backend-store-uri sqlite:///mlruns.db`` browses what a run left.
 """
 
@@ -23,8 +25,12 @@ QUIET_ENV = {
 
 
 def tracking_uri(settings: PipelineSettings, root: Path) -> str:
-    """The MLflow tracking URI: the configured one, else ``sqlite:///<root>/mlruns.db``."""
-    return settings.tracking.tracking_uri or f"sqlite:///{(root / 'mlruns.db').resolve()}"
+    """The MLflow tracking URI: the configured one, else ``$MLFLOW_TRACKING_URI``, else ``sqlite:///<root>/mlruns.db``."""
+    return (
+        settings.tracking.tracking_uri
+        or os.environ.get("MLFLOW_TRACKING_URI", "")
+        or f"sqlite:///{(root / 'mlruns.db').resolve()}"
+    )
 
 
 def _flatten(prefix: str, value: Any, out: dict[str, Any]) -> dict[str, Any]:
@@ -36,10 +42,12 @@ def _flatten(prefix: str, value: Any, out: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _experiment(mlflow: Any, name: str, root: Path) -> str:
+def _experiment(mlflow: Any, name: str, root: Path, uri: str) -> str:
     found = mlflow.get_experiment_by_name(name)
     if found is not None:
         return found.experiment_id
+    if uri.startswith(("http://", "https://")):  # a tracking server decides where artifacts go
+        return mlflow.create_experiment(name)
     location = (root / "mlartifacts").resolve().as_uri()
     return mlflow.create_experiment(name, artifact_location=location)
 
@@ -66,8 +74,9 @@ def log_pipeline_run(
         os.environ.setdefault(key, value)
     import mlflow
 
-    mlflow.set_tracking_uri(tracking_uri(settings, root))
-    experiment_id = _experiment(mlflow, settings.tracking.experiment, root)
+    uri = tracking_uri(settings, root)
+    mlflow.set_tracking_uri(uri)
+    experiment_id = _experiment(mlflow, settings.tracking.experiment, root, uri)
     params = _flatten("", settings.model_dump(mode="json"), {})
     with mlflow.start_run(experiment_id=experiment_id, run_name=run_name) as parent:
         mlflow.log_params(params)

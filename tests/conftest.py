@@ -63,23 +63,34 @@ TINY_SETTINGS = {
 }
 
 
-@pytest.fixture
-def project(tmp_path, raw_wheels) -> Path:
-    """A fresh project folder: git repo + DVC with a local remote, dvc.yaml, tiny params.yaml."""
+def make_project(root: Path, remote: Path, raw_wheels: Path, extra: tuple[str, ...] = ()) -> Path:
+    """A project folder at ``root``: git repo + DVC with the local remote ``remote``, tiny params.yaml.
+
+    Args:
+        extra: further files or folders of the repository to copy (e.g. ``"scripts"``, ``"prefect.yaml"``).
+    """
     from flows.settings import validate_settings, write_settings
 
-    root = tmp_path / "project"
     root.mkdir()
     shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")
     shutil.copy(REPO / ".gitignore", root / ".gitignore")
     for package in ("influence", "flows"):  # dvc.yaml lists the code as stage dependencies
         shutil.copytree(REPO / package, root / package, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in extra:
+        copy = shutil.copytree if (REPO / name).is_dir() else shutil.copy2
+        copy(REPO / name, root / name)
     write_settings(validate_settings(TINY_SETTINGS), root / "params.yaml")
     git(root, "init", "-q")
     subprocess.run([DVC, "init", "-q"], cwd=root, check=True)
     subprocess.run([DVC, "config", "core.analytics", "false"], cwd=root, check=True)
-    subprocess.run([DVC, "remote", "add", "-d", "local", str(tmp_path / "remote")], cwd=root, check=True)
+    subprocess.run([DVC, "remote", "add", "-d", "local", str(remote)], cwd=root, check=True)
     shutil.copytree(raw_wheels, root / "data" / "raw")
     git(root, "add", "-A")
     git(root, "commit", "-qm", "init")
     return root
+
+
+@pytest.fixture
+def project(tmp_path, raw_wheels) -> Path:
+    """A fresh project folder: git repo + DVC with a local remote, dvc.yaml, tiny params.yaml."""
+    return make_project(tmp_path / "project", tmp_path / "remote", raw_wheels)
