@@ -22,7 +22,10 @@ QUIET_ENV = {
     "DVC_NO_ANALYTICS": "1", "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120", "GIT_PYTHON_REFRESH": "quiet",
 }
-STAGE_NAMES = ("data", "features", "pretrain", "finetune", "gradients", "influence", "multistage", "tracin_we", "deletion", "report")
+STAGE_NAMES = (
+    "data", "features", "pretrain", "finetune", "gradients", "influence", "multistage", "tracin_we", "tracin_last",
+    "grad_cos", "deletion", "lds", "mislabel", "report",
+)
 
 
 def _apply_overrides(raw: dict, overrides: list[str]) -> dict:

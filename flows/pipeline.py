@@ -1,106 +1,264 @@
-"""The Prefect flow ``pipeline``: every stage of the attribution pipeline, in order.
+"""The Prefect flows: ``pipeline`` (every stage, in order) and ``attribution`` (the GPU stages).
 
-Each task wraps one stage function of :mod:`flows.stages` (the same functions ``dvc repro`` runs)
-and returns a :class:`~flows.workspace.StageResult`: paths and numbers, never tensors. Only the
-I/O tasks (downloading the pinned data, DVC, MLflow) retry. With no ``PREFECT_API_URL`` the flow
-runs on Prefect's temporary local server.
+Each stage is one task over one stage function of :mod:`flows.stages` (the same functions
+``dvc repro`` runs); tasks return :class:`~flows.workspace.StageResult` (paths and numbers, never
+tensors). A stage whose inputs (its settings, the code version, the data hashes, the stages it
+reads) match its last completed run in the workspace is skipped: its task ends in a Completed
+state named ``Skipped`` (:mod:`flows.stage_cache`). Only the I/O tasks retry, with back-off
+(obtaining the data, DVC, MLflow); DVC commands hold a concurrency slot of their workspace, so two
+runs at once never run DVC on one workspace together.
+
+The retrainings of the evidence stages (case deletion, LDS) are independent: a ``retrainings``
+subflow runs them as parallel tasks (``evaluation.workers`` threads), each saved as it finishes,
+before the stage itself reads them back (``dvc repro`` runs the same stage functions, which do
+the retrainings one after another).
+
+The GPU stages (gradient caching, inverse-Hessian solves, scoring) form the ``attribution``
+flow. With ``gpu_deployment`` set (the deployments of ``prefect.yaml`` set it) the pipeline runs it
+as that deployment, on the ``gpu`` work pool; otherwise in its own process. With no
+``PREFECT_API_URL`` the flows run on Prefect's temporary local server.
 """
 
 from __future__ import annotations
 
+import hashlib
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any, Iterator
 
-from prefect import flow, get_run_logger, task
+from prefect import flow, get_run_logger, task, unmapped
+from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.runtime import flow_run
+from prefect.states import Completed
 
-from flows import report, stages
-from flows.settings import PARAMS_FILE, PipelineSettings, load_settings, validate_settings
-from flows.versioning import commit_data
+from flows import publish, report, stage_cache, stages
+from flows.settings import PARAMS_FILE, PipelineSettings, load_settings, validate_settings, with_overrides
+from flows.versioning import checkout_data_revision, commit_data, dataset_hashes, resolve_revision, workspace_data_is_current
 from flows.workspace import StageResult, Workspace
 
+STAGE_FUNCTIONS = {
+    "data": stages.data, "features": stages.features, "pretrain": stages.pretrain, "finetune": stages.finetune,
+    "gradients": stages.gradients, "influence": stages.influence, "multistage": stages.multistage,
+    "tracin_we": stages.tracin_we, "tracin_last": stages.tracin_last, "grad_cos": stages.grad_cos,
+    "deletion": stages.deletion, "lds": stages.lds, "mislabel": stages.mislabel,
+}
+RETRAINING_STAGES = ("deletion", "lds")  # their retrainings run first as parallel tasks, then the stage reads them back
+GPU_STAGES = ("gradients", "influence", "multistage", "tracin_we", "tracin_last", "grad_cos")
+IO_RETRIES = {"retries": 2, "retry_delay_seconds": [5, 30]}
 
-@task(name="data", retries=2, retry_delay_seconds=[5, 30])
-def data_task(settings: PipelineSettings, root: Path) -> StageResult:
-    return stages.data(settings, Workspace(root))
+
+@contextmanager
+def dvc_slot(root: Path) -> Iterator[None]:
+    """Hold the workspace's DVC concurrency slot (a Prefect global concurrency limit of 1)."""
+    from prefect import get_client
+    from prefect.concurrency.sync import concurrency
+
+    name = f"dvc-{hashlib.sha256(str(root).encode()).hexdigest()[:12]}"
+    with get_client(sync_client=True) as client:
+        client.upsert_global_concurrency_limit_by_name(name, limit=1)
+    with concurrency(name, occupy=1, strict=True):
+        yield
 
 
-@task(name="version-data", retries=2, retry_delay_seconds=[2, 10])
+@task(task_run_name="{stage}")
+def stage_task(stage: str, settings: PipelineSettings, root: Path, data_hashes: dict[str, str], force: bool = False):
+    ws = Workspace(root)
+    valid = (lambda: workspace_data_is_current(root, ws.prepared)) if stage == "data" else None
+    result, skipped = stage_cache.run_or_skip(
+        stage, lambda: STAGE_FUNCTIONS[stage](settings, ws), settings, ws, data_hashes, force=force, valid=valid
+    )
+    if skipped:
+        return Completed(name="Skipped", message=f"inputs unchanged (fingerprint {result.info['fingerprint'][:12]})", data=result)
+    return result
+
+
+@task(name="version-data", **IO_RETRIES)
 def version_data_task(settings: PipelineSettings, root: Path) -> dict[str, str]:
-    return commit_data(root, settings)
+    with dvc_slot(root):
+        return commit_data(root, settings)
 
 
-@task(name="features")
-def features_task(settings: PipelineSettings, root: Path) -> StageResult:
-    return stages.features(settings, Workspace(root))
+@task(name="checkout-data", **IO_RETRIES)
+def checkout_data_task(root: Path, data_rev: str) -> dict[str, str]:
+    with dvc_slot(root):
+        return checkout_data_revision(root, data_rev, Workspace(root).prepared)["hashes"]
 
 
-@task(name="pretrain")
-def pretrain_task(settings: PipelineSettings, root: Path) -> StageResult:
-    return stages.pretrain(settings, Workspace(root))
+@task(task_run_name="plan-{stage}")
+def plan_task(stage: str, settings: PipelineSettings, root: Path) -> list:
+    ws = Workspace(root)
+    return stages.deletion_plan(settings, ws).retrainings() if stage == "deletion" else stages.lds_plan(settings, ws)[1]
 
 
-@task(name="finetune")
-def finetune_task(settings: PipelineSettings, root: Path) -> StageResult:
-    return stages.finetune(settings, Workspace(root))
+@task(task_run_name="retrain-{retraining.key}")
+def retrain_task(settings: PipelineSettings, root: Path, retraining) -> str:
+    return stages.deletion_retrain(settings, Workspace(root), retraining)["key"]
 
 
-@task(name="gradients")
-def gradients_task(settings: PipelineSettings, root: Path) -> StageResult:
-    return stages.gradients(settings, Workspace(root))
+@flow(name="retrainings", flow_run_name="{stage}-retrainings")
+def retrainings(stage: str, settings: PipelineSettings, project_dir: str) -> int:
+    """Every retraining of the ``deletion`` or ``lds`` stage, as parallel tasks (each saved as it finishes).
+
+    Run with a thread pool of ``evaluation.workers``; torch's intra-op threads are shared out
+    among them for the duration. Returns how many retrainings the stage has.
+    """
+    import os
+
+    import torch
+
+    root = Path(project_dir)
+    planned = plan_task(stage, settings, root)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // settings.evaluation.workers))
+    try:
+        for future in retrain_task.map(unmapped(settings), unmapped(root), planned):
+            future.result()
+    finally:
+        torch.set_num_threads(previous)
+    return len(planned)
 
 
-@task(name="influence")
-def influence_task(settings: PipelineSettings, root: Path) -> StageResult:
-    return stages.influence(settings, Workspace(root))
-
-
-@task(name="multistage")
-def multistage_task(settings: PipelineSettings, root: Path) -> StageResult:
-    return stages.multistage(settings, Workspace(root))
-
-
-@task(name="tracin-we")
-def tracin_we_task(settings: PipelineSettings, root: Path) -> StageResult:
-    return stages.tracin_we(settings, Workspace(root))
-
-
-@task(name="deletion")
-def deletion_task(settings: PipelineSettings, root: Path) -> StageResult:
-    return stages.deletion(settings, Workspace(root))
-
-
-@task(name="report", retries=2, retry_delay_seconds=[2, 10])
+@task(name="report", **IO_RETRIES)
 def report_task(settings: PipelineSettings, root: Path, tags: dict[str, str]) -> StageResult:
     return report.build_report(settings, Workspace(root), extra_tags=tags)
 
 
+@task(name="publish")
+def publish_task(settings: PipelineSettings, root: Path, final: StageResult, skipped: list[str]) -> list[str]:
+    return publish.publish(settings, root, final, skipped)
+
+
+def _run(stage: str, settings: PipelineSettings, root: Path, hashes: dict[str, str], force: bool, skipped: list[str]) -> StageResult:
+    options = IO_RETRIES if stage == "data" else {}
+    state = stage_task.with_options(name=stage, **options)(stage, settings, root, hashes, force, return_state=True)
+    if state.name == "Skipped":
+        skipped.append(stage)
+    return state.result()
+
+
+def _skipped_in(flow_run_id, timeout: float = 60.0) -> list[str]:
+    """The GPU stages of a (deployment's) flow run that ended ``Skipped``.
+
+    Task-run states reach the API as events, recorded a moment after the flow run ends: wait until
+    every GPU stage's final state is there.
+    """
+    import time
+
+    from prefect import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    began = time.monotonic()
+    with get_client(sync_client=True) as client:
+        while True:
+            runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+            final = {r.name: r.state.name for r in runs if r.state and r.state.is_final() and r.name in GPU_STAGES}
+            if len(final) == len(GPU_STAGES) or time.monotonic() - began > timeout:
+                return [stage for stage in GPU_STAGES if final.get(stage) == "Skipped"]
+            time.sleep(0.5)
+
+
+@flow(name="attribution", log_prints=True)
+def attribution(
+    settings: PipelineSettings | None = None,
+    project_dir: str = ".",
+    data_hashes: dict[str, str] | None = None,
+    force: bool = False,
+    on_gpu_pool: bool = False,
+) -> list[str]:
+    """The GPU stages: cache per-example gradients, solve, and score (influence, multi-stage, TracIn-WE).
+
+    Args:
+        settings: every setting; when omitted, read from ``<project_dir>/params.yaml``.
+        project_dir: the project folder whose workspace holds the finetuned models.
+        data_hashes: ``{dataset: md5}`` of the data the run uses (from the pipeline).
+        force: re-run stages whose inputs are unchanged.
+        on_gpu_pool: set by the ``gpu`` deployment: warn when this worker has no CUDA device.
+
+    Returns:
+        the stages that were skipped because their inputs were unchanged.
+    """
+    import torch
+
+    root = Path(project_dir).resolve()
+    settings = validate_settings(settings, "flow parameter 'settings'") if settings is not None else load_settings(root / PARAMS_FILE)
+    logger = get_run_logger()
+    if on_gpu_pool and not torch.cuda.is_available():
+        logger.warning("this gpu worker has no CUDA device: the GPU stages fall back to the CPU")
+    logger.info("GPU stages on device %s", stages.compute_device(settings))
+    hashes = data_hashes if data_hashes is not None else dataset_hashes(root)
+    skipped: list[str] = []
+    for stage in GPU_STAGES:
+        _run(stage, settings, root, hashes, force, skipped)
+    return skipped
+
+
 @flow(name="pipeline", log_prints=True)
-def pipeline(settings: PipelineSettings | None = None, project_dir: str = ".") -> dict[str, str]:
+def pipeline(
+    settings: PipelineSettings | None = None,
+    project_dir: str = ".",
+    data_rev: str = "",
+    gpu_deployment: str = "",
+    force: bool = False,
+    overrides: dict[str, Any] | None = None,
+) -> dict[str, object]:
     """Run the whole attribution pipeline and leave its report in MLflow.
 
     Args:
         settings: every setting (the sections of ``params.yaml``); when omitted, read from
-            ``<project_dir>/params.yaml``.
+            ``<project_dir>/params.yaml`` when the run starts.
         project_dir: the project folder (a git + DVC repository) whose workspace the stages use.
+        data_rev: the data version: a git revision or tag whose DVC-tracked data the run reads;
+            empty for the data the workspace builds (the data stage, then ``dvc commit`` and ``dvc push``).
+        gpu_deployment: run the GPU stages as this deployment (e.g. ``attribution/gpu``, on the
+            ``gpu`` work pool); empty to run them in this flow run's process.
+        force: re-run every stage, even those whose inputs are unchanged since their last run.
+        overrides: settings put over ``settings`` (or ``params.yaml``), nested by section, e.g.
+            ``{"evaluation": {"lds": true}}`` (the nightly deployment turns the LDS stage on so).
 
     Returns:
-        ``{"mlflow_run_id": ..., "report": path}``.
+        ``{"mlflow_run_id": ..., "report": path, "skipped": [stages]}``.
     """
     root = Path(project_dir).resolve()
     settings = validate_settings(settings, "flow parameter 'settings'") if settings is not None else load_settings(root / PARAMS_FILE)
+    settings = with_overrides(settings, overrides, "flow parameter 'overrides'")
     logger = get_run_logger()
-    data_task(settings, root)
-    hashes = version_data_task(settings, root)
-    logger.info("data versions: %s", hashes)
-    features_task(settings, root)
-    pretrain_task(settings, root)
-    finetune_task(settings, root)
-    gradients_task(settings, root)
-    influence_task(settings, root)
-    multistage_task(settings, root)
-    tracin_we_task(settings, root)
-    deletion_task(settings, root)
-    tags = {"prefect_flow_run_id": str(flow_run.get_id() or ""), "run_name": str(flow_run.get_name() or "pipeline")}
+    skipped: list[str] = []
+    if data_rev:
+        resolve_revision(root, data_rev)  # a bad revision stops the run before any work
+        hashes = checkout_data_task(root, data_rev)
+    else:
+        data_state = stage_task.with_options(name="data", **IO_RETRIES)("data", settings, root, {}, force, return_state=True)
+        data_state.result()
+        if data_state.name == "Skipped":
+            skipped.append("data")
+            hashes = dataset_hashes(root)
+        else:
+            hashes = version_data_task(settings, root)
+    logger.info("data version %s: %s", data_rev or "workspace", hashes)
+    for stage in ("features", "pretrain", "finetune"):
+        _run(stage, settings, root, hashes, force, skipped)
+    if gpu_deployment:
+        from prefect.deployments import run_deployment
+
+        child = run_deployment(
+            gpu_deployment, timeout=None, poll_interval=2, flow_run_name=f"{flow_run.get_name() or 'pipeline'}-gpu-stages",
+            parameters={"settings": settings.model_dump(mode="json"), "project_dir": str(root), "data_hashes": hashes,
+                        "force": force, "on_gpu_pool": True},
+        )
+        if not child.state or not child.state.is_completed():
+            raise RuntimeError(f"the GPU stages ({gpu_deployment}, flow run {child.name}) ended {child.state.name if child.state else 'unknown'}: see that flow run's logs")
+        skipped += _skipped_in(child.id)
+    else:
+        skipped += attribution(settings, str(root), hashes, force)
+    ws, e = Workspace(root), settings.evaluation
+    for stage, enabled in (("deletion", e.enabled), ("lds", e.lds)):
+        if enabled and (force or stage_cache.completed(ws, stage, stage_cache.fingerprint(stage, settings, ws, hashes)) is None):
+            retrainings.with_options(task_runner=ThreadPoolTaskRunner(max_workers=e.workers))(stage, settings, str(root))
+        _run(stage, settings, root, hashes, force, skipped)  # reads the retrainings back, or is skipped
+    _run("mislabel", settings, root, hashes, force, skipped)
+    tags = {"prefect_flow_run_id": str(flow_run.get_id() or ""), "run_name": str(flow_run.get_name() or "pipeline"),
+            "stages_skipped": ",".join(skipped) or "none"}
     final = report_task(settings, root, tags)
-    logger.info("report logged to MLflow run %s", final.info["mlflow_run_id"])
-    return {"mlflow_run_id": final.info["mlflow_run_id"], "report": final.outputs["report"]}
+    publish_task(settings, root, final, skipped)
+    logger.info("report logged to MLflow run %s (%s); stages skipped: %s", final.info["mlflow_run_id"], final.info["mlflow_url"], skipped or "none")
+    return {"mlflow_run_id": final.info["mlflow_run_id"], "report": final.outputs["report"], "skipped": skipped}

@@ -10,12 +10,14 @@ from safetensors.torch import load_file
 
 from flows import stages
 from flows.settings import PipelineSettings
-from flows.versioning import dataset_hashes, git_revision, verify_datasets
+from flows.versioning import data_version, dataset_hashes, git_revision, verify_datasets
 from flows.workspace import STAGES, StageResult, Workspace, timed
 
 LABELS = {"1": "fresh", "0": "rotten", 1: "fresh", 0: "rotten"}
 SCORE_STAGES = (("multistage", "pretraining", "multi-stage influence"), ("influence", "finetuning", "influence function"),
-                ("tracin_we", "finetuning", "TracIn-WE"))
+                ("tracin_we", "finetuning", "TracIn-WE"), ("tracin_last", "finetuning", "last-layer TracIn"),
+                ("grad_cos", "finetuning", "gradient cosine"))
+IN_PAGE = ("multistage", "influence", "tracin_we")  # stages whose rankings each query's section of the page shows; all are in the CSVs
 
 
 def _write_csv(rows: list[dict], path: Path) -> Path:
@@ -49,7 +51,7 @@ def build_report(settings: PipelineSettings, ws: Workspace, extra_tags: dict[str
     from influence.reports.html import highlight_words, render_report
     from influence.reports.tables import join_examples, ranked_rows
 
-    from flows.tracking import log_pipeline_run
+    from flows.tracking import log_pipeline_run, run_url
 
     result = StageResult("report")
     with timed(result):
@@ -78,6 +80,8 @@ def build_report(settings: PipelineSettings, ws: Workspace, extra_tags: dict[str
                 words = stages._load_json(ws.artifacts / "tracin_we" / f"{mode}_words.json") if stage == "tracin_we" else {}
                 _write_csv(rows, out / f"{stage}_{mode}.csv")
                 all_rows.extend(rows)
+                if stage not in IN_PAGE:
+                    continue
                 for qid in query_ids:
                     section_rows = []
                     for r in rows:
@@ -90,34 +94,122 @@ def build_report(settings: PipelineSettings, ws: Workspace, extra_tags: dict[str
 
         results = {s: StageResult.load(ws, s) for s in STAGES if (ws.artifacts / s / "result.json").is_file() and s != "report"}
         deletion_rows = []
-        if "deletion" in results and not results["deletion"].info.get("skipped"):
+        if "deletion" in results and not results["deletion"].info.get("disabled"):
             for c in stages._load_json(ws.artifacts / "deletion" / "deletion.json"):
                 deletion_rows.append({
                     "method": c["method"], "mode": settings.evaluation.mode, "removed": c["kind"],
                     "k": f"{c['k']} ({100 * c['fraction']:.1f}%)", "mean_top": c["mean_top"], "mean_random": c["mean_random"],
                     "difference": c["difference"], "interval_95": f"[{c['interval_low']:.4g}, {c['interval_high']:.4g}]",
+                    "probability_top": c.get("extra_mean_top", float("nan")),
+                    "probability_random": c.get("extra_mean_random", float("nan")),
                     "passed": c["passed"],
                 })
+        evaluation = evaluation_sections(ws, results)
+        figures = write_figures(settings, ws, out / "figures")
         hashes = dataset_hashes(ws.root)
         revision = git_revision(ws.root)
-        summary = {"git revision": revision, "settings digest": settings.digest()}
+        version = data_version(ws.root)
+        summary = {"git revision": revision, "settings digest": settings.digest(),
+                   "data version": f"{version['rev']} (commit {version['commit'][:12]})"}
         for mode in settings.finetune.modes:
             summary[f"test accuracy ({mode})"] = results["finetune"].metrics.get(f"{mode}.accuracy_test", float("nan"))
         summary.update({f"{s} seconds": r.seconds for s, r in results.items()})
         html = render_report({
             "title": "Training-data attribution report", "summary": summary, "data_versions": hashes,
             "settings": stages_settings_flat(settings), "deletion": deletion_rows,
+            "evaluation": evaluation,
+            "figures": [{"title": title, "caption": caption, "png": path.read_bytes()} for title, caption, path in figures],
             "queries": [{"id": q, **queries[q], "sections": sections[q]} for q in query_ids],
         })
         (out / "report.html").write_text(html)
         tags = {"git_revision": revision, "settings_digest": settings.digest(),
+                "data_rev": version["rev"], "data_commit": version["commit"],
                 **{f"data.{name}.md5": h for name, h in hashes.items()}, **(extra_tags or {})}
-        run_id = log_pipeline_run(settings, ws.root, results, out, tags, run_name=extra_tags.get("run_name") if extra_tags else None)
-        result.info = {"mlflow_run_id": run_id, "tags": tags}
+        run_id, experiment_id, uri = log_pipeline_run(
+            settings, ws.root, results, out, tags, run_name=extra_tags.get("run_name") if extra_tags else None
+        )
+        result.info = {"mlflow_run_id": run_id, "mlflow_experiment_id": experiment_id, "mlflow_url": run_url(uri, experiment_id, run_id), "tags": tags}
         result.outputs = {"report": str((out / "report.html").relative_to(ws.root))}
         result.metrics["rows"] = float(len(all_rows))
     result.save(ws)
     return result
+
+
+def evaluation_sections(ws: Workspace, results: dict[str, StageResult]) -> list[dict]:
+    """The report's LDS and mislabel-detection sections (``[]`` for a stage that did not run)."""
+    sections = []
+    if "lds" in results and not results["lds"].info.get("disabled"):
+        found = stages._load_json(ws.artifacts / "lds" / "lds.json")
+        rows = [{"method": m, "LDS": v["lds"], "per query": ", ".join(f"{x:.2f}" for x in v["per_query"])}
+                for m, v in found["methods"].items()]
+        sections.append({
+            "title": "Linear datamodeling score",
+            "text": f"{found['subsets']} random subsets of {100 * found['fraction']:.0f}% of the finetuning train split, "
+                    f"each retrained with {found['seeds']} seed(s); per query, the Spearman correlation between the loss "
+                    f"a method's scores predict for each subset (minus the sum of the scores of the examples it keeps) "
+                    f"and the loss measured after retraining, averaged over {found['queries']} queries. "
+                    "1 = the method ranks the subsets exactly as retraining does; 0 = no better than chance.",
+            "rows": rows, "columns": ["method", "LDS", "per query"],
+        })
+    if "mislabel" in results and not results["mislabel"].info.get("disabled"):
+        found = stages._load_json(ws.artifacts / "mislabel" / "mislabel.json")
+        curve = found["curve"]
+        rows = []
+        for share in (0.05, 0.1, 0.2, 0.3):
+            i = min(range(len(curve["inspected"])), key=lambda j: abs(curve["inspected"][j] - share))
+            rows.append({"inspected": f"{100 * curve['inspected'][i]:.0f}%", "flipped labels found": curve["found"][i],
+                         "random order": curve["random_found"][i]})
+        sections.append({
+            "title": "Mislabel detection",
+            "text": f"{curve['n_flipped']} of {curve['n_examples']} finetuning labels ({100 * found['fraction']:.0f}%) were "
+                    f"flipped at random and the model retrained on them; inspecting the training examples by decreasing "
+                    f"self-influence ({found['method']}) finds the flipped ones at the rates below. "
+                    f"Area under the curve {curve['auc']:.3f} (random order {curve['random_auc']:.3f}).",
+            "rows": rows, "columns": ["inspected", "flipped labels found", "random order"],
+        })
+    return sections
+
+
+FIGURE_CAPTIONS = {
+    "scores": ("Score distributions", "Histogram of every method's scores (log counts); positive = proponent."),
+    "deletion": ("Case-deletion curves", "Mean change of the query loss after removing each query's top-k examples, "
+                 "against k, for each method and for k random examples (bars: 95% intervals; hollow: not passed)."),
+    "mislabel": ("Mislabel detection", "Share of the planted label flips found while inspecting the training set "
+                 "in decreasing order of self-influence, against a random order."),
+}
+
+
+def write_figures(settings: PipelineSettings, ws: Workspace, folder: Path) -> list[tuple[str, str, Path]]:
+    """The report's PNG figures: score distributions, method agreement per mode, deletion and mislabel curves.
+
+    Returns:
+        ``[(title, caption, path)]`` of the figures written (a figure whose stage did not run is left out).
+    """
+    from flows import figures
+
+    written = []
+    scores = {}
+    for stage, source, title in SCORE_STAGES:
+        for mode in settings.finetune.modes:
+            path = ws.artifacts / stage / f"{mode}.safetensors"
+            if path.is_file():
+                scores[f"{title} ({mode})"] = load_file(str(path))["scores"].double().numpy()
+    written.append((*FIGURE_CAPTIONS["scores"], figures.score_distribution(scores, folder / "scores.png")))
+    for mode in settings.finetune.modes:
+        same = {title: scores[f"{title} ({mode})"] for stage, source, title in SCORE_STAGES
+                if source == "finetuning" and f"{title} ({mode})" in scores}
+        if len(same) >= 2:
+            written.append((f"Agreement between methods (embedding {mode})",
+                            "Spearman rank correlation between the methods' scores of the same (query, training example) pairs.",
+                            figures.method_agreement(same, folder / f"agreement_{mode}.png")))
+    deletion = ws.artifacts / "deletion" / "deletion.json"
+    if deletion.is_file() and not StageResult.load(ws, "deletion").info.get("disabled"):
+        written.append((*FIGURE_CAPTIONS["deletion"], figures.deletion_curves(stages._load_json(deletion), folder / "deletion.png")))
+    mislabel = ws.artifacts / "mislabel" / "mislabel.json"
+    if mislabel.is_file() and not StageResult.load(ws, "mislabel").info.get("disabled"):
+        found = stages._load_json(mislabel)
+        written.append((*FIGURE_CAPTIONS["mislabel"], figures.mislabel_curve(found["curve"], folder / "mislabel.png", label=found["method"])))
+    return written
 
 
 def stages_settings_flat(settings: PipelineSettings) -> dict[str, object]:

@@ -37,7 +37,7 @@ class DataSettings(_Section):
     pretrain_sentences: int = Field(12000, ge=100, title="Pretraining sentences", description="How many news sentences (a seeded sample of the corpus) pretrain the text model.")
     finetune_train_examples: int = Field(0, ge=0, title="Finetuning train examples", description="Cap on the finetuning train split (a seeded sample); 0 keeps all.")
     max_length: int = Field(32, ge=4, le=256, title="Max tokens", description="Texts are truncated/padded to this many tokens.")
-    vocab_min_count: int = Field(3, ge=1, title="Vocabulary min count", description="Words seen fewer times map to <unk>.")
+    vocab_min_count: int = Field(3, ge=1, title="Vocabulary min count", description="Words seen fewer times map to the unknown-word token `<unk>`.")
     vocab_max_size: int = Field(5000, ge=100, title="Vocabulary size", description="Largest vocabulary, built from the pretraining sample and the finetuning train split.")
 
     @model_validator(mode="after")
@@ -96,14 +96,18 @@ class AttributionSettings(_Section):
     arnoldi_rank: int = Field(20, ge=1, title="Arnoldi rank", description="Top eigenpairs kept by Arnoldi.")
     if_params: list[str] = Field(["encoder", "head"], min_length=1, title="Influence-function parameters", description="Modules of the classifier whose parameters the finetuning influence function uses.")
     top_k: int = Field(5, ge=1, le=100, title="Top k", description="Proponents and opponents shown per query.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", title="Device", description="Where gradients, solves and scores run: 'auto' (CUDA when the worker has it), 'cpu', or 'cuda' (falls back to the CPU with a warning where there is none).")
 
 
 class EvaluationSettings(_Section):
-    """The case-deletion check of the pipeline's own answers."""
+    """The evidence: case deletion, the linear datamodeling score, mislabel detection."""
 
     enabled: bool = Field(True, title="Case deletion", description="Retrain without the top proponents and compare with random removals.")
     mode: Literal["fixed", "updated"] = Field("updated", title="Mode checked", description="Which finetuned model is retrained.")
-    methods: list[Literal["if", "tracin_we"]] = Field(["if", "tracin_we"], min_length=1, title="Methods checked", description="Whose top proponents are removed.")
+    methods: list[Literal["if", "tracin_we", "tracin_last", "grad_cos"]] = Field(
+        ["if", "tracin_we", "tracin_last", "grad_cos"], min_length=1, title="Methods checked",
+        description="Whose top proponents (opponents) are removed: 'if' (influence function), 'tracin_we' (TracIn-WE), 'tracin_last' (last-layer TracIn), 'grad_cos' (gradient cosine); each is compared with random removals.",
+    )
     queries: int = Field(4, ge=1, le=50, title="Queries", description="How many of the explained queries are checked.")
     k_fractions: list[float] = Field(
         [0.005, 0.01, 0.05], min_length=1, title="k (fractions)",
@@ -114,6 +118,13 @@ class EvaluationSettings(_Section):
         description="Remove each query's top proponents (its loss should rise) and/or top opponents (it should fall).",
     )
     random_repeats: int = Field(3, ge=1, le=20, title="Random repeats", description="Random removals of k examples per k, each retrained.")
+    seeds: int = Field(1, ge=1, le=10, title="Retraining seeds", description="Every retraining (and the full-data baseline) is repeated with this many seeds (seed, seed+1, ...); each change is taken against the baseline of the same seed and averaged over seeds.")
+    lds: bool = Field(False, title="Linear datamodeling score", description="Also retrain on random subsets and report each method's LDS (Park et al. 2023); off by default, on in the nightly deployment.")
+    lds_subsets: int = Field(16, ge=2, le=1000, title="LDS subsets", description="Random training subsets retrained for the LDS (each with every retraining seed).")
+    lds_fraction: float = Field(0.5, gt=0, lt=1, title="LDS subset fraction", description="Each LDS subset keeps this fraction of the finetuning train split.")
+    mislabel_fraction: float = Field(0.1, ge=0, lt=0.5, title="Planted label noise", description="Mislabel detection: flip this fraction of the finetuning train labels, retrain, and rank the examples by self-influence; 0 turns it off.")
+    mislabel_method: Literal["tracin", "if"] = Field("tracin", title="Self-influence", description="Self-influence that ranks the suspects: 'tracin' (Σ_c η_c ||∇ℓ_c(z)||² over the checkpoints, Pruthi et al. 2020) or 'if' ((1/n) ∇ℓ(z)ᵀ H⁻¹ ∇ℓ(z) with the Arnoldi solver).")
+    workers: int = Field(2, ge=1, le=64, title="Parallel retrainings", description="Retrainings the Prefect flow runs at once (threads of this worker); dvc repro runs them one after another.")
 
     @model_validator(mode="after")
     def _fractions(self) -> "EvaluationSettings":
@@ -234,3 +245,23 @@ def deployment_parameters(params_file: str = PARAMS_FILE) -> dict[str, Any]:
     """
     path = Path(params_file).resolve()
     return {"settings": load_settings(path).model_dump(mode="json"), "project_dir": str(path.parent)}
+
+
+def with_overrides(settings: PipelineSettings, overrides: dict[str, Any] | None, source: str = "overrides") -> PipelineSettings:
+    """``settings`` with the nested values of ``overrides`` put in (``{"evaluation": {"lds": True}}``), validated.
+
+    Raises:
+        SettingsError: an override names an unknown setting or holds a value that is not accepted.
+    """
+    if not overrides:
+        return settings
+
+    def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+        out = dict(base)
+        for key, value in extra.items():
+            out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+        return out
+
+    if not isinstance(overrides, dict):
+        raise SettingsError(f"{source} = {overrides!r}: expected a mapping of sections to values")
+    return validate_settings(merge(settings.model_dump(mode="json"), overrides), source)

@@ -8,6 +8,7 @@ own: that lives in :mod:`influence`.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import random
@@ -17,10 +18,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from flows.settings import PipelineSettings
-from flows.versioning import verify_datasets
+from flows.versioning import data_revision_marker, verify_datasets
 from flows.workspace import StageResult, Workspace, timed
 
-METHOD_STAGES = {"if": "influence", "tracin_we": "tracin_we"}  # evaluation.methods -> the stage holding its scores
+METHOD_STAGES = {"if": "influence", "tracin_we": "tracin_we", "tracin_last": "tracin_last", "grad_cos": "grad_cos"}  # evaluation.methods -> the stage holding its scores
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -101,10 +102,11 @@ def pretrained_model(settings: PipelineSettings, ws: Workspace):
     return model.eval()
 
 
-def new_classifier(settings: PipelineSettings, vocab_size: int):
+def new_classifier(settings: PipelineSettings, vocab_size: int, seed: int | None = None):
+    """A freshly initialised classifier (initialisation seeded by ``seed``, default ``settings.seed``)."""
     from influence.models.text import TextClassifier
 
-    torch.manual_seed(settings.seed)
+    torch.manual_seed(settings.seed if seed is None else seed)
     return TextClassifier(
         vocab_size, embed_dim=settings.pretrain.embed_dim, hidden_dim=settings.finetune.hidden_dim, num_classes=2
     )
@@ -140,23 +142,24 @@ def finetune_setup(settings: PipelineSettings, ws: Workspace, mode: str, model):
     return [n for n, _ in model.named_parameters()], head, Proximity(alpha=settings.finetune.alpha, reference=reference)
 
 
-def finetune_on(settings: PipelineSettings, ws: Workspace, mode: str, train_data, checkpoint_dir: Path | None):
+def finetune_on(settings: PipelineSettings, ws: Workspace, mode: str, train_data, checkpoint_dir: Path | None,
+                seed: int | None = None):
     """Finetune a fresh classifier (pretrained embedding) on ``train_data`` in ``mode``.
 
     The single definition of the finetuning stage's training, used by the stage itself and by
-    the case-deletion check when it retrains.
+    the case-deletion check when it retrains (``seed``: the training seed, default ``settings.seed``).
     """
     from influence.models.text import transfer_embedding
     from influence.models.training import train
     from influence.task import ClassificationTask
 
-    model = new_classifier(settings, len(vocabulary(ws)))
+    model = new_classifier(settings, len(vocabulary(ws)), seed=seed)
     transfer_embedding(pretrained_model(settings, ws), model)
     trainable, l2_names, proximity = finetune_setup(settings, ws, mode, model)
     ft = settings.finetune
     result = resume_or_replace(
         train, model=model, task=ClassificationTask(), dataset=train_data, epochs=ft.epochs, batch_size=ft.batch_size,
-        learning_rate=ft.learning_rate, seed=settings.seed, l2=ft.l2, trainable=trainable, l2_names=l2_names,
+        learning_rate=ft.learning_rate, seed=settings.seed if seed is None else seed, l2=ft.l2, trainable=trainable, l2_names=l2_names,
         proximity=proximity, checkpoint_dir=checkpoint_dir,
         checkpoint_every=ft.checkpoint_every if checkpoint_dir is not None else None,
     )
@@ -184,6 +187,22 @@ def solver_options(settings: PipelineSettings, stage: str = "finetune") -> dict:
     return options
 
 
+def compute_device(settings: PipelineSettings) -> str:
+    """The device of the attribution stages: ``attribution.device``, with ``auto`` = CUDA when present.
+
+    Asked for ``cuda`` on a machine without a CUDA device, it falls back to the CPU with a warning
+    (a ``gpu`` worker on a CPU-only machine still runs the whole pipeline).
+    """
+    requested = settings.attribution.device
+    if requested == "cpu":
+        return "cpu"
+    if torch.cuda.is_available():
+        return "cuda"
+    if requested == "cuda":
+        logging.getLogger(__name__).warning("attribution.device is 'cuda' but this machine has no CUDA device: running on the CPU")
+    return "cpu"
+
+
 def sample_indices(n: int, k: int, seed: int) -> list[int]:
     """A sorted seeded sample of ``min(k, n)`` indices out of ``range(n)``."""
     return sorted(random.Random(seed).sample(range(n), min(k, n)))
@@ -204,6 +223,7 @@ def data(settings: PipelineSettings, ws: Workspace) -> StageResult:
 
     result = StageResult("data")
     with timed(result):
+        data_revision_marker(ws.root).unlink(missing_ok=True)  # the workspace builds its own data again
         d = settings.data
         paths = prepare_datasets(
             ws.raw, ws.prepared, split_seed=d.split_seed,
@@ -316,7 +336,7 @@ def gradients(settings: PipelineSettings, ws: Workspace) -> StageResult:
             folder = ws.stage_dir("gradients") / mode
             cache = resume_or_replace(
                 GradientCache(folder).build, task=classification_task(settings), model=model, data=train_data,
-                names=names, kind="train_loss", batch_size=256,
+                names=names, kind="train_loss", batch_size=256, device=compute_device(settings),
             )
             result.metrics[f"{mode}.parameters"] = float(cache.manifest["n_parameters"])
             result.outputs[mode] = str(folder.relative_to(ws.root))
@@ -341,6 +361,7 @@ def influence(settings: PipelineSettings, ws: Workspace) -> StageResult:
                 regularizer=finetune_regularizer(settings, ws, mode),
                 train_gradients=GradientCache(ws.artifacts / "gradients" / mode), batch_size=256,
                 hessian_data=train_data.subset(sample_indices(len(train_data), a.hessian_examples, settings.seed)),
+                device=compute_device(settings),
             )
             result.outputs[mode] = save_scores(ws, "influence", mode, scores)
     result.save(ws)
@@ -379,7 +400,7 @@ def multistage(settings: PipelineSettings, ws: Workspace) -> StageResult:
                 finetune_solver=make_solver(a.solver, damping=ft_damping, **solver_options(settings)),
                 damping=ft_damping, solver_options=None,
                 finetune_regularizer=Regularizer(l2=settings.finetune.l2, l2_names=tuple(l2_names)),
-                batch_size=256, device="cpu", dtype=None,
+                batch_size=256, device=compute_device(settings), dtype=None,
             ))
         pt_damping = max(a.pretrain_damping, settings.pretrain.l2)
         scores = pretraining_scores(
@@ -389,6 +410,7 @@ def multistage(settings: PipelineSettings, ws: Workspace) -> StageResult:
             pretrain_damping=pt_damping,
             pretrain_hessian_data=pretrain_data.subset(sample_indices(len(pretrain_data), a.pretrain_hessian_examples, settings.seed)),
             pretrain_regularizer=Regularizer(l2=settings.pretrain.l2), batch_size=128,
+            device=compute_device(settings),
         )
         for mode, block in zip(settings.finetune.modes, scores.split(len(queries))):
             result.outputs[mode] = save_scores(ws, "multistage", mode, block)
@@ -410,7 +432,7 @@ def tracin_we(settings: PipelineSettings, ws: Workspace) -> StageResult:
             model, checkpoints = finetuned_model(settings, ws, mode), checkpoints_of(ws, mode)
             task = classification_task(settings)
             scores = tracin_we_scores(task, model, train_data, queries, checkpoints=checkpoints, batch_size=256,
-                                      ignore_ids=(UNK,))
+                                      ignore_ids=(UNK,), device=compute_device(settings))
             out = ws.stage_dir("tracin_we")
             result.outputs[mode] = save_scores(ws, "tracin_we", mode, scores)
             terms: dict[str, dict[str, list]] = {}
@@ -424,54 +446,266 @@ def tracin_we(settings: PipelineSettings, ws: Workspace) -> StageResult:
     return result
 
 
-def deletion(settings: PipelineSettings, ws: Workspace) -> StageResult:
-    """Case-deletion check: retrain without each query's top-k proponents vs without k random examples."""
-    from influence.evaluation.case_deletion import case_deletion
+def tracin_last(settings: PipelineSettings, ws: Workspace) -> StageResult:
+    """Last-layer TracIn (the classifier's ``head``) over the finetuning checkpoints, per mode: a baseline."""
+    from influence.methods.tracin import tracin_scores
 
+    result = StageResult("tracin_last")
+    with timed(result):
+        train_data, queries = load_split(ws, "train"), load_split(ws, "queries")
+        for mode in settings.finetune.modes:
+            scores = tracin_scores(classification_task(settings), finetuned_model(settings, ws, mode), train_data, queries,
+                                   checkpoints=checkpoints_of(ws, mode), params=["head"], batch_size=512,
+                                   device=compute_device(settings))
+            result.outputs[mode] = save_scores(ws, "tracin_last", mode, scores)
+    result.save(ws)
+    return result
+
+
+def grad_cos(settings: PipelineSettings, ws: Workspace) -> StageResult:
+    """Gradient cosine of the final model over ``attribution.if_params``, per mode: a baseline."""
+    from influence.methods.similarity import grad_cos_scores
+
+    result = StageResult("grad_cos")
+    with timed(result):
+        train_data, queries = load_split(ws, "train"), load_split(ws, "queries")
+        for mode in settings.finetune.modes:
+            scores = grad_cos_scores(classification_task(settings), finetuned_model(settings, ws, mode), train_data, queries,
+                                     params=list(settings.attribution.if_params), batch_size=512,
+                                     device=compute_device(settings))
+            result.outputs[mode] = save_scores(ws, "grad_cos", mode, scores)
+    result.save(ws)
+    return result
+
+
+def deletion_plan(settings: PipelineSettings, ws: Workspace):
+    """The retrainings of the case-deletion check (``artifacts/deletion/plan.json``), from the methods' scores.
+
+    Returns:
+        an :class:`influence.evaluation.case_deletion.DeletionPlan`.
+    """
+    from influence.evaluation.case_deletion import plan_deletion
+
+    e = settings.evaluation
+    n_train = len(load_split(ws, "train"))
+    scores = {
+        method: load_file(str(ws.artifacts / METHOD_STAGES[method] / f"{e.mode}.safetensors"))["scores"][: e.queries]
+        for method in e.methods
+    }
+    ks = sorted({max(1, round(f * n_train)) for f in e.k_fractions})
+    plan = plan_deletion(scores, n_train=n_train, k=ks, kinds=e.kinds, random_repeats=e.random_repeats,
+                         seeds=[settings.seed + i for i in range(e.seeds)], seed=settings.seed)
+    out = ws.stage_dir("deletion")
+    _save_json({"n_train": n_train, "retrainings": len(plan.retrainings()), "ks": ks, "seeds": plan.seeds}, out / "plan.json")
+    return plan
+
+
+def _deletion_measure(settings: PipelineSettings, ws: Workspace, model) -> torch.Tensor:
+    """``[Q, 2]``: each checked query's loss and the probability the model gives its label (``exp(-loss)``)."""
+    queries = load_split(ws, "queries").subset(list(range(settings.evaluation.queries)))
+    with torch.no_grad():
+        batch = torch.utils.data.default_collate([queries[i] for i in range(len(queries))])
+        loss = classification_task(settings).train_loss(model, batch).double()
+    return torch.stack([loss, torch.exp(-loss)], dim=1)
+
+
+def deletion_runs(settings: PipelineSettings, ws: Workspace) -> Path:
+    """``artifacts/deletion/runs/<context>/``: the saved retrainings of one training context.
+
+    The context is a digest of what a retraining depends on besides its removals and seed: the
+    finetuned model's bytes (which change with the data, the pretrained embedding, the code and the
+    finetuning settings), the encoded training set and queries, and the settings that enter the
+    retraining; saved retrainings of another context are never reused.
+    """
+    digest = hashlib.sha256()
+    for path in (ws.artifacts / "finetune" / settings.evaluation.mode / "model.safetensors",
+                 ws.artifacts / "features" / "train.safetensors", ws.artifacts / "features" / "queries.safetensors"):
+        digest.update(path.read_bytes())
+    digest.update(json.dumps([settings.finetune.model_dump(mode="json"), settings.evaluation.mode,
+                              settings.evaluation.queries, settings.seed], sort_keys=True).encode())
+    return ws.artifacts / "deletion" / "runs" / digest.hexdigest()[:16]
+
+
+def deletion_retrain(settings: PipelineSettings, ws: Workspace, retraining) -> dict:
+    """One retraining of the case-deletion check, measured and saved (``artifacts/deletion/runs/<key>.json``).
+
+    A retraining already on disk is read back, not redone (an interrupted check resumes). The
+    baseline of the run's own seed is the finetuned model itself (its training is deterministic).
+
+    Args:
+        retraining: an :class:`influence.evaluation.case_deletion.Retraining`.
+
+    Returns:
+        ``{"key", "seed", "removed", "measured": [Q][2]}``.
+    """
+    path = deletion_runs(settings, ws) / f"{retraining.key}.json"
+    if path.is_file():
+        return _load_json(path)
+    mode = settings.evaluation.mode
+    if not retraining.removed and retraining.seed == settings.seed:
+        model = finetuned_model(settings, ws, mode)
+    else:
+        train_data = load_split(ws, "train")
+        model, _ = finetune_on(settings, ws, mode, train_data.subset(retraining.keep(len(train_data))),
+                               checkpoint_dir=None, seed=retraining.seed)
+    found = {"key": retraining.key, "seed": retraining.seed, "removed": len(retraining.removed),
+             "measured": _deletion_measure(settings, ws, model).tolist()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    _save_json(found, tmp)
+    tmp.replace(path)
+    return found
+
+
+def deletion_results(settings: PipelineSettings, ws: Workspace, plan) -> StageResult:
+    """Verdicts of the case-deletion check from its retrainings' measurements on disk (``deletion.json``)."""
+    e = settings.evaluation
+    result = StageResult("deletion")
+    measured = {r.key: torch.tensor(deletion_retrain(settings, ws, r)["measured"]) for r in plan.retrainings()}
+    checks = plan.results(measured, extra_name="probability")
+    report = [dict(check.to_dict(), fraction=check.k / plan.n_train) for check in checks]
+    for check in checks:
+        name = f"{check.method}.{check.kind}.k{check.k}"
+        low, high = check.interval()
+        result.metrics.update({
+            f"{name}.delta_top": check.mean_top, f"{name}.delta_random": check.mean_random,
+            f"{name}.difference": check.mean_top - check.mean_random,
+            f"{name}.interval_low": low, f"{name}.interval_high": high, f"{name}.passed": float(check.passed),
+            f"{name}.probability_top": check.to_dict()["extra_mean_top"],
+            f"{name}.probability_random": check.to_dict()["extra_mean_random"],
+        })
+    for method in e.methods:
+        mine = [c for c in checks if c.method == method]
+        result.metrics[f"{method}.passed_fraction"] = sum(c.passed for c in mine) / len(mine)
+    result.metrics["retrainings"] = float(len(measured))
+    _save_json(report, ws.stage_dir("deletion") / "deletion.json")
+    result.outputs["deletion"] = str((ws.artifacts / "deletion" / "deletion.json").relative_to(ws.root))
+    return result
+
+
+def lds_plan(settings: PipelineSettings, ws: Workspace) -> tuple[torch.Tensor, list]:
+    """The LDS subsets and their retrainings: ``([M, N] subset masks, [Retraining])``, every subset with every seed."""
+    from influence.evaluation.case_deletion import Retraining
+    from influence.evaluation.lds import random_subsets
+
+    e = settings.evaluation
+    n_train = len(load_split(ws, "train"))
+    masks = random_subsets(n_train, e.lds_fraction, e.lds_subsets, settings.seed)
+    retrainings = [
+        Retraining(tuple((~mask).nonzero().flatten().tolist()), settings.seed + i)
+        for mask in masks for i in range(e.seeds)
+    ]
+    return masks, retrainings
+
+
+def lds(settings: PipelineSettings, ws: Workspace) -> StageResult:
+    """Linear datamodeling score of every checked method (Park et al. 2023), from retraining on random subsets.
+
+    Each subset keeps ``evaluation.lds_fraction`` of the finetuning train split and is retrained
+    with every seed (the query losses averaged over seeds); a method's LDS is the Spearman
+    correlation, per query, between the losses its scores predict for the subsets and those
+    measured, averaged over the checked queries. Retrainings are saved as they finish (shared with
+    the case-deletion check's store), so an interrupted stage resumes.
+    """
+    from influence.evaluation.lds import lds_per_query
+
+    e = settings.evaluation
+    result = StageResult("lds")
+    with timed(result):
+        if not e.lds:
+            result.info["disabled"] = True
+            result.save(ws)
+            return result
+        masks, retrainings = lds_plan(settings, ws)
+        for i, retraining in enumerate(retrainings):
+            print(f"lds: retraining {i + 1}/{len(retrainings)} (seed {retraining.seed}, {len(retraining.removed)} left out)")
+            deletion_retrain(settings, ws, retraining)
+        losses = torch.stack([torch.tensor(deletion_retrain(settings, ws, r)["measured"])[:, 0] for r in retrainings])
+        outputs = losses.reshape(len(masks), e.seeds, -1).mean(dim=1)  # [M, Q]
+        found = {"subsets": len(masks), "fraction": e.lds_fraction, "seeds": e.seeds, "queries": int(outputs.shape[1]), "methods": {}}
+        for method in e.methods:
+            scores = load_file(str(ws.artifacts / METHOD_STAGES[method] / f"{e.mode}.safetensors"))["scores"][: e.queries]
+            per_query = lds_per_query(scores, masks, outputs)
+            mean = float(per_query[~per_query.isnan()].mean())
+            found["methods"][method] = {"lds": mean, "per_query": per_query.tolist()}
+            result.metrics[f"{method}.lds"] = mean
+        _save_json(found, ws.stage_dir("lds") / "lds.json")
+        result.outputs["lds"] = str((ws.artifacts / "lds" / "lds.json").relative_to(ws.root))
+        result.metrics["retrainings"] = float(len(retrainings))
+    result.save(ws)
+    return result
+
+
+def mislabel(settings: PipelineSettings, ws: Workspace) -> StageResult:
+    """Mislabel detection: flip a seeded share of the training labels, retrain, rank by self-influence.
+
+    The finetuning of ``evaluation.mode`` is re-run on the noisy labels (with checkpoints, for
+    TracIn); every training example gets its self-influence; the detection curve records the share
+    of the flipped labels found against the share of examples inspected in decreasing order.
+    """
+    from influence.api import self_influence
+    from influence.data.datasets import TextClassificationDataset
+    from influence.evaluation.mislabel import detection_curve, flip_labels
+
+    e = settings.evaluation
+    result = StageResult("mislabel")
+    with timed(result):
+        if e.mislabel_fraction == 0:
+            result.info["disabled"] = True
+            result.save(ws)
+            return result
+        train = load_split(ws, "train")
+        noisy_labels, flipped = flip_labels(train.labels, e.mislabel_fraction, num_classes=2, seed=settings.seed)
+        noisy = TextClassificationDataset(train.tokens, noisy_labels, train.ids)
+        out = ws.stage_dir("mislabel")
+        model, _ = finetune_on(settings, ws, e.mode, noisy, checkpoint_dir=out / "checkpoints")
+        task = classification_task(settings)
+        if e.mislabel_method == "tracin":
+            from influence.models.checkpoints import read_manifest
+
+            checkpoints = [(str(c.path), float(c.learning_rate)) for c in read_manifest(out / "checkpoints")]
+            scores = self_influence(task, model, noisy, method="tracin", checkpoints=checkpoints, params="all",
+                                    batch_size=512, device=compute_device(settings))
+        else:
+            a = settings.attribution
+            scores = self_influence(
+                task, model, noisy, method="if", solver="arnoldi", params=list(a.if_params),
+                damping=max(a.damping, settings.finetune.l2), batch_size=512, device=compute_device(settings),
+                solver_options={"n_iterations": a.arnoldi_iterations, "top_k": a.arnoldi_rank, "seed": settings.seed,
+                                "gauss_newton": a.gauss_newton},
+                regularizer=finetune_regularizer(settings, ws, e.mode),
+                hessian_data=noisy.subset(sample_indices(len(noisy), a.hessian_examples, settings.seed)),
+            )
+        curve = detection_curve(scores.detach().cpu().double(), flipped)
+        found = {"method": e.mislabel_method, "fraction": e.mislabel_fraction, "flipped": flipped.tolist(), "curve": curve.to_dict()}
+        _save_json(found, out / "mislabel.json")
+        result.outputs["mislabel"] = str((out / "mislabel.json").relative_to(ws.root))
+        result.metrics.update({"auc": curve.auc, "random_auc": curve.to_dict()["random_auc"], "flipped": float(curve.n_flipped)})
+        for share in (0.05, 0.1, 0.2):
+            result.metrics[f"found_at_{round(share * 100)}pct"] = curve.found_at(share)
+    result.save(ws)
+    return result
+
+
+def deletion(settings: PipelineSettings, ws: Workspace) -> StageResult:
+    """Case-deletion check: retrain without each query's top-k proponents (opponents) vs without k random examples.
+
+    Every retraining is independent and saved as it finishes (an interrupted check resumes); the
+    Prefect flow runs them as parallel tasks, this function (``dvc repro``) one after another.
+    """
     e = settings.evaluation
     result = StageResult("deletion")
     with timed(result):
         if not e.enabled:
-            result.info["skipped"] = True
+            result.info["disabled"] = True
             result.save(ws)
             return result
-        mode = e.mode
-        train_data = load_split(ws, "train")
-        queries = load_split(ws, "queries").subset(list(range(e.queries)))
-        task = classification_task(settings)
-
-        def retrain(keep: list[int]):
-            model, _ = finetune_on(settings, ws, mode, train_data.subset(keep), checkpoint_dir=None)
-            return model
-
-        def measure(model) -> torch.Tensor:
-            with torch.no_grad():
-                batch = torch.utils.data.default_collate([queries[i] for i in range(len(queries))])
-                return task.train_loss(model, batch)
-
-        base = measure(finetuned_model(settings, ws, mode))
-        scores = {
-            method: load_file(str(ws.artifacts / METHOD_STAGES[method] / f"{mode}.safetensors"))["scores"][: e.queries]
-            for method in e.methods
-        }
-        ks = sorted({max(1, round(f * len(train_data))) for f in e.k_fractions})
-        checks = case_deletion(
-            scores, retrain=retrain, measure=measure, base=base, n_train=len(train_data), k=ks,
-            kinds=e.kinds, random_repeats=e.random_repeats, seed=settings.seed, log=print,
-        )
-        report = [dict(check.to_dict(), fraction=check.k / len(train_data)) for check in checks]
-        for check in checks:
-            name = f"{check.method}.{check.kind}.k{check.k}"
-            low, high = check.interval()
-            result.metrics.update({
-                f"{name}.delta_top": check.mean_top, f"{name}.delta_random": check.mean_random,
-                f"{name}.difference": check.mean_top - check.mean_random,
-                f"{name}.interval_low": low, f"{name}.interval_high": high, f"{name}.passed": float(check.passed),
-            })
-        for method in e.methods:
-            mine = [c for c in checks if c.method == method]
-            result.metrics[f"{method}.passed_fraction"] = sum(c.passed for c in mine) / len(mine)
-        _save_json(report, ws.stage_dir("deletion") / "deletion.json")
-        result.outputs["deletion"] = str((ws.artifacts / "deletion" / "deletion.json").relative_to(ws.root))
+        plan = deletion_plan(settings, ws)
+        for i, retraining in enumerate(plan.retrainings()):
+            print(f"deletion: retraining {i + 1}/{len(plan.retrainings())} (seed {retraining.seed}, {len(retraining.removed)} removed)")
+            deletion_retrain(settings, ws, retraining)
+        found = deletion_results(settings, ws, plan)
+        result.metrics.update(found.metrics)
+        result.outputs.update(found.outputs)
     result.save(ws)
     return result

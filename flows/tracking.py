@@ -59,8 +59,8 @@ def log_pipeline_run(
     report_dir: Path,
     tags: dict[str, str],
     run_name: str | None = None,
-) -> str:
-    """Log a finished pipeline run to MLflow and return the parent run id.
+) -> tuple[str, str, str]:
+    """Log a finished pipeline run to MLflow; return the parent run id, its experiment id and the tracking URI.
 
     Args:
         settings: the run's settings (logged as parameters, flattened with dots).
@@ -75,25 +75,52 @@ def log_pipeline_run(
     import mlflow
 
     uri = tracking_uri(settings, root)
+    # mlflow.set_tracking_uri also sets $MLFLOW_TRACKING_URI; put both back afterwards, so that this
+    # run's store does not become the default of the next run in the same process.
+    previous = os.environ.get("MLFLOW_TRACKING_URI")
     mlflow.set_tracking_uri(uri)
-    experiment_id = _experiment(mlflow, settings.tracking.experiment, root, uri)
-    params = _flatten("", settings.model_dump(mode="json"), {})
-    with mlflow.start_run(experiment_id=experiment_id, run_name=run_name) as parent:
-        mlflow.log_params(params)
-        mlflow.set_tags(tags)
-        summary = {}
-        for stage, result in results.items():
-            summary[f"{stage}.seconds"] = result.seconds
-            for key, value in result.metrics.items():
-                if key != "seconds":
-                    summary[f"{stage}.{key}"] = float(value)
-            with mlflow.start_run(experiment_id=experiment_id, run_name=stage, nested=True):
-                mlflow.set_tags({**tags, "stage": stage})
-                mlflow.log_metrics({k: float(v) for k, v in result.metrics.items()})
-                if result.outputs:
-                    mlflow.log_dict(result.outputs, "outputs.json")
-                if result.info:
-                    mlflow.log_dict(result.info, "info.json")
-        mlflow.log_metrics(summary)
-        mlflow.log_artifacts(str(report_dir), artifact_path="report")
-        return parent.info.run_id
+    try:
+        experiment_id = _experiment(mlflow, settings.tracking.experiment, root, uri)
+        params = _flatten("", settings.model_dump(mode="json"), {})
+        with mlflow.start_run(experiment_id=experiment_id, run_name=run_name) as parent:
+            mlflow.log_params(params)
+            mlflow.set_tags(tags)
+            summary = {}
+            for stage, result in results.items():
+                summary[f"{stage}.seconds"] = result.seconds
+                for key, value in result.metrics.items():
+                    if key != "seconds":
+                        summary[f"{stage}.{key}"] = float(value)
+                with mlflow.start_run(experiment_id=experiment_id, run_name=stage, nested=True):
+                    mlflow.set_tags({**tags, "stage": stage})
+                    mlflow.log_metrics({k: float(v) for k, v in result.metrics.items()})
+                    if result.outputs:
+                        mlflow.log_dict(result.outputs, "outputs.json")
+                    if result.info:
+                        mlflow.log_dict(result.info, "info.json")
+            mlflow.log_metrics(summary)
+            mlflow.log_artifacts(str(report_dir), artifact_path="report")
+            _log_tables(mlflow, report_dir)
+            return parent.info.run_id, experiment_id, uri
+    finally:
+        mlflow.set_tracking_uri(previous)
+
+
+def _log_tables(mlflow: Any, report_dir: Path) -> None:
+    """Each CSV table of the report also as an MLflow table (``tables/<name>.json``, the UI's table view)."""
+    import pandas as pd
+
+    for path in sorted(report_dir.glob("*.csv")):
+        frame = pd.read_csv(path, dtype={"query_id": str, "id": str})
+        if not frame.empty:
+            mlflow.log_table(data=frame, artifact_file=f"tables/{path.stem}.json")
+
+
+def run_url(uri: str, experiment_id: str, run_id: str) -> str:
+    """Address of a run's page in the MLflow UI.
+
+    For a tracking server it is the server's own page; for a SQLite store it is the page that
+    ``mlflow ui --backend-store-uri <uri>`` serves on its default address (127.0.0.1:5000).
+    """
+    base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}"

@@ -8,6 +8,7 @@ to the default remote (``dvc push``), exactly as ``dvc repro data && dvc push`` 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import shutil
@@ -82,21 +83,107 @@ def _record_data_params(root: Path, settings: "PipelineSettings") -> None:
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
 
 
+def _lock_hashes(text: str, where: str) -> dict[str, str]:
+    stages = (yaml.safe_load(text) or {}).get("stages", {})
+    outs = stages.get(DATA_STAGE, {}).get("outs", [])
+    hashes = {Path(o["path"]).stem: o["md5"] for o in outs if "md5" in o}
+    if not hashes:
+        raise DataError(f"{where} records no outputs of stage '{DATA_STAGE}': run `dvc repro data` (and commit dvc.lock)")
+    return hashes
+
+
 def dataset_hashes(root: Path) -> dict[str, str]:
-    """``{dataset name: DVC md5}`` of the data stage's outputs, read from ``dvc.lock``.
+    """``{dataset name: DVC md5}`` of the data in the workspace.
+
+    That is the data stage's outputs as ``dvc.lock`` records them, or, after a run with a
+    ``data_rev``, those of that revision (:func:`checkout_data_revision` leaves a marker).
 
     Raises:
         DataError: ``dvc.lock`` does not record the data stage yet.
     """
+    marker = data_revision_marker(root)
+    if marker.is_file():
+        return dict(json.loads(marker.read_text())["hashes"])
     lock = root / "dvc.lock"
     if not lock.is_file():
         raise DataError(f"{lock} is missing: run the data stage first (`dvc repro data` or the pipeline)")
-    stages = (yaml.safe_load(lock.read_text()) or {}).get("stages", {})
-    outs = stages.get(DATA_STAGE, {}).get("outs", [])
-    hashes = {Path(o["path"]).stem: o["md5"] for o in outs if "md5" in o}
-    if not hashes:
-        raise DataError(f"{lock} records no outputs of stage '{DATA_STAGE}': run `dvc repro data`")
-    return hashes
+    return _lock_hashes(lock.read_text(), str(lock))
+
+
+def data_revision_marker(root: Path) -> Path:
+    """``data/prepared/.revision.json``: present while the workspace holds the data of another revision."""
+    return root / "data" / "prepared" / ".revision.json"
+
+
+def resolve_revision(root: Path, rev: str) -> str:
+    """The full commit sha that the git revision ``rev`` (commit, branch, tag, ``HEAD~1``...) names.
+
+    Raises:
+        DataError: ``rev`` names no commit of the repository at ``root``.
+    """
+    proc = subprocess.run(["git", "rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}"], cwd=root,
+                          capture_output=True, text=True)
+    if proc.returncode != 0 or not rev.strip():
+        raise DataError(
+            f"data_rev {rev!r} is not a git revision of {root}; accepted: a commit sha, a branch or a tag "
+            f"(`git log --oneline -- dvc.lock` lists the commits that changed the data version), or '' for the "
+            f"data the workspace builds"
+        )
+    return proc.stdout.strip()
+
+
+def revision_hashes(root: Path, rev: str) -> dict[str, str]:
+    """``{dataset: md5}`` that ``dvc.lock`` records at git revision ``rev``.
+
+    Raises:
+        DataError: ``rev`` is not a revision, or its ``dvc.lock`` has no data version.
+    """
+    commit = resolve_revision(root, rev)
+    proc = subprocess.run(["git", "show", f"{commit}:dvc.lock"], cwd=root, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise DataError(f"data_rev {rev!r} (commit {commit[:12]}) has no dvc.lock: no data version was committed there")
+    return _lock_hashes(proc.stdout, f"dvc.lock at data_rev {rev!r} (commit {commit[:12]})")
+
+
+def checkout_data_revision(root: Path, rev: str, prepared: Path) -> dict[str, object]:
+    """Put the DVC-tracked data of git revision ``rev`` into ``prepared`` (``dvc get --rev``).
+
+    Files already holding that version are left alone; the others come from the DVC cache or the
+    default remote. A marker records the revision so that later stages check the files against
+    its hashes and the report records it.
+
+    Returns:
+        ``{"rev": rev, "commit": full sha, "hashes": {dataset: md5}}``.
+
+    Raises:
+        DataError: ``rev`` is not a revision or has no data version, or a fetched file does not
+            match its recorded hash.
+    """
+    commit = resolve_revision(root, rev)
+    hashes = revision_hashes(root, commit)
+    prepared.mkdir(parents=True, exist_ok=True)
+    for name, md5 in hashes.items():
+        path = prepared / f"{name}.csv"
+        if path.is_file() and md5_file(path) == md5:
+            continue
+        target = path.relative_to(root) if path.is_relative_to(root) else path
+        run_dvc(root, "get", ".", str(target), "--rev", commit, "-o", str(path), "--force")
+        if md5_file(path) != md5:
+            raise DataError(f"{path} fetched for data_rev {rev!r} has md5 {md5_file(path)}, expected {md5}")
+    version = {"rev": rev, "commit": commit, "hashes": hashes}
+    data_revision_marker(root).write_text(json.dumps(version, indent=1, sort_keys=True))
+    return version
+
+
+def workspace_data_is_current(root: Path, prepared: Path) -> bool:
+    """True when ``prepared`` holds the data ``dvc.lock`` records (not another revision's, not edited)."""
+    if data_revision_marker(root).is_file():
+        return False
+    try:
+        verify_datasets(root, prepared)
+    except DataError:
+        return False
+    return True
 
 
 def md5_file(path: Path) -> str:
@@ -118,7 +205,7 @@ def verify_datasets(root: Path, prepared: Path, names: tuple[str, ...] = DATASET
         DataError: a file is missing or its content differs from the recorded version; the
             message names the file and the command that restores it (``dvc pull``).
     """
-    recorded = dataset_hashes(root) if (root / "dvc.lock").is_file() else {}
+    recorded = dataset_hashes(root) if (root / "dvc.lock").is_file() or data_revision_marker(root).is_file() else {}
     found = {}
     for name in names:
         path = prepared / f"{name}.csv"
@@ -142,3 +229,16 @@ def git_revision(root: Path) -> str:
     except (subprocess.CalledProcessError, FileNotFoundError):
         return "unknown"
     return rev + ("-dirty" if dirty else "")
+
+
+def data_version(root: Path) -> dict[str, str]:
+    """Which data the workspace holds: ``{"rev": ..., "commit": ...}``.
+
+    ``rev`` is the ``data_rev`` of the run that checked it out, or ``"workspace"`` when the data
+    stage built it (its version is then the one ``dvc.lock`` records at ``commit``).
+    """
+    marker = data_revision_marker(root)
+    if marker.is_file():
+        found = json.loads(marker.read_text())
+        return {"rev": str(found["rev"]), "commit": str(found["commit"])}
+    return {"rev": "workspace", "commit": git_revision(root)}

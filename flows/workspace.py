@@ -9,7 +9,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-STAGES = ("data", "features", "pretrain", "finetune", "gradients", "influence", "multistage", "tracin_we", "deletion", "report")
+STAGES = (
+    "data", "features", "pretrain", "finetune", "gradients", "influence", "multistage", "tracin_we", "tracin_last",
+    "grad_cos", "deletion", "lds", "mislabel", "report",
+)
 
 
 @dataclass(frozen=True)

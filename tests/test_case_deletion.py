@@ -100,3 +100,94 @@ def test_bad_arguments():
         case_deletion({"m": torch.zeros(2, 4)}, retrain=lambda k: None, measure=lambda m: None, base=torch.zeros(3), n_train=4, k=1)
     with pytest.raises(InvalidArgumentError, match="kind"):
         top_k_indices(torch.zeros(2, 5), 1, "neutral")
+
+
+# -- the plan: independent retrainings, several seeds, a second measurement -----------------------
+
+
+def _fit_seeded(x, y, seed):
+    """Least squares plus a seed-dependent offset: a 'training' whose outcome depends on its seed."""
+    model = _fit(x, y)
+    with torch.no_grad():
+        model.weight.add_(0.05 * torch.randn(1, 3, generator=torch.Generator().manual_seed(seed), dtype=torch.float64))
+    return model
+
+
+def test_plan_matches_retraining_by_hand_over_seeds():
+    from influence.evaluation.case_deletion import Retraining, plan_deletion
+
+    x, y, xq, yq = _problem()
+
+    def measure(model):
+        loss = ((model(xq).squeeze(1) - yq) ** 2).detach()
+        return torch.stack([loss, torch.exp(-loss)], dim=1)
+
+    scores = {"a": torch.randn(3, 40, generator=torch.Generator().manual_seed(1), dtype=torch.float64),
+              "b": torch.randn(3, 40, generator=torch.Generator().manual_seed(2), dtype=torch.float64)}
+    plan = plan_deletion(scores, n_train=40, k=[3, 6], kinds=("proponents", "opponents"), random_repeats=2,
+                         seeds=[7, 8], seed=3)
+    retrainings = plan.retrainings()
+    assert retrainings[:2] == [Retraining((), 7), Retraining((), 8)]  # the baselines first
+    assert len({r.key for r in retrainings}) == len(retrainings)  # distinct, each once
+    measured = {r.key: measure(_fit_seeded(x[r.keep(40)], y[r.keep(40)], r.seed)) for r in reversed(retrainings)}
+    results = plan.results(measured, extra_name="probability")
+    assert [(c.k, c.method, c.kind) for c in results] == [
+        (k, m, kind) for k in (3, 6) for m in ("a", "b") for kind in ("proponents", "opponents")]
+
+    def by_hand(removed, q, column):
+        keep = sorted(set(range(40)) - set(removed))
+        return sum(float(measure(_fit_seeded(x[keep], y[keep], s))[q, column] - measure(_fit_seeded(x, y, s))[q, column])
+                   for s in (7, 8)) / 2
+
+    for check in results:
+        top = top_k_indices(scores[check.method], check.k, check.kind)
+        for q in range(3):
+            assert check.removed_top[q] == top[q].tolist()
+            assert check.delta_top[q] == pytest.approx(by_hand(top[q].tolist(), q, 0), rel=1e-10, abs=1e-12)
+            assert check.extra_top[q] == pytest.approx(by_hand(top[q].tolist(), q, 1), rel=1e-10, abs=1e-12)
+        for r, removed in enumerate(random_removals(40, check.k, 2, 3 + check.k)):
+            assert check.delta_random[r] == pytest.approx([by_hand(removed, q, 0) for q in range(3)], rel=1e-10, abs=1e-12)
+        assert check.extra_name == "probability" and "extra_mean_top" in check.to_dict()
+
+
+def test_plan_with_one_seed_and_the_base_model_equals_case_deletion():
+    from influence.evaluation.case_deletion import plan_deletion
+
+    x, y, xq, yq = _problem()
+
+    def measure(model):
+        return ((model(xq).squeeze(1) - yq) ** 2).detach()
+
+    scores = {"a": torch.randn(3, 40, generator=torch.Generator().manual_seed(1), dtype=torch.float64)}
+    expected = case_deletion(scores, retrain=lambda keep: _fit(x[keep], y[keep]), measure=measure, base=measure(_fit(x, y)),
+                             n_train=40, k=[4, 8], kinds=("proponents", "opponents"), random_repeats=2, seed=5)
+    plan = plan_deletion(scores, n_train=40, k=[4, 8], kinds=("proponents", "opponents"), random_repeats=2, seeds=[0], seed=5)
+    found = plan.results({r.key: measure(_fit(x[r.keep(40)], y[r.keep(40)])) for r in plan.retrainings()})
+    for a, b in zip(found, expected, strict=True):
+        assert (a.method, a.k, a.kind, a.removed_top) == (b.method, b.k, b.kind, b.removed_top)
+        assert a.delta_top == pytest.approx(b.delta_top, rel=1e-10, abs=1e-12)
+        for row_a, row_b in zip(a.delta_random, b.delta_random, strict=True):
+            assert row_a == pytest.approx(row_b, rel=1e-10, abs=1e-12)
+        assert a.extra_name == "" and a.passed == b.passed
+
+
+def test_plan_refuses_bad_arguments_and_missing_measurements():
+    from influence.evaluation.case_deletion import Retraining, plan_deletion
+
+    scores = {"a": torch.zeros(2, 10)}
+    with pytest.raises(InvalidArgumentError, match="k"):
+        plan_deletion(scores, n_train=10, k=10)
+    with pytest.raises(InvalidArgumentError, match="seeds"):
+        plan_deletion(scores, n_train=10, k=2, seeds=[1, 1])
+    with pytest.raises(InvalidArgumentError, match="scores shapes"):
+        plan_deletion({"a": torch.zeros(2, 10), "b": torch.zeros(3, 10)}, n_train=10, k=2)
+    plan = plan_deletion(scores, n_train=10, k=2, seeds=[0])
+    measured = {r.key: torch.zeros(2) for r in plan.retrainings()}
+    missing = plan.retrainings()[-1]
+    del measured[missing.key]
+    with pytest.raises(InvalidArgumentError, match=missing.key):
+        plan.results(measured)
+    measured[missing.key] = torch.zeros(3)
+    with pytest.raises(InvalidArgumentError, match="shape"):
+        plan.results(measured)
+    assert Retraining((1, 2), 0).key == Retraining((1, 2), 0).key != Retraining((1, 2), 1).key

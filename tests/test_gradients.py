@@ -4,6 +4,8 @@ checked in float64 against brute-force references from ``tests/zoo.py``."""
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -252,31 +254,105 @@ def test_cache_matches_direct_gradients(tmp_path, cache_problem):
     assert GradientCache(tmp_path).exists()
 
 
-def test_cache_resume_is_bit_identical(tmp_path, cache_problem, monkeypatch):
-    build(tmp_path / "whole", cache_problem)
+def temporaries(directory):
+    return sorted(p.name for p in directory.glob(".*.tmp-*"))
 
-    def kill_after_two(done, total):
-        if done == 2:
+
+class _ReplaceKilledOnShard2:
+    """Stands in for ``os`` inside the cache module: ``os.replace`` of shard 2 is interrupted."""
+
+    def __getattr__(self, name):
+        return getattr(os, name)
+
+    @staticmethod
+    def replace(source, destination):
+        if Path(destination).name == "shard_00002.safetensors":
             raise KeyboardInterrupt
+        os.replace(source, destination)
 
+
+CRASHES = ["after shard 2", "mid-shard computation", "mid-shard write", "leftover partial files"]
+
+
+@pytest.mark.parametrize("device", zoo.DEVICES)
+@pytest.mark.parametrize("crash", CRASHES)
+def test_cache_resume_is_bit_identical(tmp_path, cache_problem, monkeypatch, crash, device):
+    task, model, data, names = cache_problem
+    problem = (task, zoo.on_device(model, device), data, names)
+    if device != "cpu":  # CUDA atomics may otherwise reorder float sums from one run to the next
+        monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        enabled = torch.are_deterministic_algorithms_enabled()
+        warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        check_resume(tmp_path, problem, monkeypatch, crash, device)
+    finally:
+        if device != "cpu":
+            torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
+
+
+def check_resume(tmp_path, problem, monkeypatch, crash, device):
+    """Build whole; build again killed by ``crash`` (11 examples in 4 shards of 3, batches of 2);
+    resume: the same files, byte for byte, computing only the shards that were not stored."""
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    build(whole, problem, device=device)
+    original, options = cache_module.iter_gradients, {}
+    if crash == "after shard 2":
+        def kill_after_two(done, total):
+            if done == 2:
+                raise KeyboardInterrupt
+
+        options["on_shard"] = kill_after_two
+    elif crash == "mid-shard computation":  # killed after the first of shard 2's two batches
+        started = []
+
+        def interrupted(*args, **kwargs):
+            started.append(1)
+            for i, block in enumerate(original(*args, **kwargs)):
+                if len(started) == 3 and i == 1:
+                    raise KeyboardInterrupt
+                yield block
+
+        monkeypatch.setattr(cache_module, "iter_gradients", interrupted)
+    elif crash == "mid-shard write":  # killed inside the write of shard 2: no partial file stays
+        monkeypatch.setattr(cache_module, "os", _ReplaceKilledOnShard2())
+    else:  # what SIGKILL mid-write can leave: a truncated temporary of another process and a
+        # truncated shard file that the manifest does not list
+        write = cache_module._atomic_write
+
+        def torn(path, payload):
+            if path.name == "shard_00002.safetensors":
+                (path.parent / f".{path.name}.tmp-999999").write_bytes(payload[: len(payload) // 2])
+                path.write_bytes(payload[: len(payload) // 3])
+                raise KeyboardInterrupt
+            write(path, payload)
+
+        monkeypatch.setattr(cache_module, "_atomic_write", torn)
     with pytest.raises(KeyboardInterrupt):
-        build(tmp_path / "resumed", cache_problem, on_shard=kill_after_two)
-    assert not GradientCache(tmp_path / "resumed").exists()
+        build(resumed, problem, device=device, **options)
+    monkeypatch.undo()
+    assert not GradientCache(resumed).exists()
+    assert sorted(GradientCache(resumed).manifest["shards"]) == ["0", "1"]
+    if crash == "leftover partial files":
+        assert temporaries(resumed) == [".shard_00002.safetensors.tmp-999999"]
+        assert (resumed / "shard_00002.safetensors").is_file()
+    else:
+        assert temporaries(resumed) == []
     calls = []
-    original = cache_module.iter_gradients
 
     def counting(*args, **kwargs):
         calls.append(1)
         return original(*args, **kwargs)
 
     monkeypatch.setattr(cache_module, "iter_gradients", counting)
-    build(tmp_path / "resumed", cache_problem)
-    assert len(calls) == 2
+    build(resumed, problem, device=device)
+    assert len(calls) == 2  # shards 2 and 3
     for i in range(4):
         name = f"shard_0000{i}.safetensors"
-        assert (tmp_path / "whole" / name).read_bytes() == (tmp_path / "resumed" / name).read_bytes()
-    whole = json.loads((tmp_path / "whole" / "manifest.json").read_text())
-    assert whole == GradientCache(tmp_path / "resumed").manifest
+        assert (whole / name).read_bytes() == (resumed / name).read_bytes()
+    assert json.loads((whole / "manifest.json").read_text()) == GradientCache(resumed).manifest
+    assert sorted(p.name for p in resumed.iterdir()) == sorted(p.name for p in whole.iterdir())
+    assert temporaries(resumed) == []
 
 
 def test_cache_refuses_other_arguments(tmp_path, cache_problem):

@@ -1,4 +1,7 @@
-"""LDS against a brute-force Spearman computation, and against actual retraining of a tiny model."""
+"""LDS against a brute-force Spearman computation, and against actual retraining of a tiny model.
+
+The brute-force comparisons run on every device of ``zoo.DEVICES`` (CUDA ones are ``gpu``-marked):
+the inputs are moved there, the pure-Python reference stays on the CPU."""
 
 from __future__ import annotations
 
@@ -9,6 +12,7 @@ import torch
 
 from influence.evaluation import lds, lds_per_query, random_subsets, spearman
 from influence.exceptions import InvalidArgumentError
+from tests import zoo
 
 
 def brute_ranks(values: list[float]) -> list[float]:
@@ -27,16 +31,19 @@ def brute_spearman(a: list[float], b: list[float]) -> float:
     return cov / math.sqrt(sum((x - ma) ** 2 for x in ra) * sum((y - mb) ** 2 for y in rb))
 
 
-def test_spearman_matches_brute_force_with_ties():
+@pytest.mark.parametrize("device", zoo.DEVICES)
+def test_spearman_matches_brute_force_with_ties(device):
     g = torch.Generator().manual_seed(0)
     a = torch.randint(0, 5, (4, 12), generator=g).double()  # many ties
     b = torch.randn(4, 12, generator=g, dtype=torch.float64)
-    ours = spearman(a, b)
+    ours = spearman(a.to(device), b.to(device))
+    assert ours.device.type == device
     for i in range(4):
         assert ours[i].item() == pytest.approx(brute_spearman(a[i].tolist(), b[i].tolist()), rel=1e-12, abs=1e-12)
 
 
-def test_lds_matches_brute_force():
+@pytest.mark.parametrize("device", zoo.DEVICES)
+def test_lds_matches_brute_force(device):
     g = torch.Generator().manual_seed(1)
     scores = torch.randn(3, 10, generator=g, dtype=torch.float64)
     masks = random_subsets(10, 0.5, 8, seed=2)
@@ -45,8 +52,11 @@ def test_lds_matches_brute_force():
     for q in range(3):
         predicted = [-sum(scores[q, i].item() for i in range(10) if masks[j, i]) for j in range(8)]
         expected.append(brute_spearman(predicted, outputs[:, q].tolist()))
-    assert lds_per_query(scores, masks, outputs).tolist() == pytest.approx(expected, rel=1e-12)
-    assert lds(scores, masks, outputs) == pytest.approx(sum(expected) / 3, rel=1e-12)
+    inputs = (scores.to(device), masks.to(device), outputs.to(device))
+    per_query = lds_per_query(*inputs)
+    assert per_query.device.type == device
+    assert per_query.tolist() == pytest.approx(expected, rel=1e-12)
+    assert lds(*inputs) == pytest.approx(sum(expected) / 3, rel=1e-12)
 
 
 def test_exact_leave_out_scores_on_least_squares_give_high_lds():

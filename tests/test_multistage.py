@@ -13,6 +13,9 @@ keeps its weight ``1/n_pt``. (Re-normalising the mean to ``1/(n_pt - 1)`` also w
 regulariser relative to the data by ``1/n_pt``, which shifts every removal's actual change of a
 query by the same amount, ``-(1/n_pt) grad f^T H^{-1} grad R``: rankings per query are unchanged,
 pooled correlations are not.)
+
+The comparison with retraining runs on every device of ``zoo.DEVICES`` (CUDA ones are
+``gpu``-marked): the predicted scores are computed there, the retraining stays on the CPU.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from influence.exceptions import InvalidArgumentError
 from influence.gradients.layout import ParameterLayout
 from influence.methods.multistage import multistage_scores
 from influence.task import ClassificationTask
+from tests import zoo
 
 VOCAB, DIM, CONTEXT, SENTENCE = 12, 3, 3, 4
 N_PRETRAIN, N_FINETUNE, N_QUERY, N_REMOVED = 300, 40, 4, 25
@@ -160,6 +164,16 @@ def pearson(a: Tensor, b: Tensor) -> float:
     return float(torch.corrcoef(torch.stack([a.flatten(), b.flatten()]))[0, 1])
 
 
+def predict(task, pretrained, finetuned, pretrain_data, finetune_data, query_data, mode, device="cpu"):
+    """Multi-stage scores ``[N_QUERY, N_PRETRAIN]`` with exact solvers, computed on ``device``."""
+    return multistage_scores(
+        task, zoo.on_device(pretrained, device), pretrain_data, task, zoo.on_device(finetuned, device),
+        finetune_data, query_data, embedding=mode, alpha=ALPHA if mode == "updated" else 0.0,
+        finetune_solver="exact", pretrain_solver="exact", damping=0.0,
+        finetune_regularizer=l2_head, pretrain_regularizer=l2_all, batch_size=128, device=device,
+    )
+
+
 @pytest.fixture(scope="module")
 def two_stage():
     """Trained models of both modes, predicted scores (exact solvers) and actual changes."""
@@ -184,12 +198,7 @@ def two_stage():
         model.embedding.weight.requires_grad_(mode == "updated")
         finetune(model, data, pretrained.embedding.weight.detach().clone(), mode)
         finetuned[mode] = model
-        predicted[mode] = multistage_scores(
-            task, pretrained, pretrain_data, task, model, finetune_data, query_data,
-            embedding=mode, alpha=ALPHA if mode == "updated" else 0.0,
-            finetune_solver="exact", pretrain_solver="exact", damping=0.0,
-            finetune_regularizer=l2_head, pretrain_regularizer=l2_all, batch_size=128,
-        )
+        predicted[mode] = predict(task, pretrained, model, pretrain_data, finetune_data, query_data, mode)
     removed = list(range(N_REMOVED))
     actual = {mode: torch.zeros(N_QUERY, N_REMOVED, dtype=torch.float64) for mode in finetuned}
     base = {mode: query_losses(model, data) for mode, model in finetuned.items()}
@@ -213,9 +222,20 @@ def two_stage():
             "finetune_data": finetune_data, "query_data": query_data}
 
 
+@pytest.mark.parametrize("device", zoo.DEVICES)
 @pytest.mark.parametrize("mode", ["fixed", "updated"])
-def test_multistage_matches_two_stage_retraining(two_stage, mode):
-    predicted = two_stage["predicted"][mode][:, two_stage["removed"]]
+def test_multistage_matches_two_stage_retraining(two_stage, mode, device):
+    if device == "cpu":  # the fixture's scores were computed on the CPU
+        scores = two_stage["predicted"][mode]
+    else:
+        scores = predict(two_stage["task"], two_stage["pretrained"], two_stage["finetuned"][mode],
+                         two_stage["pretrain_data"], two_stage["finetune_data"], two_stage["query_data"],
+                         mode, device)
+        assert scores.device.type == device
+        expected = two_stage["predicted"][mode]
+        atol = 1e-10 * float(expected.abs().max())
+        torch.testing.assert_close(scores.cpu(), expected, rtol=1e-6, atol=atol)
+    predicted = scores[:, two_stage["removed"]].cpu()
     actual = two_stage["actual"][mode]
     assert predicted.shape == (N_QUERY, N_REMOVED)
     correlation = pearson(predicted, actual)

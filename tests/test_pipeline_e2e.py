@@ -8,7 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from flows.settings import load_settings
+from PIL import Image
+
+from flows.settings import load_settings, with_overrides
 from influence.reports.tables import COLUMNS
 
 
@@ -22,16 +24,15 @@ def prefect_harness():
 
 @pytest.mark.slow
 def test_pipeline_end_to_end(project: Path, prefect_harness):
-    import mlflow
     from mlflow.tracking import MlflowClient
 
     from flows.pipeline import pipeline
 
-    settings = load_settings(project / "params.yaml")
-    outcome = pipeline(settings=settings, project_dir=str(project))
+    overrides = {"evaluation": {"lds": True, "lds_subsets": 4}}  # the LDS stage as the nightly deployment runs it
+    settings = with_overrides(load_settings(project / "params.yaml"), overrides)
+    outcome = pipeline(settings=load_settings(project / "params.yaml"), project_dir=str(project), overrides=overrides)
 
-    mlflow.set_tracking_uri(f"sqlite:///{project / 'mlruns.db'}")
-    client = MlflowClient()
+    client = MlflowClient(tracking_uri=f"sqlite:///{project / 'mlruns.db'}")
     run = client.get_run(outcome["mlflow_run_id"])
     assert run.info.status == "FINISHED"
     for name in ("pretrain", "finetune", "mnist"):
@@ -45,10 +46,18 @@ def test_pipeline_end_to_end(project: Path, prefect_harness):
         assert f"deletion.{method}.passed_fraction" in metrics
         assert any(k.startswith(f"deletion.{method}.proponents.k") and k.endswith(".interval_low") for k in metrics)
         assert any(k.startswith(f"deletion.{method}.opponents.k") and k.endswith(".passed") for k in metrics)
+        assert any(k.startswith(f"deletion.{method}.proponents.k") and k.endswith(".probability_top") for k in metrics)
+        assert -1.0 <= metrics[f"lds.{method}.lds"] <= 1.0
+    assert set(settings.evaluation.methods) == {"if", "tracin_we", "tracin_last", "grad_cos"}
+    assert 0.0 <= metrics["mislabel.auc"] <= 1.0 and metrics["mislabel.flipped"] == round(0.1 * 240)
+    assert run.data.params["evaluation.lds"] == "True"
     children = client.search_runs(
         [run.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{run.info.run_id}'"
     )
-    assert {c.data.tags["stage"] for c in children} >= {"data", "pretrain", "finetune", "multistage", "influence", "tracin_we", "deletion"}
+    assert {c.data.tags["stage"] for c in children} >= {
+        "data", "pretrain", "finetune", "multistage", "influence", "tracin_we", "tracin_last", "grad_cos", "deletion",
+        "lds", "mislabel",
+    }
 
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "report")}
     assert "report/report.html" in artifacts and "report/attributions.csv" in artifacts
@@ -57,8 +66,80 @@ def test_pipeline_end_to_end(project: Path, prefect_harness):
     assert list(rows[0]) == list(COLUMNS)
     sources = {(r["source"], r["method"], r["mode"]) for r in rows}
     for mode in settings.finetune.modes:
-        assert {("pretraining", "multistage", mode), ("finetuning", "influence", mode), ("finetuning", "tracin_we", mode)} <= sources
+        assert {("pretraining", "multistage", mode), ("finetuning", "influence", mode), ("finetuning", "tracin_we", mode),
+                ("finetuning", "tracin_last", mode), ("finetuning", "grad_cos", mode)} <= sources
     k, n_queries = settings.attribution.top_k, settings.attribution.queries
-    assert len(rows) == 3 * len(settings.finetune.modes) * n_queries * 2 * k
+    assert len(rows) == 5 * len(settings.finetune.modes) * n_queries * 2 * k
     page = (local / "report.html").read_text()
     assert page.count("<h2>Query ") == n_queries and "Case-deletion check" in page
+    assert "Linear datamodeling score" in page and "Mislabel detection" in page
+    for method in settings.evaluation.methods:  # its rows in the deletion table (kinds x k), and one in the LDS table
+        assert page.count(f"<td>{method}</td>") == 2 * len(settings.evaluation.k_fractions) + 1
+    figures = {p.name for p in (local / "figures").iterdir()}
+    assert figures == {"scores.png", "agreement_fixed.png", "agreement_updated.png", "deletion.png", "mislabel.png"}
+    for name in figures:
+        data = (local / "figures" / name).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+        with Image.open(local / "figures" / name) as image:
+            image.verify()
+    assert page.count("src='data:image/png;base64,") == len(figures)  # the page carries its figures
+    tables = {a.path for a in client.list_artifacts(run.info.run_id, "tables")}
+    assert "tables/attributions.json" in tables
+
+    # Prefect artifacts of the run: a link to the MLflow run, a markdown summary, a table
+    from prefect import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    flow_run_id = run.data.tags["prefect_flow_run_id"]
+    with get_client(sync_client=True) as prefect_client:
+        artifacts = prefect_client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))
+        )
+    by_key = {a.key: a for a in artifacts}
+    assert {"mlflow-run", "attribution-summary", "attributions"} <= set(by_key)
+    assert run.info.run_id in str(by_key["mlflow-run"].data)
+    summary = str(by_key["attribution-summary"].data)
+    assert "Case-deletion check" in summary and "test accuracy" in summary and "Top proponents" in summary
+
+
+@pytest.mark.slow
+def test_unchanged_stages_are_skipped_and_data_rev_reads_a_committed_version(project: Path, prefect_harness):
+    from mlflow.tracking import MlflowClient
+
+    from flows.pipeline import pipeline
+    from flows.settings import validate_settings
+    from flows.workspace import STAGES
+    from influence.exceptions import DataError
+    from tests.conftest import git
+
+    settings = load_settings(project / "params.yaml")
+    first = pipeline(settings=settings, project_dir=str(project))
+    assert first["skipped"] == []
+
+    again = pipeline(settings=settings, project_dir=str(project))
+    assert again["skipped"] == [s for s in STAGES if s != "report"]  # the report always makes a new MLflow run
+
+    changed = settings.model_dump(mode="json")
+    changed["evaluation"]["random_repeats"] = 2  # an evaluation setting: only deletion and lds read them all
+    third = pipeline(settings=validate_settings(changed), project_dir=str(project))
+    assert third["skipped"] == [s for s in STAGES if s not in ("deletion", "lds", "report")]  # both read evaluation
+
+    # the data version as a git revision: commit what the data stage recorded, then read it back
+    git(project, "add", "dvc.lock", "params.yaml")
+    git(project, "commit", "-qm", "data version 1")
+    git(project, "tag", "data-v1")
+    commit = git(project, "rev-parse", "HEAD").strip()
+    (project / "data" / "prepared" / "finetune.csv").write_text("edited by hand\n")
+    pinned = pipeline(settings=settings, project_dir=str(project), data_rev="data-v1")
+    assert "data" not in pinned["skipped"] and "features" in pinned["skipped"]  # same data, same features
+    client = MlflowClient(tracking_uri=f"sqlite:///{project / 'mlruns.db'}")
+    tags = client.get_run(pinned["mlflow_run_id"]).data.tags
+    assert tags["data_rev"] == "data-v1" and tags["data_commit"] == commit
+
+    with pytest.raises(DataError, match="data_rev 'no-such-tag' is not a git revision"):
+        pipeline(settings=settings, project_dir=str(project), data_rev="no-such-tag")
+
+    # back to the workspace's own data: the data stage rebuilds it (the marker of data-v1 is removed)
+    back = pipeline(settings=settings, project_dir=str(project))
+    assert "data" not in back["skipped"] and "features" in back["skipped"]
+    assert client.get_run(back["mlflow_run_id"]).data.tags["data_rev"] == "workspace"

@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -102,10 +103,10 @@ def test_both_servers_answer_within_a_minute(servers: Servers):
     assert status.returncode == 0 and servers.prefect_url in status.stdout and servers.mlflow_url in status.stdout
 
 
-def _deployment(servers: Servers) -> dict:
+def _deployment(servers: Servers, name: str = "pipeline/on-demand") -> dict:
     import httpx
 
-    response = httpx.get(f"{servers.prefect_url}/api/deployments/name/pipeline/on-demand", timeout=10)
+    response = httpx.get(f"{servers.prefect_url}/api/deployments/name/{name}", timeout=10)
     response.raise_for_status()
     return response.json()
 
@@ -124,6 +125,13 @@ def test_deployment_form_defaults_come_from_params_yaml(servers: Servers):
 
     deployment = _deployment(servers)
     assert deployment["work_pool_name"] == "cpu"
+    assert deployment["parameters"]["gpu_deployment"] == "attribution/gpu" and deployment["parameters"]["data_rev"] == ""
+    gpu = _deployment(servers, "attribution/gpu")
+    assert gpu["work_pool_name"] == "gpu"
+    import httpx
+
+    pool = httpx.get(f"{servers.prefect_url}/api/work_pools/gpu", timeout=10).json()
+    assert pool["concurrency_limit"] == 1  # one run per GPU
     assert deployment["parameters"]["settings"] == load_settings(servers.root / "params.yaml").model_dump(mode="json")
     assert Path(deployment["parameters"]["project_dir"]) == servers.root
     schema = deployment["parameter_openapi_schema"]
@@ -132,20 +140,17 @@ def test_deployment_form_defaults_come_from_params_yaml(servers: Servers):
     assert schema["definitions"]["AttributionSettings"]["properties"]["measurement"]["enum"] == ["loss", "margin"]
 
 
-def test_run_button_run_completes_and_logs_the_report_to_mlflow(servers: Servers):
+def _trigger_and_wait(servers: Servers, parameters: dict) -> str:
+    """Create a run of pipeline/on-demand as the UI's Run button does; wait until it ends Completed."""
     import httpx
-    from mlflow.tracking import MlflowClient
 
     deployment = _deployment(servers)
-    parameters = json.loads(json.dumps(deployment["parameters"]))
-    parameters["settings"]["attribution"]["top_k"] = 2  # a custom run: one setting changed in the form
     response = httpx.post(
         f"{servers.prefect_url}/api/deployments/{deployment['id']}/create_flow_run",
         json={"parameters": parameters}, timeout=30,
     )
     assert response.status_code == 201, response.text
     flow_run_id = response.json()["id"]
-
     began, state = time.monotonic(), None
     while time.monotonic() - began < RUN_TIMEOUT_SECONDS:
         state = httpx.get(f"{servers.prefect_url}/api/flow_runs/{flow_run_id}", timeout=10).json()["state_type"]
@@ -153,7 +158,58 @@ def test_run_button_run_completes_and_logs_the_report_to_mlflow(servers: Servers
             break
         time.sleep(2)
     print(f"flow run {flow_run_id}: {state} after {time.monotonic() - began:.1f} s")
-    assert state == "COMPLETED", f"flow run ended {state}; worker log:\n{servers.log('worker')}"
+    assert state == "COMPLETED", (
+        f"flow run ended {state}; worker log:\n{servers.log('worker')}\ngpu worker log:\n{servers.log('gpu-worker')}"
+    )
+    return flow_run_id
+
+
+def _custom_parameters(servers: Servers) -> dict:
+    parameters = json.loads(json.dumps(_deployment(servers)["parameters"]))
+    parameters["settings"]["attribution"]["top_k"] = 2  # a custom run: one setting changed in the form
+    return parameters
+
+
+def _children(servers: Servers, flow_run_id: str) -> list[dict]:
+    import httpx
+
+    body = {"flow_runs": {"parent_flow_run_id": {"any_": [flow_run_id]}}}
+    response = httpx.post(f"{servers.prefect_url}/api/flow_runs/filter", json=body, timeout=10)
+    response.raise_for_status()
+    return response.json()
+
+
+def _task_states(servers: Servers, flow_run_ids: list[str]) -> dict[str, str]:
+    import httpx
+
+    body = {"flow_runs": {"id": {"any_": flow_run_ids}}}
+    response = httpx.post(f"{servers.prefect_url}/api/task_runs/filter", json=body, timeout=10)
+    response.raise_for_status()
+    return {r["name"]: r["state"]["name"] for r in response.json()}
+
+
+def test_run_button_run_completes_and_logs_the_report_to_mlflow(servers: Servers):
+    import httpx
+    from mlflow.tracking import MlflowClient
+
+    flow_run_id = _trigger_and_wait(servers, _custom_parameters(servers))
+
+    # the GPU stages ran as attribution/gpu on the gpu pool, falling back to the CPU here
+    children = _children(servers, flow_run_id)
+    gpu_runs = [c for c in children if c["work_pool_name"] == "gpu"]
+    assert len(gpu_runs) == 1 and gpu_runs[0]["state_type"] == "COMPLETED", children
+    assert {"gradients", "influence", "multistage", "tracin_we"} <= set(_task_states(servers, [gpu_runs[0]["id"]]))
+    import torch
+
+    if not torch.cuda.is_available():
+        assert "fall back to the CPU" in servers.log("gpu-worker")
+
+    # Prefect artifacts: the link to the MLflow run, the markdown summary, the table
+    body = {"artifacts": {"flow_run_id": {"any_": [flow_run_id]}}}
+    artifacts = {a["key"]: a for a in httpx.post(f"{servers.prefect_url}/api/artifacts/filter", json=body, timeout=10).json()}
+    assert {"mlflow-run", "attribution-summary", "attributions"} <= set(artifacts)
+    assert servers.mlflow_url in artifacts["mlflow-run"]["data"]
+    assert "Case-deletion check" in artifacts["attribution-summary"]["data"]
 
     client = MlflowClient(tracking_uri=servers.mlflow_url)
     experiment = client.get_experiment_by_name("influence-pipeline")
@@ -169,6 +225,131 @@ def test_run_button_run_completes_and_logs_the_report_to_mlflow(servers: Servers
         f"{servers.mlflow_url}/get-artifact", params={"path": "report/report.html", "run_uuid": run.info.run_id}, timeout=30,
     )
     assert page.status_code == 200 and "Case-deletion check" in page.text
+    assert run.info.run_id in artifacts["mlflow-run"]["data"]
+
+
+def test_second_run_with_unchanged_inputs_skips_its_stages(servers: Servers):
+    from mlflow.tracking import MlflowClient
+
+    from flows.workspace import STAGES
+
+    flow_run_id = _trigger_and_wait(servers, _custom_parameters(servers))
+    computing = tuple(s for s in STAGES if s != "report")
+    began = time.monotonic()
+    while True:  # task-run states reach the API as events, a moment after the flow run ends
+        states = _task_states(servers, [flow_run_id] + [c["id"] for c in _children(servers, flow_run_id)])
+        if all(states.get(stage) == "Skipped" for stage in computing) or time.monotonic() - began > 30:
+            break
+        time.sleep(1)
+    print(states)
+    assert {stage: states.get(stage) for stage in computing} == dict.fromkeys(computing, "Skipped")
+    assert [state for name, state in states.items() if name.startswith("report")] == ["Completed"]  # its own MLflow run
+    client = MlflowClient(tracking_uri=servers.mlflow_url)
+    experiment = client.get_experiment_by_name("influence-pipeline")
+    runs = client.search_runs([experiment.experiment_id], filter_string=f"tags.prefect_flow_run_id = '{flow_run_id}'")
+    parent = [r for r in runs if "mlflow.parentRunId" not in r.data.tags][0]
+    assert parent.data.tags["stages_skipped"] == ",".join(computing)
+
+
+CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = [  # headless on a machine whose only network is loopback
+    "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+]
+SCREENSHOTS = Path(__file__).resolve().parents[1] / "test-output" / "browser"
+BROWSER_EXPERIMENT = "browser-check"  # the one setting the test changes in the form: read by the report alone
+
+
+class Browser:
+    """One headless Chromium page (Playwright driving Debian's chromium) that saves numbered screenshots."""
+
+    def __init__(self, playwright):
+        if not Path(CHROMIUM).is_file():
+            pytest.fail(f"{CHROMIUM} is missing: run scripts/install-browser (scripts/run-tests does)")
+        self.browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        self.page = self.browser.new_page(viewport={"width": 1400, "height": 1000})
+        self.page.set_default_timeout(60_000)
+        self.shots: list[Path] = []
+
+    def shot(self, name: str) -> Path:
+        SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+        path = SCREENSHOTS / f"{len(self.shots) + 1:02d}-{name}.png"
+        self.page.screenshot(path=str(path))
+        self.shots.append(path)
+        return path
+
+
+def _form_input(page, label: str):
+    """The input of the custom-run form's field titled ``label`` (the settings model's field title)."""
+    title = page.locator("span.schema-form-property__label", has_text=f"{label} (Optional)")
+    return page.locator("div.p-label", has=page.locator("label.p-label__label", has=title)).last.locator("input")
+
+
+def test_browser_custom_run_from_the_prefect_ui_then_its_report_in_the_mlflow_ui(servers: Servers):
+    """What a user does: Prefect UI → deployment → Custom run → change a setting → Submit → Completed;
+    then MLflow UI → the experiment → the run → Artifacts → report/report.html. Screenshots of every
+    step are left in test-output/browser/."""
+    import httpx
+    from playwright.sync_api import sync_playwright
+
+    from flows.settings import load_settings
+
+    shutil.rmtree(SCREENSHOTS, ignore_errors=True)
+    with sync_playwright() as playwright:
+        browser = Browser(playwright)
+        page = browser.page
+        try:
+            page.goto(f"{servers.prefect_url}/deployments")
+            page.get_by_role("link", name="on-demand").click()
+            page.wait_for_url("**/deployments/deployment/**")
+            page.get_by_text("pipeline", exact=True).first.wait_for()
+            browser.shot("prefect-deployment")
+            page.get_by_role("button", name="Run", exact=True).click()
+            page.get_by_text("Custom run").first.click()
+            page.wait_for_url("**/run?**")
+            experiment = _form_input(page, "MLflow experiment")
+            assert experiment.input_value() == "influence-pipeline"  # the default comes from params.yaml
+            assert _form_input(page, "Top k").input_value() == str(load_settings(servers.root / "params.yaml").attribution.top_k)
+            experiment.fill(BROWSER_EXPERIMENT)
+            experiment.scroll_into_view_if_needed()
+            browser.shot("prefect-custom-run-form")
+            run_name = page.locator("input").first.input_value()
+            page.get_by_role("button", name="Submit", exact=True).click()
+            page.wait_for_url("**tab=Runs**")
+            page.get_by_role("link", name=run_name).first.click()
+            page.wait_for_url("**/runs/flow-run/**")
+            flow_run_id = page.url.rstrip("/").split("/")[-1].split("?")[0]
+            browser.shot("prefect-flow-run-started")
+            page.get_by_text("Completed", exact=True).first.wait_for(timeout=RUN_TIMEOUT_SECONDS * 1000)
+            browser.shot("prefect-flow-run-completed")
+
+            run = httpx.get(f"{servers.prefect_url}/api/flow_runs/{flow_run_id}", timeout=10).json()
+            assert run["name"] == run_name and run["state_type"] == "COMPLETED"
+            assert run["parameters"]["settings"]["tracking"]["experiment"] == BROWSER_EXPERIMENT
+
+            page.goto(f"{servers.mlflow_url}/")
+            page.get_by_text("Model training", exact=True).first.click()
+            page.get_by_text(BROWSER_EXPERIMENT, exact=True).first.click()
+            page.get_by_text(run_name, exact=True).first.click()
+            page.get_by_role("tab", name="Artifacts").click()
+            browser.shot("mlflow-run")
+            page.get_by_text("report", exact=True).first.click()
+            page.get_by_text("report.html", exact=True).first.click()
+            report = page.frame_locator("iframe").first
+            report.get_by_text("Case-deletion check").first.wait_for()
+            browser.shot("mlflow-report")
+            queries = report.locator("h2", has_text="Query ")
+            assert queries.count() == 3  # every query of the tiny settings has its section
+            assert report.locator("img[src^='data:image/png']").count() >= 3  # the figures, inside the page
+            report.locator("h2", has_text="Query ").first.scroll_into_view_if_needed()
+            browser.shot("mlflow-report-query")
+        except Exception:
+            browser.shot("failure")
+            raise
+        finally:
+            browser.browser.close()
+    print("screenshots:", *browser.shots, sep="\n  ")
+    assert all(path.stat().st_size > 10_000 for path in browser.shots)
 
 
 def test_nightly_schedule_creates_runs(servers: Servers):
@@ -251,7 +432,7 @@ def _processes_with_home(home: str) -> list[int]:
 def test_stop_leaves_no_processes(servers: Servers):
     """Last in the file: stops the servers (the fixture's finalizer then finds nothing to do)."""
     run_dir = servers.root / ".prefect" / "run"
-    sessions = [(run_dir / f"{name}.pid").read_text().strip() for name in ("worker", "prefect", "mlflow")]
+    sessions = [(run_dir / f"{name}.pid").read_text().strip() for name in ("worker", "gpu-worker", "prefect", "mlflow")]
     stopped = servers.run(str(servers.root / "scripts" / "servers"), "stop", timeout=180)
     assert stopped.returncode == 0, stopped.stderr
     left = subprocess.run(["ps", "-o", "pid=,args=", "-s", ",".join(sessions)], capture_output=True, text=True)

@@ -8,6 +8,9 @@
   one example), matches its definition (the diagonal of the exact Gauss-Newton block in the
   Kronecker eigenbasis) on an MLP, an embedding model and a sequence model, and its scores track
   exact Gauss-Newton scores on an MLP and on an embedding + mean-pool + linear model.
+
+Each test runs on every device of ``zoo.DEVICES`` (CUDA ones are ``gpu``-marked): the solver under
+test is fitted to an objective on that device, the exact reference to one on the CPU.
 """
 
 from __future__ import annotations
@@ -57,6 +60,14 @@ def trained_mlp(steps: int, n_features: int = 8, hidden: int = 20, n_classes: in
     return model, data, queries
 
 
+def objectives(task, model, data, names, device, **options):
+    """An objective on the CPU (for the exact reference) and one on ``device`` (for the solver)."""
+    cpu = Objective(task, model, data, names, **options)
+    if device == "cpu":
+        return cpu, cpu
+    return cpu, Objective(task, zoo.on_device(model, device), data, names, device=device, **options)
+
+
 def gradients(task, model, train, queries, names):
     """Training-loss gradients ``[n, P]`` and query-measurement gradients ``[m, P]``."""
     g = gradient_matrix(task, model, train, names, batch_size=64)
@@ -86,14 +97,14 @@ def block_index(objective: Objective, block) -> torch.Tensor:
 
 def assert_eigenvalues_are_gauss_newton_diagonal(objective: Objective, solver: EkfacSolver) -> None:
     """Lambda = diag((Q_S kron Q_A)^T G_block (Q_S kron Q_A)) for every block, G the exact Gauss-Newton."""
-    gn = objective.hessian(gauss_newton=True)
+    gn = objective.hessian(gauss_newton=True).cpu()
     for block in solver.blocks:
         index = block_index(objective, block)
         g_block = gn[index][:, index]
-        q_a = torch.eye(block.width, dtype=gn.dtype) if block.q_a is None else block.q_a
-        basis = torch.kron(block.q_s.contiguous(), q_a.contiguous())
+        q_a = torch.eye(block.width, dtype=gn.dtype) if block.q_a is None else block.q_a.cpu()
+        basis = torch.kron(block.q_s.cpu().contiguous(), q_a.contiguous())
         expected = torch.diagonal(basis.T @ g_block @ basis).reshape(block.out_features, block.width)
-        torch.testing.assert_close(block.eigenvalues, expected, rtol=1e-8, atol=1e-13)
+        torch.testing.assert_close(block.eigenvalues.cpu(), expected, rtol=1e-8, atol=1e-13)
 
 
 class SquaredLossTask(Task):
@@ -114,28 +125,33 @@ class SquaredLossTask(Task):
 # -- Arnoldi ----------------------------------------------------------------------------------
 
 
-def test_arnoldi_low_rank_scores_track_exact_gauss_newton():
+@pytest.mark.parametrize("device", zoo.DEVICES)
+def test_arnoldi_low_rank_scores_track_exact_gauss_newton(device):
     model, train, queries = trained_mlp(steps=300)
     task = ClassificationTask()
     names = select_parameters(model, "all")
-    objective = Objective(task, model, train, names, batch_size=40)
+    objective, on_device = objectives(task, model, train, names, device, batch_size=40)
     p = objective.n_parameters
     top_k = p // 5
     g, q = gradients(task, model, train, queries, names)
     exact = ExactSolver(damping=1e-2, gauss_newton=True).fit(objective)
     arnoldi = ArnoldiSolver(damping=1e-2, gauss_newton=True, top_k=top_k, n_iterations=5 * top_k // 2)
-    arnoldi.fit(objective)
+    arnoldi.fit(on_device)
     assert (p, arnoldi.rank) == (264, top_k)
     reference = exact.solve(q) @ g.T
-    scores = arnoldi.solve(q) @ g.T
+    solved = arnoldi.solve(q)
+    assert solved.device.type == device
+    scores = solved.cpu() @ g.T
     assert pearson(scores, reference) >= 0.95  # measured 0.989
-    torch.testing.assert_close(arnoldi.project(q) @ arnoldi.project(g).T, scores, rtol=1e-9, atol=1e-12)
+    projected = arnoldi.project(q) @ arnoldi.project(g).T
+    torch.testing.assert_close(projected.cpu(), scores, rtol=1e-9, atol=1e-12)
 
 
 # -- EKFAC: exact where K-FAC is exact ---------------------------------------------------------
 
 
-def test_ekfac_gauss_newton_is_exact_for_linear_regression():
+@pytest.mark.parametrize("device", zoo.DEVICES)
+def test_ekfac_gauss_newton_is_exact_for_linear_regression(device):
     # One linear layer, squared loss: every example has H_out = I, so the Hessian is exactly
     # I kron E[a a^T] (plus the bias), a Kronecker product that EKFAC represents without error.
     g = torch.Generator().manual_seed(0)
@@ -145,30 +161,34 @@ def test_ekfac_gauss_newton_is_exact_for_linear_regression():
     torch.manual_seed(0)
     model = nn.Linear(4, 3).to(torch.float64)
     task = SquaredLossTask()
-    objective = Objective(task, model, data, ["weight", "bias"], batch_size=7)
+    objective, on_device = objectives(task, model, data, ["weight", "bias"], device, batch_size=7)
     rhs = torch.randn(4, objective.n_parameters, generator=g, dtype=torch.float64)
     exact = ExactSolver(damping=1e-3, gauss_newton=True).fit(objective).solve(rhs)
     hessian = ExactSolver(damping=1e-3).fit(objective).solve(rhs)
     torch.testing.assert_close(hessian, exact, rtol=1e-9, atol=1e-12)
-    ekfac = EkfacSolver(damping=1e-3, gauss_newton=True).fit(objective)
-    assert relative_error(ekfac.solve(rhs), exact) < 1e-8
+    ekfac = EkfacSolver(damping=1e-3, gauss_newton=True).fit(on_device)
+    solved = ekfac.solve(rhs)
+    assert solved.device.type == device
+    assert relative_error(solved.cpu(), exact) < 1e-8
     identity = torch.eye(3, dtype=torch.float64)
-    torch.testing.assert_close(ekfac.blocks[0].s_factor, identity / 3, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(ekfac.blocks[0].s_factor.cpu(), identity / 3, rtol=1e-10, atol=1e-12)
     # The empirical Fisher (outer products of residual-weighted gradients) is not the Hessian here.
-    fisher = EkfacSolver(damping=1e-3).fit(objective)
-    assert relative_error(fisher.solve(rhs), exact) > 1e-2
+    fisher = EkfacSolver(damping=1e-3).fit(on_device)
+    assert relative_error(fisher.solve(rhs).cpu(), exact) > 1e-2
 
 
-def test_ekfac_gauss_newton_is_exact_for_one_example():
+@pytest.mark.parametrize("device", zoo.DEVICES)
+def test_ekfac_gauss_newton_is_exact_for_one_example(device):
     # One example at one position: G = H_1 kron a a^T for any convex loss (here cross-entropy,
     # H_1 = diag(p) - p p^T), again an exact Kronecker product.
     model, data = zoo.logistic_regression(), zoo.tabular_dataset(n=1)
-    objective = Objective(ClassificationTask(), model, data, ["weight", "bias"])
+    objective, on_device = objectives(ClassificationTask(), model, data, ["weight", "bias"], device)
     generator = torch.Generator().manual_seed(1)
     rhs = torch.randn(3, objective.n_parameters, generator=generator, dtype=torch.float64)
     exact = ExactSolver(damping=0.1, gauss_newton=True).fit(objective).solve(rhs)
-    ekfac = EkfacSolver(damping=0.1, gauss_newton=True).fit(objective).solve(rhs)
-    assert relative_error(ekfac, exact) < 1e-8
+    ekfac = EkfacSolver(damping=0.1, gauss_newton=True).fit(on_device).solve(rhs)
+    assert ekfac.device.type == device
+    assert relative_error(ekfac.cpu(), exact) < 1e-8
 
 
 # -- EKFAC: definition of the Gauss-Newton variant ---------------------------------------------
@@ -183,12 +203,16 @@ DEFINITION_CASES = {
 }
 
 
+@pytest.mark.parametrize("device", zoo.DEVICES)
 @pytest.mark.parametrize("case", sorted(DEFINITION_CASES))
-def test_ekfac_gauss_newton_matches_its_definition(case):
+def test_ekfac_gauss_newton_matches_its_definition(case, device):
     make_model, make_data, make_task, params = DEFINITION_CASES[case]
     model = make_model()
-    objective = Objective(make_task(), model, make_data(), select_parameters(model, params), batch_size=4)
-    solver = EkfacSolver(damping=0.01, gauss_newton=True).fit(objective)
+    objective, on_device = objectives(
+        make_task(), model, make_data(), select_parameters(model, params), device, batch_size=4
+    )
+    solver = EkfacSolver(damping=0.01, gauss_newton=True).fit(on_device)
+    assert all(b.eigenvalues.device.type == device for b in solver.blocks)
     assert_eigenvalues_are_gauss_newton_diagonal(objective, solver)
     # The corrected eigenvalues keep the trace of the exact Gauss-Newton matrix.
     total = sum(float(b.eigenvalues.sum()) for b in solver.blocks)
@@ -220,35 +244,41 @@ def test_ekfac_embedding_factors():
 # -- EKFAC: scores against exact Gauss-Newton --------------------------------------------------
 
 
+@pytest.mark.parametrize("device", zoo.DEVICES)
 @pytest.mark.parametrize("steps, relative_damping, measured", [(0, None, 0.961), (300, 0.1, 0.932)])
-def test_ekfac_mlp_scores_track_exact_gauss_newton(steps, relative_damping, measured):
+def test_ekfac_mlp_scores_track_exact_gauss_newton(steps, relative_damping, measured, device):
     # Block-diagonal EKFAC ignores the cross-layer curvature; with damping small next to the
     # trained model's curvature (1e-3 * lambda_max) its correlation drops to about 0.6, so the
     # trained case is damped at 0.1 * lambda_max (the untrained one at 0.01 ~ 0.014 * lambda_max).
     model, train, queries = trained_mlp(steps=steps)
     task = ClassificationTask()
     names = select_parameters(model, "all")
-    objective = Objective(task, model, train, names, batch_size=16)
+    objective, on_device = objectives(task, model, train, names, device, batch_size=16)
     top = float(torch.linalg.eigvalsh(objective.hessian(gauss_newton=True)).max())
     damping = 1e-2 if relative_damping is None else relative_damping * top
     g, q = gradients(task, model, train, queries, names)
     reference = ExactSolver(damping=damping, gauss_newton=True).fit(objective).solve(q) @ g.T
-    ekfac = EkfacSolver(damping=damping, gauss_newton=True).fit(objective)
-    assert pearson(ekfac.solve(q) @ g.T, reference) >= 0.9  # measured: see the parameters
+    ekfac = EkfacSolver(damping=damping, gauss_newton=True).fit(on_device)
+    solved = ekfac.solve(q)
+    assert solved.device.type == device
+    assert pearson(solved.cpu() @ g.T, reference) >= 0.9  # measured: see the parameters
 
 
-def test_ekfac_embedding_model_scores_track_exact_gauss_newton():
+@pytest.mark.parametrize("device", zoo.DEVICES)
+def test_ekfac_embedding_model_scores_track_exact_gauss_newton(device):
     model = zoo.tiny_text_classifier(vocab_size=12, dim=4, n_classes=3)
     train = zoo.text_dataset(n=40, vocab_size=12, n_classes=3)
     queries = zoo.text_dataset(n=5, vocab_size=12, n_classes=3, seed=9)
     task = ClassificationTask()
     names = select_parameters(model, "all")
-    objective = Objective(task, model, train, names, batch_size=16)
+    objective, on_device = objectives(task, model, train, names, device, batch_size=16)
     g, q = gradients(task, model, train, queries, names)
     reference = ExactSolver(damping=1e-2, gauss_newton=True).fit(objective).solve(q) @ g.T
-    ekfac = EkfacSolver(damping=1e-2, gauss_newton=True).fit(objective)
+    ekfac = EkfacSolver(damping=1e-2, gauss_newton=True).fit(on_device)
     assert [b.kind for b in ekfac.blocks] == ["embedding", "linear", "linear"]
-    assert pearson(ekfac.solve(q) @ g.T, reference) >= 0.9  # measured 0.978
+    solved = ekfac.solve(q)
+    assert solved.device.type == device
+    assert pearson(solved.cpu() @ g.T, reference) >= 0.9  # measured 0.978
 
 
 # -- refusals ---------------------------------------------------------------------------------

@@ -4,14 +4,17 @@ Models: logistic regression, a two-layer tanh MLP (with a buffer), a tiny embedd
 text classifier (dict batches) and a tiny masked-word language model. References are computed
 with plain ``torch.autograd`` on a flat-parameter wrapper: a loop of per-example gradients, the
 dense Hessian via ``torch.autograd.functional.hessian``, and the Gauss-Newton matrix from explicit
-Jacobians.
+Jacobians. ``DEVICES`` parametrizes an acceptance test over the CPU and CUDA (``gpu``-marked, so
+skipped without a device); ``on_device`` moves a model there.
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import pytest
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
@@ -21,6 +24,14 @@ from influence.gradients.layout import ParameterLayout
 from influence.task import Task
 
 DTYPE = torch.float64
+
+# Devices of the acceptance tests: the CUDA case carries the ``gpu`` marker (skipped without CUDA).
+DEVICES = [pytest.param("cpu"), pytest.param("cuda", marks=pytest.mark.gpu)]
+
+
+def on_device(model: nn.Module, device: str) -> nn.Module:
+    """``model`` itself on the CPU, else a copy moved to ``device`` (same dtype, same state)."""
+    return model if torch.device(device).type == "cpu" else copy.deepcopy(model).to(device)
 
 
 def logistic_regression(n_features: int = 4, n_classes: int = 3, seed: int = 0) -> nn.Module:

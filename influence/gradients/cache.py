@@ -7,7 +7,11 @@ projected) of a dataset in shards of ``shard_size`` consecutive examples and wri
 place with ``os.replace``; ``manifest.json`` is rewritten (also atomically) after each shard with
 the shard's sha256. A build that was killed restarts and computes only the shards missing from
 the manifest; since each shard is computed from the same examples in the same batches, the
-result is bit-identical to an uninterrupted build.
+result is bit-identical to an uninterrupted build (on CUDA, given deterministic kernels, see
+``torch.use_deterministic_algorithms``). A build killed in the middle of a shard leaves at most a
+temporary file ``.shard_<index>.safetensors.tmp-<pid>`` (possibly truncated), which the restart
+deletes; a shard file that the manifest does not list (a leftover of any kind) is recomputed and
+replaced.
 
 The manifest records what made the gradients: the task, the gradient kind, the parameter names,
 shard and batch sizes, computation and storage dtypes, device type, the projection's arguments,
@@ -43,6 +47,8 @@ from influence.task import Task
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 TENSOR_KEY = "gradients"
+# temporary files of _atomic_write: ".<final name>.tmp-<pid>"
+_TEMPORARY_PATTERNS = (".shard_*.safetensors.tmp-*", f".{MANIFEST_NAME}.tmp-*")
 _STORAGE_DTYPES = {
     "float64": torch.float64,
     "float32": torch.float32,
@@ -114,12 +120,17 @@ def _sha256(data: bytes) -> str:
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
+    """Write ``data`` to a temporary file beside ``path``, then move it into place."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # interrupted (KeyboardInterrupt included): leave no partial file
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _differences(cached: Any, given: Any, prefix: str = "") -> list[str]:
@@ -284,11 +295,19 @@ class GradientCache:
                     + "; ".join(differences)
                     + ". Use another directory, or overwrite=True to rebuild it"
                 )
+            self._remove_temporaries()
             return manifest
         self.directory.mkdir(parents=True, exist_ok=True)
+        self._remove_temporaries()
         manifest = {**fields, "shards": {}, "complete": False}
         self._write_manifest(manifest)
         return manifest
+
+    def _remove_temporaries(self) -> None:
+        """Delete the temporary files a killed build left behind (never part of a cache)."""
+        for pattern in _TEMPORARY_PATTERNS:
+            for path in self.directory.glob(pattern):
+                path.unlink(missing_ok=True)
 
     def _write_manifest(self, manifest: dict[str, Any]) -> None:
         _atomic_write(self.manifest_path, json.dumps(manifest, indent=2, sort_keys=True).encode())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import html
 import re
 from collections.abc import Mapping, Sequence
@@ -23,6 +24,7 @@ th{background:#f0f0f0} .num{text-align:right;font-family:monospace}
 .pass{color:#0a0;font-weight:bold} .fail{color:#c00;font-weight:bold}
 .query{border-left:4px solid #36c;padding-left:1em;margin:2em 0}
 .w{padding:0 2px;border-radius:3px} details{margin:.3em 0} code{background:#f4f4f4}
+figure{margin:1em 0} figure img{max-width:100%;border:1px solid #ddd} figcaption{font-size:13px;color:#555}
 """
 
 
@@ -70,7 +72,10 @@ def render_report(report: Mapping[str, object]) -> str:
             (``{dataset: hash}``); ``settings`` (``{name: value}``); ``deletion`` (a list of rows with
             keys method, mode, removed, k, mean_top, mean_random, difference, interval_95, passed); ``queries``: a list of dicts with
             ``id, text, label, prediction`` and ``sections``: lists of ``{"title", "rows"}`` where rows
-            hold ``kind, rank, id, text or text_html, label, score``.
+            hold ``kind, rank, id, text or text_html, label, score``; optional ``figures``: a list of
+            ``{"title", "caption", "png"}`` (``png``: the image's bytes, embedded as a data URI so the
+            page stays one file); optional ``evaluation``: a list of ``{"title", "text", "rows",
+            "columns"}`` sections (LDS, mislabel detection).
 
     Returns:
         The HTML page as a string.
@@ -94,9 +99,19 @@ def render_report(report: Mapping[str, object]) -> str:
             "is compared with removing k random examples (<i>mean_random</i>). <i>difference</i> is the mean "
             "per-query excess over random, with its 95% Student-t interval over queries. Removing proponents "
             "passes when the interval lies above zero; removing opponents when it lies below zero. A failed "
-            "row means the method's ranking is not borne out by retraining at that k.</p>"
-            + _table(rows, ["method", "mode", "removed", "k", "mean_top", "mean_random", "difference", "interval_95", "verdict_html"])
+            "row means the method's ranking is not borne out by retraining at that k. <i>probability_top</i> and "
+            "<i>probability_random</i> are the mean changes of the probability the model gives the query's label.</p>"
+            + _table(rows, ["method", "mode", "removed", "k", "mean_top", "mean_random", "difference", "interval_95",
+                            "probability_top", "probability_random", "verdict_html"])
         )
+    for section in report.get("evaluation", []):
+        parts.append(f"<h2>{_e(section['title'])}</h2><p>{_e(section.get('text', ''))}</p>")
+        if section.get("rows"):
+            parts.append(_table(section["rows"], section["columns"]))
+    for fig in report.get("figures", []):
+        data = base64.b64encode(fig["png"]).decode("ascii")
+        parts.append(f"<figure><figcaption><b>{_e(fig['title'])}</b>. {_e(fig.get('caption', ''))}</figcaption>"
+                     f"<img alt='{_e(fig['title'])}' src='data:image/png;base64,{data}'></figure>")
     for q in report.get("queries", []):
         parts.append(f"<div class='query'><h2>Query {_e(q['id'])}</h2><p><i>{_e(q['text'])}</i></p>"
                      f"<p>label: <b>{_e(q['label'])}</b>, prediction: <b>{_e(q['prediction'])}</b></p>")

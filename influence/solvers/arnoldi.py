@@ -4,9 +4,11 @@
 Gauss-Newton matrix) from a seeded random unit vector, with full re-orthogonalisation (two
 Gram-Schmidt passes) against every previous Krylov vector. On breakdown (the Krylov space became
 invariant, e.g. because of a repeated eigenvalue) the iteration restarts from a fresh random
-direction orthogonal to the basis, and stops once the basis spans the whole space. The small projected matrix is symmetrised and diagonalised; its
-``top_k`` eigenpairs of largest magnitude are kept ("distilled"), then only those with positive
-eigenvalues. With Ritz vectors ``U`` ``[k, P]`` and eigenvalues ``e`` ``[k]``:
+direction orthogonal to the basis, and stops once the basis spans the whole space. The small
+projected matrix is symmetrised and diagonalised, and the ``top_k`` largest positive eigenvalues
+with their eigenvectors are kept ("distilled"): non-positive Ritz values are never kept, so fewer
+than ``top_k`` pairs remain only when the Krylov space holds fewer positive Ritz values. With Ritz
+vectors ``U`` ``[k, P]`` and eigenvalues ``e`` ``[k]``:
 
     solve(b) = U^T diag(1 / (e + damping)) U b,
     project(g) = diag((e + damping)^{-1/2}) U g,
@@ -34,7 +36,8 @@ class ArnoldiSolver(InverseHessianSolver):
         damping: ``lambda >= 0`` added to the kept eigenvalues.
         gauss_newton: use the Gauss-Newton matrix instead of the Hessian.
         n_iterations: Arnoldi steps (Hessian-vector products); at most ``P`` are useful.
-        top_k: eigenpairs kept (before dropping non-positive ones).
+        top_k: eigenpairs kept: those of the ``top_k`` largest positive Ritz values (fewer only
+            when the Krylov space has fewer positive ones).
         seed: seed of the start vector.
         breakdown_rtol: restart when a new Krylov vector's norm is below this times the largest
             entry of the projected matrix.
@@ -111,17 +114,15 @@ class ArnoldiSolver(InverseHessianSolver):
         small = projected[:steps, :steps]
         small = (small + small.T) / 2
         values, vectors = torch.linalg.eigh(small)
-        order = values.abs().argsort(descending=True)[: self.top_k]
-        values, vectors = values[order], vectors[:, order]
-        keep = values > 0
-        values, vectors = values[keep], vectors[:, keep]
-        order = values.argsort(descending=True)
+        positive = values > 0
+        values, vectors = values[positive], vectors[:, positive]
+        order = values.argsort(descending=True)[: self.top_k]
         self.eigenvalues = values[order]
         self.eigenvectors = vectors[:, order].T @ basis[:steps]
         if self.eigenvalues.numel() == 0:
             raise InvalidArgumentError(
-                "the Arnoldi iteration found no positive eigenvalue among the kept ones; raise top_k "
-                "or n_iterations, or use gauss_newton=True"
+                f"the Arnoldi iteration found no positive eigenvalue in {steps} steps; raise "
+                "n_iterations, or use gauss_newton=True"
             )
 
     def _orthogonal_direction(self, basis: Tensor, generator: torch.Generator) -> Tensor | None:
