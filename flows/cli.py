@@ -24,7 +24,7 @@ QUIET_ENV = {
 }
 STAGE_NAMES = (
     "data", "features", "pretrain", "finetune", "gradients", "influence", "multistage", "tracin_we", "tracin_last",
-    "grad_cos", "deletion", "lds", "mislabel", "report",
+    "grad_cos", "deletion", "pretrain_deletion", "lds", "mislabel", "report",
 )
 
 

@@ -40,9 +40,11 @@ STAGE_FUNCTIONS = {
     "data": stages.data, "features": stages.features, "pretrain": stages.pretrain, "finetune": stages.finetune,
     "gradients": stages.gradients, "influence": stages.influence, "multistage": stages.multistage,
     "tracin_we": stages.tracin_we, "tracin_last": stages.tracin_last, "grad_cos": stages.grad_cos,
-    "deletion": stages.deletion, "lds": stages.lds, "mislabel": stages.mislabel,
+    "deletion": stages.deletion, "pretrain_deletion": stages.pretrain_deletion, "lds": stages.lds,
+    "mislabel": stages.mislabel,
 }
-RETRAINING_STAGES = ("deletion", "lds")  # their retrainings run first as parallel tasks, then the stage reads them back
+# stages whose retrainings run first as parallel tasks (then the stage reads them back), with their scope
+RETRAINING_SCOPES = {"deletion": "finetune", "pretrain_deletion": "pretrain", "lds": "finetune"}
 GPU_STAGES = ("gradients", "influence", "multistage", "tracin_we", "tracin_last", "grad_cos")
 IO_RETRIES = {"retries": 2, "retry_delay_seconds": [5, 30]}
 
@@ -87,17 +89,20 @@ def checkout_data_task(root: Path, data_rev: str) -> dict[str, str]:
 @task(task_run_name="plan-{stage}")
 def plan_task(stage: str, settings: PipelineSettings, root: Path) -> list:
     ws = Workspace(root)
-    return stages.deletion_plan(settings, ws).retrainings() if stage == "deletion" else stages.lds_plan(settings, ws)[1]
+    if stage == "lds":
+        return stages.lds_plan(settings, ws)[1]
+    plan = stages.deletion_plan if stage == "deletion" else stages.pretrain_deletion_plan
+    return plan(settings, ws).retrainings()
 
 
-@task(task_run_name="retrain-{retraining.key}")
-def retrain_task(settings: PipelineSettings, root: Path, retraining) -> str:
-    return stages.deletion_retrain(settings, Workspace(root), retraining)["key"]
+@task(task_run_name="retrain-{scope}-{retraining.key}")
+def retrain_task(settings: PipelineSettings, root: Path, retraining, scope: str) -> str:
+    return stages.deletion_retrain(settings, Workspace(root), retraining, scope)["key"]
 
 
 @flow(name="retrainings", flow_run_name="{stage}-retrainings")
 def retrainings(stage: str, settings: PipelineSettings, project_dir: str) -> int:
-    """Every retraining of the ``deletion`` or ``lds`` stage, as parallel tasks (each saved as it finishes).
+    """Every retraining of the ``deletion``, ``pretrain_deletion`` or ``lds`` stage, as parallel tasks (each saved as it finishes).
 
     Run with a thread pool of ``evaluation.workers``; torch's intra-op threads are shared out
     among them for the duration. Returns how many retrainings the stage has.
@@ -111,7 +116,7 @@ def retrainings(stage: str, settings: PipelineSettings, project_dir: str) -> int
     previous = torch.get_num_threads()
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // settings.evaluation.workers))
     try:
-        for future in retrain_task.map(unmapped(settings), unmapped(root), planned):
+        for future in retrain_task.map(unmapped(settings), unmapped(root), planned, unmapped(RETRAINING_SCOPES[stage])):
             future.result()
     finally:
         torch.set_num_threads(previous)
@@ -251,7 +256,7 @@ def pipeline(
     else:
         skipped += attribution(settings, str(root), hashes, force)
     ws, e = Workspace(root), settings.evaluation
-    for stage, enabled in (("deletion", e.enabled), ("lds", e.lds)):
+    for stage, enabled in (("deletion", e.enabled), ("pretrain_deletion", e.pretrain_deletion), ("lds", e.lds)):
         if enabled and (force or stage_cache.completed(ws, stage, stage_cache.fingerprint(stage, settings, ws, hashes)) is None):
             retrainings.with_options(task_runner=ThreadPoolTaskRunner(max_workers=e.workers))(stage, settings, str(root))
         _run(stage, settings, root, hashes, force, skipped)  # reads the retrainings back, or is skipped

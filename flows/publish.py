@@ -30,10 +30,31 @@ def _short(text: str, width: int = 90) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
-def deletion_verdicts(ws: Workspace) -> list[dict]:
-    """Rows of the case-deletion check (``artifacts/deletion/deletion.json``), ``[]`` when it did not run."""
-    path = ws.artifacts / "deletion" / "deletion.json"
-    return json.loads(path.read_text()) if path.is_file() else []
+def deletion_verdicts(ws: Workspace, stage: str = "deletion") -> list[dict]:
+    """Rows of a case-deletion check (``artifacts/<stage>/deletion.json``), ``[]`` when it did not run."""
+    path = ws.artifacts / stage / "deletion.json"
+    ran = path.is_file() and not StageResult.load(ws, stage).info.get("disabled")
+    return json.loads(path.read_text()) if ran else []
+
+
+def _evidence_lines(ws: Workspace) -> list[str]:
+    """The pretraining case deletion, LDS and mislabel-detection results, when those stages ran."""
+    lines = []
+    pretraining = deletion_verdicts(ws, "pretrain_deletion")
+    if pretraining:
+        lines += ["", "Pretraining data (multi-stage scores; pretraining and finetuning re-run):", ""]
+        lines += [f"- {c['kind']}, k={c['k']}: change beyond random {c['difference']:+.4f}, 95% interval "
+                  f"[{c['interval_low']:.4f}, {c['interval_high']:.4f}], {'**pass**' if c['passed'] else 'fail'}"
+                  for c in pretraining]
+    for stage, render in (
+        ("lds", lambda r: "LDS: " + ", ".join(f"{m} {v['lds']:.3f}" for m, v in r["methods"].items())),
+        ("mislabel", lambda r: f"Mislabel detection ({r['method']} self-influence): AUC {r['curve']['auc']:.3f} "
+                               f"vs {r['curve']['random_auc']:.3f} for a random order"),
+    ):
+        path = ws.artifacts / stage / f"{stage}.json"
+        if path.is_file() and not StageResult.load(ws, stage).info.get("disabled"):
+            lines += ["", render(json.loads(path.read_text()))]
+    return lines
 
 
 def summary_markdown(settings: PipelineSettings, ws: Workspace, mlflow_url: str, skipped: list[str]) -> str:
@@ -63,6 +84,7 @@ def summary_markdown(settings: PipelineSettings, ws: Workspace, mlflow_url: str,
                          f"[{c['interval_low']:.4f}, {c['interval_high']:.4f}] | {verdict} |")
     else:
         lines.append("Not run (evaluation.enabled is false).")
+    lines += _evidence_lines(ws)
     rows = _attributions(ws)
     queries = list(dict.fromkeys(r["query_id"] for r in rows))[:SUMMARY_QUERIES]
     lines += ["", "## Top proponents", "", "Positive score = proponent: removing it would raise the query's loss.", ""]

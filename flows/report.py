@@ -94,10 +94,12 @@ def build_report(settings: PipelineSettings, ws: Workspace, extra_tags: dict[str
 
         results = {s: StageResult.load(ws, s) for s in STAGES if (ws.artifacts / s / "result.json").is_file() and s != "report"}
         deletion_rows = []
-        if "deletion" in results and not results["deletion"].info.get("disabled"):
-            for c in stages._load_json(ws.artifacts / "deletion" / "deletion.json"):
+        for stage, data in (("deletion", "finetuning"), ("pretrain_deletion", "pretraining")):
+            if stage not in results or results[stage].info.get("disabled"):
+                continue
+            for c in stages._load_json(ws.artifacts / stage / "deletion.json"):
                 deletion_rows.append({
-                    "method": c["method"], "mode": settings.evaluation.mode, "removed": c["kind"],
+                    "data": data, "method": c["method"], "mode": settings.evaluation.mode, "removed": c["kind"],
                     "k": f"{c['k']} ({100 * c['fraction']:.1f}%)", "mean_top": c["mean_top"], "mean_random": c["mean_random"],
                     "difference": c["difference"], "interval_95": f"[{c['interval_low']:.4g}, {c['interval_high']:.4g}]",
                     "probability_top": c.get("extra_mean_top", float("nan")),
@@ -202,9 +204,11 @@ def write_figures(settings: PipelineSettings, ws: Workspace, folder: Path) -> li
             written.append((f"Agreement between methods (embedding {mode})",
                             "Spearman rank correlation between the methods' scores of the same (query, training example) pairs.",
                             figures.method_agreement(same, folder / f"agreement_{mode}.png")))
-    deletion = ws.artifacts / "deletion" / "deletion.json"
-    if deletion.is_file() and not StageResult.load(ws, "deletion").info.get("disabled"):
-        written.append((*FIGURE_CAPTIONS["deletion"], figures.deletion_curves(stages._load_json(deletion), folder / "deletion.png")))
+    for stage, name, data in (("deletion", "deletion", "finetuning"), ("pretrain_deletion", "deletion_pretraining", "pretraining")):
+        path = ws.artifacts / stage / "deletion.json"
+        if path.is_file() and not StageResult.load(ws, stage).info.get("disabled"):
+            title, caption = FIGURE_CAPTIONS["deletion"]
+            written.append((f"{title} ({data} data)", caption, figures.deletion_curves(stages._load_json(path), folder / f"{name}.png")))
     mislabel = ws.artifacts / "mislabel" / "mislabel.json"
     if mislabel.is_file() and not StageResult.load(ws, "mislabel").info.get("disabled"):
         found = stages._load_json(mislabel)

@@ -119,6 +119,11 @@ class EvaluationSettings(_Section):
     )
     random_repeats: int = Field(3, ge=1, le=20, title="Random repeats", description="Random removals of k examples per k, each retrained.")
     seeds: int = Field(1, ge=1, le=10, title="Retraining seeds", description="Every retraining (and the full-data baseline) is repeated with this many seeds (seed, seed+1, ...); each change is taken against the baseline of the same seed and averaged over seeds.")
+    pretrain_deletion: bool = Field(False, title="Pretraining case deletion", description="Also check the multi-stage scores: re-run pretraining and finetuning without each query's top-k pretraining sentences, and without k random ones; off by default (each retraining re-runs pretraining), on in the nightly deployment.")
+    pretrain_k_fractions: list[float] = Field(
+        [0.01], min_length=1, title="Pretraining k (fractions)",
+        description="Pretraining sentences removed per retraining of the pretraining case-deletion check, as fractions of the pretraining sample.",
+    )
     lds: bool = Field(False, title="Linear datamodeling score", description="Also retrain on random subsets and report each method's LDS (Park et al. 2023); off by default, on in the nightly deployment.")
     lds_subsets: int = Field(16, ge=2, le=1000, title="LDS subsets", description="Random training subsets retrained for the LDS (each with every retraining seed).")
     lds_fraction: float = Field(0.5, gt=0, lt=1, title="LDS subset fraction", description="Each LDS subset keeps this fraction of the finetuning train split.")
@@ -131,6 +136,9 @@ class EvaluationSettings(_Section):
         bad = [f for f in self.k_fractions if not 0 < f < 0.5]
         if bad:
             raise ValueError(f"k_fractions {bad} must lie strictly between 0 and 0.5")
+        bad = [f for f in self.pretrain_k_fractions if not 0 < f < 0.5]
+        if bad:
+            raise ValueError(f"pretrain_k_fractions {bad} must lie strictly between 0 and 0.5")
         return self
 
 

@@ -126,7 +126,7 @@ def classification_task(settings: PipelineSettings):
     return ClassificationTask(measurement=settings.attribution.measurement)
 
 
-def finetune_setup(settings: PipelineSettings, ws: Workspace, mode: str, model):
+def finetune_setup(settings: PipelineSettings, ws: Workspace, mode: str, model, pretrained=None):
     """Trainable names, L2-covered names and proximity penalty of the finetuning objective in ``mode``.
 
     ``fixed``: the embedding is frozen, no penalty. ``updated``: everything trains, with
@@ -138,24 +138,27 @@ def finetune_setup(settings: PipelineSettings, ws: Workspace, mode: str, model):
     head = [n for n, _ in model.named_parameters() if not n.startswith("embedding.")]
     if mode == "fixed":
         return head, head, None
-    reference = {"embedding.weight": pretrained_model(settings, ws).embedding.weight.detach().clone()}
+    pretrained = pretrained_model(settings, ws) if pretrained is None else pretrained
+    reference = {"embedding.weight": pretrained.embedding.weight.detach().clone()}
     return [n for n, _ in model.named_parameters()], head, Proximity(alpha=settings.finetune.alpha, reference=reference)
 
 
 def finetune_on(settings: PipelineSettings, ws: Workspace, mode: str, train_data, checkpoint_dir: Path | None,
-                seed: int | None = None):
+                seed: int | None = None, pretrained=None):
     """Finetune a fresh classifier (pretrained embedding) on ``train_data`` in ``mode``.
 
     The single definition of the finetuning stage's training, used by the stage itself and by
-    the case-deletion check when it retrains (``seed``: the training seed, default ``settings.seed``).
+    the case-deletion check when it retrains (``seed``: the training seed, default ``settings.seed``;
+    ``pretrained``: the pretrained model to start from, default the pretraining stage's).
     """
     from influence.models.text import transfer_embedding
     from influence.models.training import train
     from influence.task import ClassificationTask
 
+    pretrained = pretrained_model(settings, ws) if pretrained is None else pretrained
     model = new_classifier(settings, len(vocabulary(ws)), seed=seed)
-    transfer_embedding(pretrained_model(settings, ws), model)
-    trainable, l2_names, proximity = finetune_setup(settings, ws, mode, model)
+    transfer_embedding(pretrained, model)
+    trainable, l2_names, proximity = finetune_setup(settings, ws, mode, model, pretrained)
     ft = settings.finetune
     result = resume_or_replace(
         train, model=model, task=ClassificationTask(), dataset=train_data, epochs=ft.epochs, batch_size=ft.batch_size,
@@ -274,24 +277,39 @@ def features(settings: PipelineSettings, ws: Workspace) -> StageResult:
     return result
 
 
-def pretrain(settings: PipelineSettings, ws: Workspace) -> StageResult:
-    """Pretrain the masked-word model on the news sentences."""
-    from influence.models.checkpoints import save_state
+def pretrain_on(settings: PipelineSettings, ws: Workspace, data, checkpoint_dir: Path | None = None,
+                seed: int | None = None):
+    """Pretrain a fresh masked-word model on ``data``; return ``(model, training result)``.
+
+    The single definition of the pretraining stage's training, used by the stage itself and by the
+    pretraining case-deletion check when it re-runs pretraining (``seed``: default ``settings.seed``).
+    """
     from influence.models.text import CbowLanguageModel
     from influence.models.training import train
     from influence.task import LanguageModelingTask
 
+    p = settings.pretrain
+    seed = settings.seed if seed is None else seed
+    torch.manual_seed(seed)
+    model = CbowLanguageModel(len(vocabulary(ws)), embed_dim=p.embed_dim, hidden_dim=p.hidden_dim, window=p.window)
+    trained = resume_or_replace(
+        train, model=model, task=LanguageModelingTask(padding_idx=0), dataset=data, epochs=p.epochs,
+        batch_size=p.batch_size, learning_rate=p.learning_rate, seed=seed, l2=p.l2,
+        checkpoint_dir=checkpoint_dir, checkpoint_every=100 if checkpoint_dir is not None else None,
+        log=progress("pretrain") if checkpoint_dir is not None else None,
+    )
+    return model.eval(), trained
+
+
+def pretrain(settings: PipelineSettings, ws: Workspace) -> StageResult:
+    """Pretrain the masked-word model on the news sentences."""
+    from influence.models.checkpoints import save_state
+
     result = StageResult("pretrain")
     with timed(result):
         _seed(settings)
-        p = settings.pretrain
-        model = CbowLanguageModel(len(vocabulary(ws)), embed_dim=p.embed_dim, hidden_dim=p.hidden_dim, window=p.window)
         out = ws.stage_dir("pretrain")
-        trained = resume_or_replace(
-            train, model=model, task=LanguageModelingTask(padding_idx=0), dataset=load_split(ws, "pretrain"), epochs=p.epochs,
-            batch_size=p.batch_size, learning_rate=p.learning_rate, seed=settings.seed, l2=p.l2,
-            checkpoint_dir=out / "checkpoints", checkpoint_every=100, log=progress("pretrain"),
-        )
+        model, trained = pretrain_on(settings, ws, load_split(ws, "pretrain"), checkpoint_dir=out / "checkpoints")
         save_state(model, out / "model.safetensors")
         result.metrics.update({f"loss_epoch_{i}": float(v) for i, v in enumerate(trained.losses)})
         result.metrics["final_loss"] = float(trained.losses[-1])
@@ -509,43 +527,56 @@ def _deletion_measure(settings: PipelineSettings, ws: Workspace, model) -> torch
     return torch.stack([loss, torch.exp(-loss)], dim=1)
 
 
-def deletion_runs(settings: PipelineSettings, ws: Workspace) -> Path:
+def deletion_runs(settings: PipelineSettings, ws: Workspace, scope: str = "finetune") -> Path:
     """``artifacts/deletion/runs/<context>/``: the saved retrainings of one training context.
 
     The context is a digest of what a retraining depends on besides its removals and seed: the
     finetuned model's bytes (which change with the data, the pretrained embedding, the code and the
-    finetuning settings), the encoded training set and queries, and the settings that enter the
-    retraining; saved retrainings of another context are never reused.
+    finetuning settings), the encoded training sets and queries, the settings that enter the
+    retraining, and the scope (``"finetune"``: removals from the finetuning set, the finetuning
+    retrained; ``"pretrain"``: removals from the pretraining set, both stages re-run); saved
+    retrainings of another context are never reused.
     """
-    digest = hashlib.sha256()
-    for path in (ws.artifacts / "finetune" / settings.evaluation.mode / "model.safetensors",
-                 ws.artifacts / "features" / "train.safetensors", ws.artifacts / "features" / "queries.safetensors"):
+    digest = hashlib.sha256(scope.encode())
+    files = [ws.artifacts / "finetune" / settings.evaluation.mode / "model.safetensors",
+             ws.artifacts / "features" / "train.safetensors", ws.artifacts / "features" / "queries.safetensors"]
+    if scope == "pretrain":
+        files += [ws.artifacts / "pretrain" / "model.safetensors", ws.artifacts / "features" / "pretrain.safetensors"]
+    for path in files:
         digest.update(path.read_bytes())
-    digest.update(json.dumps([settings.finetune.model_dump(mode="json"), settings.evaluation.mode,
-                              settings.evaluation.queries, settings.seed], sort_keys=True).encode())
+    digest.update(json.dumps([settings.finetune.model_dump(mode="json"), settings.pretrain.model_dump(mode="json"),
+                              settings.evaluation.mode, settings.evaluation.queries, settings.seed], sort_keys=True).encode())
     return ws.artifacts / "deletion" / "runs" / digest.hexdigest()[:16]
 
 
-def deletion_retrain(settings: PipelineSettings, ws: Workspace, retraining) -> dict:
-    """One retraining of the case-deletion check, measured and saved (``artifacts/deletion/runs/<key>.json``).
+def deletion_retrain(settings: PipelineSettings, ws: Workspace, retraining, scope: str = "finetune") -> dict:
+    """One retraining of a case-deletion check or of the LDS, measured and saved (``<runs>/<key>.json``).
 
+    ``scope="finetune"``: the finetuning of ``evaluation.mode`` is re-run without the removed
+    finetuning examples. ``scope="pretrain"``: pretraining is re-run without the removed
+    pretraining sentences, then the finetuning (on its whole train split) from that new embedding.
     A retraining already on disk is read back, not redone (an interrupted check resumes). The
     baseline of the run's own seed is the finetuned model itself (its training is deterministic).
 
     Args:
         retraining: an :class:`influence.evaluation.case_deletion.Retraining`.
+        scope: ``"finetune"`` or ``"pretrain"``.
 
     Returns:
-        ``{"key", "seed", "removed", "measured": [Q][2]}``.
+        ``{"key", "seed", "removed", "measured": [Q][2]}`` (each checked query's loss and label probability).
     """
-    path = deletion_runs(settings, ws) / f"{retraining.key}.json"
+    path = deletion_runs(settings, ws, scope) / f"{retraining.key}.json"
     if path.is_file():
         return _load_json(path)
     mode = settings.evaluation.mode
+    train_data = load_split(ws, "train")
     if not retraining.removed and retraining.seed == settings.seed:
         model = finetuned_model(settings, ws, mode)
+    elif scope == "pretrain":
+        sentences = load_split(ws, "pretrain")
+        pretrained, _ = pretrain_on(settings, ws, sentences.subset(retraining.keep(len(sentences))), seed=retraining.seed)
+        model, _ = finetune_on(settings, ws, mode, train_data, checkpoint_dir=None, seed=retraining.seed, pretrained=pretrained)
     else:
-        train_data = load_split(ws, "train")
         model, _ = finetune_on(settings, ws, mode, train_data.subset(retraining.keep(len(train_data))),
                                checkpoint_dir=None, seed=retraining.seed)
     found = {"key": retraining.key, "seed": retraining.seed, "removed": len(retraining.removed),
@@ -557,11 +588,16 @@ def deletion_retrain(settings: PipelineSettings, ws: Workspace, retraining) -> d
     return found
 
 
-def deletion_results(settings: PipelineSettings, ws: Workspace, plan) -> StageResult:
-    """Verdicts of the case-deletion check from its retrainings' measurements on disk (``deletion.json``)."""
-    e = settings.evaluation
-    result = StageResult("deletion")
-    measured = {r.key: torch.tensor(deletion_retrain(settings, ws, r)["measured"]) for r in plan.retrainings()}
+def deletion_results(settings: PipelineSettings, ws: Workspace, plan, scope: str = "finetune") -> StageResult:
+    """Verdicts of a case-deletion check from its retrainings' measurements on disk.
+
+    Writes ``artifacts/deletion/deletion.json`` (``scope="finetune"``) or
+    ``artifacts/pretrain_deletion/deletion.json`` (``scope="pretrain"``).
+    """
+    stage = "deletion" if scope == "finetune" else "pretrain_deletion"
+    methods = settings.evaluation.methods if scope == "finetune" else ["multistage"]
+    result = StageResult(stage)
+    measured = {r.key: torch.tensor(deletion_retrain(settings, ws, r, scope)["measured"]) for r in plan.retrainings()}
     checks = plan.results(measured, extra_name="probability")
     report = [dict(check.to_dict(), fraction=check.k / plan.n_train) for check in checks]
     for check in checks:
@@ -574,12 +610,53 @@ def deletion_results(settings: PipelineSettings, ws: Workspace, plan) -> StageRe
             f"{name}.probability_top": check.to_dict()["extra_mean_top"],
             f"{name}.probability_random": check.to_dict()["extra_mean_random"],
         })
-    for method in e.methods:
+    for method in methods:
         mine = [c for c in checks if c.method == method]
         result.metrics[f"{method}.passed_fraction"] = sum(c.passed for c in mine) / len(mine)
     result.metrics["retrainings"] = float(len(measured))
-    _save_json(report, ws.stage_dir("deletion") / "deletion.json")
-    result.outputs["deletion"] = str((ws.artifacts / "deletion" / "deletion.json").relative_to(ws.root))
+    _save_json(report, ws.stage_dir(stage) / "deletion.json")
+    result.outputs["deletion"] = str((ws.artifacts / stage / "deletion.json").relative_to(ws.root))
+    return result
+
+
+def pretrain_deletion_plan(settings: PipelineSettings, ws: Workspace):
+    """The retrainings of the pretraining-data case-deletion check, from the multi-stage scores.
+
+    Returns:
+        an :class:`influence.evaluation.case_deletion.DeletionPlan` over the pretraining sentences.
+    """
+    from influence.evaluation.case_deletion import plan_deletion
+
+    e = settings.evaluation
+    n_pretrain = len(load_split(ws, "pretrain"))
+    scores = load_file(str(ws.artifacts / "multistage" / f"{e.mode}.safetensors"))["scores"][: e.queries]
+    ks = sorted({max(1, round(f * n_pretrain)) for f in e.pretrain_k_fractions})
+    return plan_deletion({"multistage": scores}, n_train=n_pretrain, k=ks, kinds=e.kinds, random_repeats=e.random_repeats,
+                         seeds=[settings.seed + i for i in range(e.seeds)], seed=settings.seed)
+
+
+def pretrain_deletion(settings: PipelineSettings, ws: Workspace) -> StageResult:
+    """Case deletion for pretraining-data attribution: re-run pretraining and finetuning without each
+    query's top-k multi-stage proponents (opponents), and without k random sentences.
+
+    Off by default (each retraining re-runs pretraining); the nightly deployment turns it on.
+    """
+    e = settings.evaluation
+    result = StageResult("pretrain_deletion")
+    with timed(result):
+        if not e.pretrain_deletion:
+            result.info["disabled"] = True
+            result.save(ws)
+            return result
+        plan = pretrain_deletion_plan(settings, ws)
+        for i, retraining in enumerate(plan.retrainings()):
+            print(f"pretrain_deletion: retraining {i + 1}/{len(plan.retrainings())} (seed {retraining.seed}, "
+                  f"{len(retraining.removed)} sentences removed)")
+            deletion_retrain(settings, ws, retraining, "pretrain")
+        found = deletion_results(settings, ws, plan, "pretrain")
+        result.metrics.update(found.metrics)
+        result.outputs.update(found.outputs)
+    result.save(ws)
     return result
 
 

@@ -11,7 +11,7 @@ from typing import Any, Iterator
 
 STAGES = (
     "data", "features", "pretrain", "finetune", "gradients", "influence", "multistage", "tracin_we", "tracin_last",
-    "grad_cos", "deletion", "lds", "mislabel", "report",
+    "grad_cos", "deletion", "pretrain_deletion", "lds", "mislabel", "report",
 )
 
 

@@ -28,7 +28,8 @@ def test_pipeline_end_to_end(project: Path, prefect_harness):
 
     from flows.pipeline import pipeline
 
-    overrides = {"evaluation": {"lds": True, "lds_subsets": 4}}  # the LDS stage as the nightly deployment runs it
+    # the LDS and pretraining case-deletion stages, as the nightly deployment turns them on
+    overrides = {"evaluation": {"lds": True, "lds_subsets": 4, "pretrain_deletion": True}}
     settings = with_overrides(load_settings(project / "params.yaml"), overrides)
     outcome = pipeline(settings=load_settings(project / "params.yaml"), project_dir=str(project), overrides=overrides)
 
@@ -51,12 +52,14 @@ def test_pipeline_end_to_end(project: Path, prefect_harness):
     assert set(settings.evaluation.methods) == {"if", "tracin_we", "tracin_last", "grad_cos"}
     assert 0.0 <= metrics["mislabel.auc"] <= 1.0 and metrics["mislabel.flipped"] == round(0.1 * 240)
     assert run.data.params["evaluation.lds"] == "True"
+    assert 0.0 <= metrics["pretrain_deletion.multistage.passed_fraction"] <= 1.0
+    assert metrics["pretrain_deletion.retrainings"] == 1 + 1 + 2 * 2  # the baseline, 1 random, 2 kinds x 2 queries
     children = client.search_runs(
         [run.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{run.info.run_id}'"
     )
     assert {c.data.tags["stage"] for c in children} >= {
         "data", "pretrain", "finetune", "multistage", "influence", "tracin_we", "tracin_last", "grad_cos", "deletion",
-        "lds", "mislabel",
+        "pretrain_deletion", "lds", "mislabel",
     }
 
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "report")}
@@ -76,7 +79,9 @@ def test_pipeline_end_to_end(project: Path, prefect_harness):
     for method in settings.evaluation.methods:  # its rows in the deletion table (kinds x k), and one in the LDS table
         assert page.count(f"<td>{method}</td>") == 2 * len(settings.evaluation.k_fractions) + 1
     figures = {p.name for p in (local / "figures").iterdir()}
-    assert figures == {"scores.png", "agreement_fixed.png", "agreement_updated.png", "deletion.png", "mislabel.png"}
+    assert figures == {"scores.png", "agreement_fixed.png", "agreement_updated.png", "deletion.png",
+                       "deletion_pretraining.png", "mislabel.png"}
+    assert page.count("<td>pretraining</td>") == 2 and page.count("<td>multistage</td>") == 2  # one k, two kinds
     for name in figures:
         data = (local / "figures" / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
@@ -122,7 +127,7 @@ def test_unchanged_stages_are_skipped_and_data_rev_reads_a_committed_version(pro
     changed = settings.model_dump(mode="json")
     changed["evaluation"]["random_repeats"] = 2  # an evaluation setting: only deletion and lds read them all
     third = pipeline(settings=validate_settings(changed), project_dir=str(project))
-    assert third["skipped"] == [s for s in STAGES if s not in ("deletion", "lds", "report")]  # both read evaluation
+    assert third["skipped"] == [s for s in STAGES if s not in ("deletion", "pretrain_deletion", "lds", "report")]
 
     # the data version as a git revision: commit what the data stage recorded, then read it back
     git(project, "add", "dvc.lock", "params.yaml")
@@ -143,3 +148,33 @@ def test_unchanged_stages_are_skipped_and_data_rev_reads_a_committed_version(pro
     back = pipeline(settings=settings, project_dir=str(project))
     assert "data" not in back["skipped"] and "features" in back["skipped"]
     assert client.get_run(back["mlflow_run_id"]).data.tags["data_rev"] == "workspace"
+
+
+@pytest.mark.slow
+def test_retraining_without_removals_reproduces_both_stages(project: Path, prefect_harness):
+    """The case-deletion checks compare against retraining: the same code, with nothing removed and the
+    run's seed, gives back the pipeline's own pretrained and finetuned models bit for bit."""
+    import torch
+
+    from flows import stages
+    from flows.pipeline import pipeline
+    from flows.workspace import Workspace
+    from influence.evaluation.case_deletion import Retraining
+    from influence.models.checkpoints import load_state
+
+    settings = load_settings(project / "params.yaml")
+    quick = settings.model_copy(update={"evaluation": settings.evaluation.model_copy(update={"enabled": False, "mislabel_fraction": 0.0})})
+    pipeline(settings=quick, project_dir=str(project))
+    ws = Workspace(project)
+    pretrained, _ = stages.pretrain_on(settings, ws, stages.load_split(ws, "pretrain"))
+    stored = load_state(ws.artifacts / "pretrain" / "model.safetensors")
+    assert all(torch.equal(pretrained.state_dict()[n], v) for n, v in stored.items())
+    mode = settings.evaluation.mode
+    model, _ = stages.finetune_on(settings, ws, mode, stages.load_split(ws, "train"), checkpoint_dir=None, pretrained=pretrained)
+    stored = load_state(ws.artifacts / "finetune" / mode / "model.safetensors")
+    assert all(torch.equal(model.state_dict()[n], v) for n, v in stored.items())
+    # and the measurement a retraining records is that of the model: the baseline of another seed differs
+    base = stages.deletion_retrain(quick, ws, Retraining((), settings.seed), "pretrain")["measured"]
+    assert base == stages._deletion_measure(quick, ws, stages.finetuned_model(settings, ws, mode)).tolist()
+    other = stages.deletion_retrain(quick, ws, Retraining((), settings.seed + 1), "pretrain")["measured"]
+    assert other != base

@@ -25,6 +25,7 @@ from tests.conftest import make_project
 
 STARTUP_BAR_SECONDS = 60
 RUN_TIMEOUT_SECONDS = 900
+HTTP_TIMEOUT = 60  # seconds for one API call: a loaded 2-core machine can stall the SQLite-backed server for a while
 TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 
 pytestmark = pytest.mark.slow
@@ -106,7 +107,7 @@ def test_both_servers_answer_within_a_minute(servers: Servers):
 def _deployment(servers: Servers, name: str = "pipeline/on-demand") -> dict:
     import httpx
 
-    response = httpx.get(f"{servers.prefect_url}/api/deployments/name/{name}", timeout=10)
+    response = httpx.get(f"{servers.prefect_url}/api/deployments/name/{name}", timeout=HTTP_TIMEOUT)
     response.raise_for_status()
     return response.json()
 
@@ -115,7 +116,7 @@ def _run_count(servers: Servers, deployment_id: str) -> int:
     import httpx
 
     body = {"flow_runs": {"deployment_id": {"any_": [deployment_id]}}}
-    response = httpx.post(f"{servers.prefect_url}/api/flow_runs/count", json=body, timeout=10)
+    response = httpx.post(f"{servers.prefect_url}/api/flow_runs/count", json=body, timeout=HTTP_TIMEOUT)
     response.raise_for_status()
     return response.json()
 
@@ -130,7 +131,7 @@ def test_deployment_form_defaults_come_from_params_yaml(servers: Servers):
     assert gpu["work_pool_name"] == "gpu"
     import httpx
 
-    pool = httpx.get(f"{servers.prefect_url}/api/work_pools/gpu", timeout=10).json()
+    pool = httpx.get(f"{servers.prefect_url}/api/work_pools/gpu", timeout=HTTP_TIMEOUT).json()
     assert pool["concurrency_limit"] == 1  # one run per GPU
     assert deployment["parameters"]["settings"] == load_settings(servers.root / "params.yaml").model_dump(mode="json")
     assert Path(deployment["parameters"]["project_dir"]) == servers.root
@@ -153,7 +154,7 @@ def _trigger_and_wait(servers: Servers, parameters: dict) -> str:
     flow_run_id = response.json()["id"]
     began, state = time.monotonic(), None
     while time.monotonic() - began < RUN_TIMEOUT_SECONDS:
-        state = httpx.get(f"{servers.prefect_url}/api/flow_runs/{flow_run_id}", timeout=10).json()["state_type"]
+        state = httpx.get(f"{servers.prefect_url}/api/flow_runs/{flow_run_id}", timeout=HTTP_TIMEOUT).json()["state_type"]
         if state in TERMINAL:
             break
         time.sleep(2)
@@ -174,7 +175,7 @@ def _children(servers: Servers, flow_run_id: str) -> list[dict]:
     import httpx
 
     body = {"flow_runs": {"parent_flow_run_id": {"any_": [flow_run_id]}}}
-    response = httpx.post(f"{servers.prefect_url}/api/flow_runs/filter", json=body, timeout=10)
+    response = httpx.post(f"{servers.prefect_url}/api/flow_runs/filter", json=body, timeout=HTTP_TIMEOUT)
     response.raise_for_status()
     return response.json()
 
@@ -183,7 +184,7 @@ def _task_states(servers: Servers, flow_run_ids: list[str]) -> dict[str, str]:
     import httpx
 
     body = {"flow_runs": {"id": {"any_": flow_run_ids}}}
-    response = httpx.post(f"{servers.prefect_url}/api/task_runs/filter", json=body, timeout=10)
+    response = httpx.post(f"{servers.prefect_url}/api/task_runs/filter", json=body, timeout=HTTP_TIMEOUT)
     response.raise_for_status()
     return {r["name"]: r["state"]["name"] for r in response.json()}
 
@@ -206,7 +207,7 @@ def test_run_button_run_completes_and_logs_the_report_to_mlflow(servers: Servers
 
     # Prefect artifacts: the link to the MLflow run, the markdown summary, the table
     body = {"artifacts": {"flow_run_id": {"any_": [flow_run_id]}}}
-    artifacts = {a["key"]: a for a in httpx.post(f"{servers.prefect_url}/api/artifacts/filter", json=body, timeout=10).json()}
+    artifacts = {a["key"]: a for a in httpx.post(f"{servers.prefect_url}/api/artifacts/filter", json=body, timeout=HTTP_TIMEOUT).json()}
     assert {"mlflow-run", "attribution-summary", "attributions"} <= set(artifacts)
     assert servers.mlflow_url in artifacts["mlflow-run"]["data"]
     assert "Case-deletion check" in artifacts["attribution-summary"]["data"]
@@ -271,10 +272,11 @@ class Browser:
         self.page.set_default_timeout(60_000)
         self.shots: list[Path] = []
 
-    def shot(self, name: str) -> Path:
+    def shot(self, name: str, element=None) -> Path:
+        """Screenshot of the page, or of one element (scrolled into view, inside frames too)."""
         SCREENSHOTS.mkdir(parents=True, exist_ok=True)
         path = SCREENSHOTS / f"{len(self.shots) + 1:02d}-{name}.png"
-        self.page.screenshot(path=str(path))
+        (element or self.page).screenshot(path=str(path))
         self.shots.append(path)
         return path
 
@@ -282,7 +284,25 @@ class Browser:
 def _form_input(page, label: str):
     """The input of the custom-run form's field titled ``label`` (the settings model's field title)."""
     title = page.locator("span.schema-form-property__label", has_text=f"{label} (Optional)")
-    return page.locator("div.p-label", has=page.locator("label.p-label__label", has=title)).last.locator("input")
+    return page.locator("div.p-label", has=page.locator("label.p-label__label", has=title)).last.locator("input, textarea")
+
+
+def _wait_for_state(page, wanted: str) -> None:
+    """Wait until the flow-run page's state badge reads ``wanted``; fail at once on another final state."""
+    heading = page.locator(".page-heading-flow-run__meta .state-badge")
+    heading.first.wait_for()
+    began = time.monotonic()
+    while time.monotonic() - began < RUN_TIMEOUT_SECONDS:
+        classes = heading.first.get_attribute("class") or ""
+        if f"state--{wanted}" in classes:
+            return
+        final = [s for s in ("completed", "failed", "crashed", "cancelled") if f"state--{s}" in classes]
+        assert not final, f"the flow run ended {final[0]}, not {wanted}"
+        page.wait_for_timeout(2000)
+        if time.monotonic() - began > 60 and int(time.monotonic() - began) % 30 < 2:
+            page.reload()  # in case the page stopped polling
+            heading.first.wait_for()
+    raise AssertionError(f"the flow run did not reach {wanted} within {RUN_TIMEOUT_SECONDS} s")
 
 
 def test_browser_custom_run_from_the_prefect_ui_then_its_report_in_the_mlflow_ui(servers: Servers):
@@ -320,10 +340,10 @@ def test_browser_custom_run_from_the_prefect_ui_then_its_report_in_the_mlflow_ui
             page.wait_for_url("**/runs/flow-run/**")
             flow_run_id = page.url.rstrip("/").split("/")[-1].split("?")[0]
             browser.shot("prefect-flow-run-started")
-            page.get_by_text("Completed", exact=True).first.wait_for(timeout=RUN_TIMEOUT_SECONDS * 1000)
+            _wait_for_state(page, "completed")
             browser.shot("prefect-flow-run-completed")
 
-            run = httpx.get(f"{servers.prefect_url}/api/flow_runs/{flow_run_id}", timeout=10).json()
+            run = httpx.get(f"{servers.prefect_url}/api/flow_runs/{flow_run_id}", timeout=HTTP_TIMEOUT).json()
             assert run["name"] == run_name and run["state_type"] == "COMPLETED"
             assert run["parameters"]["settings"]["tracking"]["experiment"] == BROWSER_EXPERIMENT
 
@@ -332,6 +352,9 @@ def test_browser_custom_run_from_the_prefect_ui_then_its_report_in_the_mlflow_ui
             page.get_by_text(BROWSER_EXPERIMENT, exact=True).first.click()
             page.get_by_text(run_name, exact=True).first.click()
             page.get_by_role("tab", name="Artifacts").click()
+            assistant = page.get_by_role("button", name="Close", exact=True)
+            if assistant.count():  # MLflow's assistant side panel: out of the way of the report
+                assistant.first.click()
             browser.shot("mlflow-run")
             page.get_by_text("report", exact=True).first.click()
             page.get_by_text("report.html", exact=True).first.click()
@@ -341,8 +364,11 @@ def test_browser_custom_run_from_the_prefect_ui_then_its_report_in_the_mlflow_ui
             queries = report.locator("h2", has_text="Query ")
             assert queries.count() == 3  # every query of the tiny settings has its section
             assert report.locator("img[src^='data:image/png']").count() >= 3  # the figures, inside the page
-            report.locator("h2", has_text="Query ").first.scroll_into_view_if_needed()
-            browser.shot("mlflow-report-query")
+            for name, part in (("deletion-table", report.locator("h2", has_text="Case-deletion check")),
+                               ("figure", report.locator("figure").first),
+                               ("query", report.locator("div.query").first)):
+                part.evaluate("e => e.scrollIntoView()")  # scrolls the artifact viewer around the page's frame
+                browser.shot(f"mlflow-report-{name}")
         except Exception:
             browser.shot("failure")
             raise
@@ -355,7 +381,7 @@ def test_browser_custom_run_from_the_prefect_ui_then_its_report_in_the_mlflow_ui
 def test_nightly_schedule_creates_runs(servers: Servers):
     import httpx
 
-    response = httpx.get(f"{servers.prefect_url}/api/deployments/name/pipeline/nightly", timeout=10)
+    response = httpx.get(f"{servers.prefect_url}/api/deployments/name/pipeline/nightly", timeout=HTTP_TIMEOUT)
     response.raise_for_status()
     nightly = response.json()
     assert [s["schedule"]["cron"] for s in nightly["schedules"]] == ["0 2 * * *"]
@@ -363,7 +389,7 @@ def test_nightly_schedule_creates_runs(servers: Servers):
     began, scheduled = time.monotonic(), []
     while not scheduled and time.monotonic() - began < 60:
         body = {"flow_runs": {"deployment_id": {"any_": [nightly["id"]]}, "state": {"type": {"any_": ["SCHEDULED"]}}}}
-        scheduled = httpx.post(f"{servers.prefect_url}/api/flow_runs/filter", json=body, timeout=10).json()
+        scheduled = httpx.post(f"{servers.prefect_url}/api/flow_runs/filter", json=body, timeout=HTTP_TIMEOUT).json()
         time.sleep(1)
     print(f"{len(scheduled)} nightly runs scheduled after {time.monotonic() - began:.1f} s")
     assert scheduled and all(r["expected_start_time"].endswith(("T02:00:00Z", "T02:00:00+00:00")) for r in scheduled)
@@ -398,7 +424,7 @@ def test_bad_parameter_is_refused_before_any_run(servers: Servers):
 def test_restart_skips_nightly_runs_missed_while_stopped(servers: Servers):
     import httpx
 
-    nightly = httpx.get(f"{servers.prefect_url}/api/deployments/name/pipeline/nightly", timeout=10).json()
+    nightly = httpx.get(f"{servers.prefect_url}/api/deployments/name/pipeline/nightly", timeout=HTTP_TIMEOUT).json()
     past = (datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(hours=3)).isoformat()
     response = httpx.post(
         f"{servers.prefect_url}/api/deployments/{nightly['id']}/create_flow_run", timeout=30,
@@ -413,7 +439,7 @@ def test_restart_skips_nightly_runs_missed_while_stopped(servers: Servers):
     print(f"restart took {time.monotonic() - began:.1f} s\n{restarted.stdout}")
     assert restarted.returncode == 0, restarted.stdout + restarted.stderr
     assert "skipped nightly run" in restarted.stdout
-    state = httpx.get(f"{servers.prefect_url}/api/flow_runs/{missed}", timeout=10).json()["state"]
+    state = httpx.get(f"{servers.prefect_url}/api/flow_runs/{missed}", timeout=HTTP_TIMEOUT).json()["state"]
     assert (state["type"], state["name"]) == ("CANCELLED", "Skipped")
 
 

@@ -1,10 +1,12 @@
 """Evaluation of attributions: case deletion, the linear datamodeling score, mislabel detection."""
 
-from influence.evaluation.case_deletion import DeletionResult, case_deletion, random_removals, top_k_indices
+from influence.evaluation.case_deletion import (
+    DeletionPlan, DeletionResult, Retraining, case_deletion, plan_deletion, random_removals, top_k_indices,
+)
 from influence.evaluation.lds import lds, lds_per_query, random_subsets, spearman
 from influence.evaluation.mislabel import MislabelCurve, detection_curve, flip_labels
 
 __all__ = [
-    "DeletionResult", "MislabelCurve", "case_deletion", "detection_curve", "flip_labels", "lds", "lds_per_query",
-    "random_removals", "random_subsets", "spearman", "top_k_indices",
+    "DeletionPlan", "DeletionResult", "MislabelCurve", "Retraining", "case_deletion", "detection_curve", "flip_labels",
+    "lds", "lds_per_query", "plan_deletion", "random_removals", "random_subsets", "spearman", "top_k_indices",
 ]

@@ -70,7 +70,7 @@ def render_report(report: Mapping[str, object]) -> str:
     Args:
         report: a dict with keys ``title``; ``summary`` (``{name: value}``); ``data_versions``
             (``{dataset: hash}``); ``settings`` (``{name: value}``); ``deletion`` (a list of rows with
-            keys method, mode, removed, k, mean_top, mean_random, difference, interval_95, passed); ``queries``: a list of dicts with
+            keys data, method, mode, removed, k, mean_top, mean_random, difference, interval_95, probability_top, probability_random, passed); ``queries``: a list of dicts with
             ``id, text, label, prediction`` and ``sections``: lists of ``{"title", "rows"}`` where rows
             hold ``kind, rank, id, text or text_html, label, score``; optional ``figures``: a list of
             ``{"title", "caption", "png"}`` (``png``: the image's bytes, embedded as a data URI so the
@@ -95,13 +95,14 @@ def render_report(report: Mapping[str, object]) -> str:
             rows.append({**d, "verdict_html": verdict})
         parts.append(
             "<h2>Case-deletion check</h2><p>For each query its k top proponents (or opponents) were removed "
-            "and the model retrained; the change of the query's loss (<i>mean_top</i>, averaged over queries) "
+            "and the model retrained (finetuning data: the finetuning stage re-run; pretraining data: "
+            "pretraining and finetuning re-run); the change of the query's loss (<i>mean_top</i>, averaged over queries) "
             "is compared with removing k random examples (<i>mean_random</i>). <i>difference</i> is the mean "
             "per-query excess over random, with its 95% Student-t interval over queries. Removing proponents "
             "passes when the interval lies above zero; removing opponents when it lies below zero. A failed "
             "row means the method's ranking is not borne out by retraining at that k. <i>probability_top</i> and "
             "<i>probability_random</i> are the mean changes of the probability the model gives the query's label.</p>"
-            + _table(rows, ["method", "mode", "removed", "k", "mean_top", "mean_random", "difference", "interval_95",
+            + _table(rows, ["data", "method", "mode", "removed", "k", "mean_top", "mean_random", "difference", "interval_95",
                             "probability_top", "probability_random", "verdict_html"])
         )
     for section in report.get("evaluation", []):
