@@ -96,30 +96,26 @@ def plan_task(stage: str, settings: PipelineSettings, root: Path) -> list:
 
 
 @task(task_run_name="retrain-{scope}-{retraining.key}")
-def retrain_task(settings: PipelineSettings, root: Path, retraining, scope: str) -> str:
-    return stages.deletion_retrain(settings, Workspace(root), retraining, scope)["key"]
+def retrain_task(settings: PipelineSettings, root: Path, retraining, scope: str, num_threads: int) -> str:
+    return stages.deletion_retrain(settings, Workspace(root), retraining, scope, num_threads=num_threads)["key"]
 
 
 @flow(name="retrainings", flow_run_name="{stage}-retrainings")
 def retrainings(stage: str, settings: PipelineSettings, project_dir: str) -> int:
     """Every retraining of the ``deletion``, ``pretrain_deletion`` or ``lds`` stage, as parallel tasks (each saved as it finishes).
 
-    Run with a thread pool of ``evaluation.workers``; torch's intra-op threads are shared out
-    among them for the duration. Returns how many retrainings the stage has.
+    Run with a thread pool of ``evaluation.workers``; each retraining gets its share of the cores
+    as torch intra-op threads (set in the thread that trains). Returns how many retrainings the
+    stage has.
     """
     import os
 
-    import torch
-
     root = Path(project_dir)
     planned = plan_task(stage, settings, root)
-    previous = torch.get_num_threads()
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // settings.evaluation.workers))
-    try:
-        for future in retrain_task.map(unmapped(settings), unmapped(root), planned, unmapped(RETRAINING_SCOPES[stage])):
-            future.result()
-    finally:
-        torch.set_num_threads(previous)
+    threads = max(1, (os.cpu_count() or 1) // settings.evaluation.workers)
+    futures = retrain_task.map(unmapped(settings), unmapped(root), planned, unmapped(RETRAINING_SCOPES[stage]), unmapped(threads))
+    for future in futures:
+        future.result()
     return len(planned)
 
 

@@ -34,7 +34,7 @@ class DataSettings(_Section):
     split_seed: int = Field(13, title="Split seed", description="Seed that assigns whole movies to train/validation/test.")
     train_fraction: float = Field(0.8, gt=0, lt=1, title="Train fraction", description="Fraction of movies in the finetuning train split.")
     validation_fraction: float = Field(0.1, gt=0, lt=1, title="Validation fraction", description="Fraction of movies in the validation split; the rest is test.")
-    pretrain_sentences: int = Field(12000, ge=100, title="Pretraining sentences", description="How many news sentences (a seeded sample of the corpus) pretrain the text model.")
+    pretrain_sentences: int = Field(6000, ge=100, title="Pretraining sentences", description="How many news sentences (a seeded sample of the corpus) pretrain the text model.")
     finetune_train_examples: int = Field(0, ge=0, title="Finetuning train examples", description="Cap on the finetuning train split (a seeded sample); 0 keeps all.")
     max_length: int = Field(32, ge=4, le=256, title="Max tokens", description="Texts are truncated/padded to this many tokens.")
     vocab_min_count: int = Field(3, ge=1, title="Vocabulary min count", description="Words seen fewer times map to the unknown-word token `<unk>`.")
@@ -56,7 +56,7 @@ class PretrainSettings(_Section):
     embed_dim: int = Field(32, ge=2, le=512, title="Embedding size", description="Width of the word embedding shared by both stages.")
     hidden_dim: int = Field(64, ge=2, le=1024, title="Hidden size", description="Hidden width of the masked-word predictor.")
     window: int = Field(2, ge=1, le=8, title="Context window", description="Each word is predicted from this many neighbours on each side.")
-    epochs: int = Field(4, ge=1, le=100, title="Epochs", description="Passes over the pretraining sentences.")
+    epochs: int = Field(3, ge=1, le=100, title="Epochs", description="Passes over the pretraining sentences.")
     batch_size: int = Field(128, ge=1, title="Batch size", description="Sentences per step.")
     learning_rate: float = Field(0.01, gt=0, title="Learning rate", description="Adam learning rate.")
     l2: float = Field(1e-5, ge=0, title="L2", description="(l2/2)·||θ||² added to the pretraining loss (also in its Hessian).")
@@ -71,8 +71,8 @@ class FinetuneSettings(_Section):
     )
     hidden_dim: int = Field(32, ge=2, le=1024, title="Hidden size", description="Channels of the convolutional encoder.")
     alpha: float = Field(1e-4, gt=0, title="Proximity alpha", description="Strength of the proximity penalty in 'updated' mode.")
-    epochs: int = Field(5, ge=1, le=100, title="Epochs", description="Passes over the finetuning train split.")
-    batch_size: int = Field(64, ge=1, title="Batch size", description="Examples per step.")
+    epochs: int = Field(3, ge=1, le=100, title="Epochs", description="Passes over the finetuning train split.")
+    batch_size: int = Field(128, ge=1, title="Batch size", description="Examples per step.")
     learning_rate: float = Field(0.01, gt=0, title="Learning rate", description="Adam learning rate.")
     l2: float = Field(1e-4, ge=0, title="L2", description="(l2/2)·||θ||² on the trained parameters (also in the Hessian).")
     checkpoint_every: int = Field(100, ge=1, title="Checkpoint every (steps)", description="Checkpoints for TracIn are saved every this many steps and at the end.")
@@ -90,8 +90,8 @@ class AttributionSettings(_Section):
     gauss_newton: bool = Field(True, title="Gauss-Newton (finetuning)", description="Use the Gauss-Newton Hessian for the finetuning stage (positive semi-definite even away from a minimum, where the true Hessian can be indefinite).")
     pretrain_gauss_newton: bool = Field(False, title="Gauss-Newton (pretraining)", description="Use the Gauss-Newton Hessian for the pretraining stage; Arnoldi keeps only positive eigenvalues of the true Hessian, so it can do without.")
     cg_iterations: int = Field(100, ge=1, title="CG iterations", description="Most conjugate-gradient iterations per solve.")
-    hessian_examples: int = Field(2000, ge=10, title="Finetuning Hessian examples", description="Seeded sample of finetuning train examples whose mean-loss Hessian is used.")
-    pretrain_hessian_examples: int = Field(256, ge=10, title="Pretraining Hessian examples", description="Seeded sample of pretraining sentences whose mean-loss Hessian is used.")
+    hessian_examples: int = Field(1000, ge=10, title="Finetuning Hessian examples", description="Seeded sample of finetuning train examples whose mean-loss Hessian is used.")
+    pretrain_hessian_examples: int = Field(128, ge=10, title="Pretraining Hessian examples", description="Seeded sample of pretraining sentences whose mean-loss Hessian is used.")
     arnoldi_iterations: int = Field(30, ge=2, title="Arnoldi iterations", description="Hessian-vector products of the Arnoldi iteration.")
     arnoldi_rank: int = Field(20, ge=1, title="Arnoldi rank", description="Top eigenpairs kept by Arnoldi.")
     if_params: list[str] = Field(["encoder", "head"], min_length=1, title="Influence-function parameters", description="Modules of the classifier whose parameters the finetuning influence function uses.")
@@ -108,16 +108,16 @@ class EvaluationSettings(_Section):
         ["if", "tracin_we", "tracin_last", "grad_cos"], min_length=1, title="Methods checked",
         description="Whose top proponents (opponents) are removed: 'if' (influence function), 'tracin_we' (TracIn-WE), 'tracin_last' (last-layer TracIn), 'grad_cos' (gradient cosine); each is compared with random removals.",
     )
-    queries: int = Field(4, ge=1, le=50, title="Queries", description="How many of the explained queries are checked.")
+    queries: int = Field(8, ge=1, le=50, title="Queries", description="How many of the explained queries are checked.")
     k_fractions: list[float] = Field(
-        [0.005, 0.01, 0.05], min_length=1, title="k (fractions)",
+        [0.01, 0.05], min_length=1, title="k (fractions)",
         description="How many training examples are removed per retraining, as fractions of the finetuning train split.",
     )
     kinds: list[Literal["proponents", "opponents"]] = Field(
         ["proponents", "opponents"], min_length=1, title="Removed kinds",
         description="Remove each query's top proponents (its loss should rise) and/or top opponents (it should fall).",
     )
-    random_repeats: int = Field(3, ge=1, le=20, title="Random repeats", description="Random removals of k examples per k, each retrained.")
+    random_repeats: int = Field(2, ge=1, le=20, title="Random repeats", description="Random removals of k examples per k, each retrained.")
     seeds: int = Field(1, ge=1, le=10, title="Retraining seeds", description="Every retraining (and the full-data baseline) is repeated with this many seeds (seed, seed+1, ...); each change is taken against the baseline of the same seed and averaged over seeds.")
     pretrain_deletion: bool = Field(False, title="Pretraining case deletion", description="Also check the multi-stage scores: re-run pretraining and finetuning without each query's top-k pretraining sentences, and without k random ones; off by default (each retraining re-runs pretraining), on in the nightly deployment.")
     pretrain_k_fractions: list[float] = Field(

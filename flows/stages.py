@@ -144,12 +144,15 @@ def finetune_setup(settings: PipelineSettings, ws: Workspace, mode: str, model, 
 
 
 def finetune_on(settings: PipelineSettings, ws: Workspace, mode: str, train_data, checkpoint_dir: Path | None,
-                seed: int | None = None, pretrained=None):
+                seed: int | None = None, pretrained=None, num_threads: int | None = None,
+                exclude: list[int] | None = None):
     """Finetune a fresh classifier (pretrained embedding) on ``train_data`` in ``mode``.
 
     The single definition of the finetuning stage's training, used by the stage itself and by
     the case-deletion check when it retrains (``seed``: the training seed, default ``settings.seed``;
-    ``pretrained``: the pretrained model to start from, default the pretraining stage's).
+    ``pretrained``: the pretrained model to start from, default the pretraining stage's;
+    ``num_threads``: torch intra-op threads of this training, for retrainings run side by side;
+    ``exclude``: indices of ``train_data`` left out, the data order of the whole run kept).
     """
     from influence.models.text import transfer_embedding
     from influence.models.training import train
@@ -164,7 +167,8 @@ def finetune_on(settings: PipelineSettings, ws: Workspace, mode: str, train_data
         train, model=model, task=ClassificationTask(), dataset=train_data, epochs=ft.epochs, batch_size=ft.batch_size,
         learning_rate=ft.learning_rate, seed=settings.seed if seed is None else seed, l2=ft.l2, trainable=trainable, l2_names=l2_names,
         proximity=proximity, checkpoint_dir=checkpoint_dir,
-        checkpoint_every=ft.checkpoint_every if checkpoint_dir is not None else None,
+        checkpoint_every=ft.checkpoint_every if checkpoint_dir is not None else None, num_threads=num_threads,
+        exclude=exclude,
     )
     return model.eval(), result
 
@@ -278,11 +282,12 @@ def features(settings: PipelineSettings, ws: Workspace) -> StageResult:
 
 
 def pretrain_on(settings: PipelineSettings, ws: Workspace, data, checkpoint_dir: Path | None = None,
-                seed: int | None = None):
+                seed: int | None = None, num_threads: int | None = None, exclude: list[int] | None = None):
     """Pretrain a fresh masked-word model on ``data``; return ``(model, training result)``.
 
     The single definition of the pretraining stage's training, used by the stage itself and by the
-    pretraining case-deletion check when it re-runs pretraining (``seed``: default ``settings.seed``).
+    pretraining case-deletion check when it re-runs pretraining (``seed``: default ``settings.seed``;
+    ``exclude``: sentences left out, the data order of the whole run kept).
     """
     from influence.models.text import CbowLanguageModel
     from influence.models.training import train
@@ -296,7 +301,8 @@ def pretrain_on(settings: PipelineSettings, ws: Workspace, data, checkpoint_dir:
         train, model=model, task=LanguageModelingTask(padding_idx=0), dataset=data, epochs=p.epochs,
         batch_size=p.batch_size, learning_rate=p.learning_rate, seed=seed, l2=p.l2,
         checkpoint_dir=checkpoint_dir, checkpoint_every=100 if checkpoint_dir is not None else None,
-        log=progress("pretrain") if checkpoint_dir is not None else None,
+        log=progress("pretrain") if checkpoint_dir is not None else None, num_threads=num_threads,
+        exclude=exclude,
     )
     return model.eval(), trained
 
@@ -549,18 +555,23 @@ def deletion_runs(settings: PipelineSettings, ws: Workspace, scope: str = "finet
     return ws.artifacts / "deletion" / "runs" / digest.hexdigest()[:16]
 
 
-def deletion_retrain(settings: PipelineSettings, ws: Workspace, retraining, scope: str = "finetune") -> dict:
+def deletion_retrain(settings: PipelineSettings, ws: Workspace, retraining, scope: str = "finetune",
+                     num_threads: int | None = None) -> dict:
     """One retraining of a case-deletion check or of the LDS, measured and saved (``<runs>/<key>.json``).
 
     ``scope="finetune"``: the finetuning of ``evaluation.mode`` is re-run without the removed
     finetuning examples. ``scope="pretrain"``: pretraining is re-run without the removed
     pretraining sentences, then the finetuning (on its whole train split) from that new embedding.
+    A retraining keeps the data order of the full run of its seed and leaves the removed examples
+    out of their batches (``train(exclude=...)``), so it differs from that run by the removal alone.
     A retraining already on disk is read back, not redone (an interrupted check resumes). The
     baseline of the run's own seed is the finetuned model itself (its training is deterministic).
 
     Args:
         retraining: an :class:`influence.evaluation.case_deletion.Retraining`.
         scope: ``"finetune"`` or ``"pretrain"``.
+        num_threads: torch intra-op threads of the training (``None``: torch's setting); retrainings
+            run side by side in threads each take their share of the cores.
 
     Returns:
         ``{"key", "seed", "removed", "measured": [Q][2]}`` (each checked query's loss and label probability).
@@ -574,11 +585,13 @@ def deletion_retrain(settings: PipelineSettings, ws: Workspace, retraining, scop
         model = finetuned_model(settings, ws, mode)
     elif scope == "pretrain":
         sentences = load_split(ws, "pretrain")
-        pretrained, _ = pretrain_on(settings, ws, sentences.subset(retraining.keep(len(sentences))), seed=retraining.seed)
-        model, _ = finetune_on(settings, ws, mode, train_data, checkpoint_dir=None, seed=retraining.seed, pretrained=pretrained)
+        pretrained, _ = pretrain_on(settings, ws, sentences, seed=retraining.seed, num_threads=num_threads,
+                                    exclude=list(retraining.removed))
+        model, _ = finetune_on(settings, ws, mode, train_data, checkpoint_dir=None, seed=retraining.seed, pretrained=pretrained,
+                               num_threads=num_threads)
     else:
-        model, _ = finetune_on(settings, ws, mode, train_data.subset(retraining.keep(len(train_data))),
-                               checkpoint_dir=None, seed=retraining.seed)
+        model, _ = finetune_on(settings, ws, mode, train_data, checkpoint_dir=None, seed=retraining.seed,
+                               num_threads=num_threads, exclude=list(retraining.removed))
     found = {"key": retraining.key, "seed": retraining.seed, "removed": len(retraining.removed),
              "measured": _deletion_measure(settings, ws, model).tolist()}
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -344,6 +344,8 @@ def test_text_classification_dataset_batches():
     assert example["label"].shape == () and example["label"].dtype == torch.long
     batch = next(iter(DataLoader(data, batch_size=4, shuffle=False)))
     assert batch["tokens"].shape == (4, 4) and batch["label"].tolist() == [0, 1, 0, 1]
+    whole = next(iter(DataLoader(data, batch_size=len(data), shuffle=False)))  # collated() is that batch
+    assert whole.keys() == data.collated().keys() and all(torch.equal(whole[k], data.collated()[k]) for k in whole)
     part = data.subset([5, -1])
     assert isinstance(part, TextClassificationDataset) and part.ids == ["rt-00005", "rt-00008"]
     assert torch.equal(part.tokens[0], data.tokens[5])
@@ -362,6 +364,7 @@ def test_token_dataset_batches():
     assert set(data[1]) == {"tokens"} and data[1]["tokens"].tolist() == [4, 5, 6, 7]
     batch = next(iter(DataLoader(data, batch_size=3)))
     assert batch["tokens"].shape == (3, 4)
+    assert torch.equal(next(iter(DataLoader(data, batch_size=6)))["tokens"], data.collated()["tokens"])
     part = data.subset(torch.tensor([4, 0]))
     assert isinstance(part, TokenDataset) and part.ids == ["news-0004-000", "news-0000-000"]
     with pytest.raises(InvalidArgumentError, match="tokens"):

@@ -16,7 +16,6 @@ from flows import figures
 from influence.evaluation import DeletionResult, detection_curve
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-DELETION_JSON = Path(__file__).resolve().parents[1] / "artifacts" / "deletion" / "deletion.json"
 
 
 def assert_png(path: Path) -> tuple[int, int]:
@@ -75,12 +74,6 @@ def test_deletion_curves_with_fraction_one_query_and_one_kind(tmp_path):
     rows = [dict(row, fraction=row["k"] / 1000) for row in deletion_rows(n_query=1, repeats=1)]
     rows = [row for row in rows if row["kind"] == "proponents"]
     assert rows[0]["interval_low"] == -math.inf  # one query: no interval, no error bar
-    assert_png(figures.deletion_curves(rows, tmp_path / "deletion.png"))
-
-
-@pytest.mark.skipif(not DELETION_JSON.is_file(), reason="no artifacts/deletion/deletion.json (run the pipeline)")
-def test_deletion_curves_of_the_pipeline_artifact(tmp_path):
-    rows = json.loads(DELETION_JSON.read_text())
     assert_png(figures.deletion_curves(rows, tmp_path / "deletion.png"))
 
 

@@ -239,6 +239,44 @@ def test_training_is_deterministic_and_learns():
     assert mean_loss(ClassificationTask(), a, data, batch_size=7) == pytest.approx(expected_loss, rel=1e-6)
 
 
+def test_exclude_keeps_the_full_runs_batches_less_the_excluded_examples():
+    """Brute force: plain SGD by hand over the whole run's seeded batches, the excluded rows dropped."""
+    from influence.models.training import _permutation
+
+    data = _classification_data()
+    n = data["label"].shape[0]
+    excluded = [0, 3, 4, 17, 30, 31, 38]
+    model, by_hand = _classifier().double(), _classifier().double()
+    _train_classifier(model, data=data, epochs=3, optimizer="sgd", exclude=excluded)
+    params = dict(by_hand.named_parameters())
+    kept = torch.ones(n, dtype=torch.bool)
+    kept[excluded] = False
+    for epoch in range(3):
+        order = _permutation(n, 0, epoch)
+        for start in range(0, n, 8):
+            rows = order[start:start + 8]
+            rows = rows[kept[rows]]
+            if rows.numel() == 0:
+                continue
+            loss = ClassificationTask().train_loss(by_hand, {k: v[rows] for k, v in data.items()}).mean()
+            grads = torch.autograd.grad(loss, list(params.values()))
+            with torch.no_grad():
+                for p, g in zip(params.values(), grads):
+                    p -= 0.05 * g
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(value, by_hand.state_dict()[name], rtol=1e-12, atol=1e-12)
+    # excluding nothing is the ordinary run, bit for bit; excluding changes it
+    a, b, c = _classifier(), _classifier(), _classifier()
+    _train_classifier(a, data=data)
+    _train_classifier(b, data=data, exclude=[])
+    _train_classifier(c, data=data, exclude=[5])
+    assert _same_weights(a, b) and not _same_weights(a, c)
+    with pytest.raises(InvalidArgumentError, match="exclude"):
+        _train_classifier(_classifier(), data=data, exclude=[1, 1])
+    with pytest.raises(InvalidArgumentError, match="exclude"):
+        _train_classifier(_classifier(), data=data, exclude=[n])
+
+
 def test_language_model_trains_and_threads_are_restored():
     cbow = _cbow()
     tokens = _tokens(40, 8)

@@ -89,6 +89,10 @@ class TokenDataset(Dataset):
         """One example ``{"tokens": LongTensor [L]}``."""
         return {"tokens": self.tokens[index]}
 
+    def collated(self) -> dict[str, Tensor]:
+        """Every example as one batch ``{"tokens": [N, L]}`` (what torch's default collate makes, at once)."""
+        return {"tokens": self.tokens}
+
     def subset(self, indices: Sequence[int] | Tensor) -> "TokenDataset":
         """The rows at ``indices`` (ints, negative allowed, no repeats; or a boolean mask ``[N]``).
 
@@ -148,6 +152,10 @@ class TextClassificationDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, Tensor]:
         """One example ``{"tokens": LongTensor [L], "label": LongTensor []}``."""
         return {"tokens": self.tokens[index], "label": self.labels[index]}
+
+    def collated(self) -> dict[str, Tensor]:
+        """Every example as one batch ``{"tokens": [N, L], "label": [N]}`` (torch's default collate, at once)."""
+        return {"tokens": self.tokens, "label": self.labels}
 
     def subset(self, indices: Sequence[int] | Tensor) -> "TextClassificationDataset":
         """The rows at ``indices`` (ints, negative allowed, no repeats; or a boolean mask ``[N]``).

@@ -178,7 +178,8 @@ def collate_dataset(dataset: Dataset | Mapping[str, Tensor]) -> Batch:
 
     Args:
         dataset: a map-style dataset whose examples have equal shapes (e.g. ``{"tokens": [L],
-            "label": []}``), or an already collated mapping ``{key: [N, ...]}``.
+            "label": []}``), one with a ``collated()`` method that returns that batch directly, or
+            an already collated mapping ``{key: [N, ...]}``.
 
     Returns:
         The batch of all ``N`` examples, e.g. ``{"tokens": [N, L], "label": [N]}``.
@@ -186,6 +187,8 @@ def collate_dataset(dataset: Dataset | Mapping[str, Tensor]) -> Batch:
     Raises:
         InvalidArgumentError: the dataset is empty or its examples cannot be stacked.
     """
+    if hasattr(dataset, "collated"):  # the project's datasets hold their tensors already stacked
+        dataset = dataset.collated()
     if isinstance(dataset, Mapping):
         sizes = {k: v.shape[0] for k, v in dataset.items() if isinstance(v, Tensor) and v.dim() > 0}
         if not sizes or len(set(sizes.values())) != 1:
@@ -406,6 +409,7 @@ def train(
     overwrite: bool = False,
     num_threads: int | None = None,
     l2_names: str | Sequence[str] | None = None,
+    exclude: Sequence[int] | None = None,
 ) -> TrainResult:
     """Train ``model`` in place by minibatch Adam or SGD on the task's mean loss plus penalties.
 
@@ -440,6 +444,12 @@ def train(
         l2_names: the parameters the L2 term covers, as ``select_parameters`` accepts them
             (``None``: every trainable parameter), e.g. everything but an embedding that a
             proximity penalty already anchors.
+        exclude: indices of ``dataset`` left out of training while keeping the data order of the
+            whole dataset: each step's batch is the whole run's batch less the excluded examples
+            (its loss the mean over the examples kept; a batch left empty is skipped). So a run
+            without some examples differs from the run with all of them only by their absence,
+            not by a reshuffled order (what case deletion and the LDS retrain). ``None`` or empty:
+            every example.
 
     Returns:
         A :class:`TrainResult`.
@@ -463,6 +473,11 @@ def train(
             raise invalid("checkpoint_every", checkpoint_every, "None when checkpoint_dir is None")
     if num_threads is not None:
         _check_int("num_threads", num_threads, 1)
+    if exclude is not None:
+        if isinstance(exclude, (str, bytes)) or not all(isinstance(i, int) and not isinstance(i, bool) for i in exclude):
+            raise invalid("exclude", exclude if isinstance(exclude, (str, bytes)) else list(exclude)[:5], "a sequence of example indices (ints)")
+        if len(set(exclude)) != len(exclude):
+            raise invalid("exclude", sorted(exclude)[:10], "distinct example indices")
     previous_threads = torch.get_num_threads()
     if num_threads is not None:
         torch.set_num_threads(num_threads)
@@ -471,7 +486,7 @@ def train(
             model, task, dataset, epochs=epochs, batch_size=batch_size, learning_rate=learning_rate,
             seed=seed, optimizer=optimizer, l2=l2, trainable=trainable, proximity=proximity,
             checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every, device=device, log=log,
-            overwrite=overwrite, l2_names=l2_names,
+            overwrite=overwrite, l2_names=l2_names, exclude=exclude,
         )
     finally:
         if num_threads is not None:
@@ -497,6 +512,7 @@ def _train(
     log: Callable[[dict[str, Any]], None] | None,
     overwrite: bool,
     l2_names: str | Sequence[str] | None = None,
+    exclude: Sequence[int] | None = None,
 ) -> TrainResult:
     """The body of :func:`train`, with validated arguments."""
     started = time.perf_counter()
@@ -517,6 +533,11 @@ def _train(
     data = collate_dataset(dataset)
     n_examples = _num_examples(data)
     steps_per_epoch = math.ceil(n_examples / batch_size)
+    excluded = sorted(int(i) for i in exclude) if exclude else []
+    if excluded and (excluded[0] < 0 or excluded[-1] >= n_examples):
+        raise invalid("exclude", [i for i in excluded if not 0 <= i < n_examples][:5], f"indices in [0, {n_examples})")
+    kept = torch.ones(n_examples, dtype=torch.bool)
+    kept[excluded] = False
     opt_class = torch.optim.Adam if optimizer == "adam" else torch.optim.SGD
     opt = opt_class(list(trained.values()), lr=float(learning_rate))
     emit = log or (lambda event: None)
@@ -531,6 +552,7 @@ def _train(
             "model": f"{type(model).__module__}.{type(model).__qualname__}",
             "initial_state_sha256": _sha256(sorted(model.state_dict().items())),
             "dataset": {"size": n_examples, "sha256": _sha256(_tensors(data))},
+            **({"exclude": {"count": len(excluded), "sha256": _sha256([("exclude", torch.tensor(excluded))])}} if excluded else {}),
             "proximity": None if proximity is None else {
                 "alpha": proximity.alpha,
                 "reference_sha256": _sha256(sorted(proximity.reference.items())),
@@ -574,6 +596,7 @@ def _train(
             emit({"event": "checkpoint", "step": step, "path": str(info.path), "learning_rate": info.learning_rate})
 
     data = to_device(data, device)
+    kept = kept.to(device)
     model.train()
     for epoch in range(start_epoch, epochs):
         order = _permutation(n_examples, seed, epoch).to(device)
@@ -581,7 +604,12 @@ def _train(
         loss_sum = epoch_sum if epoch == start_epoch else 0.0
         data_sum = epoch_data_sum if epoch == start_epoch else 0.0
         for b in range(first, steps_per_epoch):
-            batch = _index(data, order[b * batch_size:(b + 1) * batch_size])
+            rows = order[b * batch_size:(b + 1) * batch_size]
+            if excluded:
+                rows = rows[kept[rows]]
+                if rows.numel() == 0:
+                    continue
+            batch = _index(data, rows)
             opt.zero_grad(set_to_none=True)
             data_loss = task.train_loss(model, batch).mean()
             loss = data_loss if regularizer.is_zero else data_loss + regularizer(trained)
