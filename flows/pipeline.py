@@ -87,17 +87,20 @@ def checkout_data_task(root: Path, data_rev: str) -> dict[str, str]:
 
 
 @task(task_run_name="plan-{stage}")
-def plan_task(stage: str, settings: PipelineSettings, root: Path) -> list:
+def plan_task(stage: str, settings: PipelineSettings, root: Path) -> tuple[list, Path]:
+    """The stage's retrainings, and the folder where each one's measurements are saved."""
     ws = Workspace(root)
     if stage == "lds":
-        return stages.lds_plan(settings, ws)[1]
-    plan = stages.deletion_plan if stage == "deletion" else stages.pretrain_deletion_plan
-    return plan(settings, ws).retrainings()
+        planned = stages.lds_plan(settings, ws)[1]
+    else:
+        plan = stages.deletion_plan if stage == "deletion" else stages.pretrain_deletion_plan
+        planned = plan(settings, ws).retrainings()
+    return planned, stages.deletion_runs(settings, ws, RETRAINING_SCOPES[stage])
 
 
 @task(task_run_name="retrain-{scope}-{retraining.key}")
-def retrain_task(settings: PipelineSettings, root: Path, retraining, scope: str, num_threads: int) -> str:
-    return stages.deletion_retrain(settings, Workspace(root), retraining, scope, num_threads=num_threads)["key"]
+def retrain_task(settings: PipelineSettings, root: Path, retraining, scope: str, num_threads: int, runs: Path) -> str:
+    return stages.deletion_retrain(settings, Workspace(root), retraining, scope, num_threads=num_threads, runs=runs)["key"]
 
 
 @flow(name="retrainings", flow_run_name="{stage}-retrainings")
@@ -111,9 +114,10 @@ def retrainings(stage: str, settings: PipelineSettings, project_dir: str) -> int
     import os
 
     root = Path(project_dir)
-    planned = plan_task(stage, settings, root)
+    planned, runs = plan_task(stage, settings, root)
     threads = max(1, (os.cpu_count() or 1) // settings.evaluation.workers)
-    futures = retrain_task.map(unmapped(settings), unmapped(root), planned, unmapped(RETRAINING_SCOPES[stage]), unmapped(threads))
+    futures = retrain_task.map(unmapped(settings), unmapped(root), planned, unmapped(RETRAINING_SCOPES[stage]),
+                               unmapped(threads), unmapped(runs))
     for future in futures:
         future.result()
     return len(planned)

@@ -71,10 +71,12 @@ def build_report(settings: PipelineSettings, ws: Workspace, extra_tags: dict[str
             for i, qid in enumerate(query_ids)
         }
         all_rows: list[dict] = []
+        loaded: dict[str, torch.Tensor] = {}  # "<title> (<mode>)" -> [Q, N], for the figures
         sections: dict[str, list[dict]] = {qid: [] for qid in query_ids}
         for stage, source, title in SCORE_STAGES:
             for mode in settings.finetune.modes:
                 scores = load_file(str(ws.artifacts / stage / f"{mode}.safetensors"))["scores"]
+                loaded[f"{title} ({mode})"] = scores
                 ids, texts = (pretrain_ids, pretrain_text) if source == "pretraining" else (train_ids, finetune_text)
                 rows = join_examples(ranked_rows(scores, query_ids, ids, k=k, source=source, method=stage, mode=mode), texts, queries)
                 words = stages._load_json(ws.artifacts / "tracin_we" / f"{mode}_words.json") if stage == "tracin_we" else {}
@@ -107,7 +109,7 @@ def build_report(settings: PipelineSettings, ws: Workspace, extra_tags: dict[str
                     "passed": c["passed"],
                 })
         evaluation = evaluation_sections(ws, results)
-        figures = write_figures(settings, ws, out / "figures")
+        figures = write_figures(settings, ws, out / "figures", loaded)
         hashes = dataset_hashes(ws.root)
         revision = git_revision(ws.root)
         version = data_version(ws.root)
@@ -181,8 +183,12 @@ FIGURE_CAPTIONS = {
 }
 
 
-def write_figures(settings: PipelineSettings, ws: Workspace, folder: Path) -> list[tuple[str, str, Path]]:
+def write_figures(settings: PipelineSettings, ws: Workspace, folder: Path,
+                  scores: dict[str, torch.Tensor]) -> list[tuple[str, str, Path]]:
     """The report's PNG figures: score distributions, method agreement per mode, deletion and mislabel curves.
+
+    Args:
+        scores: ``{"<title> (<mode>)": [Q, N]}`` every score matrix of :data:`SCORE_STAGES`.
 
     Returns:
         ``[(title, caption, path)]`` of the figures written (a figure whose stage did not run is left out).
@@ -190,12 +196,7 @@ def write_figures(settings: PipelineSettings, ws: Workspace, folder: Path) -> li
     from flows import figures
 
     written = []
-    scores = {}
-    for stage, source, title in SCORE_STAGES:
-        for mode in settings.finetune.modes:
-            path = ws.artifacts / stage / f"{mode}.safetensors"
-            if path.is_file():
-                scores[f"{title} ({mode})"] = load_file(str(path))["scores"].double().numpy()
+    scores = {name: values.double().numpy() for name, values in scores.items()}
     written.append((*FIGURE_CAPTIONS["scores"], figures.score_distribution(scores, folder / "scores.png")))
     for mode in settings.finetune.modes:
         same = {title: scores[f"{title} ({mode})"] for stage, source, title in SCORE_STAGES

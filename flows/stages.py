@@ -470,34 +470,50 @@ def tracin_we(settings: PipelineSettings, ws: Workspace) -> StageResult:
     return result
 
 
+def _scores_per_mode(stage: str, settings: PipelineSettings, ws: Workspace, score) -> StageResult:
+    """A score stage whose scores are ``score(task, model, train_data, queries, mode) -> [Q, N]`` per mode."""
+    result = StageResult(stage)
+    with timed(result):
+        train_data, queries = load_split(ws, "train"), load_split(ws, "queries")
+        for mode in settings.finetune.modes:
+            scores = score(classification_task(settings), finetuned_model(settings, ws, mode), train_data, queries, mode)
+            result.outputs[mode] = save_scores(ws, stage, mode, scores)
+    result.save(ws)
+    return result
+
+
 def tracin_last(settings: PipelineSettings, ws: Workspace) -> StageResult:
     """Last-layer TracIn (the classifier's ``head``) over the finetuning checkpoints, per mode: a baseline."""
     from influence.methods.tracin import tracin_scores
 
-    result = StageResult("tracin_last")
-    with timed(result):
-        train_data, queries = load_split(ws, "train"), load_split(ws, "queries")
-        for mode in settings.finetune.modes:
-            scores = tracin_scores(classification_task(settings), finetuned_model(settings, ws, mode), train_data, queries,
-                                   checkpoints=checkpoints_of(ws, mode), params=["head"], batch_size=512,
-                                   device=compute_device(settings))
-            result.outputs[mode] = save_scores(ws, "tracin_last", mode, scores)
-    result.save(ws)
-    return result
+    return _scores_per_mode("tracin_last", settings, ws, lambda task, model, train_data, queries, mode: tracin_scores(
+        task, model, train_data, queries, checkpoints=checkpoints_of(ws, mode), params=["head"], batch_size=512,
+        device=compute_device(settings)))
 
 
 def grad_cos(settings: PipelineSettings, ws: Workspace) -> StageResult:
     """Gradient cosine of the final model over ``attribution.if_params``, per mode: a baseline."""
     from influence.methods.similarity import grad_cos_scores
 
-    result = StageResult("grad_cos")
-    with timed(result):
-        train_data, queries = load_split(ws, "train"), load_split(ws, "queries")
-        for mode in settings.finetune.modes:
-            scores = grad_cos_scores(classification_task(settings), finetuned_model(settings, ws, mode), train_data, queries,
-                                     params=list(settings.attribution.if_params), batch_size=512,
-                                     device=compute_device(settings))
-            result.outputs[mode] = save_scores(ws, "grad_cos", mode, scores)
+    return _scores_per_mode("grad_cos", settings, ws, lambda task, model, train_data, queries, mode: grad_cos_scores(
+        task, model, train_data, queries, params=list(settings.attribution.if_params), batch_size=512,
+        device=compute_device(settings)))
+
+
+def checked_scores(settings: PipelineSettings, ws: Workspace, stage: str) -> torch.Tensor:
+    """``[evaluation.queries, N]``: the scores of ``stage`` for the checked queries of ``evaluation.mode``."""
+    e = settings.evaluation
+    return load_file(str(ws.artifacts / stage / f"{e.mode}.safetensors"))["scores"][: e.queries]
+
+
+def retraining_seeds(settings: PipelineSettings) -> list[int]:
+    """The seeds every retraining of the evidence stages is repeated with: ``seed, seed + 1, ...``."""
+    return [settings.seed + i for i in range(settings.evaluation.seeds)]
+
+
+def _disabled(stage: str, ws: Workspace) -> StageResult:
+    """The saved result of an evidence stage that its settings turn off."""
+    result = StageResult(stage, info={"disabled": True})
     result.save(ws)
     return result
 
@@ -512,13 +528,10 @@ def deletion_plan(settings: PipelineSettings, ws: Workspace):
 
     e = settings.evaluation
     n_train = len(load_split(ws, "train"))
-    scores = {
-        method: load_file(str(ws.artifacts / METHOD_STAGES[method] / f"{e.mode}.safetensors"))["scores"][: e.queries]
-        for method in e.methods
-    }
+    scores = {method: checked_scores(settings, ws, METHOD_STAGES[method]) for method in e.methods}
     ks = sorted({max(1, round(f * n_train)) for f in e.k_fractions})
     plan = plan_deletion(scores, n_train=n_train, k=ks, kinds=e.kinds, random_repeats=e.random_repeats,
-                         seeds=[settings.seed + i for i in range(e.seeds)], seed=settings.seed)
+                         seeds=retraining_seeds(settings), seed=settings.seed)
     out = ws.stage_dir("deletion")
     _save_json({"n_train": n_train, "retrainings": len(plan.retrainings()), "ks": ks, "seeds": plan.seeds}, out / "plan.json")
     return plan
@@ -556,7 +569,7 @@ def deletion_runs(settings: PipelineSettings, ws: Workspace, scope: str = "finet
 
 
 def deletion_retrain(settings: PipelineSettings, ws: Workspace, retraining, scope: str = "finetune",
-                     num_threads: int | None = None) -> dict:
+                     num_threads: int | None = None, runs: Path | None = None) -> dict:
     """One retraining of a case-deletion check or of the LDS, measured and saved (``<runs>/<key>.json``).
 
     ``scope="finetune"``: the finetuning of ``evaluation.mode`` is re-run without the removed
@@ -572,11 +585,13 @@ def deletion_retrain(settings: PipelineSettings, ws: Workspace, retraining, scop
         scope: ``"finetune"`` or ``"pretrain"``.
         num_threads: torch intra-op threads of the training (``None``: torch's setting); retrainings
             run side by side in threads each take their share of the cores.
+        runs: :func:`deletion_runs` of ``scope``, when the caller has it already (it reads and
+            hashes the models and data).
 
     Returns:
         ``{"key", "seed", "removed", "measured": [Q][2]}`` (each checked query's loss and label probability).
     """
-    path = deletion_runs(settings, ws, scope) / f"{retraining.key}.json"
+    path = (runs or deletion_runs(settings, ws, scope)) / f"{retraining.key}.json"
     if path.is_file():
         return _load_json(path)
     mode = settings.evaluation.mode
@@ -601,8 +616,20 @@ def deletion_retrain(settings: PipelineSettings, ws: Workspace, retraining, scop
     return found
 
 
-def deletion_results(settings: PipelineSettings, ws: Workspace, plan, scope: str = "finetune") -> StageResult:
-    """Verdicts of a case-deletion check from its retrainings' measurements on disk.
+def measure_retrainings(stage: str, settings: PipelineSettings, ws: Workspace, retrainings: list,
+                        scope: str = "finetune") -> dict[str, torch.Tensor]:
+    """Run (or read back) every retraining of ``stage``, one after another: ``{key: [Q, 2]}``."""
+    runs = deletion_runs(settings, ws, scope)
+    measured = {}
+    for i, retraining in enumerate(retrainings):
+        print(f"{stage}: retraining {i + 1}/{len(retrainings)} (seed {retraining.seed}, {len(retraining.removed)} left out)")
+        measured[retraining.key] = torch.tensor(deletion_retrain(settings, ws, retraining, scope, runs=runs)["measured"])
+    return measured
+
+
+def deletion_results(settings: PipelineSettings, ws: Workspace, plan, measured: dict[str, torch.Tensor],
+                     scope: str = "finetune") -> StageResult:
+    """Verdicts of a case-deletion check from its retrainings' measurements ``{key: [Q, 2]}``.
 
     Writes ``artifacts/deletion/deletion.json`` (``scope="finetune"``) or
     ``artifacts/pretrain_deletion/deletion.json`` (``scope="pretrain"``).
@@ -610,18 +637,16 @@ def deletion_results(settings: PipelineSettings, ws: Workspace, plan, scope: str
     stage = "deletion" if scope == "finetune" else "pretrain_deletion"
     methods = settings.evaluation.methods if scope == "finetune" else ["multistage"]
     result = StageResult(stage)
-    measured = {r.key: torch.tensor(deletion_retrain(settings, ws, r, scope)["measured"]) for r in plan.retrainings()}
     checks = plan.results(measured, extra_name="probability")
     report = [dict(check.to_dict(), fraction=check.k / plan.n_train) for check in checks]
-    for check in checks:
+    for check, row in zip(checks, report):
         name = f"{check.method}.{check.kind}.k{check.k}"
-        low, high = check.interval()
         result.metrics.update({
-            f"{name}.delta_top": check.mean_top, f"{name}.delta_random": check.mean_random,
-            f"{name}.difference": check.mean_top - check.mean_random,
-            f"{name}.interval_low": low, f"{name}.interval_high": high, f"{name}.passed": float(check.passed),
-            f"{name}.probability_top": check.to_dict()["extra_mean_top"],
-            f"{name}.probability_random": check.to_dict()["extra_mean_random"],
+            f"{name}.delta_top": row["mean_top"], f"{name}.delta_random": row["mean_random"],
+            f"{name}.difference": row["mean_top"] - row["mean_random"],
+            f"{name}.interval_low": row["interval_low"], f"{name}.interval_high": row["interval_high"],
+            f"{name}.passed": float(row["passed"]),
+            f"{name}.probability_top": row["extra_mean_top"], f"{name}.probability_random": row["extra_mean_random"],
         })
     for method in methods:
         mine = [c for c in checks if c.method == method]
@@ -642,10 +667,9 @@ def pretrain_deletion_plan(settings: PipelineSettings, ws: Workspace):
 
     e = settings.evaluation
     n_pretrain = len(load_split(ws, "pretrain"))
-    scores = load_file(str(ws.artifacts / "multistage" / f"{e.mode}.safetensors"))["scores"][: e.queries]
     ks = sorted({max(1, round(f * n_pretrain)) for f in e.pretrain_k_fractions})
-    return plan_deletion({"multistage": scores}, n_train=n_pretrain, k=ks, kinds=e.kinds, random_repeats=e.random_repeats,
-                         seeds=[settings.seed + i for i in range(e.seeds)], seed=settings.seed)
+    return plan_deletion({"multistage": checked_scores(settings, ws, "multistage")}, n_train=n_pretrain, k=ks,
+                         kinds=e.kinds, random_repeats=e.random_repeats, seeds=retraining_seeds(settings), seed=settings.seed)
 
 
 def pretrain_deletion(settings: PipelineSettings, ws: Workspace) -> StageResult:
@@ -654,19 +678,13 @@ def pretrain_deletion(settings: PipelineSettings, ws: Workspace) -> StageResult:
 
     Off by default (each retraining re-runs pretraining); the nightly deployment turns it on.
     """
-    e = settings.evaluation
+    if not settings.evaluation.pretrain_deletion:
+        return _disabled("pretrain_deletion", ws)
     result = StageResult("pretrain_deletion")
     with timed(result):
-        if not e.pretrain_deletion:
-            result.info["disabled"] = True
-            result.save(ws)
-            return result
         plan = pretrain_deletion_plan(settings, ws)
-        for i, retraining in enumerate(plan.retrainings()):
-            print(f"pretrain_deletion: retraining {i + 1}/{len(plan.retrainings())} (seed {retraining.seed}, "
-                  f"{len(retraining.removed)} sentences removed)")
-            deletion_retrain(settings, ws, retraining, "pretrain")
-        found = deletion_results(settings, ws, plan, "pretrain")
+        measured = measure_retrainings("pretrain_deletion", settings, ws, plan.retrainings(), "pretrain")
+        found = deletion_results(settings, ws, plan, measured, "pretrain")
         result.metrics.update(found.metrics)
         result.outputs.update(found.outputs)
     result.save(ws)
@@ -681,10 +699,8 @@ def lds_plan(settings: PipelineSettings, ws: Workspace) -> tuple[torch.Tensor, l
     e = settings.evaluation
     n_train = len(load_split(ws, "train"))
     masks = random_subsets(n_train, e.lds_fraction, e.lds_subsets, settings.seed)
-    retrainings = [
-        Retraining(tuple((~mask).nonzero().flatten().tolist()), settings.seed + i)
-        for mask in masks for i in range(e.seeds)
-    ]
+    retrainings = [Retraining(tuple((~mask).nonzero().flatten().tolist()), seed)
+                   for mask in masks for seed in retraining_seeds(settings)]
     return masks, retrainings
 
 
@@ -700,22 +716,17 @@ def lds(settings: PipelineSettings, ws: Workspace) -> StageResult:
     from influence.evaluation.lds import lds_per_query
 
     e = settings.evaluation
+    if not e.lds:
+        return _disabled("lds", ws)
     result = StageResult("lds")
     with timed(result):
-        if not e.lds:
-            result.info["disabled"] = True
-            result.save(ws)
-            return result
         masks, retrainings = lds_plan(settings, ws)
-        for i, retraining in enumerate(retrainings):
-            print(f"lds: retraining {i + 1}/{len(retrainings)} (seed {retraining.seed}, {len(retraining.removed)} left out)")
-            deletion_retrain(settings, ws, retraining)
-        losses = torch.stack([torch.tensor(deletion_retrain(settings, ws, r)["measured"])[:, 0] for r in retrainings])
+        measured = measure_retrainings("lds", settings, ws, retrainings)
+        losses = torch.stack([measured[r.key][:, 0] for r in retrainings])
         outputs = losses.reshape(len(masks), e.seeds, -1).mean(dim=1)  # [M, Q]
         found = {"subsets": len(masks), "fraction": e.lds_fraction, "seeds": e.seeds, "queries": int(outputs.shape[1]), "methods": {}}
         for method in e.methods:
-            scores = load_file(str(ws.artifacts / METHOD_STAGES[method] / f"{e.mode}.safetensors"))["scores"][: e.queries]
-            per_query = lds_per_query(scores, masks, outputs)
+            per_query = lds_per_query(checked_scores(settings, ws, METHOD_STAGES[method]), masks, outputs)
             mean = float(per_query[~per_query.isnan()].mean())
             found["methods"][method] = {"lds": mean, "per_query": per_query.tolist()}
             result.metrics[f"{method}.lds"] = mean
@@ -738,12 +749,10 @@ def mislabel(settings: PipelineSettings, ws: Workspace) -> StageResult:
     from influence.evaluation.mislabel import detection_curve, flip_labels
 
     e = settings.evaluation
+    if e.mislabel_fraction == 0:
+        return _disabled("mislabel", ws)
     result = StageResult("mislabel")
     with timed(result):
-        if e.mislabel_fraction == 0:
-            result.info["disabled"] = True
-            result.save(ws)
-            return result
         train = load_split(ws, "train")
         noisy_labels, flipped = flip_labels(train.labels, e.mislabel_fraction, num_classes=2, seed=settings.seed)
         noisy = TextClassificationDataset(train.tokens, noisy_labels, train.ids)
@@ -783,18 +792,12 @@ def deletion(settings: PipelineSettings, ws: Workspace) -> StageResult:
     Every retraining is independent and saved as it finishes (an interrupted check resumes); the
     Prefect flow runs them as parallel tasks, this function (``dvc repro``) one after another.
     """
-    e = settings.evaluation
+    if not settings.evaluation.enabled:
+        return _disabled("deletion", ws)
     result = StageResult("deletion")
     with timed(result):
-        if not e.enabled:
-            result.info["disabled"] = True
-            result.save(ws)
-            return result
         plan = deletion_plan(settings, ws)
-        for i, retraining in enumerate(plan.retrainings()):
-            print(f"deletion: retraining {i + 1}/{len(plan.retrainings())} (seed {retraining.seed}, {len(retraining.removed)} removed)")
-            deletion_retrain(settings, ws, retraining)
-        found = deletion_results(settings, ws, plan)
+        found = deletion_results(settings, ws, plan, measure_retrainings("deletion", settings, ws, plan.retrainings()))
         result.metrics.update(found.metrics)
         result.outputs.update(found.outputs)
     result.save(ws)

@@ -23,16 +23,14 @@ import copy
 
 import pytest
 import torch
-import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import Tensor, nn
-from torch.func import functional_call
 from torch.utils.data import default_collate
 
 import influence
 from influence.exceptions import CacheMismatchError, InvalidArgumentError
 from influence.gradients.cache import GradientCache
-from influence.gradients.layout import ParameterLayout, select_parameters
+from influence.gradients.layout import select_parameters
 from influence.gradients.per_example import gradient_matrix
 from influence.gradients.projection import RandomProjector
 from influence.methods.influence_function import influence_scores
@@ -42,6 +40,7 @@ from influence.methods.tracin_we import embedding_rows, tracin_we_scores, tracin
 from influence.models.text import CbowLanguageModel, TextClassifier
 from influence.task import ClassificationTask, LanguageModelingTask
 from tests import zoo
+from tests.zoo import fit_logistic
 
 DTYPE = torch.float64
 LAMBDA = 0.1
@@ -63,38 +62,12 @@ def l2(params: dict[str, Tensor]) -> Tensor:
     return LAMBDA / 2 * sum((p**2).sum() for p in params.values())
 
 
-def fit_logistic(model: nn.Module, train: list[dict[str, Tensor]], weights: Tensor) -> None:
-    """Newton's method on ``sum_i w_i l_i / n + l2`` to a gradient norm below 1e-11 (in place)."""
-    batch = default_collate(train)
-    names = [n for n, _ in model.named_parameters()]
-    layout = ParameterLayout.of(model, names)
-
-    def objective(x: Tensor) -> Tensor:
-        params = layout.unflatten(x)
-        logits = functional_call(model, params, (batch["inputs"],))
-        losses = F.cross_entropy(logits, batch["label"], reduction="none")
-        return (losses * weights).sum() / len(train) + l2(params)
-
-    x = layout.flatten({n: p.detach() for n, p in model.named_parameters()})
-    gradient_of = torch.func.grad(objective)
-    for _ in range(100):
-        gradient = gradient_of(x)
-        if gradient.norm() < 1e-11:
-            break
-        x = x - torch.linalg.solve(torch.autograd.functional.hessian(objective, x, vectorize=True), gradient)
-    else:
-        raise RuntimeError("Newton did not converge")
-    with torch.no_grad():
-        for name, value in layout.unflatten(x).items():
-            dict(model.named_parameters())[name].copy_(value)
-
-
 @pytest.fixture(scope="module")
 def logistic():
     torch.manual_seed(0)
     train, queries = logistic_data()
     model = nn.Linear(4, 2).double()
-    fit_logistic(model, train, torch.ones(len(train), dtype=DTYPE))
+    fit_logistic(model, train, LAMBDA)
     return model, train, queries
 
 
@@ -188,7 +161,7 @@ def leave_one_out(logistic):
         refit.load_state_dict(model.state_dict())
         weights = torch.ones(len(train), dtype=DTYPE)
         weights[index] = 0.0
-        fit_logistic(refit, train, weights)
+        fit_logistic(refit, train, LAMBDA, weights)
         actual[:, column] = task.measurement(refit, default_collate(queries)).detach() - base
     return removed, actual
 

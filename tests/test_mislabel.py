@@ -13,16 +13,13 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.func import functional_call
-from torch.utils.data import default_collate
 
 import influence
 from influence.evaluation import MislabelCurve, detection_curve, flip_labels
 from influence.exceptions import InvalidArgumentError
-from influence.gradients.layout import ParameterLayout
 from influence.task import ClassificationTask
+from tests.zoo import fit_logistic
 
 DTYPE = torch.float64
 LAMBDA = 0.01
@@ -207,34 +204,6 @@ def l2(params: dict[str, Tensor]) -> Tensor:
     return LAMBDA / 2 * sum((p**2).sum() for p in params.values())
 
 
-def fit(model: nn.Module, rows: list[dict[str, Tensor]]) -> None:
-    """Newton's method with backtracking on ``mean cross-entropy + l2`` to a gradient norm below 1e-10 (in place)."""
-    batch = default_collate(rows)
-    names = [n for n, _ in model.named_parameters()]
-    layout = ParameterLayout.of(model, names)
-
-    def objective(x: Tensor) -> Tensor:
-        params = layout.unflatten(x)
-        logits = functional_call(model, params, (batch["inputs"],))
-        return F.cross_entropy(logits, batch["label"]) + l2(params)
-
-    x = layout.flatten({n: p.detach() for n, p in model.named_parameters()})
-    for _ in range(100):
-        gradient = torch.func.grad(objective)(x)
-        if gradient.norm() < 1e-10:
-            break
-        step = torch.linalg.solve(torch.autograd.functional.hessian(objective, x), gradient)
-        size, value = 1.0, objective(x)
-        while objective(x - size * step) > value + 1e-14 and size > 1e-8:  # allowance for rounding
-            size /= 2
-        x = x - size * step
-    else:
-        raise RuntimeError("Newton did not converge")
-    with torch.no_grad():
-        for name, value in layout.unflatten(x).items():
-            dict(model.named_parameters())[name].copy_(value)
-
-
 def test_self_influence_finds_flipped_labels_on_a_logistic_regression():
     g = torch.Generator().manual_seed(0)
     n = 60
@@ -245,7 +214,7 @@ def test_self_influence_finds_flipped_labels_on_a_logistic_regression():
     rows = [{"inputs": x[i], "label": noisy[i]} for i in range(n)]
     torch.manual_seed(0)
     model = nn.Linear(2, 2).double()
-    fit(model, rows)
+    fit_logistic(model, rows, LAMBDA, tolerance=1e-10)
     clean_accuracy = float((model(x).argmax(1) == labels).double().mean())
     scores = influence.self_influence(ClassificationTask(), model, rows, method="if", solver="exact",
                                       damping=0.0, regularizer=l2)

@@ -287,3 +287,37 @@ def random_spd(n: int, *, low: float = 0.5, high: float = 5.0, seed: int = 0) ->
     q, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=DTYPE))
     values = torch.linspace(low, high, n, dtype=DTYPE)
     return (q * values) @ q.T
+
+
+def fit_logistic(model: nn.Module, rows: list[dict[str, Tensor]], lam: float, weights: Tensor | None = None,
+                 tolerance: float = 1e-11) -> None:
+    """Fit ``sum_i w_i l_i / n + (lam/2)||theta||^2`` (cross-entropy; ``w = 1`` by default) by Newton's
+    method with backtracking, to a gradient norm below ``tolerance`` (in place): retraining to convergence."""
+    import torch.nn.functional as F
+    from torch.utils.data import default_collate
+
+    batch = default_collate(rows)
+    weights = torch.ones(len(rows), dtype=DTYPE) if weights is None else weights
+    layout = ParameterLayout.of(model, [n for n, _ in model.named_parameters()])
+
+    def objective(x: Tensor) -> Tensor:
+        params = layout.unflatten(x)
+        losses = F.cross_entropy(functional_call(model, params, (batch["inputs"],)), batch["label"], reduction="none")
+        return (losses * weights).sum() / len(rows) + lam / 2 * sum((p**2).sum() for p in params.values())
+
+    x = layout.flatten({n: p.detach() for n, p in model.named_parameters()})
+    gradient_of = torch.func.grad(objective)
+    for _ in range(100):
+        gradient = gradient_of(x)
+        if gradient.norm() < tolerance:
+            break
+        step = torch.linalg.solve(torch.autograd.functional.hessian(objective, x, vectorize=True), gradient)
+        size, value = 1.0, objective(x)
+        while objective(x - size * step) > value + 1e-14 and size > 1e-8:  # allowance for rounding
+            size /= 2
+        x = x - size * step
+    else:
+        raise RuntimeError("Newton did not converge")
+    with torch.no_grad():
+        for name, value in layout.unflatten(x).items():
+            dict(model.named_parameters())[name].copy_(value)

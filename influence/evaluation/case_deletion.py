@@ -344,40 +344,17 @@ def case_deletion(
         One :class:`DeletionResult` per (k, method, kind), in that nesting order; all results for
         one ``k`` share the same random retrainings.
     """
-    if not scores:
-        raise invalid("scores", {}, "at least one method's [Q, N] scores")
-    ks = [k] if isinstance(k, int) else list(k)
-    if not ks:
-        raise invalid("k", k, "an integer or a non-empty list of integers")
     n_query = int(base.shape[0])
     for method, s in scores.items():
         if tuple(s.shape) != (n_query, n_train):
             raise invalid(f"scores[{method!r}].shape", tuple(s.shape), f"({n_query}, {n_train}) = (len(base), n_train)")
-    for kind in kinds:
-        if kind not in KINDS:
-            raise invalid("kinds", list(kinds), "a list of 'proponents' and/or 'opponents'")
-    if random_repeats < 1:
-        raise invalid("random_repeats", random_repeats, "an integer >= 1")
-    everything = set(range(n_train))
-
-    def delta_after_removing(removed: Sequence[int]) -> Tensor:
-        model = retrain(sorted(everything.difference(removed)))
-        return (measure(model).detach().double() - base.detach().double()).cpu()
-
-    results = []
-    for size in ks:
-        random_deltas = []
-        for r, removed in enumerate(random_removals(n_train, size, random_repeats, seed + size)):
-            if log:
-                log(f"k={size}: random removal {r + 1}/{random_repeats}")
-            random_deltas.append(delta_after_removing(removed).tolist())
-        for method, s in scores.items():
-            for kind in kinds:
-                top = top_k_indices(s.detach(), size, kind)
-                deltas = []
-                for q in range(n_query):
-                    if log:
-                        log(f"k={size}: {method} {kind}, query {q + 1}/{n_query}")
-                    deltas.append(float(delta_after_removing(top[q].tolist())[q]))
-                results.append(DeletionResult(method, size, deltas, random_deltas, top.tolist(), kind))
-    return results
+    plan = plan_deletion(scores, n_train=n_train, k=k, kinds=kinds, random_repeats=random_repeats, seeds=[0], seed=seed)
+    measured, retrainings = {}, plan.retrainings()
+    for i, retraining in enumerate(retrainings):
+        if not retraining.removed:
+            measured[retraining.key] = base.detach()  # the model trained on all data: no retraining
+            continue
+        if log:
+            log(f"retraining {i}/{len(retrainings) - 1}: {len(retraining.removed)} examples removed")
+        measured[retraining.key] = measure(retrain(retraining.keep(n_train))).detach()
+    return plan.results(measured)
