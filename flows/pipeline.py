@@ -27,9 +27,9 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from prefect import flow, get_run_logger, task, unmapped
-from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.runtime import flow_run
 from prefect.states import Completed
+from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows import publish, report, stage_cache, stages
 from flows.settings import PARAMS_FILE, PipelineSettings, load_settings, validate_settings, with_overrides

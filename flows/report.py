@@ -47,11 +47,10 @@ def build_report(settings: PipelineSettings, ws: Workspace, extra_tags: dict[str
         ws: the workspace holding every earlier stage's outputs.
         extra_tags: more MLflow tags (for example the Prefect flow-run id).
     """
+    from flows.tracking import log_pipeline_run, run_url
     from influence.data.prepare import read_table
     from influence.reports.html import highlight_words, render_report
     from influence.reports.tables import join_examples, ranked_rows
-
-    from flows.tracking import log_pipeline_run, run_url
 
     result = StageResult("report")
     with timed(result):

@@ -7,7 +7,6 @@ to the default remote (``dvc push``), exactly as ``dvc repro data && dvc push`` 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -23,6 +22,7 @@ if TYPE_CHECKING:
     from flows.settings import PipelineSettings
 
 from influence.exceptions import DataError
+from influence.storage import file_digest
 
 DATASETS = ("pretrain", "finetune", "mnist")
 DATA_STAGE = "data"
@@ -188,11 +188,7 @@ def workspace_data_is_current(root: Path, prepared: Path) -> bool:
 
 def md5_file(path: Path) -> str:
     """md5 of a file's bytes (the hash DVC 3 records for a file output)."""
-    digest = hashlib.md5()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return file_digest(path, "md5")
 
 
 def verify_datasets(root: Path, prepared: Path, names: tuple[str, ...] = DATASETS) -> dict[str, str]:

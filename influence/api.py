@@ -29,6 +29,7 @@ from influence.methods.tracin import tracin_scores, tracin_self_scores
 from influence.methods.tracin_we import tracin_we_scores, tracin_we_self_scores, tracin_we_words
 from influence.solvers import SOLVERS, InverseHessianSolver
 from influence.task import Task
+from influence.validation import check_positive_int
 
 METHODS: tuple[str, ...] = ("if", "tracin", "tracin_we", "grad_dot", "grad_cos")
 
@@ -36,7 +37,7 @@ METHODS: tuple[str, ...] = ("if", "tracin", "tracin_we", "grad_dot", "grad_cos")
 _OPTIONS: dict[str, tuple[str, ...]] = {
     "if": ("solver_options", "regularizer", "hessian_data"),
     "tracin": (),
-    "tracin_we": ("embedding_module", "top_k_rows"),
+    "tracin_we": ("embedding_module", "top_k_rows", "ignore_ids"),
     "grad_dot": (),
     "grad_cos": (),
 }
@@ -77,8 +78,7 @@ def _check(
                 "projection_dim", projection_dim,
                 f"None for method={method!r} (only 'tracin', 'grad_dot' and 'grad_cos' project)",
             )
-        if isinstance(projection_dim, bool) or not isinstance(projection_dim, int) or projection_dim < 1:
-            raise invalid("projection_dim", projection_dim, "a positive integer or None")
+        check_positive_int("projection_dim", projection_dim, allow_none=True)
     if cache_dir is not None and method != "if":
         raise invalid(
             "cache_dir", str(cache_dir), f"None for method={method!r} (only 'if' caches training gradients)"
@@ -101,6 +101,18 @@ def _projector(
         return None
     names = select_parameters(model, params)
     return RandomProjector(ParameterLayout.of(model, names).numel, projection_dim, seed=projection_seed)
+
+
+def _gradient_method(method: str, arguments: tuple, *, checkpoints: Any, params: Any, projection_dim: int | None,
+                     projection_seed: int, common: dict[str, Any]) -> Tensor:
+    """``"tracin"``, ``"grad_dot"`` or ``"grad_cos"``: scores of ``(task, model, train, queries)``, or
+    self-scores of ``(task, model, train)``."""
+    projector = _projector(arguments[1], params, projection_dim, projection_seed)
+    if method == "tracin":
+        function, extra = (tracin_scores, tracin_self_scores), {"checkpoints": checkpoints}
+    else:
+        function, extra = (similarity_scores, similarity_self_scores), {"similarity": method.removeprefix("grad_")}
+    return function[len(arguments) == 3](*arguments, params=params, projector=projector, **extra, **common)
 
 
 def attribute(
@@ -153,7 +165,8 @@ def attribute(
             back to ``dtype`` when scored: e.g. a float64 computation with bfloat16 storage takes
             a quarter of the disk, at a relative rounding error of ``2^-9`` per entry.
         **options: method-specific options: ``"if"``: ``solver_options``, ``regularizer``,
-            ``hessian_data``; ``"tracin_we"``: ``embedding_module``, ``top_k_rows``.
+            ``hessian_data``; ``"tracin_we"``: ``embedding_module``, ``top_k_rows``, ``ignore_ids``
+            (token ids left out besides padding, e.g. the unknown-word id).
 
     Returns:
         Tensor ``[m, n]``; positive = proponent (removing the training example makes the query
@@ -181,12 +194,8 @@ def attribute(
         return tracin_we_scores(
             task, model, train_data, query_data, checkpoints=checkpoints, **options, **common
         )
-    projector = _projector(model, params, projection_dim, projection_seed)
-    if method == "tracin":
-        return tracin_scores(task, model, train_data, query_data, checkpoints=checkpoints, params=params,
-                             projector=projector, **common)
-    return similarity_scores(task, model, train_data, query_data, similarity=method.removeprefix("grad_"),
-                             params=params, projector=projector, **common)
+    return _gradient_method(method, (task, model, train_data, query_data), checkpoints=checkpoints, params=params,
+                            projection_dim=projection_dim, projection_seed=projection_seed, common=common)
 
 
 def self_influence(
@@ -239,12 +248,8 @@ def self_influence(
                                      **options, **common)
     if method == "tracin_we":
         return tracin_we_self_scores(task, model, train_data, checkpoints=checkpoints, **options, **common)
-    projector = _projector(model, params, projection_dim, projection_seed)
-    if method == "tracin":
-        return tracin_self_scores(task, model, train_data, checkpoints=checkpoints, params=params,
-                                  projector=projector, **common)
-    return similarity_self_scores(task, model, train_data, similarity=method.removeprefix("grad_"),
-                                  params=params, projector=projector, **common)
+    return _gradient_method(method, (task, model, train_data), checkpoints=checkpoints, params=params,
+                            projection_dim=projection_dim, projection_seed=projection_seed, common=common)
 
 
 __all__ = ["CACHE_DTYPES", "METHODS", "attribute", "multistage", "self_influence", "tracin_we_words"]

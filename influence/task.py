@@ -20,13 +20,11 @@ import abc
 from collections.abc import Mapping
 from typing import Any, Literal
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from influence.batches import Batch, tensors
 from influence.exceptions import invalid
-
-Batch = Any
 
 
 class Task(abc.ABC):
@@ -101,21 +99,22 @@ class Task(abc.ABC):
 
     def batch_size(self, batch: Batch) -> int:
         """Number of examples in ``batch`` (the size of the leading dimension of its tensors)."""
-        for leaf in _leaves(batch):
-            if isinstance(leaf, Tensor):
-                return int(leaf.shape[0])
+        for leaf in tensors(batch):
+            return int(leaf.shape[0])
         raise invalid("batch", type(batch).__name__, "a tensor, tuple or dict holding tensors")
 
 
-def _leaves(batch: Batch):
-    if isinstance(batch, Tensor):
-        yield batch
-    elif isinstance(batch, Mapping):
-        for value in batch.values():
-            yield from _leaves(value)
-    elif isinstance(batch, (tuple, list)):
-        for value in batch:
-            yield from _leaves(value)
+def describe_task(task: Task) -> dict[str, Any]:
+    """The task's class and its simple attributes: what defines its loss and measurement.
+
+    Recorded in the manifests of artifacts made with a task (gradient caches, training runs), so
+    that reusing one with another task is refused.
+    """
+    attributes = {
+        k: v for k, v in sorted(vars(task).items())
+        if not k.startswith("_") and isinstance(v, (bool, int, float, str, type(None)))
+    }
+    return {"class": f"{type(task).__module__}.{type(task).__qualname__}", "attributes": attributes}
 
 
 def split_inputs_labels(batch: Batch) -> tuple[Tensor, Tensor]:
@@ -215,17 +214,6 @@ def _first_tensor(batch: Batch) -> Tensor:
         for key in ("tokens", "input_ids", "inputs", "x"):
             if key in batch:
                 return batch[key]
-    for leaf in _leaves(batch):
+    for leaf in tensors(batch):
         return leaf
     raise invalid("batch", type(batch).__name__, "a token tensor, tuple or dict holding one")
-
-
-def to_device(batch: Batch, device: torch.device | str) -> Batch:
-    """Move every tensor of ``batch`` to ``device`` (tuples and dicts keep their structure)."""
-    if isinstance(batch, Tensor):
-        return batch.to(device)
-    if isinstance(batch, Mapping):
-        return {k: to_device(v, device) for k, v in batch.items()}
-    if isinstance(batch, (tuple, list)):
-        return type(batch)(to_device(v, device) for v in batch)
-    return batch

@@ -12,6 +12,7 @@ import torch
 from torch.utils.data import DataLoader
 
 import influence.gradients.cache as cache_module
+import influence.storage as storage_module
 from influence.exceptions import (
     CacheMismatchError,
     CorruptedArtifactError,
@@ -259,7 +260,7 @@ def temporaries(directory):
 
 
 class _ReplaceKilledOnShard2:
-    """Stands in for ``os`` inside the cache module: ``os.replace`` of shard 2 is interrupted."""
+    """Stands in for ``os`` inside the storage module: ``os.replace`` of shard 2 is interrupted."""
 
     def __getattr__(self, name):
         return getattr(os, name)
@@ -315,10 +316,10 @@ def check_resume(tmp_path, problem, monkeypatch, crash, device):
 
         monkeypatch.setattr(cache_module, "iter_gradients", interrupted)
     elif crash == "mid-shard write":  # killed inside the write of shard 2: no partial file stays
-        monkeypatch.setattr(cache_module, "os", _ReplaceKilledOnShard2())
+        monkeypatch.setattr(storage_module, "os", _ReplaceKilledOnShard2())
     else:  # what SIGKILL mid-write can leave: a truncated temporary of another process and a
         # truncated shard file that the manifest does not list
-        write = cache_module._atomic_write
+        write = storage_module.atomic_write
 
         def torn(path, payload):
             if path.name == "shard_00002.safetensors":
@@ -327,12 +328,12 @@ def check_resume(tmp_path, problem, monkeypatch, crash, device):
                 raise KeyboardInterrupt
             write(path, payload)
 
-        monkeypatch.setattr(cache_module, "_atomic_write", torn)
+        monkeypatch.setattr(storage_module, "atomic_write", torn)
     with pytest.raises(KeyboardInterrupt):
         build(resumed, problem, device=device, **options)
     monkeypatch.undo()
     assert not GradientCache(resumed).exists()
-    assert sorted(GradientCache(resumed).manifest["shards"]) == ["0", "1"]
+    assert sorted(GradientCache(resumed).manifest["files"]) == ["shard_00000.safetensors", "shard_00001.safetensors"]
     if crash == "leftover partial files":
         assert temporaries(resumed) == [".shard_00002.safetensors.tmp-999999"]
         assert (resumed / "shard_00002.safetensors").is_file()

@@ -7,7 +7,6 @@ import io
 from pathlib import Path
 
 import pytest
-
 from PIL import Image
 
 from flows.settings import load_settings, with_overrides

@@ -24,8 +24,8 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import math
-import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -35,6 +35,8 @@ import numpy as np
 from influence.data.sources import fetch_wheel, read_mnist5k, read_news_articles, read_rotten_tomatoes
 from influence.data.text import tokenize
 from influence.exceptions import DataError, invalid
+from influence.storage import atomic_write
+from influence.validation import check_positive_int
 
 __all__ = [
     "FINETUNE_SPLITS",
@@ -142,8 +144,7 @@ def build_pretraining_rows(
     Returns:
         Dicts ``{"id": "news-0000-000", "article": 0, "text": ...}`` in article then sentence order.
     """
-    if isinstance(min_words, bool) or not isinstance(min_words, int) or min_words < 1:
-        raise invalid("min_words", min_words, "an integer >= 1")
+    check_positive_int("min_words", min_words)
     if isinstance(max_words, bool) or not isinstance(max_words, int) or max_words < min_words:
         raise invalid("max_words", max_words, f"an integer >= min_words ({min_words})")
     rows: list[dict] = []
@@ -347,15 +348,12 @@ def write_table(rows: Sequence[Mapping], path: Path, columns: Sequence[str] | No
     for number, row in enumerate(rows):
         if set(row) != expected:
             raise invalid(f"rows[{number}] keys", sorted(row), f"exactly {columns}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    with open(partial, "w", encoding="utf-8", newline="") as handle:
-        writer = csv.writer(handle, lineterminator="\n")
-        writer.writerow(columns)
-        for row in rows:
-            writer.writerow([_format(row[c]) for c in columns])
-    os.replace(partial, path)
-    return path
+    buffer = io.StringIO(newline="")
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(columns)
+    for row in rows:
+        writer.writerow([_format(row[c]) for c in columns])
+    return atomic_write(path, buffer.getvalue())
 
 
 def read_table(path: Path, columns: Sequence[str] | None = None) -> list[dict[str, str]]:

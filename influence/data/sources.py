@@ -23,7 +23,6 @@ from __future__ import annotations
 import bz2
 import csv
 import gzip
-import hashlib
 import io
 import json
 import shutil
@@ -36,6 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from influence.exceptions import DataError, invalid
+from influence.storage import file_digest
 
 __all__ = [
     "PINNED",
@@ -112,11 +112,7 @@ _EXTRACTED_MARKER = ".extracted.json"
 
 def sha256_of(path: Path) -> str:
     """Hex sha256 of a file, read in 1 MiB chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return file_digest(path)
 
 
 def _check_hash(path: Path, pinned: PinnedWheel) -> None:

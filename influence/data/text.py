@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from influence.exceptions import DataError, invalid
+from influence.validation import check_positive_int
 
 __all__ = ["PAD", "PAD_TOKEN", "UNK", "UNK_TOKEN", "Vocabulary", "tokenize"]
 
@@ -75,8 +76,7 @@ class Vocabulary:
         Returns:
             The vocabulary.
         """
-        if isinstance(min_count, bool) or not isinstance(min_count, int) or min_count < 1:
-            raise invalid("min_count", min_count, "an integer >= 1")
+        check_positive_int("min_count", min_count)
         if max_size is not None and (
             isinstance(max_size, bool) or not isinstance(max_size, int) or max_size < 2
         ):
@@ -118,8 +118,7 @@ class Vocabulary:
             LongTensor ``[N, L]``; unknown words are 1, padding is 0. A text without tokens is a
             row of zeros.
         """
-        if isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < 1:
-            raise invalid("max_len", max_len, "an integer >= 1")
+        check_positive_int("max_len", max_len)
         if isinstance(texts, str):
             raise invalid("texts", texts[:40], "a sequence of strings, not one string")
         rows = []

@@ -1,7 +1,13 @@
 """Evaluation of attributions: case deletion, the linear datamodeling score, mislabel detection."""
 
 from influence.evaluation.case_deletion import (
-    DeletionPlan, DeletionResult, Retraining, case_deletion, plan_deletion, random_removals, top_k_indices,
+    DeletionPlan,
+    DeletionResult,
+    Retraining,
+    case_deletion,
+    plan_deletion,
+    random_removals,
+    top_k_indices,
 )
 from influence.evaluation.lds import lds, lds_per_query, random_subsets, spearman
 from influence.evaluation.mislabel import MislabelCurve, detection_curve, flip_labels

@@ -27,17 +27,17 @@ from torch import Tensor, nn
 from torch.func import grad, jvp, vjp, vmap
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from influence.batches import Batch, to_device
 from influence.exceptions import invalid
 from influence.gradients.layout import ParameterLayout
 from influence.gradients.per_example import (
-    convert_batch,
     functional_state,
     resolve_names,
     task_function,
 )
-from influence.task import Batch, Task
-
-Regularizer = Callable[[dict[str, Tensor]], Tensor]
+from influence.regularizers import RegularizerLike
+from influence.task import Task
+from influence.validation import check_batch_size, check_positive_int
 
 
 class Objective:
@@ -71,15 +71,13 @@ class Objective:
         batch_size: int = 256,
         device: torch.device | str = "cpu",
         dtype: torch.dtype | None = None,
-        regularizer: Regularizer | None = None,
+        regularizer: RegularizerLike | None = None,
         max_examples: int | None = None,
         seed: int = 0,
         vector_chunk_size: int | None = 32,
     ) -> None:
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise invalid("batch_size", batch_size, "a positive integer")
-        if vector_chunk_size is not None and (not isinstance(vector_chunk_size, int) or vector_chunk_size < 1):
-            raise invalid("vector_chunk_size", vector_chunk_size, "a positive integer or None")
+        check_batch_size(batch_size)
+        check_positive_int("vector_chunk_size", vector_chunk_size, allow_none=True)
         self.task = task
         self.model = model
         self.names = resolve_names(model, names)
@@ -105,8 +103,7 @@ class Objective:
         else:
             dataset, collate = data, None
         if max_examples is not None:
-            if not isinstance(max_examples, int) or max_examples < 1:
-                raise invalid("max_examples", max_examples, "a positive integer or None")
+            check_positive_int("max_examples", max_examples)
             n = len(dataset)
             if max_examples < n:
                 generator = torch.Generator().manual_seed(int(seed))
@@ -117,7 +114,7 @@ class Objective:
             loader_options["collate_fn"] = collate
         batches, sizes = [], []
         for batch in DataLoader(dataset, **loader_options):
-            batches.append(convert_batch(batch, self.device, dtype))
+            batches.append(to_device(batch, self.device, dtype))
             sizes.append(self.task.batch_size(batches[-1]))
         return batches, sizes
 

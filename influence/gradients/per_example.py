@@ -12,7 +12,7 @@ The model should be in ``eval()`` mode: ``vmap`` refuses random operations such 
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, Literal
 
 import torch
@@ -20,9 +20,12 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 from torch.utils.data import DataLoader, Dataset
 
+from influence.batches import Batch, map_batch, to_device
+from influence.batches import rows as batch_rows
 from influence.exceptions import invalid
 from influence.gradients.layout import ParameterLayout, select_parameters
-from influence.task import Batch, Task
+from influence.task import Task
+from influence.validation import check_batch_size
 
 GradientKind = Literal["train_loss", "measurement"]
 KINDS: tuple[str, ...] = ("train_loss", "measurement")
@@ -101,59 +104,11 @@ def functional_state(
     """
     selected_set = set(names)
     params = dict(model.named_parameters())
-    selected = {n: _convert(params[n].detach(), device, dtype) for n in names}
-    fixed = {n: _convert(p.detach(), device, dtype) for n, p in params.items() if n not in selected_set}
+    selected = {n: to_device(params[n].detach(), device, dtype) for n in names}
+    fixed = {n: to_device(p.detach(), device, dtype) for n, p in params.items() if n not in selected_set}
     for n, b in model.named_buffers():
-        fixed[n] = _convert(b.detach(), device, dtype)
+        fixed[n] = to_device(b.detach(), device, dtype)
     return selected, fixed
-
-
-def _convert(t: Tensor, device: torch.device | str | None, dtype: torch.dtype | None) -> Tensor:
-    if dtype is not None and t.is_floating_point():
-        return t.to(device=device, dtype=dtype)
-    return t.to(device=device) if device is not None else t
-
-
-def convert_batch(batch: Batch, device: torch.device | str | None, dtype: torch.dtype | None) -> Batch:
-    """Move a batch's tensors to ``device``; floating tensors are cast to ``dtype`` when given."""
-    if isinstance(batch, Tensor):
-        return _convert(batch, device, dtype)
-    if isinstance(batch, Mapping):
-        return {k: convert_batch(v, device, dtype) for k, v in batch.items()}
-    if isinstance(batch, (tuple, list)):
-        return type(batch)(convert_batch(v, device, dtype) for v in batch)
-    return batch
-
-
-def _in_dims(batch: Batch) -> Any:
-    if isinstance(batch, Tensor):
-        return 0
-    if isinstance(batch, Mapping):
-        return {k: _in_dims(v) for k, v in batch.items()}
-    if isinstance(batch, (tuple, list)):
-        return type(batch)(_in_dims(v) for v in batch)
-    return None
-
-
-def _unsqueeze(example: Batch) -> Batch:
-    if isinstance(example, Tensor):
-        return example.unsqueeze(0)
-    if isinstance(example, Mapping):
-        return {k: _unsqueeze(v) for k, v in example.items()}
-    if isinstance(example, (tuple, list)):
-        return type(example)(_unsqueeze(v) for v in example)
-    return example
-
-
-def slice_batch(batch: Batch, start: int, stop: int) -> Batch:
-    """Rows ``start:stop`` of every tensor in ``batch`` (structure kept)."""
-    if isinstance(batch, Tensor):
-        return batch[start:stop]
-    if isinstance(batch, Mapping):
-        return {k: slice_batch(v, start, stop) for k, v in batch.items()}
-    if isinstance(batch, (tuple, list)):
-        return type(batch)(slice_batch(v, start, stop) for v in batch)
-    return batch
 
 
 def task_function(task: Task, model: nn.Module, method: str, fixed: dict[str, Tensor]):
@@ -196,9 +151,9 @@ def _per_example(
     call = task_function(task, model, kind, fixed)
 
     def one(sel: dict[str, Tensor], example: Batch) -> Tensor:
-        return call(sel, _unsqueeze(example)).sum()
+        return call(sel, map_batch(example, lambda t: t.unsqueeze(0))).sum()
 
-    grads = vmap(grad(one), in_dims=(None, _in_dims(batch)))(selected, batch)
+    grads = vmap(grad(one), in_dims=(None, map_batch(batch, lambda t: 0, lambda v: None)))(selected, batch)
     return layout.flatten(grads, batch_dims=1)
 
 
@@ -234,9 +189,7 @@ def as_loader(data: Dataset | DataLoader, batch_size: int) -> DataLoader:
     """``data`` itself when it is a ``DataLoader``, else an unshuffled loader over the dataset."""
     if isinstance(data, DataLoader):
         return data
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise invalid("batch_size", batch_size, "a positive integer")
-    return DataLoader(data, batch_size=batch_size, shuffle=False)
+    return DataLoader(data, batch_size=check_batch_size(batch_size), shuffle=False)
 
 
 def rows_per_chunk(n_params: int, itemsize: int, memory_budget_bytes: int) -> int:
@@ -288,11 +241,11 @@ def iter_gradients(
     itemsize = torch.empty((), dtype=work_dtype).element_size()
     rows = rows_per_chunk(layout.numel, itemsize, memory_budget_bytes)
     for batch in as_loader(data, batch_size):
-        batch = convert_batch(batch, device, dtype)
+        batch = to_device(batch, device, dtype)
         n = task.batch_size(batch)
         blocks = []
         for start in range(0, n, rows):
-            part = slice_batch(batch, start, min(n, start + rows))
+            part = batch_rows(batch, slice(start, min(n, start + rows)))
             g = _per_example(task, model, part, layout, selected, fixed, kind).detach()
             if projector is None:
                 yield g

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from influence.exceptions import invalid
+from influence.validation import check_positive_int
 
 ProjectionKind = Literal["gaussian", "rademacher"]
 
@@ -53,8 +54,7 @@ class RandomProjector:
         max_cached_bytes: int = 256 * 2**20,
     ) -> None:
         for name, value in (("input_dim", input_dim), ("output_dim", output_dim), ("chunk_size", chunk_size)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise invalid(name, value, "a positive integer")
+            check_positive_int(name, value)
         if kind not in ("gaussian", "rademacher"):
             raise invalid("kind", kind, "'gaussian' or 'rademacher'")
         if not isinstance(seed, int) or isinstance(seed, bool):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from influence.exceptions import InvalidArgumentError, invalid
 from influence.solvers import SOLVERS, InverseHessianSolver, make_solver
+from influence.validation import check_batch_size as check_batch_size
 
 Checkpoint = tuple[Mapping[str, Tensor] | str | Path, float]
 _CHECKPOINTS = "a non-empty sequence of (state dict or path, learning rate) pairs"
@@ -51,13 +52,6 @@ def build_solver(
     if "damping" in options:
         raise invalid("solver_options", sorted(options), "options without 'damping' (pass damping=...)")
     return make_solver(solver, damping=damping, **options)
-
-
-def check_batch_size(batch_size: Any) -> int:
-    """``batch_size`` if it is a positive ``int``, else raise."""
-    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
-        raise invalid("batch_size", batch_size, "a positive integer")
-    return batch_size
 
 
 def stream_products(left: Tensor, blocks: Iterable[Tensor]) -> Tensor:
@@ -141,3 +135,30 @@ def model_at(model: nn.Module, state: Mapping[str, Tensor] | str | Path, names: 
     if missing:
         raise invalid("checkpoint", f"without {missing}", "a state dict holding every attributed parameter")
     return copied.eval()
+
+
+def sum_over_checkpoints(
+    checkpoints: Any, load: Callable[[Any], nn.Module], score: Callable[[nn.Module], Tensor]
+) -> Tensor:
+    """``sum_c lr_c * score(model at checkpoint c)``: the sum every TracIn-style method takes.
+
+    Args:
+        checkpoints: as :func:`checkpoint_entries` accepts them.
+        load: ``state -> model`` at that checkpoint (e.g. ``lambda s: model_at(model, s, names)``).
+        score: ``model -> tensor`` (scores ``[m, n]`` or self-scores ``[n]``) at one checkpoint.
+
+    Returns:
+        The weighted sum, of ``score``'s shape.
+    """
+    total: Tensor | None = None
+    for state, learning_rate in checkpoint_entries(checkpoints):
+        value = learning_rate * score(load(state))
+        total = value if total is None else total + value
+    return total
+
+
+def require_examples(scores: Tensor, argument: str = "train_data", what: str = "at least one training example") -> Tensor:
+    """``scores`` ``[..., n]`` when ``n > 0``, else raise that ``argument`` is empty."""
+    if scores.shape[-1] == 0:
+        raise invalid(argument, "an empty dataset", what)
+    return scores

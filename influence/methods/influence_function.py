@@ -17,7 +17,7 @@ matrix is ever held.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -25,7 +25,8 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from influence.exceptions import invalid
-from influence.gradients.cache import GradientCache, model_fingerprint
+from influence.fingerprints import model_fingerprint
+from influence.gradients.cache import GradientCache
 from influence.gradients.layout import select_parameters
 from influence.gradients.objective import Objective
 from influence.gradients.per_example import (
@@ -33,11 +34,10 @@ from influence.gradients.per_example import (
     iter_gradients,
     measurement_sign,
 )
-from influence.methods.common import build_solver, check_batch_size, stream_products
+from influence.methods.common import build_solver, check_batch_size, require_examples, stream_products
+from influence.regularizers import RegularizerLike
 from influence.solvers import InverseHessianSolver
 from influence.task import Task
-
-Regularizer = Callable[[dict[str, Tensor]], Tensor]
 
 
 def fit_inverse_hessian(
@@ -49,10 +49,11 @@ def fit_inverse_hessian(
     solver: str | InverseHessianSolver,
     damping: float,
     solver_options: Mapping[str, Any] | None,
-    regularizer: Regularizer | None,
+    regularizer: RegularizerLike | None,
     batch_size: int,
     device: torch.device | str,
     dtype: torch.dtype | None,
+    argument: str = "solver",
 ) -> InverseHessianSolver:
     """A solver fitted to the training objective ``(1/n) sum l + R`` over ``names``.
 
@@ -68,16 +69,23 @@ def fit_inverse_hessian(
         batch_size: examples per batch of the Hessian-vector products.
         device: device of the computation.
         dtype: floating dtype of the computation.
+        argument: the solver argument's name in error messages.
 
     Returns:
         The fitted solver; ``solver.solve(rhs [m, P]) -> [m, P]``.
     """
-    built = build_solver(solver, damping=damping, solver_options=solver_options)
+    built = build_solver(solver, damping=damping, solver_options=solver_options, argument=argument)
     objective = Objective(
         task, model, data, list(names), batch_size=batch_size, device=device, dtype=dtype,
         regularizer=regularizer,
     )
     return built.fit(objective)
+
+
+def _fitted(task: Task, model: nn.Module, data: Dataset | DataLoader, params: str | Sequence[str], **options: Any):
+    """``(names, fitted solver)`` of :func:`fit_inverse_hessian` over the parameters ``params`` selects."""
+    names = select_parameters(model, params)
+    return names, fit_inverse_hessian(task, model, data, names, **options)
 
 
 def training_gradient_blocks(
@@ -141,7 +149,7 @@ def influence_scores(
     solver: str | InverseHessianSolver = "cg",
     damping: float = 1e-3,
     solver_options: Mapping[str, Any] | None = None,
-    regularizer: Regularizer | None = None,
+    regularizer: RegularizerLike | None = None,
     batch_size: int = 64,
     device: torch.device | str = "cpu",
     dtype: torch.dtype | None = None,
@@ -176,13 +184,9 @@ def influence_scores(
         Tensor ``[m, n]`` on ``device``: ``s * (1/n) * grad f(x)^T (H + lambda I)^{-1} grad l(z)``;
         positive means removing ``z`` makes query ``x`` worse.
     """
-    batch_size = check_batch_size(batch_size)
-    names = select_parameters(model, params)
-    fitted = fit_inverse_hessian(
-        task, model, train_data if hessian_data is None else hessian_data, names, solver=solver,
-        damping=damping, solver_options=solver_options, regularizer=regularizer,
-        batch_size=batch_size, device=device, dtype=dtype,
-    )
+    names, fitted = _fitted(task, model, train_data if hessian_data is None else hessian_data, params, solver=solver,
+                            damping=damping, solver_options=solver_options, regularizer=regularizer,
+                            batch_size=check_batch_size(batch_size), device=device, dtype=dtype)
     queries = gradient_matrix(
         task, model, query_data, names, kind="measurement", batch_size=batch_size, device=device,
         dtype=dtype,
@@ -192,11 +196,8 @@ def influence_scores(
         task, model, train_data, names, train_gradients=train_gradients, batch_size=batch_size,
         device=device, dtype=dtype,
     )
-    raw = stream_products(left, blocks)
-    n_train = raw.shape[1]
-    if n_train == 0:
-        raise invalid("train_data", "an empty dataset", "at least one training example")
-    return raw * (measurement_sign(task) / n_train)
+    raw = require_examples(stream_products(left, blocks))
+    return raw * (measurement_sign(task) / raw.shape[1])
 
 
 def influence_self_scores(
@@ -208,7 +209,7 @@ def influence_self_scores(
     solver: str | InverseHessianSolver = "cg",
     damping: float = 1e-3,
     solver_options: Mapping[str, Any] | None = None,
-    regularizer: Regularizer | None = None,
+    regularizer: RegularizerLike | None = None,
     batch_size: int = 64,
     device: torch.device | str = "cpu",
     dtype: torch.dtype | None = None,
@@ -222,13 +223,9 @@ def influence_self_scores(
     Returns:
         Tensor ``[n]`` on ``device``.
     """
-    batch_size = check_batch_size(batch_size)
-    names = select_parameters(model, params)
-    fitted = fit_inverse_hessian(
-        task, model, train_data if hessian_data is None else hessian_data, names, solver=solver,
-        damping=damping, solver_options=solver_options, regularizer=regularizer,
-        batch_size=batch_size, device=device, dtype=dtype,
-    )
+    names, fitted = _fitted(task, model, train_data if hessian_data is None else hessian_data, params, solver=solver,
+                            damping=damping, solver_options=solver_options, regularizer=regularizer,
+                            batch_size=check_batch_size(batch_size), device=device, dtype=dtype)
     parts = []
     for block in iter_gradients(
         task, model, train_data, names, kind="train_loss", batch_size=batch_size, device=device,
@@ -236,9 +233,7 @@ def influence_self_scores(
     ):
         block = block.to(fitted.objective.dtype)
         parts.append((fitted.solve(block) * block).sum(dim=1))
-    if not parts:
-        raise invalid("train_data", "an empty dataset", "at least one training example")
-    values = torch.cat(parts)
+    values = require_examples(torch.cat(parts) if parts else torch.zeros(0))
     return values / values.shape[0]
 
 

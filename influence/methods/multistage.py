@@ -12,6 +12,12 @@ finetuned optimum, and through it ``f``. With ``s = measurement_sign(finetune_ta
   ``s * alpha * grad f^T K^{-1} [0; P_W H_pt^{-1} grad l_pt(z)] / n_pt``, ``K`` the Hessian of the
   whole finetuning objective (penalty included) over ``(Theta, W)``,
 
+The finetuning regulariser is that of the objective actually minimised. In ``"updated"`` mode, a
+:class:`~influence.regularizers.Regularizer` that already holds the proximity penalty over the
+shared parameters (what :func:`influence.models.training.train` was given) is used as is, its
+``alpha`` being the formula's; any other regulariser gets the penalty added. So the penalty is
+counted once whichever way the caller describes the objective.
+
 where the ``H`` blocks are those of the finetuning objective's Hessian. Both are computed from the
 query side: a finetuning solve gives ``g_W`` ``[m, P_W]``, which is placed at the pretrained
 model's embedding parameter and solved with ``H_pt``; the pretraining per-example gradients are
@@ -20,7 +26,7 @@ then streamed in blocks. The derivation is in ``docs/multistage.md``.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 import torch
@@ -35,11 +41,12 @@ from influence.gradients.per_example import (
     iter_gradients,
     measurement_sign,
 )
-from influence.methods.common import build_solver, check_batch_size, stream_products
+from influence.methods.common import check_batch_size, require_examples, stream_products
+from influence.methods.influence_function import fit_inverse_hessian
+from influence.regularizers import Proximity, Regularizer, RegularizerLike, with_proximity
 from influence.solvers import InverseHessianSolver
 from influence.task import Task
 
-Regularizer = Callable[[dict[str, Tensor]], Tensor]
 EMBEDDING_MODES: tuple[str, ...] = ("fixed", "updated")
 DEFAULT_SHARED: dict[str, str] = {"embedding.weight": "embedding.weight"}
 
@@ -84,20 +91,7 @@ def _finetune_names(model: nn.Module, params: str | Sequence[str], shared: Seque
     return names
 
 
-def _sum_regularizers(*terms: Regularizer | None) -> Regularizer | None:
-    present = [t for t in terms if t is not None]
-    if not present:
-        return None
-    if len(present) == 1:
-        return present[0]
-
-    def total(params: dict[str, Tensor]) -> Tensor:
-        return sum(t(params) for t in present)
-
-    return total
-
-
-def proximity_regularizer(reference: Mapping[str, Tensor], alpha: float) -> Regularizer:
+def proximity_regularizer(reference: Mapping[str, Tensor], alpha: float) -> Proximity:
     """``R(params) = (alpha/2) sum_name ||params[name] - reference[name]||^2``.
 
     Args:
@@ -105,13 +99,35 @@ def proximity_regularizer(reference: Mapping[str, Tensor], alpha: float) -> Regu
         alpha: the penalty's strength.
 
     Returns:
-        A regulariser for :class:`~influence.gradients.objective.Objective`.
+        A :class:`~influence.regularizers.Proximity` (a regulariser for
+        :class:`~influence.gradients.objective.Objective`).
     """
+    return Proximity(alpha, reference)
 
-    def penalty(params: dict[str, Tensor]) -> Tensor:
-        return (alpha / 2) * sum(((params[n] - w) ** 2).sum() for n, w in reference.items())
 
-    return penalty
+def finetune_objective_penalty(
+    regularizer: RegularizerLike | None, reference: Mapping[str, Tensor], alpha: float
+) -> tuple[RegularizerLike, float]:
+    """The whole penalty of the "updated" finetuning objective and its proximity strength.
+
+    A :class:`~influence.regularizers.Regularizer` whose proximity anchors exactly the shared
+    parameters is returned as is, with its ``alpha`` (``alpha`` given here must then be 0 or equal);
+    otherwise ``(alpha/2)||W - W_pt||^2`` is added to ``regularizer``.
+
+    Returns:
+        ``(penalty, alpha)``.
+    """
+    proximity = regularizer.proximity if isinstance(regularizer, Regularizer) else None
+    if proximity is not None and set(proximity.reference) == set(reference):
+        if alpha and alpha != proximity.alpha:
+            raise invalid("alpha", alpha, f"0 or the alpha of finetune_regularizer's proximity penalty, {proximity.alpha}")
+        return regularizer, proximity.alpha
+    if proximity is not None:
+        raise invalid("finetune_regularizer proximity names", sorted(proximity.reference),
+                      f"the shared parameters {sorted(reference)}")
+    if not alpha > 0:
+        raise invalid("alpha", alpha, "a positive number when embedding='updated'")
+    return with_proximity(regularizer, proximity_regularizer(reference, alpha)), float(alpha)
 
 
 def finetune_embedding_gradient(
@@ -128,7 +144,7 @@ def finetune_embedding_gradient(
     solver: str | InverseHessianSolver,
     damping: float,
     solver_options: Mapping[str, Any] | None,
-    regularizer: Regularizer | None,
+    regularizer: RegularizerLike | None,
     batch_size: int,
     device: torch.device | str,
     dtype: torch.dtype | None,
@@ -158,27 +174,20 @@ def finetune_embedding_gradient(
     """
     theta_names, w_names = list(theta_names), list(w_names)
     layout = ParameterLayout.of(finetuned_model, theta_names + w_names)
-    built = build_solver(solver, damping=damping, solver_options=solver_options, argument="finetune_solver")
-    options = {"batch_size": batch_size, "device": device, "dtype": dtype}
+    fit = {"solver": solver, "damping": damping, "solver_options": solver_options, "batch_size": batch_size,
+           "device": device, "dtype": dtype, "argument": "finetune_solver"}
     if embedding == "fixed":
-        inner = Objective(
-            finetune_task, finetuned_model, finetune_data, theta_names, regularizer=regularizer, **options
-        )
-        built.fit(inner)
-        u = built.solve(layout.block(queries, theta_names).to(inner.dtype))  # [m, P_Theta]
+        inner = fit_inverse_hessian(finetune_task, finetuned_model, finetune_data, theta_names, regularizer=regularizer, **fit)
+        u = inner.solve(layout.block(queries, theta_names).to(inner.objective.dtype))  # [m, P_Theta]
         full = Objective(
             finetune_task, finetuned_model, finetune_data, theta_names + w_names, regularizer=regularizer,
-            **options,
+            batch_size=batch_size, device=device, dtype=dtype,
         )
         cross = full.hvp(layout.embed(u, theta_names))  # [m, P]
         return layout.block(queries, w_names).to(cross.dtype) - layout.block(cross, w_names)
-    penalty = proximity_regularizer(reference, alpha)
-    whole = Objective(
-        finetune_task, finetuned_model, finetune_data, theta_names + w_names,
-        regularizer=_sum_regularizers(regularizer, penalty), **options,
-    )
-    built.fit(whole)
-    y = built.solve(queries.to(whole.dtype))  # [m, P]
+    penalty, alpha = finetune_objective_penalty(regularizer, reference, alpha)
+    whole = fit_inverse_hessian(finetune_task, finetuned_model, finetune_data, theta_names + w_names, regularizer=penalty, **fit)
+    y = whole.solve(queries.to(whole.objective.dtype))  # [m, P]
     return alpha * layout.block(y, w_names)
 
 
@@ -203,8 +212,8 @@ def multistage_scores(
     solver_options: Mapping[str, Any] | None = None,
     pretrain_solver_options: Mapping[str, Any] | None = None,
     pretrain_hessian_data: Dataset | DataLoader | None = None,
-    finetune_regularizer: Regularizer | None = None,
-    pretrain_regularizer: Regularizer | None = None,
+    finetune_regularizer: RegularizerLike | None = None,
+    pretrain_regularizer: RegularizerLike | None = None,
     batch_size: int = 64,
     device: torch.device | str = "cpu",
     dtype: torch.dtype | None = None,
@@ -251,9 +260,8 @@ def multistage_scores(
     """
     if embedding not in EMBEDDING_MODES:
         raise invalid("embedding", embedding, "'fixed' or 'updated'")
-    alpha_ok = isinstance(alpha, (int, float)) and not isinstance(alpha, bool) and alpha > 0
-    if embedding == "updated" and not alpha_ok:
-        raise invalid("alpha", alpha, "a positive number when embedding='updated'")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or alpha < 0:
+        raise invalid("alpha", alpha, "a number >= 0 (positive when embedding='updated', unless finetune_regularizer holds the proximity penalty)")
     batch_size = check_batch_size(batch_size)
     shared = _check_shared(DEFAULT_SHARED if shared is None else shared, finetuned_model, pretrained_model)
     w_names = list(shared)
@@ -294,7 +302,7 @@ def embedding_sensitivity(
     finetune_solver: str | InverseHessianSolver,
     damping: float,
     solver_options: Mapping[str, Any] | None,
-    finetune_regularizer: Regularizer | None,
+    finetune_regularizer: RegularizerLike | None,
     batch_size: int,
     device: torch.device | str,
     dtype: torch.dtype | None,
@@ -350,7 +358,7 @@ def pretraining_scores(
     pretrain_damping: float = 1e-3,
     pretrain_solver_options: Mapping[str, Any] | None = None,
     pretrain_hessian_data: Dataset | DataLoader | None = None,
-    pretrain_regularizer: Regularizer | None = None,
+    pretrain_regularizer: RegularizerLike | None = None,
     batch_size: int = 64,
     device: torch.device | str = "cpu",
     dtype: torch.dtype | None = None,
@@ -378,26 +386,20 @@ def pretraining_scores(
         raise invalid("pretrain_params", pretrain_names, f"a selection that includes the shared parameters {missing}")
     pt_layout = ParameterLayout.of(pretrained_model, pt_names)
     rhs = pt_layout.embed(sensitivity, list(shared_names))  # [m, P_pt]
-    pt_solver = build_solver(
-        pretrain_solver, damping=pretrain_damping, solver_options=pretrain_solver_options, argument="pretrain_solver",
+    fitted = fit_inverse_hessian(
+        pretrain_task, pretrained_model, pretrain_data if pretrain_hessian_data is None else pretrain_hessian_data,
+        pt_names, solver=pretrain_solver, damping=pretrain_damping, solver_options=pretrain_solver_options,
+        regularizer=pretrain_regularizer, batch_size=batch_size, device=device, dtype=dtype, argument="pretrain_solver",
     )
-    hessian_data = pretrain_data if pretrain_hessian_data is None else pretrain_hessian_data
-    pt_objective = Objective(
-        pretrain_task, pretrained_model, hessian_data, pt_names, batch_size=batch_size, device=device,
-        dtype=dtype, regularizer=pretrain_regularizer,
-    )
-    left = pt_solver.fit(pt_objective).solve(rhs.to(pt_objective.dtype))  # [m, P_pt]
-    raw = stream_products(left, iter_gradients(
+    left = fitted.solve(rhs.to(fitted.objective.dtype))  # [m, P_pt]
+    raw = require_examples(stream_products(left, iter_gradients(
         pretrain_task, pretrained_model, pretrain_data, pt_names, kind="train_loss",
         batch_size=batch_size, device=device, dtype=dtype,
-    ))
-    n_pt = raw.shape[1]
-    if n_pt == 0:
-        raise invalid("pretrain_data", "an empty dataset", "at least one pretraining example")
-    return raw / n_pt
+    )), "pretrain_data", "at least one pretraining example")
+    return raw / raw.shape[1]
 
 
 __all__ = [
-    "EMBEDDING_MODES", "embedding_sensitivity", "finetune_embedding_gradient", "multistage_scores",
-    "pretraining_scores", "proximity_regularizer",
+    "EMBEDDING_MODES", "embedding_sensitivity", "finetune_embedding_gradient", "finetune_objective_penalty",
+    "multistage_scores", "pretraining_scores", "proximity_regularizer",
 ]

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 from influence.exceptions import invalid
 from influence.gradients.layout import select_parameters
 from influence.gradients.per_example import gradient_matrix, iter_gradients, measurement_sign
-from influence.methods.common import check_batch_size, stream_products
+from influence.methods.common import check_batch_size, require_examples, stream_products
 from influence.task import Task
 
 SIMILARITIES: tuple[str, ...] = ("dot", "cos")
@@ -31,6 +31,14 @@ SIMILARITIES: tuple[str, ...] = ("dot", "cos")
 def _unit(g: Tensor) -> Tensor:
     norms = torch.linalg.vector_norm(g, dim=1, keepdim=True)
     return g / torch.where(norms > 0, norms, torch.ones_like(norms))
+
+
+def _setup(model: nn.Module, similarity: str, params: Any, batch_size: int, device: Any, dtype: Any, projector: Any):
+    """The parameter names and the gradient options of a similarity, after checking the arguments."""
+    if similarity not in SIMILARITIES:
+        raise invalid("similarity", similarity, "'dot' or 'cos'")
+    options = {"batch_size": check_batch_size(batch_size), "device": device, "dtype": dtype, "projector": projector}
+    return select_parameters(model, params), options
 
 
 def similarity_scores(
@@ -63,20 +71,13 @@ def similarity_scores(
     Returns:
         Tensor ``[m, n]`` on ``device``.
     """
-    if similarity not in SIMILARITIES:
-        raise invalid("similarity", similarity, "'dot' or 'cos'")
-    batch_size = check_batch_size(batch_size)
-    names = select_parameters(model, params)
-    options = {"batch_size": batch_size, "device": device, "dtype": dtype, "projector": projector}
+    names, options = _setup(model, similarity, params, batch_size, device, dtype, projector)
     queries = gradient_matrix(task, model, query_data, names, kind="measurement", **options)
     blocks = iter_gradients(task, model, train_data, names, kind="train_loss", **options)
     if similarity == "cos":
         queries = _unit(queries)
         blocks = (_unit(block) for block in blocks)
-    scores = stream_products(queries, blocks)
-    if scores.shape[1] == 0:
-        raise invalid("train_data", "an empty dataset", "at least one training example")
-    return scores * measurement_sign(task)
+    return require_examples(stream_products(queries, blocks)) * measurement_sign(task)
 
 
 def grad_dot_scores(task: Task, model: nn.Module, train_data, query_data, **options: Any) -> Tensor:
@@ -116,19 +117,13 @@ def similarity_self_scores(
     Returns:
         Tensor ``[n]`` on ``device``.
     """
-    if similarity not in SIMILARITIES:
-        raise invalid("similarity", similarity, "'dot' or 'cos'")
-    batch_size = check_batch_size(batch_size)
-    names = select_parameters(model, params)
+    names, options = _setup(model, similarity, params, batch_size, device, dtype, projector)
     parts = []
-    for block in iter_gradients(task, model, train_data, names, kind="train_loss", batch_size=batch_size,
-                                device=device, dtype=dtype, projector=projector):
+    for block in iter_gradients(task, model, train_data, names, kind="train_loss", **options):
         if similarity == "cos":
             block = _unit(block)
         parts.append((block * block).sum(dim=1))
-    if not parts:
-        raise invalid("train_data", "an empty dataset", "at least one training example")
-    return torch.cat(parts)
+    return require_examples(torch.cat(parts) if parts else torch.zeros(0))
 
 
 __all__ = [

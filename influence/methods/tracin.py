@@ -23,15 +23,15 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from influence.exceptions import invalid
 from influence.gradients.layout import select_parameters
 from influence.gradients.per_example import gradient_matrix, iter_gradients, measurement_sign
 from influence.methods.common import (
     Checkpoint,
     check_batch_size,
-    checkpoint_entries,
     model_at,
+    require_examples,
     stream_products,
+    sum_over_checkpoints,
 )
 from influence.task import Task
 
@@ -69,20 +69,15 @@ def tracin_scores(
     Returns:
         Tensor ``[m, n]`` on ``device``: ``s * sum_c lr_c <g_c(z), g_c(x)>``.
     """
-    batch_size = check_batch_size(batch_size)
-    entries = checkpoint_entries(checkpoints)
     names = select_parameters(model, params)
-    options = {"batch_size": batch_size, "device": device, "dtype": dtype, "projector": projector}
-    total: Tensor | None = None
-    for state, learning_rate in entries:
-        current = model_at(model, state, names)
+    options = {"batch_size": check_batch_size(batch_size), "device": device, "dtype": dtype, "projector": projector}
+
+    def at_checkpoint(current: nn.Module) -> Tensor:
         queries = gradient_matrix(task, current, query_data, names, kind="measurement", **options)
-        blocks = iter_gradients(task, current, train_data, names, kind="train_loss", **options)
-        scores = stream_products(queries, blocks)
-        total = learning_rate * scores if total is None else total + learning_rate * scores
-    if total.shape[1] == 0:
-        raise invalid("train_data", "an empty dataset", "at least one training example")
-    return total * measurement_sign(task)
+        return stream_products(queries, iter_gradients(task, current, train_data, names, kind="train_loss", **options))
+
+    total = sum_over_checkpoints(checkpoints, lambda state: model_at(model, state, names), at_checkpoint)
+    return require_examples(total) * measurement_sign(task)
 
 
 def tracin_self_scores(
@@ -104,20 +99,14 @@ def tracin_self_scores(
     Returns:
         Tensor ``[n]`` on ``device``.
     """
-    batch_size = check_batch_size(batch_size)
-    entries = checkpoint_entries(checkpoints)
     names = select_parameters(model, params)
-    options = {"batch_size": batch_size, "device": device, "dtype": dtype, "projector": projector}
-    total: Tensor | None = None
-    for state, learning_rate in entries:
-        current = model_at(model, state, names)
-        gradients = iter_gradients(task, current, train_data, names, kind="train_loss", **options)
-        blocks = [(g * g).sum(dim=1) for g in gradients]
-        if not blocks:
-            raise invalid("train_data", "an empty dataset", "at least one training example")
-        norms = torch.cat(blocks)
-        total = learning_rate * norms if total is None else total + learning_rate * norms
-    return total
+    options = {"batch_size": check_batch_size(batch_size), "device": device, "dtype": dtype, "projector": projector}
+
+    def at_checkpoint(current: nn.Module) -> Tensor:
+        norms = [(g * g).sum(dim=1) for g in iter_gradients(task, current, train_data, names, kind="train_loss", **options)]
+        return require_examples(torch.cat(norms) if norms else torch.zeros(0))
+
+    return sum_over_checkpoints(checkpoints, lambda state: model_at(model, state, names), at_checkpoint)
 
 
 __all__ = ["tracin_scores", "tracin_self_scores"]

@@ -33,10 +33,19 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, default_collate
 
+from influence.batches import to_device
 from influence.exceptions import invalid
-from influence.gradients.per_example import as_loader, convert_batch, measurement_sign
-from influence.methods.common import Checkpoint, check_batch_size, checkpoint_entries, model_at
+from influence.gradients.per_example import as_loader, measurement_sign
+from influence.methods.common import (
+    Checkpoint,
+    check_batch_size,
+    checkpoint_entries,
+    model_at,
+    require_examples,
+    sum_over_checkpoints,
+)
 from influence.task import Task
+from influence.validation import check_positive_int
 
 ROW_BUDGET_ELEMENTS = 2**24
 
@@ -171,8 +180,7 @@ def keep_top_rows(rows: EmbeddingRows, k: int) -> EmbeddingRows:
     Returns:
         The kept rows.
     """
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise invalid("top_k_rows", k, "a positive integer or None")
+    check_positive_int("top_k_rows", k)
     norms = torch.linalg.vector_norm(rows.rows, dim=1)
     order = torch.argsort(norms, descending=True, stable=True)
     order = order[torch.argsort(rows.example[order], stable=True)]
@@ -193,7 +201,7 @@ def _prepared(model: nn.Module, state: Any, module_name: str, device, dtype) -> 
 
 def _all_rows(task, model, data, *, module_name, kind, top_k_rows, batch_size, device, dtype, ignore_ids=()):
     for batch in as_loader(data, batch_size):
-        batch = convert_batch(batch, device, dtype)
+        batch = to_device(batch, device, dtype)
         yield embedding_rows(task, model, batch, module_name=module_name, kind=kind, top_k_rows=top_k_rows,
                              ignore_ids=ignore_ids)
 
@@ -268,25 +276,19 @@ def tracin_we_scores(
         Tensor ``[m, n]`` on ``device``:
         ``s * sum_c lr_c sum_{w in words(x) & words(z)} <G_c(x)[w], G_c(z)[w]>``.
     """
-    batch_size = check_batch_size(batch_size)
-    entries = checkpoint_entries(checkpoints)
-    options = {"module_name": embedding_module, "top_k_rows": top_k_rows, "batch_size": batch_size,
+    options = {"module_name": embedding_module, "top_k_rows": top_k_rows, "batch_size": check_batch_size(batch_size),
                "device": device, "dtype": dtype, "ignore_ids": tuple(ignore_ids)}
-    total: Tensor | None = None
-    for state, learning_rate in entries:
-        current = _prepared(model, state, embedding_module, device, dtype)
-        vocab = embedding_module_size(current, embedding_module)
+
+    def at_checkpoint(current: nn.Module) -> Tensor:
         queries = list(_all_rows(task, current, query_data, kind="measurement", **options))
         if not queries:
             raise invalid("query_data", "an empty dataset", "at least one query")
-        dense, lookup = _dense_queries(queries, vocab)
-        train_rows = _all_rows(task, current, train_data, kind="train_loss", **options)
-        blocks = [_row_scores(dense, lookup, rows) for rows in train_rows]
-        if not blocks:
-            raise invalid("train_data", "an empty dataset", "at least one training example")
-        scores = torch.cat(blocks, dim=1)
-        total = learning_rate * scores if total is None else total + learning_rate * scores
-    return total * measurement_sign(task)
+        dense, lookup = _dense_queries(queries, embedding_module_size(current, embedding_module))
+        blocks = [_row_scores(dense, lookup, rows) for rows in _all_rows(task, current, train_data, kind="train_loss", **options)]
+        return require_examples(torch.cat(blocks, dim=1) if blocks else dense.new_zeros(dense.shape[0], 0))
+
+    load = lambda state: _prepared(model, state, embedding_module, device, dtype)  # noqa: E731
+    return sum_over_checkpoints(checkpoints, load, at_checkpoint) * measurement_sign(task)
 
 
 def embedding_module_size(model: nn.Module, name: str) -> int:
@@ -305,6 +307,7 @@ def tracin_we_self_scores(
     batch_size: int = 64,
     device: torch.device | str = "cpu",
     dtype: torch.dtype | None = None,
+    ignore_ids: Sequence[int] = (),
 ) -> Tensor:
     """TracIn-WE self-influence ``sum_c lr_c sum_w ||G_c(z)[w]||^2`` of every training example.
 
@@ -313,21 +316,18 @@ def tracin_we_self_scores(
     Returns:
         Tensor ``[n]`` on ``device``.
     """
-    batch_size = check_batch_size(batch_size)
-    entries = checkpoint_entries(checkpoints)
-    total: Tensor | None = None
-    for state, learning_rate in entries:
-        current = _prepared(model, state, embedding_module, device, dtype)
+    options = {"module_name": embedding_module, "top_k_rows": top_k_rows, "batch_size": check_batch_size(batch_size),
+               "device": device, "dtype": dtype, "ignore_ids": tuple(ignore_ids)}
+
+    def at_checkpoint(current: nn.Module) -> Tensor:
         parts = []
-        for rows in _all_rows(task, current, train_data, module_name=embedding_module, kind="train_loss",
-                              top_k_rows=top_k_rows, batch_size=batch_size, device=device, dtype=dtype):
+        for rows in _all_rows(task, current, train_data, kind="train_loss", **options):
             squared = (rows.rows * rows.rows).sum(dim=1)
             parts.append(squared.new_zeros(rows.n_examples).index_add_(0, rows.example, squared))
-        if not parts:
-            raise invalid("train_data", "an empty dataset", "at least one training example")
-        values = torch.cat(parts)
-        total = learning_rate * values if total is None else total + learning_rate * values
-    return total
+        return require_examples(torch.cat(parts) if parts else torch.zeros(0))
+
+    load = lambda state: _prepared(model, state, embedding_module, device, dtype)  # noqa: E731
+    return sum_over_checkpoints(checkpoints, load, at_checkpoint)
 
 
 def tracin_we_words(
@@ -363,8 +363,8 @@ def tracin_we_words(
         term; the terms sum to the pair's :func:`tracin_we_scores` entry.
     """
     entries = checkpoint_entries(checkpoints)
-    query_batch = convert_batch(default_collate([query_example]), device, dtype)
-    train_batch = convert_batch(default_collate([train_example]), device, dtype)
+    query_batch = to_device(default_collate([query_example]), device, dtype)
+    train_batch = to_device(default_collate([train_example]), device, dtype)
     terms: dict[int, float] = {}
     sign = measurement_sign(task)
     for state, learning_rate in entries:

@@ -2,12 +2,17 @@
 
 - :mod:`influence.models.text`: ``TextClassifier``, ``CbowLanguageModel``, ``transfer_embedding``.
 - :mod:`influence.models.training`: ``train`` (frozen parameters, L2 and proximity penalties,
-  checkpoints with learning rates, resume), ``Proximity``, ``Regularizer``, ``evaluate_accuracy``,
-  ``mean_loss``.
+  checkpoints with learning rates, resume).
+- :mod:`influence.models.training_run`: the checkpoint folder of one run (checksummed, resumable).
 - :mod:`influence.models.checkpoints`: safetensors state dicts, resumable training states and the
   checkpoint manifest.
+- :mod:`influence.models.metrics`: ``evaluate_accuracy``, ``mean_loss``.
+
+The penalties (``Proximity``, ``Regularizer``) live in :mod:`influence.regularizers` and are
+re-exported here.
 """
 
+from influence.batches import collate_dataset
 from influence.models.checkpoints import (
     CheckpointInfo,
     load_metadata,
@@ -19,16 +24,10 @@ from influence.models.checkpoints import (
     save_training_state,
     write_manifest,
 )
+from influence.models.metrics import evaluate_accuracy, mean_loss
 from influence.models.text import CbowLanguageModel, TextClassifier, transfer_embedding
-from influence.models.training import (
-    Proximity,
-    Regularizer,
-    TrainResult,
-    collate_dataset,
-    evaluate_accuracy,
-    mean_loss,
-    train,
-)
+from influence.models.training import TrainResult, train
+from influence.regularizers import Proximity, Regularizer
 
 __all__ = [
     "CbowLanguageModel",

@@ -1,18 +1,19 @@
-"""Model checkpoints on disk: safetensors state dicts and a JSON manifest of a training run.
+"""Model checkpoints on disk: safetensors state dicts and the manifest of a training run.
 
-Tensors are only ever written with safetensors (never pickle). Every file is written to a
-temporary name and then renamed, so a killed process leaves either the old file or the new one.
+Tensors are only ever written with safetensors (never pickle), through
+:func:`influence.storage.atomic_write`, so a killed process leaves either the old file or the new
+one.
 
-The manifest (``manifest.json`` in a checkpoint directory) lists the checkpoints of one run with
-their step and learning rate, and records the arguments that made the run so that a later call
-can refuse to mix runs (see :func:`influence.models.training.train`). A *training state* file
-holds what resuming needs: the model, the optimizer's state tensors and a JSON position.
+A checkpoint folder is a :class:`~influence.storage.RunFolder`: its ``manifest.json`` lists the
+checkpoints of one run with their step and learning rate (``"checkpoints"``), every file's sha256
+(``"files"``), and the arguments that made the run so that a later call can refuse to mix runs
+(see :mod:`influence.models.training_run`). A *training state* file holds what resuming needs: the
+model, the optimizer's state tensors and a JSON position.
 """
 
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,9 +25,9 @@ import torch
 from torch import Tensor, nn
 
 from influence.exceptions import CorruptedArtifactError, invalid
+from influence.storage import RunFolder, atomic_write, file_digest
 
-MANIFEST_NAME = "manifest.json"
-MANIFEST_FORMAT = 1
+MANIFEST_FORMAT = 2
 
 
 @dataclass(frozen=True)
@@ -46,10 +47,31 @@ class CheckpointInfo:
     learning_rate: float
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+def state_bytes(
+    model_or_state_dict: nn.Module | Mapping[str, Tensor], metadata: Mapping[str, str] | None = None
+) -> bytes:
+    """A model's state dict (or any ``name -> tensor`` mapping) as the bytes of a safetensors file.
+
+    Tensors are detached, copied to the CPU and made contiguous; shared storage is fine.
+
+    Raises:
+        InvalidArgumentError: a value is not a tensor or a metadata entry is not a string.
+    """
+    state = (
+        model_or_state_dict.state_dict()
+        if isinstance(model_or_state_dict, nn.Module)
+        else model_or_state_dict
+    )
+    tensors: dict[str, Tensor] = {}
+    for name, value in state.items():
+        if not isinstance(value, Tensor):
+            raise invalid(f"state[{name!r}]", type(value).__name__, "a torch.Tensor")
+        tensors[name] = value.detach().cpu().contiguous().clone()
+    meta = dict(metadata or {})
+    for key, value in meta.items():
+        if not isinstance(key, str) or not isinstance(value, str):
+            raise invalid(f"metadata[{key!r}]", value, "string keys and string values")
+    return safetensors.torch.save(tensors, metadata=meta or None)
 
 
 def save_state(
@@ -72,24 +94,7 @@ def save_state(
     Raises:
         InvalidArgumentError: a value is not a tensor or a metadata entry is not a string.
     """
-    path = Path(path)
-    state = (
-        model_or_state_dict.state_dict()
-        if isinstance(model_or_state_dict, nn.Module)
-        else model_or_state_dict
-    )
-    tensors: dict[str, Tensor] = {}
-    for name, value in state.items():
-        if not isinstance(value, Tensor):
-            raise invalid(f"state[{name!r}]", type(value).__name__, "a torch.Tensor")
-        tensors[name] = value.detach().cpu().contiguous().clone()
-    meta = dict(metadata or {})
-    for key, value in meta.items():
-        if not isinstance(key, str) or not isinstance(value, str):
-            raise invalid(f"metadata[{key!r}]", value, "string keys and string values")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write_bytes(path, safetensors.torch.save(tensors, metadata=meta or None))
-    return path
+    return atomic_write(path, state_bytes(model_or_state_dict, metadata))
 
 
 def load_state(path: str | Path) -> dict[str, Tensor]:
@@ -131,6 +136,18 @@ def load_metadata(path: str | Path) -> dict[str, str]:
         raise CorruptedArtifactError(f"cannot read the safetensors file {path}: {err}") from err
 
 
+def checkpoint_folder(directory: str | Path) -> RunFolder:
+    """The :class:`~influence.storage.RunFolder` of a checkpoint directory."""
+    return RunFolder(directory, kind="training run", format_version=MANIFEST_FORMAT)
+
+
+def checkpoint_entry(info: CheckpointInfo, directory: str | Path) -> dict[str, Any]:
+    """The manifest entry of a checkpoint: its path (relative to ``directory`` when inside it), step and learning rate."""
+    path, directory = Path(info.path), Path(directory)
+    name = path.name if path.parent.resolve() == directory.resolve() else str(path)
+    return {"path": name, "step": int(info.step), "learning_rate": float(info.learning_rate)}
+
+
 def write_manifest(
     directory: str | Path,
     infos: Sequence[CheckpointInfo],
@@ -138,83 +155,73 @@ def write_manifest(
     arguments: Mapping[str, Any] | None = None,
     extra: Mapping[str, Any] | None = None,
 ) -> Path:
-    """Write ``manifest.json`` listing the checkpoints of a run (paths relative to ``directory``).
+    """Write ``manifest.json`` listing the checkpoints of a run made elsewhere (e.g. for TracIn).
 
     Args:
         directory: the checkpoint directory (created if needed).
-        infos: the checkpoints, in step order.
+        infos: the checkpoints, in step order; the sha256 of each one present on disk is recorded.
         arguments: JSON-serialisable arguments that made the run.
         extra: other JSON-serialisable entries (e.g. ``complete``, ``losses``, ``seconds``).
 
     Returns:
         The manifest's path.
     """
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    entries = []
-    for info in infos:
-        path = Path(info.path)
-        name = path.name if path.parent.resolve() == directory.resolve() else str(path)
-        entries.append(
-            {"path": name, "step": int(info.step), "learning_rate": float(info.learning_rate)}
-        )
-    document = {
-        "format": MANIFEST_FORMAT,
-        "arguments": dict(arguments or {}),
-        **dict(extra or {}),
-        "checkpoints": entries,
-    }
-    path = directory / MANIFEST_NAME
-    _atomic_write_bytes(path, (json.dumps(document, indent=2, sort_keys=True) + "\n").encode())
-    return path
+    folder = checkpoint_folder(directory)
+    folder.directory.mkdir(parents=True, exist_ok=True)
+    entries = [checkpoint_entry(info, directory) for info in infos]
+    files = {}
+    for entry in entries:
+        path = folder.directory / entry["path"]
+        if path.is_file():
+            files[entry["path"]] = {"sha256": file_digest(path), "bytes": path.stat().st_size}
+    folder.manifest = {"format": MANIFEST_FORMAT, "arguments": dict(arguments or {}), "files": files,
+                       "complete": True, **dict(extra or {}), "checkpoints": entries}
+    folder.save()
+    return folder.manifest_path
 
 
 def read_manifest_document(directory: str | Path) -> dict[str, Any]:
-    """The whole parsed ``manifest.json`` of ``directory`` (arguments, checkpoints, extras).
+    """The whole parsed ``manifest.json`` of ``directory`` (arguments, checkpoints, files, extras).
 
     Raises:
         CorruptedArtifactError: the manifest is missing or is not valid JSON of this format.
     """
-    path = Path(directory) / MANIFEST_NAME
-    try:
-        document = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise CorruptedArtifactError(f"cannot read the checkpoint manifest {path}: {err}") from err
-    if not isinstance(document, dict) or document.get("format") != MANIFEST_FORMAT:
-        raise CorruptedArtifactError(
-            f"the checkpoint manifest {path} is not of format {MANIFEST_FORMAT}"
-        )
-    return document
+    return checkpoint_folder(directory).read_manifest()
 
 
-def read_manifest(directory: str | Path) -> list[CheckpointInfo]:
+def read_manifest(directory: str | Path, verify: bool = True) -> list[CheckpointInfo]:
     """The checkpoints listed in ``directory/manifest.json``, in step order.
 
     Args:
         directory: the checkpoint directory.
+        verify: check each listed checkpoint against the sha256 the manifest records.
 
     Returns:
-        :class:`CheckpointInfo` entries with absolute-or-as-written paths resolved against
-        ``directory``.
+        :class:`CheckpointInfo` entries with paths resolved against ``directory``.
 
     Raises:
-        CorruptedArtifactError: the manifest is missing or malformed.
+        CorruptedArtifactError: the manifest is missing or malformed, or a checkpoint fails its checksum.
     """
-    directory = Path(directory)
-    document = read_manifest_document(directory)
+    folder = checkpoint_folder(directory)
+    folder.manifest = folder.read_manifest()
     try:
-        return [
+        infos = [
             CheckpointInfo(
-                path=directory / entry["path"],
+                path=folder.directory / entry["path"],
                 step=int(entry["step"]),
                 learning_rate=float(entry["learning_rate"]),
             )
-            for entry in document["checkpoints"]
+            for entry in folder.manifest["checkpoints"]
         ]
     except (KeyError, TypeError, ValueError) as err:
         raise CorruptedArtifactError(
-            f"the checkpoint manifest {directory / MANIFEST_NAME} has a malformed entry: {err}"
+            f"the checkpoint manifest {folder.manifest_path} has a malformed entry: {err}"
         ) from err
+    if verify:
+        for entry in folder.manifest["checkpoints"]:
+            if folder.has(entry["path"]):
+                folder.get(entry["path"])
+    return infos
 
 
 def load_model_state(model: nn.Module, path: str | Path) -> nn.Module:
@@ -250,6 +257,11 @@ def save_training_state(
     Returns:
         ``path`` as a ``Path``.
     """
+    return atomic_write(path, training_state_bytes(model, optimizer, position))
+
+
+def training_state_bytes(model: nn.Module, optimizer: torch.optim.Optimizer, position: Mapping[str, Any]) -> bytes:
+    """The bytes of the file :func:`save_training_state` writes."""
     tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
     for index, state in optimizer.state_dict()["state"].items():
         for key, value in state.items():
@@ -257,7 +269,7 @@ def save_training_state(
                 tensors[f"optimizer.{index}.{key}"] = value
             elif value is not None:
                 tensors[f"optimizer.{index}.{key}"] = torch.tensor(value, dtype=torch.float64)
-    return save_state(tensors, path, {"position": json.dumps(dict(position))})
+    return state_bytes(tensors, {"position": json.dumps(dict(position))})
 
 
 def load_training_state(

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from influence.exceptions import invalid
+from influence.validation import check_positive_int
 
 
 def _check_tokens(tokens: Tensor) -> None:
@@ -32,14 +33,9 @@ def _check_tokens(tokens: Tensor) -> None:
         raise invalid("tokens.dtype", tokens.dtype, "torch.long (token ids)")
 
 
-def _check_positive(name: str, value: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise invalid(name, value, "a positive integer")
-
-
 def _embedding(vocab_size: int, embed_dim: int, padding_idx: int) -> nn.Embedding:
-    _check_positive("vocab_size", vocab_size)
-    _check_positive("embed_dim", embed_dim)
+    check_positive_int("vocab_size", vocab_size)
+    check_positive_int("embed_dim", embed_dim)
     if not 0 <= padding_idx < vocab_size:
         raise invalid("padding_idx", padding_idx, f"an id in [0, {vocab_size})")
     embedding = nn.Embedding(vocab_size, embed_dim)
@@ -73,8 +69,8 @@ class TextClassifier(nn.Module):
         padding_idx: int = 0,
     ) -> None:
         super().__init__()
-        _check_positive("hidden_dim", hidden_dim)
-        _check_positive("num_classes", num_classes)
+        check_positive_int("hidden_dim", hidden_dim)
+        check_positive_int("num_classes", num_classes)
         self.padding_idx = padding_idx
         self.embedding = _embedding(vocab_size, embed_dim, padding_idx)
         self.encoder = nn.Conv1d(embed_dim, hidden_dim, kernel_size=3, padding=1)
@@ -138,8 +134,8 @@ class CbowLanguageModel(nn.Module):
         padding_idx: int = 0,
     ) -> None:
         super().__init__()
-        _check_positive("hidden_dim", hidden_dim)
-        _check_positive("window", window)
+        check_positive_int("hidden_dim", hidden_dim)
+        check_positive_int("window", window)
         self.padding_idx = padding_idx
         self.window = window
         self.embedding = _embedding(vocab_size, embed_dim, padding_idx)

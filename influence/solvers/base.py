@@ -16,6 +16,8 @@ import torch
 from torch import Tensor
 
 from influence.exceptions import InvalidArgumentError, invalid
+from influence.validation import check_positive_float as check_positive_float
+from influence.validation import check_positive_int as check_positive_int
 
 
 class InverseHessianSolver(abc.ABC):
@@ -110,20 +112,6 @@ class InverseHessianSolver(abc.ABC):
             raise InvalidArgumentError(
                 f"{type(self).__name__} is not fitted; call .fit(objective) before .solve(rhs)"
             )
-
-
-def check_positive_int(name: str, value: Any) -> int:
-    """``value`` if it is a positive ``int``, else raise an :class:`InvalidArgumentError`."""
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise invalid(name, value, "a positive integer")
-    return value
-
-
-def check_positive_float(name: str, value: Any) -> float:
-    """``float(value)`` if it is a positive number, else raise an :class:`InvalidArgumentError`."""
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
-        raise invalid(name, value, "a positive number")
-    return float(value)
 
 
 def row_norms(x: Tensor) -> Tensor:
