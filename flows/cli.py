@@ -1,8 +1,9 @@
-"""Command line: run the pipeline, run one stage (what ``dvc.yaml`` calls), or check settings.
+"""Command line: run the pipeline, run one stage (what ``dvc.yaml`` calls), check settings, write dvc.yaml.
 
     python -m flows.cli run [--params params.yaml] [--set section.field=value ...]
     python -m flows.cli stage NAME [--params params.yaml]
     python -m flows.cli check [--params params.yaml]
+    python -m flows.cli dvc-yaml [--params params.yaml]
 
 Heavy imports (torch, Prefect, MLflow) happen only inside the command that needs them, so
 ``--help`` and ``check`` answer at once.
@@ -17,15 +18,13 @@ from pathlib import Path
 
 import yaml
 
+from flows.stage_table import NAMES, check_table
+
 QUIET_ENV = {
     "DO_NOT_TRACK": "true", "MLFLOW_DISABLE_TELEMETRY": "true", "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     "DVC_NO_ANALYTICS": "1", "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120", "GIT_PYTHON_REFRESH": "quiet",
 }
-STAGE_NAMES = (
-    "data", "features", "pretrain", "finetune", "gradients", "influence", "multistage", "tracin_we", "tracin_last",
-    "grad_cos", "deletion", "pretrain_deletion", "lds", "mislabel", "report",
-)
 
 
 def _apply_overrides(raw: dict, overrides: list[str]) -> dict:
@@ -58,9 +57,10 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run the whole pipeline as a Prefect flow")
     stage = sub.add_parser("stage", help="run one stage (the dvc.yaml entry point)")
-    stage.add_argument("name", choices=STAGE_NAMES)
-    check = sub.add_parser("check", help="validate params.yaml and exit")
-    for p in (run, stage, check):
+    stage.add_argument("name", choices=NAMES)
+    check = sub.add_parser("check", help="validate params.yaml and the stage table, and exit")
+    dvc = sub.add_parser("dvc-yaml", help="write dvc.yaml from the stage table (flows/stage_table.py)")
+    for p in (run, stage, check, dvc):
         p.add_argument("--params", default="params.yaml", help="settings file (default: params.yaml)")
         p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE", help="override one setting")
     args = parser.parse_args(argv)
@@ -74,14 +74,21 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     root = Path(args.params).resolve().parent
     if args.command == "check":
-        print(f"{args.params}: valid (digest {settings.digest()})")
+        check_table()
+        print(f"{args.params}: valid (digest {settings.digest()}); stage table consistent ({len(NAMES)} stages)")
+        return 0
+    if args.command == "dvc-yaml":
+        from flows.dvc_file import write_dvc_yaml
+
+        print(f"wrote {write_dvc_yaml(root)}")
         return 0
     if args.command == "stage":
-        from flows import report, stages
+        from flows.stage_cache import run_or_skip
+        from flows.stages import run_stage
         from flows.workspace import Workspace
 
-        ws = Workspace(root)
-        result = report.build_report(settings, ws) if args.name == "report" else getattr(stages, args.name)(settings, ws)
+        ws = Workspace(root)  # dvc repro decided that the stage runs; its fingerprint is recorded for the flow
+        result, _ = run_or_skip(args.name, lambda: run_stage(args.name, settings, ws), settings, ws, force=True)
         print(f"stage {args.name}: {result.seconds:.1f} s, metrics {result.metrics}")
         return 0
     from flows.pipeline import pipeline

@@ -1,12 +1,15 @@
 """The Prefect flows: ``pipeline`` (every stage, in order) and ``attribution`` (the GPU stages).
 
-Each stage is one task over one stage function of :mod:`flows.stages` (the same functions
+The stages, their order, their pools and their retrainings come from the stage table
+(:mod:`flows.stage_table`). Each stage is one task over its entry point (the same functions
 ``dvc repro`` runs); tasks return :class:`~flows.workspace.StageResult` (paths and numbers, never
-tensors). A stage whose inputs (its settings, the code version, the data hashes, the stages it
-reads) match its last completed run in the workspace is skipped: its task ends in a Completed
-state named ``Skipped`` (:mod:`flows.stage_cache`). Only the I/O tasks retry, with back-off
-(obtaining the data, DVC, MLflow); DVC commands hold a concurrency slot of their workspace, so two
-runs at once never run DVC on one workspace together.
+tensors). A stage whose inputs (its settings, its code, its data, the stages it reads) match its
+last completed run in the workspace, or a kept earlier version, is skipped: its task ends in a
+Completed state named ``Skipped`` (:mod:`flows.stage_cache`). Only the I/O tasks retry, with
+back-off (obtaining the data, DVC, MLflow); DVC commands hold a concurrency slot of their
+workspace, so two runs at once never run DVC on one workspace together. At the end the flow
+records every stage in ``dvc.lock`` (:func:`flows.dvc_file.record_stages`), so ``dvc status``
+agrees with what ran.
 
 The retrainings of the evidence stages (case deletion, LDS) are independent: a ``retrainings``
 subflow runs them as parallel tasks (``evaluation.workers`` threads), each saved as it finishes,
@@ -31,21 +34,16 @@ from prefect.runtime import flow_run
 from prefect.states import Completed
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows import publish, report, stage_cache, stages
+from flows import dvc_file, publish, report, retraining, stage_cache
+from flows.experiment import Experiment
 from flows.settings import PARAMS_FILE, PipelineSettings, load_settings, validate_settings, with_overrides
+from flows.stage_table import GPU_STAGES, NAMES, RETRAINING_STAGES
+from flows.stage_table import stage as table_row
+from flows.stages import run_stage
 from flows.versioning import checkout_data_revision, commit_data, dataset_hashes, resolve_revision, workspace_data_is_current
 from flows.workspace import StageResult, Workspace
 
-STAGE_FUNCTIONS = {
-    "data": stages.data, "features": stages.features, "pretrain": stages.pretrain, "finetune": stages.finetune,
-    "gradients": stages.gradients, "influence": stages.influence, "multistage": stages.multistage,
-    "tracin_we": stages.tracin_we, "tracin_last": stages.tracin_last, "grad_cos": stages.grad_cos,
-    "deletion": stages.deletion, "pretrain_deletion": stages.pretrain_deletion, "lds": stages.lds,
-    "mislabel": stages.mislabel,
-}
-# stages whose retrainings run first as parallel tasks (then the stage reads them back), with their scope
-RETRAINING_SCOPES = {"deletion": "finetune", "pretrain_deletion": "pretrain", "lds": "finetune"}
-GPU_STAGES = ("gradients", "influence", "multistage", "tracin_we", "tracin_last", "grad_cos")
+CPU_STAGES = tuple(n for n in NAMES if n not in GPU_STAGES and n not in ("data", "report"))
 IO_RETRIES = {"retries": 2, "retry_delay_seconds": [5, 30]}
 
 
@@ -63,14 +61,14 @@ def dvc_slot(root: Path) -> Iterator[None]:
 
 
 @task(task_run_name="{stage}")
-def stage_task(stage: str, settings: PipelineSettings, root: Path, data_hashes: dict[str, str], force: bool = False):
+def stage_task(stage: str, settings: PipelineSettings, root: Path, force: bool = False):
     ws = Workspace(root)
     valid = (lambda: workspace_data_is_current(root, ws.prepared)) if stage == "data" else None
-    result, skipped = stage_cache.run_or_skip(
-        stage, lambda: STAGE_FUNCTIONS[stage](settings, ws), settings, ws, data_hashes, force=force, valid=valid
-    )
-    if skipped:
-        return Completed(name="Skipped", message=f"inputs unchanged (fingerprint {result.info['fingerprint'][:12]})", data=result)
+    result, how = stage_cache.run_or_skip(stage, lambda: run_stage(stage, settings, ws), settings, ws, force=force, valid=valid)
+    if how != "ran":
+        where = "outputs in place" if how == "skipped" else "a kept version restored"
+        return Completed(name="Skipped", message=f"inputs unchanged, {where} (fingerprint {result.info['fingerprint'][:12]})",
+                         data=result)
     return result
 
 
@@ -89,18 +87,14 @@ def checkout_data_task(root: Path, data_rev: str) -> dict[str, str]:
 @task(task_run_name="plan-{stage}")
 def plan_task(stage: str, settings: PipelineSettings, root: Path) -> tuple[list, Path]:
     """The stage's retrainings, and the folder where each one's measurements are saved."""
-    ws = Workspace(root)
-    if stage == "lds":
-        planned = stages.lds_plan(settings, ws)[1]
-    else:
-        plan = stages.deletion_plan if stage == "deletion" else stages.pretrain_deletion_plan
-        planned = plan(settings, ws).retrainings()
-    return planned, stages.deletion_runs(settings, ws, RETRAINING_SCOPES[stage])
+    x = Experiment.for_stage(stage, settings, Workspace(root))
+    return retraining.planned(x), retraining.runs_folder(x, RETRAINING_STAGES[stage])
 
 
-@task(task_run_name="retrain-{scope}-{retraining.key}")
-def retrain_task(settings: PipelineSettings, root: Path, retraining, scope: str, num_threads: int, runs: Path) -> str:
-    return stages.deletion_retrain(settings, Workspace(root), retraining, scope, num_threads=num_threads, runs=runs)["key"]
+@task(task_run_name="retrain-{stage}-{planned.key}")
+def retrain_task(stage: str, settings: PipelineSettings, root: Path, planned, num_threads: int, runs: Path) -> str:
+    x = Experiment.for_stage(stage, settings, Workspace(root))
+    return retraining.retrain(x, planned, RETRAINING_STAGES[stage], num_threads=num_threads, runs=runs)["key"]
 
 
 @flow(name="retrainings", flow_run_name="{stage}-retrainings")
@@ -116,8 +110,7 @@ def retrainings(stage: str, settings: PipelineSettings, project_dir: str) -> int
     root = Path(project_dir)
     planned, runs = plan_task(stage, settings, root)
     threads = max(1, (os.cpu_count() or 1) // settings.evaluation.workers)
-    futures = retrain_task.map(unmapped(settings), unmapped(root), planned, unmapped(RETRAINING_SCOPES[stage]),
-                               unmapped(threads), unmapped(runs))
+    futures = retrain_task.map(unmapped(stage), unmapped(settings), unmapped(root), planned, unmapped(threads), unmapped(runs))
     for future in futures:
         future.result()
     return len(planned)
@@ -128,17 +121,30 @@ def report_task(settings: PipelineSettings, root: Path, tags: dict[str, str]) ->
     return report.build_report(settings, Workspace(root), extra_tags=tags)
 
 
+@task(name="record-stages", **IO_RETRIES)
+def record_task(settings: PipelineSettings, root: Path, names: list[str]) -> list[str]:
+    with dvc_slot(root):
+        return dvc_file.record_stages(root, settings, names)
+
+
 @task(name="publish")
 def publish_task(settings: PipelineSettings, root: Path, final: StageResult, skipped: list[str]) -> list[str]:
     return publish.publish(settings, root, final, skipped)
 
 
-def _run(stage: str, settings: PipelineSettings, root: Path, hashes: dict[str, str], force: bool, skipped: list[str]) -> StageResult:
+def _run(stage: str, settings: PipelineSettings, root: Path, force: bool, skipped: list[str]) -> StageResult:
     options = IO_RETRIES if stage == "data" else {}
-    state = stage_task.with_options(name=stage, **options)(stage, settings, root, hashes, force, return_state=True)
+    state = stage_task.with_options(name=stage, **options)(stage, settings, root, force, return_state=True)
     if state.name == "Skipped":
         skipped.append(stage)
     return state.result()
+
+
+def _pending(stage: str, settings: PipelineSettings, ws: Workspace) -> bool:
+    """Whether ``stage`` would run: neither current in the workspace nor kept from an earlier run."""
+    fp = stage_cache.fingerprint(stage, settings, ws)
+    kept = stage_cache.versions_dir(ws, stage) / fp[:32] / "result.json"
+    return stage_cache.completed(ws, stage, fp) is None and not (fp and kept.is_file())
 
 
 def _skipped_in(flow_run_id, timeout: float = 60.0) -> list[str]:
@@ -166,7 +172,6 @@ def _skipped_in(flow_run_id, timeout: float = 60.0) -> list[str]:
 def attribution(
     settings: PipelineSettings | None = None,
     project_dir: str = ".",
-    data_hashes: dict[str, str] | None = None,
     force: bool = False,
     on_gpu_pool: bool = False,
 ) -> list[str]:
@@ -175,7 +180,6 @@ def attribution(
     Args:
         settings: every setting; when omitted, read from ``<project_dir>/params.yaml``.
         project_dir: the project folder whose workspace holds the finetuned models.
-        data_hashes: ``{dataset: md5}`` of the data the run uses (from the pipeline).
         force: re-run stages whose inputs are unchanged.
         on_gpu_pool: set by the ``gpu`` deployment: warn when this worker has no CUDA device.
 
@@ -189,11 +193,10 @@ def attribution(
     logger = get_run_logger()
     if on_gpu_pool and not torch.cuda.is_available():
         logger.warning("this gpu worker has no CUDA device: the GPU stages fall back to the CPU")
-    logger.info("GPU stages on device %s", stages.compute_device(settings))
-    hashes = data_hashes if data_hashes is not None else dataset_hashes(root)
+    logger.info("GPU stages on device %s", Experiment(settings, Workspace(root)).device)
     skipped: list[str] = []
     for stage in GPU_STAGES:
-        _run(stage, settings, root, hashes, force, skipped)
+        _run(stage, settings, root, force, skipped)
     return skipped
 
 
@@ -232,7 +235,7 @@ def pipeline(
         resolve_revision(root, data_rev)  # a bad revision stops the run before any work
         hashes = checkout_data_task(root, data_rev)
     else:
-        data_state = stage_task.with_options(name="data", **IO_RETRIES)("data", settings, root, {}, force, return_state=True)
+        data_state = stage_task.with_options(name="data", **IO_RETRIES)("data", settings, root, force, return_state=True)
         data_state.result()
         if data_state.name == "Skipped":
             skipped.append("data")
@@ -240,30 +243,30 @@ def pipeline(
         else:
             hashes = version_data_task(settings, root)
     logger.info("data version %s: %s", data_rev or "workspace", hashes)
-    for stage in ("features", "pretrain", "finetune"):
-        _run(stage, settings, root, hashes, force, skipped)
+    for stage in CPU_STAGES[:CPU_STAGES.index("finetune") + 1]:  # everything before the GPU stages
+        _run(stage, settings, root, force, skipped)
     if gpu_deployment:
         from prefect.deployments import run_deployment
 
         child = run_deployment(
             gpu_deployment, timeout=None, poll_interval=2, flow_run_name=f"{flow_run.get_name() or 'pipeline'}-gpu-stages",
-            parameters={"settings": settings.model_dump(mode="json"), "project_dir": str(root), "data_hashes": hashes,
-                        "force": force, "on_gpu_pool": True},
+            parameters={"settings": settings.model_dump(mode="json"), "project_dir": str(root), "force": force,
+                        "on_gpu_pool": True},
         )
         if not child.state or not child.state.is_completed():
             raise RuntimeError(f"the GPU stages ({gpu_deployment}, flow run {child.name}) ended {child.state.name if child.state else 'unknown'}: see that flow run's logs")
         skipped += _skipped_in(child.id)
     else:
-        skipped += attribution(settings, str(root), hashes, force)
+        skipped += attribution(settings, str(root), force)
     ws, e = Workspace(root), settings.evaluation
-    for stage, enabled in (("deletion", e.enabled), ("pretrain_deletion", e.pretrain_deletion), ("lds", e.lds)):
-        if enabled and (force or stage_cache.completed(ws, stage, stage_cache.fingerprint(stage, settings, ws, hashes)) is None):
+    for stage in CPU_STAGES[CPU_STAGES.index("finetune") + 1:]:
+        if stage in RETRAINING_STAGES and table_row(stage).is_enabled(settings) and (force or _pending(stage, settings, ws)):
             retrainings.with_options(task_runner=ThreadPoolTaskRunner(max_workers=e.workers))(stage, settings, str(root))
-        _run(stage, settings, root, hashes, force, skipped)  # reads the retrainings back, or is skipped
-    _run("mislabel", settings, root, hashes, force, skipped)
+        _run(stage, settings, root, force, skipped)  # reads the retrainings back, or is skipped
     tags = {"prefect_flow_run_id": str(flow_run.get_id() or ""), "run_name": str(flow_run.get_name() or "pipeline"),
             "stages_skipped": ",".join(skipped) or "none"}
     final = report_task(settings, root, tags)
+    record_task(settings, root, [n for n in NAMES if n != "data" or not data_rev])
     publish_task(settings, root, final, skipped)
     logger.info("report logged to MLflow run %s (%s); stages skipped: %s", final.info["mlflow_run_id"], final.info["mlflow_url"], skipped or "none")
     return {"mlflow_run_id": final.info["mlflow_run_id"], "report": final.outputs["report"], "skipped": skipped}

@@ -6,18 +6,13 @@ import csv
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
-from flows import stages
+from flows.experiment import Experiment
 from flows.settings import PipelineSettings
+from flows.stage_table import NAMES, SCORE_STAGES
 from flows.versioning import data_version, dataset_hashes, git_revision, verify_datasets
-from flows.workspace import STAGES, StageResult, Workspace, timed
-
-LABELS = {"1": "fresh", "0": "rotten", 1: "fresh", 0: "rotten"}
-SCORE_STAGES = (("multistage", "pretraining", "multi-stage influence"), ("influence", "finetuning", "influence function"),
-                ("tracin_we", "finetuning", "TracIn-WE"), ("tracin_last", "finetuning", "last-layer TracIn"),
-                ("grad_cos", "finetuning", "gradient cosine"))
-IN_PAGE = ("multistage", "influence", "tracin_we")  # stages whose rankings each query's section of the page shows; all are in the CSVs
+from flows.workspace import StageResult, Workspace, timed
+from influence.storage import atomic_write
 
 
 def _write_csv(rows: list[dict], path: Path) -> Path:
@@ -30,13 +25,13 @@ def _write_csv(rows: list[dict], path: Path) -> Path:
     return path
 
 
-def _predictions(settings: PipelineSettings, ws: Workspace, mode: str) -> list[str]:
-    model = stages.finetuned_model(settings, ws, mode)
-    queries = stages.load_split(ws, "queries")
+def _predictions(x: Experiment, mode: str) -> list[str]:
+    """The predicted label name of each query by the finetuned model of ``mode``."""
+    queries = x.split("queries")
     batch = torch.utils.data.default_collate([queries[i] for i in range(len(queries))])
     with torch.no_grad():
-        predicted = model(batch["tokens"]).argmax(dim=1).tolist()
-    return [LABELS[p] for p in predicted]
+        predicted = x.query_task.outputs(x.finetuned(mode), batch).argmax(dim=1).tolist()
+    return [x.label_names[p] for p in predicted]
 
 
 def build_report(settings: PipelineSettings, ws: Workspace, extra_tags: dict[str, str] | None = None) -> StageResult:
@@ -53,35 +48,38 @@ def build_report(settings: PipelineSettings, ws: Workspace, extra_tags: dict[str
     from influence.reports.tables import join_examples, ranked_rows
 
     result = StageResult("report")
+    x = Experiment.for_stage("report", settings, ws)
     with timed(result):
         verify_datasets(ws.root, ws.prepared, names=("pretrain", "finetune"))
-        out = ws.stage_dir("report")
+        out = x.out_dir()
         k = settings.attribution.top_k
-        pretrain_text = {r["id"]: {"text": r["text"], "label": ""} for r in read_table(ws.dataset("pretrain"))}
-        finetune_rows = {r["id"]: r for r in read_table(ws.dataset("finetune"))}
-        finetune_text = {i: {"text": r["text"], "label": LABELS[r["label"]]} for i, r in finetune_rows.items()}
-        query_ids = stages.load_split(ws, "queries").ids
-        train_ids = stages.load_split(ws, "train").ids
-        pretrain_ids = stages.load_split(ws, "pretrain").ids
-        predictions = {mode: _predictions(settings, ws, mode) for mode in settings.finetune.modes}
+        label = x.label_names
+        pretrain_text = {r["id"]: {"text": r["text"], "label": ""} for r in read_table(x.dataset_path("pretrain"))}
+        finetune_rows = {r["id"]: r for r in read_table(x.dataset_path("finetune"))}
+        finetune_text = {i: {"text": r["text"], "label": label[int(r["label"])]} for i, r in finetune_rows.items()}
+        query_ids = x.split("queries").ids
+        train_ids = x.split("train").ids
+        pretrain_ids = x.split("pretrain").ids
+        predictions = {mode: _predictions(x, mode) for mode in settings.finetune.modes}
         queries = {
-            qid: {"text": finetune_rows[qid]["text"], "label": LABELS[finetune_rows[qid]["label"]],
+            qid: {"text": finetune_rows[qid]["text"], "label": label[int(finetune_rows[qid]["label"])],
                   "prediction": ", ".join(f"{m}: {predictions[m][i]}" for m in settings.finetune.modes)}
             for i, qid in enumerate(query_ids)
         }
         all_rows: list[dict] = []
         loaded: dict[str, torch.Tensor] = {}  # "<title> (<mode>)" -> [Q, N], for the figures
         sections: dict[str, list[dict]] = {qid: [] for qid in query_ids}
-        for stage, source, title in SCORE_STAGES:
+        for row in SCORE_STAGES:
+            stage, source, title = row.name, row.source, row.title
             for mode in settings.finetune.modes:
-                scores = load_file(str(ws.artifacts / stage / f"{mode}.safetensors"))["scores"]
+                scores = x.scores(stage, mode)
                 loaded[f"{title} ({mode})"] = scores
                 ids, texts = (pretrain_ids, pretrain_text) if source == "pretraining" else (train_ids, finetune_text)
                 rows = join_examples(ranked_rows(scores, query_ids, ids, k=k, source=source, method=stage, mode=mode), texts, queries)
-                words = stages._load_json(ws.artifacts / "tracin_we" / f"{mode}_words.json") if stage == "tracin_we" else {}
+                words = x.read_json("tracin_we", f"{mode}_words.json") if stage == "tracin_we" else {}
                 _write_csv(rows, out / f"{stage}_{mode}.csv")
                 all_rows.extend(rows)
-                if stage not in IN_PAGE:
+                if not row.in_page:
                     continue
                 for qid in query_ids:
                     section_rows = []
@@ -93,12 +91,12 @@ def build_report(settings: PipelineSettings, ws: Workspace, extra_tags: dict[str
                     sections[qid].append({"title": f"{title} — {source} examples, embedding {mode}", "rows": section_rows})
         _write_csv(all_rows, out / "attributions.csv")
 
-        results = {s: StageResult.load(ws, s) for s in STAGES if (ws.artifacts / s / "result.json").is_file() and s != "report"}
+        results = {s: StageResult.load(ws, s) for s in NAMES if (ws.artifacts / s / "result.json").is_file() and s != "report"}
         deletion_rows = []
         for stage, data in (("deletion", "finetuning"), ("pretrain_deletion", "pretraining")):
             if stage not in results or results[stage].info.get("disabled"):
                 continue
-            for c in stages._load_json(ws.artifacts / stage / "deletion.json"):
+            for c in x.read_json(stage, "deletion.json"):
                 deletion_rows.append({
                     "data": data, "method": c["method"], "mode": settings.evaluation.mode, "removed": c["kind"],
                     "k": f"{c['k']} ({100 * c['fraction']:.1f}%)", "mean_top": c["mean_top"], "mean_random": c["mean_random"],
@@ -107,8 +105,8 @@ def build_report(settings: PipelineSettings, ws: Workspace, extra_tags: dict[str
                     "probability_random": c.get("extra_mean_random", float("nan")),
                     "passed": c["passed"],
                 })
-        evaluation = evaluation_sections(ws, results)
-        figures = write_figures(settings, ws, out / "figures", loaded)
+        evaluation = evaluation_sections(x, results)
+        figures = write_figures(x, results, out / "figures", loaded)
         hashes = dataset_hashes(ws.root)
         revision = git_revision(ws.root)
         version = data_version(ws.root)
@@ -124,7 +122,7 @@ def build_report(settings: PipelineSettings, ws: Workspace, extra_tags: dict[str
             "figures": [{"title": title, "caption": caption, "png": path.read_bytes()} for title, caption, path in figures],
             "queries": [{"id": q, **queries[q], "sections": sections[q]} for q in query_ids],
         })
-        (out / "report.html").write_text(html)
+        atomic_write(out / "report.html", html)
         tags = {"git_revision": revision, "settings_digest": settings.digest(),
                 "data_rev": version["rev"], "data_commit": version["commit"],
                 **{f"data.{name}.md5": h for name, h in hashes.items()}, **(extra_tags or {})}
@@ -138,11 +136,16 @@ def build_report(settings: PipelineSettings, ws: Workspace, extra_tags: dict[str
     return result
 
 
-def evaluation_sections(ws: Workspace, results: dict[str, StageResult]) -> list[dict]:
+def _ran(results: dict[str, StageResult], stage: str) -> bool:
+    """Whether ``stage`` ran in this workspace and was not turned off by its settings."""
+    return stage in results and not results[stage].info.get("disabled")
+
+
+def evaluation_sections(x: Experiment, results: dict[str, StageResult]) -> list[dict]:
     """The report's LDS and mislabel-detection sections (``[]`` for a stage that did not run)."""
     sections = []
-    if "lds" in results and not results["lds"].info.get("disabled"):
-        found = stages._load_json(ws.artifacts / "lds" / "lds.json")
+    if _ran(results, "lds"):
+        found = x.read_json("lds", "lds.json")
         rows = [{"method": m, "LDS": v["lds"], "per query": ", ".join(f"{x:.2f}" for x in v["per_query"])}
                 for m, v in found["methods"].items()]
         sections.append({
@@ -154,8 +157,8 @@ def evaluation_sections(ws: Workspace, results: dict[str, StageResult]) -> list[
                     "1 = the method ranks the subsets exactly as retraining does; 0 = no better than chance.",
             "rows": rows, "columns": ["method", "LDS", "per query"],
         })
-    if "mislabel" in results and not results["mislabel"].info.get("disabled"):
-        found = stages._load_json(ws.artifacts / "mislabel" / "mislabel.json")
+    if _ran(results, "mislabel"):
+        found = x.read_json("mislabel", "mislabel.json")
         curve = found["curve"]
         rows = []
         for share in (0.05, 0.1, 0.2, 0.3):
@@ -182,12 +185,14 @@ FIGURE_CAPTIONS = {
 }
 
 
-def write_figures(settings: PipelineSettings, ws: Workspace, folder: Path,
+def write_figures(x: Experiment, results: dict[str, StageResult], folder: Path,
                   scores: dict[str, torch.Tensor]) -> list[tuple[str, str, Path]]:
     """The report's PNG figures: score distributions, method agreement per mode, deletion and mislabel curves.
 
     Args:
-        scores: ``{"<title> (<mode>)": [Q, N]}`` every score matrix of :data:`SCORE_STAGES`.
+        x: the report stage's experiment.
+        results: every stage's result (a figure of a stage that did not run is left out).
+        scores: ``{"<title> (<mode>)": [Q, N]}`` every score matrix of the score stages.
 
     Returns:
         ``[(title, caption, path)]`` of the figures written (a figure whose stage did not run is left out).
@@ -197,21 +202,19 @@ def write_figures(settings: PipelineSettings, ws: Workspace, folder: Path,
     written = []
     scores = {name: values.double().numpy() for name, values in scores.items()}
     written.append((*FIGURE_CAPTIONS["scores"], figures.score_distribution(scores, folder / "scores.png")))
-    for mode in settings.finetune.modes:
-        same = {title: scores[f"{title} ({mode})"] for stage, source, title in SCORE_STAGES
-                if source == "finetuning" and f"{title} ({mode})" in scores}
+    for mode in x.settings.finetune.modes:
+        same = {row.title: scores[f"{row.title} ({mode})"] for row in SCORE_STAGES
+                if row.source == "finetuning" and f"{row.title} ({mode})" in scores}
         if len(same) >= 2:
             written.append((f"Agreement between methods (embedding {mode})",
                             "Spearman rank correlation between the methods' scores of the same (query, training example) pairs.",
                             figures.method_agreement(same, folder / f"agreement_{mode}.png")))
     for stage, name, data in (("deletion", "deletion", "finetuning"), ("pretrain_deletion", "deletion_pretraining", "pretraining")):
-        path = ws.artifacts / stage / "deletion.json"
-        if path.is_file() and not StageResult.load(ws, stage).info.get("disabled"):
+        if _ran(results, stage):
             title, caption = FIGURE_CAPTIONS["deletion"]
-            written.append((f"{title} ({data} data)", caption, figures.deletion_curves(stages._load_json(path), folder / f"{name}.png")))
-    mislabel = ws.artifacts / "mislabel" / "mislabel.json"
-    if mislabel.is_file() and not StageResult.load(ws, "mislabel").info.get("disabled"):
-        found = stages._load_json(mislabel)
+            written.append((f"{title} ({data} data)", caption, figures.deletion_curves(x.read_json(stage, "deletion.json"), folder / f"{name}.png")))
+    if _ran(results, "mislabel"):
+        found = x.read_json("mislabel", "mislabel.json")
         written.append((*FIGURE_CAPTIONS["mislabel"], figures.mislabel_curve(found["curve"], folder / "mislabel.png", label=found["method"])))
     return written
 

@@ -17,7 +17,10 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from flows.stage_table import CHECKED_METHODS, SCORE_STAGES
+
 PARAMS_FILE = "params.yaml"
+MethodName = Literal[CHECKED_METHODS]  # the finetuning score stages of flows/stage_table.py
 
 
 class SettingsError(ValueError):
@@ -104,9 +107,10 @@ class EvaluationSettings(_Section):
 
     enabled: bool = Field(True, title="Case deletion", description="Retrain without the top proponents and compare with random removals.")
     mode: Literal["fixed", "updated"] = Field("updated", title="Mode checked", description="Which finetuned model is retrained.")
-    methods: list[Literal["if", "tracin_we", "tracin_last", "grad_cos"]] = Field(
-        ["if", "tracin_we", "tracin_last", "grad_cos"], min_length=1, title="Methods checked",
-        description="Whose top proponents (opponents) are removed: 'if' (influence function), 'tracin_we' (TracIn-WE), 'tracin_last' (last-layer TracIn), 'grad_cos' (gradient cosine); each is compared with random removals.",
+    methods: list[MethodName] = Field(  # type: ignore[valid-type]
+        list(CHECKED_METHODS), min_length=1, title="Methods checked",
+        description="Whose top proponents (opponents) are removed, each compared with random removals: "
+                    + ", ".join(f"'{row.method}' ({row.title})" for row in SCORE_STAGES if row.source == "finetuning") + ".",
     )
     queries: int = Field(8, ge=1, le=50, title="Queries", description="How many of the explained queries are checked.")
     k_fractions: list[float] = Field(
@@ -219,7 +223,9 @@ def load_settings(path: str | Path = PARAMS_FILE) -> PipelineSettings:
 
 def write_settings(settings: PipelineSettings, path: str | Path) -> None:
     """Write settings as ``params.yaml`` (sections in declaration order)."""
-    Path(path).write_text(yaml.safe_dump(settings.model_dump(mode="json"), sort_keys=False))
+    from influence.storage import atomic_write
+
+    atomic_write(path, yaml.safe_dump(settings.model_dump(mode="json"), sort_keys=False))
 
 
 def settings_table() -> str:

@@ -1,17 +1,26 @@
-"""Skip a stage whose inputs did not change since it last completed in this workspace.
+"""Skip a stage whose inputs did not change; bring back the outputs of earlier inputs when they return.
 
-A stage's *fingerprint* is the sha256 of what it reads:
+A stage's *fingerprint* is the sha256 of what it reads, all of it from its row of the stage table:
 
-- its settings: the parameters ``dvc.yaml`` lists for it (the same declaration ``dvc repro`` uses);
-- the code version: every ``*.py`` file of ``influence/`` and ``flows/`` (any code change re-runs);
-- its data: the md5 of each dataset it reads (the hashes DVC records), for stages whose
-  ``dvc.yaml`` dependencies are data files;
-- the fingerprints of the stages whose outputs it reads (``artifacts/<stage>`` dependencies), so a
-  change anywhere upstream reaches every stage below it.
+- its settings: the values of the ``params`` it declares (a stage cannot read others, see
+  :mod:`flows.declared`);
+- its code: the code it runs, function by function inside :mod:`flows` and module by module in
+  :mod:`influence` (:mod:`flows.code_deps`), so editing the report re-runs only the report;
+- its data: the md5 of each prepared dataset it declares;
+- the fingerprints of the stages whose outputs it reads (its ``inputs``), so a change anywhere
+  upstream reaches every stage below it.
 
-A completed stage stores its fingerprint in ``artifacts/<stage>/result.json``. The next run skips
-the stage when the stored fingerprint equals the new one and every output it lists still exists.
-The ``report`` stage is never skipped: each pipeline run gets its own MLflow run.
+A completed stage stores its fingerprint in ``artifacts/<stage>/result.json``; a stage that starts
+removes that file first, so a killed run never leaves a result that claims its outputs. The next
+run skips the stage when the stored fingerprint equals the new one and its outputs exist.
+
+Past versions: each completed stage's folder is also kept under ``artifacts/.stages/<stage>/<fp>/``
+(hard links: no copy until a file is replaced, which every writer of the pipeline does atomically),
+the :data:`KEPT_VERSIONS` most recently used per stage. When a stage's fingerprint matches a kept
+version, that version is linked back into ``artifacts/<stage>`` instead of recomputing it: going
+from settings A to B and back to A recomputes nothing the second time. The ``data`` stage (whose
+versions DVC keeps) and the ``report`` stage (never skipped: each run gets its own MLflow run) are
+not kept.
 """
 
 from __future__ import annotations
@@ -19,39 +28,21 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
+import shutil
+import time
 from collections.abc import Callable
 from pathlib import Path
 
-import yaml
-
+from flows.code_deps import files_digest, function_closure
 from flows.settings import PipelineSettings
+from flows.stage_table import stage as table_row
 from flows.workspace import StageResult, Workspace
 
 NEVER_SKIPPED = ("report",)
-CODE_PACKAGES = ("influence", "flows")
+NOT_KEPT = ("data", "report")
+KEPT_VERSIONS = 3
 log = logging.getLogger(__name__)
-
-
-def stage_spec(root: Path, stage: str) -> dict:
-    """The ``dvc.yaml`` entry of ``stage`` (``deps``, ``params``, ``outs``).
-
-    Raises:
-        KeyError: ``dvc.yaml`` has no such stage (the message lists the stages it has).
-    """
-    stages = (yaml.safe_load((root / "dvc.yaml").read_text()) or {}).get("stages", {})
-    if stage not in stages:
-        raise KeyError(f"stage {stage!r} is not in {root / 'dvc.yaml'}; it has {sorted(stages)}")
-    return stages[stage]
-
-
-def code_version(root: Path) -> str:
-    """sha256 over the path and bytes of every ``*.py`` file of the project's packages."""
-    digest = hashlib.sha256()
-    for package in CODE_PACKAGES:
-        for path in sorted((root / package).rglob("*.py")):
-            digest.update(str(path.relative_to(root)).encode())
-            digest.update(path.read_bytes())
-    return digest.hexdigest()
 
 
 def _param(values: dict, dotted: str):
@@ -61,38 +52,44 @@ def _param(values: dict, dotted: str):
     return node
 
 
-def fingerprint(stage: str, settings: PipelineSettings, ws: Workspace, data_hashes: dict[str, str]) -> str:
+def stage_code(stage: str) -> dict[str, str]:
+    """``{function or file: sha256}`` of the code ``stage`` runs (see :mod:`flows.code_deps`)."""
+    from flows import stages
+
+    row = table_row(stage)
+    if row.score is not None:
+        entries = [stages.score_stage, row.score]
+    else:
+        import importlib
+
+        module, function = row.entry.split(":")
+        entries = [getattr(importlib.import_module(module), function)]
+    functions, modules = function_closure(entries)
+    return {**functions, **files_digest(modules)}
+
+
+def fingerprint(stage: str, settings: PipelineSettings, ws: Workspace) -> str:
     """The fingerprint of ``stage``'s inputs (see the module docstring).
 
-    Args:
-        stage: a stage of ``dvc.yaml``.
-        settings: the run's settings.
-        ws: the workspace; upstream stages' fingerprints are read from their ``result.json``.
-        data_hashes: ``{dataset name: md5}`` of the data this run uses.
-
     Returns:
-        a 64-character hex digest; ``""`` when an upstream stage has no recorded fingerprint (the
-        stage then runs).
+        a 64-character hex digest; ``""`` when an input stage has no recorded fingerprint (the stage then runs).
     """
-    spec = stage_spec(ws.root, stage)
+    from flows.versioning import md5_file
+
+    row = table_row(stage)
     values = settings.model_dump(mode="json")
     inputs: dict = {
         "stage": stage,
-        "params": {name: _param(values, name) for name in spec.get("params", [])},
-        "code": code_version(ws.root),
-        "data": {},
+        "params": {name: _param(values, name) for name in row.params},
+        "code": stage_code(stage),
+        "data": {name: md5_file(ws.dataset(name)) if ws.dataset(name).is_file() else "" for name in row.data},
         "upstream": {},
     }
-    for dep in spec.get("deps", []):
-        parts = Path(dep).parts
-        if parts[:2] == ("data", "prepared"):
-            name = Path(dep).stem
-            inputs["data"][name] = data_hashes.get(name, "")
-        elif parts[0] == "artifacts":
-            upstream = recorded_fingerprint(ws, parts[1])
-            if not upstream:
-                return ""
-            inputs["upstream"][parts[1]] = upstream
+    for dep in row.inputs:
+        upstream = recorded_fingerprint(ws, dep)
+        if not upstream:
+            return ""
+        inputs["upstream"][dep] = upstream
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
 
 
@@ -107,6 +104,13 @@ def recorded_fingerprint(ws: Workspace, stage: str) -> str:
         return ""
 
 
+def _outputs_exist(ws: Workspace, result: StageResult) -> bool:
+    missing = [p for p in result.outputs.values() if not (ws.root / p).exists()]
+    if missing:
+        log.info("stage %s: outputs %s are missing; running it again", result.stage, missing)
+    return not missing
+
+
 def completed(ws: Workspace, stage: str, fp: str, valid: Callable[[], bool] | None = None) -> StageResult | None:
     """The stored result of ``stage`` when it completed with fingerprint ``fp`` and its outputs exist.
 
@@ -119,10 +123,61 @@ def completed(ws: Workspace, stage: str, fp: str, valid: Callable[[], bool] | No
         log.info("stage %s: its outputs changed since it ran; running it again", stage)
         return None
     result = StageResult.load(ws, stage)
-    missing = [p for p in result.outputs.values() if not (ws.root / p).exists()]
-    if missing:
-        log.info("stage %s: outputs %s are missing; running it again", stage, missing)
+    return result if _outputs_exist(ws, result) else None
+
+
+def versions_dir(ws: Workspace, stage: str) -> Path:
+    """``artifacts/.stages/<stage>``: the kept versions of a stage's outputs."""
+    return ws.artifacts / ".stages" / stage
+
+
+def _link_tree(source: Path, target: Path) -> None:
+    """``target`` as a copy of the folder ``source`` made of hard links (copies where links fail)."""
+    for path in sorted(source.rglob("*")):
+        dest = target / path.relative_to(source)
+        if path.is_dir():
+            dest.mkdir(parents=True, exist_ok=True)
+            continue
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(path, dest)
+        except OSError:
+            shutil.copy2(path, dest)
+
+
+def keep(ws: Workspace, stage: str, fp: str) -> None:
+    """Keep the outputs of ``stage`` (completed with fingerprint ``fp``) as a past version; drop the oldest."""
+    if stage in NOT_KEPT or not fp:
+        return
+    versions = versions_dir(ws, stage)
+    target = versions / fp[:32]
+    partial = versions / f".{fp[:32]}.partial-{os.getpid()}"
+    shutil.rmtree(partial, ignore_errors=True)
+    _link_tree(ws.artifacts / stage, partial)
+    shutil.rmtree(target, ignore_errors=True)
+    partial.rename(target)
+    old = sorted((p for p in versions.iterdir() if p.is_dir() and not p.name.startswith(".")),
+                 key=lambda p: p.stat().st_mtime, reverse=True)
+    for path in old[KEPT_VERSIONS:]:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def restore(ws: Workspace, stage: str, fp: str) -> StageResult | None:
+    """Link the kept version of ``stage`` with fingerprint ``fp`` back into ``artifacts/<stage>``; its result."""
+    if not fp or stage in NOT_KEPT:
         return None
+    source = versions_dir(ws, stage) / fp[:32]
+    if not (source / "result.json").is_file():
+        return None
+    current = ws.artifacts / stage
+    shutil.rmtree(current, ignore_errors=True)
+    _link_tree(source, current)
+    now = time.time()
+    os.utime(source, (now, now))  # most recently used
+    result = StageResult.load(ws, stage)
+    if result.info.get("fingerprint") != fp or not _outputs_exist(ws, result):
+        return None
+    log.info("stage %s: restored the outputs of fingerprint %s", stage, fp[:12])
     return result
 
 
@@ -131,30 +186,37 @@ def run_or_skip(
     run: Callable[[], StageResult],
     settings: PipelineSettings,
     ws: Workspace,
-    data_hashes: dict[str, str],
     force: bool = False,
     valid: Callable[[], bool] | None = None,
-) -> tuple[StageResult, bool]:
-    """Run ``stage`` unless a completed run with the same inputs is on disk.
+) -> tuple[StageResult, str]:
+    """Run ``stage`` unless a completed run with the same inputs is on disk or kept.
 
     Args:
         stage: the stage's name.
         run: runs the stage and returns its result (which it saves).
         settings: the run's settings.
         ws: the workspace.
-        data_hashes: ``{dataset: md5}`` of the data this run uses.
         force: run even when the inputs are unchanged.
         valid: a further check that the stored outputs are still those the stage wrote.
 
     Returns:
-        ``(result, skipped)``; a run's result is saved again with its fingerprint in ``info``.
+        ``(result, how)`` with ``how`` one of ``"ran"``, ``"skipped"`` (outputs in place) and
+        ``"restored"`` (a kept version linked back); a run's result is saved with its fingerprint.
     """
-    fp = fingerprint(stage, settings, ws, data_hashes)
+    fp = fingerprint(stage, settings, ws)
     if not force:
         done = completed(ws, stage, fp, valid)
         if done is not None:
-            return done, True
+            return done, "skipped"
+        kept = restore(ws, stage, fp) if valid is None else None
+        if kept is not None:
+            return kept, "restored"
+    (ws.artifacts / stage / "result.json").unlink(missing_ok=True)  # no result may claim outputs being rewritten
     result = run()
     result.info["fingerprint"] = fp
     result.save(ws)
-    return result, False
+    keep(ws, stage, fp)
+    return result, "ran"
+
+
+__all__ = ["completed", "fingerprint", "keep", "recorded_fingerprint", "restore", "run_or_skip", "stage_code"]

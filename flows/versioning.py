@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from flows.settings import PipelineSettings
 
 from influence.exceptions import DataError
-from influence.storage import file_digest
+from influence.storage import atomic_write, file_digest
 
 DATASETS = ("pretrain", "finetune", "mnist")
 DATA_STAGE = "data"
@@ -80,7 +80,7 @@ def _record_data_params(root: Path, settings: "PipelineSettings") -> None:
         return
     logging.getLogger(__name__).warning("recording the data parameters of this run in %s: %s", path, used)
     section.update(used)
-    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    atomic_write(path, yaml.safe_dump(raw, sort_keys=False))
 
 
 def _lock_hashes(text: str, where: str) -> dict[str, str]:
@@ -171,7 +171,7 @@ def checkout_data_revision(root: Path, rev: str, prepared: Path) -> dict[str, ob
         if md5_file(path) != md5:
             raise DataError(f"{path} fetched for data_rev {rev!r} has md5 {md5_file(path)}, expected {md5}")
     version = {"rev": rev, "commit": commit, "hashes": hashes}
-    data_revision_marker(root).write_text(json.dumps(version, indent=1, sort_keys=True))
+    atomic_write(data_revision_marker(root), json.dumps(version, indent=1, sort_keys=True))
     return version
 
 

@@ -1,4 +1,7 @@
-"""Where each stage reads and writes, relative to the project folder, and stage results on disk."""
+"""Where each stage reads and writes, relative to the project folder, and stage results on disk.
+
+The stages themselves are listed in :mod:`flows.stage_table`.
+"""
 
 from __future__ import annotations
 
@@ -8,11 +11,6 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
-
-STAGES = (
-    "data", "features", "pretrain", "finetune", "gradients", "influence", "multistage", "tracin_we", "tracin_last",
-    "grad_cos", "deletion", "pretrain_deletion", "lds", "mislabel", "report",
-)
 
 
 @dataclass(frozen=True)
@@ -53,9 +51,10 @@ class StageResult:
     info: dict[str, Any] = field(default_factory=dict)
 
     def save(self, workspace: Workspace) -> Path:
-        path = workspace.stage_dir(self.stage) / "result.json"
-        path.write_text(json.dumps(asdict(self), indent=2, sort_keys=True))
-        return path
+        """Write ``artifacts/<stage>/result.json`` (atomically)."""
+        from influence.storage import atomic_write
+
+        return atomic_write(workspace.stage_dir(self.stage) / "result.json", json.dumps(asdict(self), indent=2, sort_keys=True))
 
     @classmethod
     def load(cls, workspace: Workspace, stage: str) -> "StageResult":

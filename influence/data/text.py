@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from influence.exceptions import DataError, invalid
+from influence.storage import atomic_write
 from influence.validation import check_positive_int
 
 __all__ = ["PAD", "PAD_TOKEN", "UNK", "UNK_TOKEN", "Vocabulary", "tokenize"]
@@ -159,7 +160,7 @@ class Vocabulary:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         text = json.dumps({"words": self._words}, ensure_ascii=False, indent=0)
-        path.write_text(text + "\n", encoding="utf-8")
+        atomic_write(path, text + "\n")
 
     @classmethod
     def from_json(cls, path: Path) -> "Vocabulary":

@@ -185,7 +185,8 @@ class GradientCache:
                 self.folder.put(self.shard_name(index), save_safetensors({TENSOR_KEY: shard}), rows=int(shard.shape[0]))
             if on_shard is not None:
                 on_shard(index + 1, total)
-        self.folder.finish()
+        if not self.folder.manifest.get("complete"):
+            self.folder.finish()
         return self
 
     def _read_shard(self, index: int) -> Tensor:

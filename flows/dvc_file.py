@@ -1,0 +1,109 @@
+"""``dvc.yaml`` made from the stage table, and ``dvc.lock`` kept true by the Prefect flow.
+
+:func:`dvc_yaml` renders ``dvc.yaml`` from :mod:`flows.stage_table`: each stage's command (the CLI's
+``stage`` entry, the same functions the flow runs), its parameters, its dependencies (the datasets
+and the outputs of the stages it reads, and the source files of the code it runs, from
+:mod:`flows.code_deps`) and its outputs. ``python -m flows.cli dvc-yaml`` writes it; a test checks
+that the committed file is the rendered one.
+
+Outputs under ``artifacts/`` are ``cache: false``: DVC records their hashes in ``dvc.lock`` (so
+``dvc status`` tells whether they are current) without a second copy in its cache; the pipeline
+keeps past versions of them itself (:mod:`flows.stage_cache`). The prepared data are cached and
+pushed, as DVC-versioned data.
+
+:func:`record_stages` is the flow's side of one bookkeeping: after a flow run, ``dvc commit``
+records every stage it ran or found current, so ``dvc status`` reports nothing changed, except
+for the stages run with settings that differ from ``params.yaml`` (``--set`` or the UI form), which
+``dvc status`` rightly reports as changed (``dvc repro`` would recompute them from the file).
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from flows.code_deps import code_files
+from flows.stage_table import STAGES, Stage
+
+HEADER = (
+    "# Generated from flows/stage_table.py by `python -m flows.cli dvc-yaml`; do not edit by hand.\n"
+    "# Each stage runs the same entry point as the Prefect flow's task (`python -m flows.cli stage NAME`).\n"
+    "# Run from the project folder with the project's virtual environment on PATH.\n"
+)
+
+
+def _entries(row: Stage) -> list[Any]:
+    from flows import stages
+
+    if row.score is not None:
+        return [stages.score_stage, row.score]
+    module, function = row.entry.split(":")
+    return [getattr(importlib.import_module(module), function)]
+
+
+def stage_entry(row: Stage) -> dict[str, Any]:
+    """The ``dvc.yaml`` entry of one row."""
+    deps = [f"data/prepared/{name}.csv" for name in row.data]
+    deps += [out for dep in row.inputs for out in _row(dep).outs]
+    deps += code_files(_entries(row))
+    outs: list[Any] = [out if out.startswith("data/") else {out: {"cache": False}} for out in row.outs]
+    entry: dict[str, Any] = {"cmd": f"python -m flows.cli stage {row.name}", "deps": deps}
+    if row.params:
+        entry["params"] = list(row.params)
+    entry["outs"] = outs
+    return entry
+
+
+def _row(name: str) -> Stage:
+    from flows.stage_table import stage
+
+    return stage(name)
+
+
+def dvc_yaml() -> str:
+    """The text of ``dvc.yaml``."""
+    stages = {row.name: stage_entry(row) for row in STAGES}
+    return HEADER + yaml.safe_dump({"stages": stages}, sort_keys=False, width=120)
+
+
+def write_dvc_yaml(root: Path) -> Path:
+    """Write ``<root>/dvc.yaml`` from the table."""
+    from influence.storage import atomic_write
+
+    return atomic_write(Path(root) / "dvc.yaml", dvc_yaml())
+
+
+def _value(values: dict, dotted: str) -> Any:
+    node: Any = values
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def matching_params(root: Path, settings: Any, names: list[str]) -> list[str]:
+    """The stages among ``names`` whose declared settings equal those of ``<root>/params.yaml``."""
+    from flows.settings import PARAMS_FILE, load_settings
+
+    path = Path(root) / PARAMS_FILE
+    if not path.is_file():
+        return []
+    written, used = load_settings(path).model_dump(mode="json"), settings.model_dump(mode="json")
+    return [n for n in names if all(_value(written, p) == _value(used, p) for p in _row(n).params)]
+
+
+def record_stages(root: Path, settings: Any, names: list[str]) -> list[str]:
+    """``dvc commit`` the stages among ``names`` run with ``params.yaml``'s settings; the stages recorded."""
+    from flows.versioning import run_dvc
+
+    recorded = matching_params(root, settings, [n for n in names if n != "data"])
+    if recorded:
+        run_dvc(Path(root), "commit", "--force", *recorded)
+    return recorded
+
+
+__all__ = ["dvc_yaml", "matching_params", "record_stages", "stage_entry", "write_dvc_yaml"]

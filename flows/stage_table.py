@@ -1,0 +1,190 @@
+"""The one table of the pipeline's stages: every list of stages anywhere is derived from it.
+
+A row names a stage, the settings it reads (``params``: sections or ``section.field``), the stages
+whose outputs it reads (``inputs``), the prepared datasets it reads (``data``), where it runs
+(``pool``: ``cpu``, or ``gpu`` for the stages of the ``attribution`` flow), and for an attribution
+method its name in ``evaluation.methods`` (``method``), the examples it scores (``source``) and its
+title in the report. From the table come: the stage order (:data:`NAMES`), the CLI's choices, the
+Prefect tasks, the GPU flow, the methods the settings accept, the report's score tables, the
+retraining stages, ``dvc.yaml`` (:mod:`flows.dvc_file`) and each stage's input fingerprint
+(:mod:`flows.stage_cache`).
+
+The table is enforced, not trusted: a stage reading a setting, a stage's output or a dataset that
+its row does not list fails at once, naming what to add (:mod:`flows.experiment`).
+
+Adding an attribution method is one library function, one row here with a ``score`` callable
+``(experiment, mode) -> [n_query, n_train]`` (the choice in ``evaluation.methods`` follows), and
+``dvc.yaml`` regenerated (``python -m flows.cli dvc-yaml``); README, "Adding a method", shows it.
+This module imports nothing heavy: the settings model reads the method names from it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+ALL_SECTIONS = ("seed", "data", "pretrain", "finetune", "attribution", "evaluation", "tracking")
+SCORE_INPUTS = ("features", "pretrain", "finetune")
+SCORE_PARAMS = ("seed", "finetune.modes", "attribution.measurement", "attribution.device")
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage of the pipeline.
+
+    Attributes:
+        name: the stage's name (its folder ``artifacts/<name>``, its task, its ``dvc.yaml`` entry).
+        params: the settings it reads: whole sections (``"finetune"``) or fields (``"attribution.solver"``).
+        inputs: stages whose outputs it reads.
+        data: prepared datasets it reads (``data/prepared/<name>.csv``).
+        pool: ``"cpu"`` or ``"gpu"`` (the ``attribution`` flow, on the ``gpu`` work pool).
+        run: ``"module:function"`` that runs it, ``(settings, workspace) -> StageResult``; default
+            ``flows.stages:<name>``, or ``flows.stages:score_stage`` when ``score`` is given.
+        score: for an attribution method run per embedding mode: ``(experiment, mode) -> [Q, N]``.
+        method: its name among ``evaluation.methods`` (case deletion, LDS), for score stages.
+        source: ``"finetuning"`` or ``"pretraining"``: which examples its scores rank.
+        title: the method's name in the report.
+        in_page: each query's section of the HTML report shows its top examples (all are in the CSVs).
+        retrains: ``"finetune"`` or ``"pretrain"``: the stage retrains (the Prefect flow runs its
+            retrainings first as parallel tasks); the scope says which training is re-run.
+        enabled: the setting that turns the stage on (``None``: always on); off, it records a
+            ``disabled`` result and nothing else.
+        outputs: its ``dvc.yaml`` outputs (default ``artifacts/<name>``).
+    """
+
+    name: str
+    params: tuple[str, ...]
+    inputs: tuple[str, ...] = ()
+    data: tuple[str, ...] = ()
+    pool: Literal["cpu", "gpu"] = "cpu"
+    run: str = ""
+    score: Callable[[Any, str], Any] | None = None
+    method: str | None = None
+    source: Literal["finetuning", "pretraining"] | None = None
+    title: str | None = None
+    in_page: bool = False
+    retrains: Literal["finetune", "pretrain"] | None = None
+    enabled: Callable[[Any], bool] | None = None
+    outputs: tuple[str, ...] = ()
+
+    @property
+    def entry(self) -> str:
+        """``module:function`` that runs the stage."""
+        return self.run or ("flows.stages:score_stage" if self.score is not None else f"flows.stages:{self.name}")
+
+    @property
+    def outs(self) -> tuple[str, ...]:
+        return self.outputs or (f"artifacts/{self.name}",)
+
+    def is_enabled(self, settings: Any) -> bool:
+        return self.enabled is None or bool(self.enabled(settings))
+
+
+def _attribute(x: Any, mode: str, **options: Any) -> Any:
+    """``influence.attribute`` of the experiment's queries against its finetuning train split, in ``mode``."""
+    from influence.api import attribute
+
+    return attribute(x.query_task, x.finetuned(mode), x.split("train"), x.split("queries"), device=x.device, **options)
+
+
+STAGES: tuple[Stage, ...] = (
+    Stage("data", params=("data.split_seed", "data.train_fraction", "data.validation_fraction"),
+          outputs=("data/prepared/pretrain.csv", "data/prepared/finetune.csv", "data/prepared/mnist.csv")),
+    Stage("features", params=("seed", "data", "attribution.queries"), data=("pretrain", "finetune")),
+    Stage("pretrain", params=("seed", "pretrain"), inputs=("features",)),
+    Stage("finetune", params=("seed", "finetune"), inputs=("features", "pretrain")),
+    Stage("gradients", params=(*SCORE_PARAMS, "attribution.if_params"), inputs=SCORE_INPUTS, pool="gpu"),
+    Stage("influence", params=(*SCORE_PARAMS, "finetune.l2", "finetune.alpha", "attribution"),
+          inputs=(*SCORE_INPUTS, "gradients"), pool="gpu", method="if", source="finetuning",
+          title="influence function", in_page=True),
+    Stage("multistage", params=(*SCORE_PARAMS, "finetune.l2", "finetune.alpha", "pretrain.l2", "attribution"),
+          inputs=SCORE_INPUTS, pool="gpu", method="multistage", source="pretraining",
+          title="multi-stage influence", in_page=True),
+    Stage("tracin_we", params=(*SCORE_PARAMS, "attribution.top_k"), inputs=SCORE_INPUTS, pool="gpu",
+          method="tracin_we", source="finetuning", title="TracIn-WE", in_page=True),
+    Stage("tracin_last", params=SCORE_PARAMS, inputs=SCORE_INPUTS, pool="gpu", method="tracin_last",
+          source="finetuning", title="last-layer TracIn",
+          score=lambda x, mode: _attribute(x, mode, method="tracin", params="last", checkpoints=x.checkpoints(mode),
+                                           batch_size=512)),
+    Stage("grad_cos", params=(*SCORE_PARAMS, "attribution.if_params"), inputs=SCORE_INPUTS, pool="gpu",
+          method="grad_cos", source="finetuning", title="gradient cosine",
+          score=lambda x, mode: _attribute(x, mode, method="grad_cos", params=list(x.settings.attribution.if_params),
+                                           batch_size=512)),
+    Stage("deletion", params=("seed", "finetune", "evaluation"),
+          inputs=("features", "pretrain", "finetune", "influence", "tracin_we", "tracin_last", "grad_cos"),
+          retrains="finetune", enabled=lambda s: s.evaluation.enabled),
+    Stage("pretrain_deletion", params=("seed", "pretrain", "finetune", "evaluation"),
+          inputs=("features", "pretrain", "finetune", "multistage"), retrains="pretrain",
+          enabled=lambda s: s.evaluation.pretrain_deletion),
+    Stage("lds", params=("seed", "finetune", "evaluation"),
+          inputs=("features", "pretrain", "finetune", "influence", "tracin_we", "tracin_last", "grad_cos"),
+          retrains="finetune", enabled=lambda s: s.evaluation.lds),
+    Stage("mislabel", params=("seed", "finetune", "evaluation", "attribution"), inputs=("features", "pretrain"),
+          enabled=lambda s: s.evaluation.mislabel_fraction > 0),
+    Stage("report", params=ALL_SECTIONS, data=("pretrain", "finetune"), run="flows.report:build_report",
+          inputs=("features", "pretrain", "finetune", "influence", "multistage", "tracin_we", "tracin_last", "grad_cos",
+                  "deletion", "pretrain_deletion", "lds", "mislabel")),
+)
+
+NAMES: tuple[str, ...] = tuple(row.name for row in STAGES)
+BY_NAME: dict[str, Stage] = {row.name: row for row in STAGES}
+GPU_STAGES: tuple[str, ...] = tuple(row.name for row in STAGES if row.pool == "gpu")
+SCORE_STAGES: tuple[Stage, ...] = tuple(row for row in STAGES if row.method is not None)
+# the methods whose finetuning scores the evidence stages check (evaluation.methods accepts these)
+CHECKED_METHODS: tuple[str, ...] = tuple(row.method for row in SCORE_STAGES if row.source == "finetuning")
+METHOD_STAGES: dict[str, str] = {row.method: row.name for row in SCORE_STAGES}
+RETRAINING_STAGES: dict[str, str] = {row.name: row.retrains for row in STAGES if row.retrains}
+
+
+def stage(name: str) -> Stage:
+    """The row of stage ``name``.
+
+    Raises:
+        KeyError: no such stage (the message lists the stages).
+    """
+    if name not in BY_NAME:
+        raise KeyError(f"no stage {name!r}; the stages are {list(NAMES)}")
+    return BY_NAME[name]
+
+
+def upstream(name: str) -> list[str]:
+    """Every stage ``name`` reads from, directly or not, in table order."""
+    seen: set[str] = set()
+    todo = list(stage(name).inputs)
+    while todo:
+        current = todo.pop()
+        if current not in seen:
+            seen.add(current)
+            todo.extend(stage(current).inputs)
+    return [n for n in NAMES if n in seen]
+
+
+def check_table() -> None:
+    """Refuse a table whose rows contradict each other (run by the tests and by ``cli check``).
+
+    Raises:
+        ValueError: naming the row and the problem.
+    """
+    problems = []
+    for index, row in enumerate(STAGES):
+        for dep in row.inputs:
+            if dep not in BY_NAME or NAMES.index(dep) >= index:
+                problems.append(f"{row.name}: input {dep!r} is not a stage listed before it")
+        for param in row.params:
+            if param.split(".")[0] not in ALL_SECTIONS:
+                problems.append(f"{row.name}: param {param!r} is not in a section of the settings {ALL_SECTIONS}")
+        if (row.method is None) != (row.source is None) or (row.method is None) != (row.title is None):
+            problems.append(f"{row.name}: method, source and title go together")
+        if row.score is not None and row.method is None:
+            problems.append(f"{row.name}: a score stage needs a method name")
+    if len(set(NAMES)) != len(NAMES) or len(set(METHOD_STAGES)) != len(SCORE_STAGES):
+        problems.append("stage and method names must be distinct")
+    if problems:
+        raise ValueError("flows/stage_table.py: " + "; ".join(problems))
+
+
+__all__ = [
+    "BY_NAME", "CHECKED_METHODS", "GPU_STAGES", "METHOD_STAGES", "NAMES", "RETRAINING_STAGES", "SCORE_STAGES",
+    "STAGES", "Stage", "check_table", "stage", "upstream",
+]
