@@ -50,9 +50,8 @@ def _settings(args: argparse.Namespace):
     return settings, SettingsError
 
 
-def main(argv: list[str] | None = None) -> int:
-    for key, value in QUIET_ENV.items():
-        os.environ.setdefault(key, value)
+def build_parser() -> argparse.ArgumentParser:
+    """The command line's parser (the stage names come from the stage table)."""
     parser = argparse.ArgumentParser(prog="influence-pipeline", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run the whole pipeline as a Prefect flow")
@@ -63,7 +62,13 @@ def main(argv: list[str] | None = None) -> int:
     for p in (run, stage, check, dvc):
         p.add_argument("--params", default="params.yaml", help="settings file (default: params.yaml)")
         p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE", help="override one setting")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    for key, value in QUIET_ENV.items():
+        os.environ.setdefault(key, value)
+    args = build_parser().parse_args(argv)
 
     from flows.settings import SettingsError
 

@@ -56,7 +56,7 @@ def _restricted(model: BaseModel, stage: str, prefix: str, declared: set[str]) -
         value = getattr(model, name)
         if dotted in declared:
             values[name] = value
-        elif isinstance(value, BaseModel) and any(d.startswith(dotted + ".") for d in declared):
+        elif isinstance(value, BaseModel):
             values[name] = _restricted(value, stage, dotted + ".", declared)
         else:
             values[name] = Undeclared(stage, dotted)

@@ -10,9 +10,13 @@ A stage's *fingerprint* is the sha256 of what it reads, all of it from its row o
 - the fingerprints of the stages whose outputs it reads (its ``inputs``), so a change anywhere
   upstream reaches every stage below it.
 
-A completed stage stores its fingerprint in ``artifacts/<stage>/result.json``; a stage that starts
-removes that file first, so a killed run never leaves a result that claims its outputs. The next
-run skips the stage when the stored fingerprint equals the new one and its outputs exist.
+A completed stage stores its fingerprint in ``artifacts/<stage>/result.json``. The next run skips
+the stage when the stored fingerprint equals the new one and its outputs exist. A stage that
+starts writes its fingerprint to ``artifacts/<stage>/.running`` and removes ``result.json``, so a
+killed run never leaves a result that claims its outputs; when it starts again with the same
+fingerprint it resumes from what the killed run left (checkpoints, gradient shards), and with
+another fingerprint it starts from an empty folder, so nothing computed from other inputs (or by
+other code) is reused.
 
 Past versions: each completed stage's folder is also kept under ``artifacts/.stages/<stage>/<fp>/``
 (hard links: no copy until a file is replaced, which every writer of the pipeline does atomically),
@@ -42,6 +46,7 @@ from flows.workspace import StageResult, Workspace
 NEVER_SKIPPED = ("report",)
 NOT_KEPT = ("data", "report")
 KEPT_VERSIONS = 3
+RUNNING = ".running"
 log = logging.getLogger(__name__)
 
 
@@ -211,12 +216,27 @@ def run_or_skip(
         kept = restore(ws, stage, fp) if valid is None else None
         if kept is not None:
             return kept, "restored"
-    (ws.artifacts / stage / "result.json").unlink(missing_ok=True)  # no result may claim outputs being rewritten
+    _start(ws, stage, fp)
     result = run()
     result.info["fingerprint"] = fp
     result.save(ws)
+    (ws.artifacts / stage / RUNNING).unlink(missing_ok=True)
     keep(ws, stage, fp)
     return result, "ran"
+
+
+def _start(ws: Workspace, stage: str, fp: str) -> None:
+    """Prepare ``artifacts/<stage>`` for a run with fingerprint ``fp``: resume the killed run of the same
+    fingerprint, else empty the folder (its files stay in the kept versions that link them)."""
+    from influence.storage import atomic_write
+
+    folder = ws.artifacts / stage
+    marker = folder / RUNNING
+    resuming = bool(fp) and marker.is_file() and marker.read_text() == fp
+    (folder / "result.json").unlink(missing_ok=True)
+    if not resuming and folder.is_dir():
+        shutil.rmtree(folder)
+    atomic_write(marker, fp)
 
 
 __all__ = ["completed", "fingerprint", "keep", "recorded_fingerprint", "restore", "run_or_skip", "stage_code"]

@@ -21,10 +21,13 @@ This module imports nothing heavy: the settings model reads the method names fro
 from __future__ import annotations
 
 from collections.abc import Callable
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Literal
 
 ALL_SECTIONS = ("seed", "data", "pretrain", "finetune", "attribution", "evaluation", "tracking")
+CHECKED = "<every finetuning score stage>"  # in inputs: the score stages whose methods evaluation.methods may name
+SCORED = "<every score stage>"  # in inputs: every score stage
 SCORE_INPUTS = ("features", "pretrain", "finetune")
 SCORE_PARAMS = ("seed", "finetune.modes", "attribution.measurement", "attribution.device")
 
@@ -111,21 +114,29 @@ STAGES: tuple[Stage, ...] = (
           method="grad_cos", source="finetuning", title="gradient cosine",
           score=lambda x, mode: _attribute(x, mode, method="grad_cos", params=list(x.settings.attribution.if_params),
                                            batch_size=512)),
-    Stage("deletion", params=("seed", "finetune", "evaluation"),
-          inputs=("features", "pretrain", "finetune", "influence", "tracin_we", "tracin_last", "grad_cos"),
+    Stage("deletion", params=("seed", "finetune", "evaluation"), inputs=("features", "pretrain", "finetune", CHECKED),
           retrains="finetune", enabled=lambda s: s.evaluation.enabled),
     Stage("pretrain_deletion", params=("seed", "pretrain", "finetune", "evaluation"),
           inputs=("features", "pretrain", "finetune", "multistage"), retrains="pretrain",
           enabled=lambda s: s.evaluation.pretrain_deletion),
-    Stage("lds", params=("seed", "finetune", "evaluation"),
-          inputs=("features", "pretrain", "finetune", "influence", "tracin_we", "tracin_last", "grad_cos"),
+    Stage("lds", params=("seed", "finetune", "evaluation"), inputs=("features", "pretrain", "finetune", CHECKED),
           retrains="finetune", enabled=lambda s: s.evaluation.lds),
-    Stage("mislabel", params=("seed", "finetune", "evaluation", "attribution"), inputs=("features", "pretrain"),
+    Stage("mislabel", params=("seed", "finetune", "evaluation.mode", "evaluation.mislabel_fraction",
+                              "evaluation.mislabel_method", "attribution"), inputs=("features", "pretrain"),
           enabled=lambda s: s.evaluation.mislabel_fraction > 0),
     Stage("report", params=ALL_SECTIONS, data=("pretrain", "finetune"), run="flows.report:build_report",
-          inputs=("features", "pretrain", "finetune", "influence", "multistage", "tracin_we", "tracin_last", "grad_cos",
-                  "deletion", "pretrain_deletion", "lds", "mislabel")),
+          inputs=("features", "pretrain", "finetune", SCORED, "deletion", "pretrain_deletion", "lds", "mislabel")),
 )
+
+
+def _expanded(rows: tuple[Stage, ...]) -> tuple[Stage, ...]:
+    """The rows with :data:`CHECKED` and :data:`SCORED` in ``inputs`` replaced by the score stages' names."""
+    groups = {CHECKED: [r.name for r in rows if r.method and r.source == "finetuning"],
+              SCORED: [r.name for r in rows if r.method]}
+    return tuple(dataclasses.replace(r, inputs=tuple(n for i in r.inputs for n in groups.get(i, [i]))) for r in rows)
+
+
+STAGES = _expanded(STAGES)
 
 NAMES: tuple[str, ...] = tuple(row.name for row in STAGES)
 BY_NAME: dict[str, Stage] = {row.name: row for row in STAGES}

@@ -1,8 +1,13 @@
-"""`dvc repro` runs the same stages as the Prefect flow, through the same entry points."""
+"""`dvc repro` runs the same stages as the Prefect flow, through the same entry points, and their
+outputs are bit-identical to those of the code before the pipeline's refactoring into one experiment
+object and one stage table (``tests/golden/stage_digests.json``, made by that code on the same tiny
+settings with ``python -m tests.stage_digests``; regenerate it when a change of numbers is meant)."""
 
 from __future__ import annotations
 
+import json
 import subprocess
+from pathlib import Path
 
 import pytest
 import yaml
@@ -10,14 +15,24 @@ from safetensors.torch import load_file
 
 from flows import stages
 from flows.settings import load_settings
-from flows.workspace import STAGES, StageResult, Workspace
+from flows.stage_table import NAMES as STAGES
+from flows.workspace import StageResult, Workspace
 from tests.conftest import DVC
 
 
 @pytest.mark.slow
 def test_dvc_repro_runs_every_stage_and_the_exact_solver_agrees_with_cg(project):
+    from flows.settings import with_overrides, write_settings
+    from tests.stage_digests import stage_digests
+
+    nightly = {"evaluation": {"lds": True, "lds_subsets": 4, "pretrain_deletion": True}}  # every stage computes
+    write_settings(with_overrides(load_settings(project / "params.yaml"), nightly), project / "params.yaml")
     proc = subprocess.run([DVC, "repro"], cwd=project, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    golden = json.loads((Path(__file__).parent / "golden" / "stage_digests.json").read_text())
+    found = stage_digests(project)
+    assert sorted(found) == sorted(golden)
+    assert {k: v for k, v in found.items() if golden[k] != v} == {}, "stage outputs differ from the golden digests"
     lock = yaml.safe_load((project / "dvc.lock").read_text())["stages"]
     assert set(lock) == set(STAGES)
     ws = Workspace(project)
@@ -32,7 +47,7 @@ def test_dvc_repro_runs_every_stage_and_the_exact_solver_agrees_with_cg(project)
     settings = load_settings(project / "params.yaml")
     cg = {m: load_file(str(project / "artifacts" / "influence" / f"{m}.safetensors"))["scores"] for m in settings.finetune.modes}
     exact_settings = settings.model_copy(update={"attribution": settings.attribution.model_copy(update={"solver": "exact"})})
-    stages.influence(exact_settings, ws)
+    stages.run_stage("influence", exact_settings, ws)
     for mode in settings.finetune.modes:
         exact = load_file(str(project / "artifacts" / "influence" / f"{mode}.safetensors"))["scores"]
         assert exact.shape == cg[mode].shape

@@ -112,7 +112,7 @@ def test_unchanged_stages_are_skipped_and_data_rev_reads_a_committed_version(pro
 
     from flows.pipeline import pipeline
     from flows.settings import validate_settings
-    from flows.workspace import STAGES
+    from flows.stage_table import NAMES as STAGES
     from influence.exceptions import DataError
     from tests.conftest import git
 
@@ -155,7 +155,8 @@ def test_retraining_without_removals_reproduces_both_stages(project: Path, prefe
     run's seed, gives back the pipeline's own pretrained and finetuned models bit for bit."""
     import torch
 
-    from flows import stages
+    from flows import retraining, training
+    from flows.experiment import Experiment
     from flows.pipeline import pipeline
     from flows.workspace import Workspace
     from influence.evaluation.case_deletion import Retraining
@@ -165,15 +166,16 @@ def test_retraining_without_removals_reproduces_both_stages(project: Path, prefe
     quick = settings.model_copy(update={"evaluation": settings.evaluation.model_copy(update={"enabled": False, "mislabel_fraction": 0.0})})
     pipeline(settings=quick, project_dir=str(project))
     ws = Workspace(project)
-    pretrained, _ = stages.pretrain_on(settings, ws, stages.load_split(ws, "pretrain"))
+    x = Experiment.for_stage("pretrain_deletion", quick, ws)  # what a pretraining-data retraining sees
+    pretrained, _ = training.pretrain(x, x.split("pretrain"))
     stored = load_state(ws.artifacts / "pretrain" / "model.safetensors")
     assert all(torch.equal(pretrained.state_dict()[n], v) for n, v in stored.items())
     mode = settings.evaluation.mode
-    model, _ = stages.finetune_on(settings, ws, mode, stages.load_split(ws, "train"), checkpoint_dir=None, pretrained=pretrained)
+    model, _ = training.finetune(x, mode, x.split("train"), checkpoint_dir=None, pretrained=pretrained)
     stored = load_state(ws.artifacts / "finetune" / mode / "model.safetensors")
     assert all(torch.equal(model.state_dict()[n], v) for n, v in stored.items())
     # and the measurement a retraining records is that of the model: the baseline of another seed differs
-    base = stages.deletion_retrain(quick, ws, Retraining((), settings.seed), "pretrain")["measured"]
-    assert base == stages._deletion_measure(quick, ws, stages.finetuned_model(settings, ws, mode)).tolist()
-    other = stages.deletion_retrain(quick, ws, Retraining((), settings.seed + 1), "pretrain")["measured"]
+    base = retraining.retrain(x, Retraining((), settings.seed), "pretrain")["measured"]
+    assert base == retraining.measure(x, x.finetuned(mode)).tolist()
+    other = retraining.retrain(x, Retraining((), settings.seed + 1), "pretrain")["measured"]
     assert other != base

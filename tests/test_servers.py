@@ -232,10 +232,10 @@ def test_run_button_run_completes_and_logs_the_report_to_mlflow(servers: Servers
 def test_second_run_with_unchanged_inputs_skips_its_stages(servers: Servers):
     from mlflow.tracking import MlflowClient
 
-    from flows.workspace import STAGES
+    from flows.stage_table import NAMES
 
     flow_run_id = _trigger_and_wait(servers, _custom_parameters(servers))
-    computing = tuple(s for s in STAGES if s != "report")
+    computing = tuple(s for s in NAMES if s != "report")
     began = time.monotonic()
     while True:  # task-run states reach the API as events, a moment after the flow run ends
         states = _task_states(servers, [flow_run_id] + [c["id"] for c in _children(servers, flow_run_id)])

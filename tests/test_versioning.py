@@ -7,9 +7,9 @@ import subprocess
 
 import pytest
 
-from flows import stages
 from flows.settings import load_settings
 from flows.versioning import commit_data, dataset_hashes, md5_file, verify_datasets
+from flows.stages import run_stage
 from flows.workspace import Workspace
 from influence.exceptions import DataError
 from tests.conftest import DVC
@@ -17,7 +17,7 @@ from tests.conftest import DVC
 
 def test_data_stage_is_versioned_pushed_and_restorable(project):
     ws = Workspace(project)
-    result = stages.data(load_settings(project / "params.yaml"), ws)
+    result = run_stage("data", load_settings(project / "params.yaml"), ws)
     assert result.metrics["finetune_rows"] > 12000 and result.metrics["pretrain_rows"] > 50000
     hashes = commit_data(project)
     assert set(hashes) == {"pretrain", "finetune", "mnist"}
@@ -43,7 +43,7 @@ def test_data_stage_is_versioned_pushed_and_restorable(project):
 
 def test_stage_before_data_names_the_missing_file(project):
     with pytest.raises(DataError, match="dvc.lock is missing|is missing"):
-        stages.features(load_settings(project / "params.yaml"), Workspace(project))
+        run_stage("features", load_settings(project / "params.yaml"), Workspace(project))
 
 
 def test_only_changed_data_parameters_are_recorded_in_params_yaml(project):
