@@ -20,8 +20,8 @@ This module imports nothing heavy: the settings model reads the method names fro
 
 from __future__ import annotations
 
-from collections.abc import Callable
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 

@@ -22,11 +22,11 @@ from influence.exceptions import invalid
 from influence.gradients.cache import GradientCache
 from influence.gradients.layout import ParameterLayout, select_parameters
 from influence.gradients.projection import RandomProjector
-from influence.methods.influence_function import influence_scores, influence_self_scores
+from influence.methods.influence_function import influence_scores
 from influence.methods.multistage import multistage_scores
-from influence.methods.similarity import similarity_scores, similarity_self_scores
-from influence.methods.tracin import tracin_scores, tracin_self_scores
-from influence.methods.tracin_we import tracin_we_scores, tracin_we_self_scores, tracin_we_words
+from influence.methods.similarity import similarity_scores
+from influence.methods.tracin import tracin_scores
+from influence.methods.tracin_we import tracin_we_scores, tracin_we_words
 from influence.solvers import SOLVERS, InverseHessianSolver
 from influence.task import Task
 from influence.validation import check_positive_int
@@ -103,23 +103,11 @@ def _projector(
     return RandomProjector(ParameterLayout.of(model, names).numel, projection_dim, seed=projection_seed)
 
 
-def _gradient_method(method: str, arguments: tuple, *, checkpoints: Any, params: Any, projection_dim: int | None,
-                     projection_seed: int, common: dict[str, Any]) -> Tensor:
-    """``"tracin"``, ``"grad_dot"`` or ``"grad_cos"``: scores of ``(task, model, train, queries)``, or
-    self-scores of ``(task, model, train)``."""
-    projector = _projector(arguments[1], params, projection_dim, projection_seed)
-    if method == "tracin":
-        function, extra = (tracin_scores, tracin_self_scores), {"checkpoints": checkpoints}
-    else:
-        function, extra = (similarity_scores, similarity_self_scores), {"similarity": method.removeprefix("grad_")}
-    return function[len(arguments) == 3](*arguments, params=params, projector=projector, **extra, **common)
-
-
 def attribute(
     task: Task,
     model: nn.Module,
     train_data: Dataset | DataLoader,
-    query_data: Dataset | DataLoader,
+    query_data: Dataset | DataLoader | None,
     *,
     method: str = "if",
     solver: str | InverseHessianSolver = "cg",
@@ -135,13 +123,14 @@ def attribute(
     cache_dtype: torch.dtype | None = None,
     **options: Any,
 ) -> Tensor:
-    """Score every training example's influence on every query.
+    """Score every training example's influence on every query (or, with no queries, on itself).
 
     Args:
         task: gives the per-example training loss and the query measurement.
         model: the trained model (not modified).
         train_data: the ``n`` training examples (map-style dataset or unshuffled loader).
-        query_data: the ``m`` queries.
+        query_data: the ``m`` queries; ``None``: each training example's self-influence (see
+            :func:`self_influence`).
         method: ``"if"`` (influence function), ``"tracin"``, ``"tracin_we"`` (TracIn on the word
             embedding), ``"grad_dot"`` or ``"grad_cos"``.
         solver: inverse-Hessian solver of ``"if"``: a name among ``influence.solvers.SOLVERS`` or
@@ -171,7 +160,7 @@ def attribute(
     Returns:
         Tensor ``[m, n]``; positive = proponent (removing the training example makes the query
         worse). ``"if"`` scores include the factor ``1/n``; the TracIn family and similarities do
-        not.
+        not. With ``query_data=None``, ``[n]``.
     """
     _check(
         method, solver, options, checkpoints=checkpoints, projection_dim=projection_dim, cache_dir=cache_dir,
@@ -180,7 +169,7 @@ def attribute(
     common = {"batch_size": batch_size, "device": device, "dtype": dtype}
     if method == "if":
         train_gradients = None
-        if cache_dir is not None:
+        if cache_dir is not None and query_data is not None:
             names = select_parameters(model, params)
             storage = cache_dtype or dtype or dict(model.named_parameters())[names[0]].dtype
             train_gradients = GradientCache(cache_dir).build(
@@ -191,65 +180,30 @@ def attribute(
             train_gradients=train_gradients, **options, **common,
         )
     if method == "tracin_we":
-        return tracin_we_scores(
-            task, model, train_data, query_data, checkpoints=checkpoints, **options, **common
-        )
-    return _gradient_method(method, (task, model, train_data, query_data), checkpoints=checkpoints, params=params,
-                            projection_dim=projection_dim, projection_seed=projection_seed, common=common)
+        return tracin_we_scores(task, model, train_data, query_data, checkpoints=checkpoints, **options, **common)
+    projector = _projector(model, params, projection_dim, projection_seed)
+    if method == "tracin":
+        return tracin_scores(task, model, train_data, query_data, checkpoints=checkpoints, params=params,
+                             projector=projector, **common)
+    return similarity_scores(task, model, train_data, query_data, similarity=method.removeprefix("grad_"),
+                             params=params, projector=projector, **common)
 
 
-def self_influence(
-    task: Task,
-    model: nn.Module,
-    train_data: Dataset | DataLoader,
-    *,
-    method: str = "if",
-    solver: str | InverseHessianSolver = "cg",
-    damping: float = 1e-3,
-    params: str | Sequence[str] = "all",
-    checkpoints: Sequence[Any] | None = None,
-    projection_dim: int | None = None,
-    projection_seed: int = 0,
-    device: torch.device | str = "cpu",
-    batch_size: int = 64,
-    dtype: torch.dtype | None = None,
-    **options: Any,
-) -> Tensor:
-    """Each training example's score on its own training loss (large for outliers and mislabels).
+def self_influence(task: Task, model: nn.Module, train_data: Dataset | DataLoader, **options: Any) -> Tensor:
+    """Each training example's score on its own training loss (large for outliers and mislabels): ``[n]``.
 
     The query side uses the training loss (not the task's measurement) and no sign flip:
     ``"if"``: ``(1/n) g^T (H + damping I)^{-1} g``; ``"tracin"``: ``sum_c lr_c ||g_c||^2``;
     ``"tracin_we"``: ``sum_c lr_c sum_w ||G_c[w]||^2``; ``"grad_dot"``: ``||g||^2``;
     ``"grad_cos"``: 1 (0 for a zero gradient).
 
-    Args:
-        task: the task.
-        model: the trained model.
-        train_data: the ``n`` training examples.
-        method: as in :func:`attribute`.
-        solver: as in :func:`attribute`.
-        damping: as in :func:`attribute`.
-        params: as in :func:`attribute`.
-        checkpoints: as in :func:`attribute`.
-        projection_dim: as in :func:`attribute`.
-        projection_seed: as in :func:`attribute`.
-        device: device of the computation.
-        batch_size: examples per batch.
-        dtype: floating dtype of the computation.
-        **options: as in :func:`attribute`.
-
-    Returns:
-        Tensor ``[n]``.
+    Keyword arguments are those of :func:`attribute` (``method``, ``solver``, ``damping``,
+    ``params``, ``checkpoints``, ``projection_dim``, ``device``, ``batch_size``, ``dtype`` and the
+    method's options), which this calls with ``query_data=None``; ``cache_dir`` is not used.
     """
-    _check(method, solver, options, checkpoints=checkpoints, projection_dim=projection_dim, cache_dir=None)
-    common = {"batch_size": batch_size, "device": device, "dtype": dtype}
-    if method == "if":
-        return influence_self_scores(task, model, train_data, params=params, solver=solver, damping=damping,
-                                     **options, **common)
-    if method == "tracin_we":
-        return tracin_we_self_scores(task, model, train_data, checkpoints=checkpoints, **options, **common)
-    return _gradient_method(method, (task, model, train_data), checkpoints=checkpoints, params=params,
-                            projection_dim=projection_dim, projection_seed=projection_seed, common=common)
+    if options.get("cache_dir") is not None:
+        raise invalid("cache_dir", str(options["cache_dir"]), "None for self_influence (it caches no gradients)")
+    return attribute(task, model, train_data, None, **options)
 
 
 __all__ = ["CACHE_DTYPES", "METHODS", "attribute", "multistage", "self_influence", "tracin_we_words"]

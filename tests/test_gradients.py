@@ -34,13 +34,7 @@ from tests import zoo
 RTOL, ATOL = 1e-6, 1e-10
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest on one thread (and do not fight other processes for cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def close(actual, expected, rtol=RTOL, atol=ATOL):

@@ -36,13 +36,7 @@ from influence.task import ClassificationTask, LanguageModelingTask
 VOCAB = 30
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run faster on one thread, above all on a machine shared with other work."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _tokens(n: int, length: int, seed: int = 0, min_len: int = 2) -> torch.Tensor:

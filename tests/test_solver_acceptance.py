@@ -27,14 +27,7 @@ from influence.solvers import ArnoldiSolver, EkfacSolver, ExactSolver
 from influence.task import ClassificationTask, LanguageModelingTask, Task, split_inputs_labels
 from tests import zoo
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest on one thread (and do not fight other processes for cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def pearson(a: torch.Tensor, b: torch.Tensor) -> float:

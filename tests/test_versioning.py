@@ -8,8 +8,8 @@ import subprocess
 import pytest
 
 from flows.settings import load_settings
-from flows.versioning import commit_data, dataset_hashes, md5_file, verify_datasets
 from flows.stages import run_stage
+from flows.versioning import commit_data, dataset_hashes, md5_file, verify_datasets
 from flows.workspace import Workspace
 from influence.exceptions import DataError
 from tests.conftest import DVC

@@ -203,6 +203,20 @@ class Objective:
 
         return self._vectorised(product, v)
 
+    def _accumulate(self, v: Tensor, batch_indices: Sequence[int] | None, product_of_batch) -> Tensor:
+        """``sum`` over the (selected) data batches of ``product_of_batch(batch)`` applied to every row of ``v``,
+        rescaled to the whole data term, plus the regulariser's Hessian times ``v``."""
+        vm, single = self._as_matrix(v)
+        index, scale = self._select(batch_indices)
+        total = torch.zeros_like(vm)
+        for i in index:
+            total += self._vectorised(product_of_batch(self.batches[i]), vm)
+        if scale != 1.0:
+            total *= scale
+        if self.regularizer is not None:
+            total += self._regular_hvp(vm)
+        return total[0] if single else total
+
     def hvp(self, v: Tensor, *, batch_indices: Sequence[int] | None = None) -> Tensor:
         """Exact Hessian-vector products ``H v``.
 
@@ -214,21 +228,14 @@ class Objective:
         Returns:
             Tensor of the shape of ``v``.
         """
-        vm, single = self._as_matrix(v)
-        index, scale = self._select(batch_indices)
-        total = torch.zeros_like(vm)
-        for i in index:
-            batch = self.batches[i]
 
-            def product(tangent: dict[str, Tensor], batch: Batch = batch) -> dict[str, Tensor]:
+        def product_of_batch(batch: Batch):
+            def product(tangent: dict[str, Tensor]) -> dict[str, Tensor]:
                 return jvp(grad(lambda p: self._batch_loss(p, batch)), (self.params,), (tangent,))[1]
 
-            total += self._vectorised(product, vm)
-        if scale != 1.0:
-            total *= scale
-        if self.regularizer is not None:
-            total += self._regular_hvp(vm)
-        return total[0] if single else total
+            return product
+
+        return self._accumulate(v, batch_indices, product_of_batch)
 
     def gnhvp(self, v: Tensor, *, batch_indices: Sequence[int] | None = None) -> Tensor:
         """Gauss-Newton products ``(J^T H_out J + H_R) v``.
@@ -240,32 +247,25 @@ class Objective:
         Returns:
             Tensor of the shape of ``v``.
         """
-        vm, single = self._as_matrix(v)
-        index, scale = self._select(batch_indices)
-        total = torch.zeros_like(vm)
-        for i in index:
-            batch = self.batches[i]
 
-            def forward(p: dict[str, Tensor], batch: Batch = batch) -> Tensor:
+        def product_of_batch(batch: Batch):
+            def forward(p: dict[str, Tensor]) -> Tensor:
                 return self._outputs_fn(p, batch)
 
-            def out_loss(o: Tensor, batch: Batch = batch) -> Tensor:
+            def out_loss(o: Tensor) -> Tensor:
                 return self.task.loss_from_outputs(o, batch).sum() / self.n_examples
 
             outputs, pullback = vjp(forward, self.params)
             outputs = outputs.detach()
 
-            def product(tangent, forward=forward, out_loss=out_loss, outputs=outputs, pullback=pullback):
+            def product(tangent: dict[str, Tensor]) -> dict[str, Tensor]:
                 jv = jvp(forward, (self.params,), (tangent,))[1]
                 hjv = jvp(grad(out_loss), (outputs,), (jv,))[1]
                 return pullback(hjv)[0]
 
-            total += self._vectorised(product, vm)
-        if scale != 1.0:
-            total *= scale
-        if self.regularizer is not None:
-            total += self._regular_hvp(vm)
-        return total[0] if single else total
+            return product
+
+        return self._accumulate(v, batch_indices, product_of_batch)
 
     def matvec(
         self, v: Tensor, gauss_newton: bool = False, *, batch_indices: Sequence[int] | None = None

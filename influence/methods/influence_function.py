@@ -143,7 +143,7 @@ def influence_scores(
     task: Task,
     model: nn.Module,
     train_data: Dataset | DataLoader,
-    query_data: Dataset | DataLoader,
+    query_data: Dataset | DataLoader | None,
     *,
     params: str | Sequence[str] = "all",
     solver: str | InverseHessianSolver = "cg",
@@ -156,13 +156,13 @@ def influence_scores(
     train_gradients: GradientCache | None = None,
     hessian_data: Dataset | DataLoader | None = None,
 ) -> Tensor:
-    """Influence-function scores of every (query, training example) pair.
+    """Influence-function scores of every (query, training example) pair, or each example's self-influence.
 
     Args:
         task: gives the per-example training loss and the query measurement.
         model: the trained model (not modified); use ``eval()`` mode.
         train_data: the ``n`` training examples (map-style dataset or unshuffled loader).
-        query_data: the ``m`` query examples.
+        query_data: the ``m`` query examples; ``None`` for self-influence.
         params: the parameters differentiated: ``"all"``, ``"last"``, ``"embedding"`` or names.
         solver: ``"exact"``, ``"cg"`` (or another name of ``influence.solvers.SOLVERS``) or a
             solver instance, which then carries its own damping and options.
@@ -182,11 +182,15 @@ def influence_scores(
 
     Returns:
         Tensor ``[m, n]`` on ``device``: ``s * (1/n) * grad f(x)^T (H + lambda I)^{-1} grad l(z)``;
-        positive means removing ``z`` makes query ``x`` worse.
+        positive means removing ``z`` makes query ``x`` worse. For ``query_data=None``, ``[n]``:
+        ``(1/n) grad l(z)^T (H + lambda I)^{-1} grad l(z)``, the predicted rise of ``z``'s own
+        training loss when ``z`` is removed (large for atypical or mislabelled examples).
     """
     names, fitted = _fitted(task, model, train_data if hessian_data is None else hessian_data, params, solver=solver,
                             damping=damping, solver_options=solver_options, regularizer=regularizer,
                             batch_size=check_batch_size(batch_size), device=device, dtype=dtype)
+    if query_data is None:
+        return _self_scores(fitted, task, model, train_data, names, batch_size=batch_size, device=device, dtype=dtype)
     queries = gradient_matrix(
         task, model, query_data, names, kind="measurement", batch_size=batch_size, device=device,
         dtype=dtype,
@@ -200,41 +204,22 @@ def influence_scores(
     return raw * (measurement_sign(task) / raw.shape[1])
 
 
-def influence_self_scores(
-    task: Task,
-    model: nn.Module,
-    train_data: Dataset | DataLoader,
-    *,
-    params: str | Sequence[str] = "all",
-    solver: str | InverseHessianSolver = "cg",
-    damping: float = 1e-3,
-    solver_options: Mapping[str, Any] | None = None,
-    regularizer: RegularizerLike | None = None,
-    batch_size: int = 64,
-    device: torch.device | str = "cpu",
-    dtype: torch.dtype | None = None,
-    hessian_data: Dataset | DataLoader | None = None,
-) -> Tensor:
-    """Self-influence ``(1/n) grad l(z)^T (H + lambda I)^{-1} grad l(z)`` of every training example.
-
-    It is the predicted rise of ``z``'s own training loss when ``z`` is removed (large for
-    atypical or mislabelled examples). Arguments are those of :func:`influence_scores`.
-
-    Returns:
-        Tensor ``[n]`` on ``device``.
-    """
-    names, fitted = _fitted(task, model, train_data if hessian_data is None else hessian_data, params, solver=solver,
-                            damping=damping, solver_options=solver_options, regularizer=regularizer,
-                            batch_size=check_batch_size(batch_size), device=device, dtype=dtype)
+def _self_scores(fitted: InverseHessianSolver, task: Task, model: nn.Module, train_data: Any, names: list[str],
+                 **options: Any) -> Tensor:
     parts = []
-    for block in iter_gradients(
-        task, model, train_data, names, kind="train_loss", batch_size=batch_size, device=device,
-        dtype=dtype,
-    ):
+    for block in iter_gradients(task, model, train_data, names, kind="train_loss", **options):
         block = block.to(fitted.objective.dtype)
         parts.append((fitted.solve(block) * block).sum(dim=1))
     values = require_examples(torch.cat(parts) if parts else torch.zeros(0))
     return values / values.shape[0]
+
+
+def influence_self_scores(task: Task, model: nn.Module, train_data: Dataset | DataLoader, **options: Any) -> Tensor:
+    """Self-influence ``(1/n) grad l(z)^T (H + lambda I)^{-1} grad l(z)`` of every training example: ``[n]``.
+
+    Keyword arguments are those of :func:`influence_scores` (which this calls with ``query_data=None``).
+    """
+    return influence_scores(task, model, train_data, None, **options)
 
 
 __all__ = ["fit_inverse_hessian", "influence_scores", "influence_self_scores", "training_gradient_blocks"]

@@ -141,13 +141,8 @@ def finetune_embedding_gradient(
     embedding: str,
     alpha: float,
     reference: Mapping[str, Tensor],
-    solver: str | InverseHessianSolver,
-    damping: float,
-    solver_options: Mapping[str, Any] | None,
     regularizer: RegularizerLike | None,
-    batch_size: int,
-    device: torch.device | str,
-    dtype: torch.dtype | None,
+    fit: Mapping[str, Any],
 ) -> Tensor:
     """Total derivative of the query measurement with respect to the pretrained embedding.
 
@@ -161,27 +156,23 @@ def finetune_embedding_gradient(
         embedding: ``"fixed"`` or ``"updated"``.
         alpha: proximity strength (``"updated"`` only).
         reference: ``{w name: pretrained value}`` of the shared parameters.
-        solver: the finetuning solver (name or instance).
-        damping: finetuning damping.
-        solver_options: options of a named solver.
-        regularizer: extra finetuning regulariser (the proximity term is added here).
-        batch_size: examples per batch.
-        device: device of the computation.
-        dtype: floating dtype.
+        regularizer: the finetuning objective's penalty (see :func:`finetune_objective_penalty`).
+        fit: the finetuning solve and computation: keyword arguments of
+            :func:`~influence.methods.influence_function.fit_inverse_hessian` (``solver``,
+            ``damping``, ``solver_options``, ``batch_size``, ``device``, ``dtype``).
 
     Returns:
         ``g_W`` ``[m, P_W]`` such that ``d f / d W_pt = g_W`` (before the sign ``s``).
     """
     theta_names, w_names = list(theta_names), list(w_names)
     layout = ParameterLayout.of(finetuned_model, theta_names + w_names)
-    fit = {"solver": solver, "damping": damping, "solver_options": solver_options, "batch_size": batch_size,
-           "device": device, "dtype": dtype, "argument": "finetune_solver"}
+    fit = {**fit, "argument": "finetune_solver"}
     if embedding == "fixed":
         inner = fit_inverse_hessian(finetune_task, finetuned_model, finetune_data, theta_names, regularizer=regularizer, **fit)
         u = inner.solve(layout.block(queries, theta_names).to(inner.objective.dtype))  # [m, P_Theta]
         full = Objective(
             finetune_task, finetuned_model, finetune_data, theta_names + w_names, regularizer=regularizer,
-            batch_size=batch_size, device=device, dtype=dtype,
+            batch_size=fit["batch_size"], device=fit["device"], dtype=fit["dtype"],
         )
         cross = full.hvp(layout.embed(u, theta_names))  # [m, P]
         return layout.block(queries, w_names).to(cross.dtype) - layout.block(cross, w_names)
@@ -339,9 +330,9 @@ def embedding_sensitivity(
     }
     g_w = finetune_embedding_gradient(
         finetune_task, finetuned_model, finetune_data, queries, theta_names, w_names,
-        embedding=embedding, alpha=float(alpha), reference=reference, solver=finetune_solver,
-        damping=damping, solver_options=solver_options, regularizer=finetune_regularizer,
-        batch_size=batch_size, device=device, dtype=dtype,
+        embedding=embedding, alpha=float(alpha), reference=reference, regularizer=finetune_regularizer,
+        fit={"solver": finetune_solver, "damping": damping, "solver_options": solver_options,
+             "batch_size": batch_size, "device": device, "dtype": dtype},
     )  # [m, P_W]
     return g_w * measurement_sign(finetune_task)
 

@@ -33,19 +33,11 @@ def _unit(g: Tensor) -> Tensor:
     return g / torch.where(norms > 0, norms, torch.ones_like(norms))
 
 
-def _setup(model: nn.Module, similarity: str, params: Any, batch_size: int, device: Any, dtype: Any, projector: Any):
-    """The parameter names and the gradient options of a similarity, after checking the arguments."""
-    if similarity not in SIMILARITIES:
-        raise invalid("similarity", similarity, "'dot' or 'cos'")
-    options = {"batch_size": check_batch_size(batch_size), "device": device, "dtype": dtype, "projector": projector}
-    return select_parameters(model, params), options
-
-
 def similarity_scores(
     task: Task,
     model: nn.Module,
     train_data: Dataset | DataLoader,
-    query_data: Dataset | DataLoader,
+    query_data: Dataset | DataLoader | None,
     *,
     similarity: Literal["dot", "cos"] = "dot",
     params: str | Sequence[str] = "all",
@@ -54,13 +46,13 @@ def similarity_scores(
     dtype: torch.dtype | None = None,
     projector: Any = None,
 ) -> Tensor:
-    """Gradient dot products or cosines of every (query, training example) pair.
+    """Gradient dot products or cosines of every (query, training example) pair, or of each example with itself.
 
     Args:
         task: gives the per-example training loss and the query measurement.
         model: the trained model (not modified).
         train_data: the ``n`` training examples.
-        query_data: the ``m`` queries.
+        query_data: the ``m`` queries; ``None`` for self-similarity.
         similarity: ``"dot"`` or ``"cos"``.
         params: the parameters differentiated: ``"all"``, ``"last"``, ``"embedding"`` or names.
         batch_size: examples per batch.
@@ -69,14 +61,22 @@ def similarity_scores(
         projector: optional object with ``project(g [b, P]) -> [b, k]`` applied to both sides.
 
     Returns:
-        Tensor ``[m, n]`` on ``device``.
+        Tensor ``[m, n]`` on ``device``; for ``query_data=None``, ``[n]``: ``||grad l(z)||^2`` (dot) or
+        1 (cos; 0 for a zero gradient).
     """
-    names, options = _setup(model, similarity, params, batch_size, device, dtype, projector)
-    queries = gradient_matrix(task, model, query_data, names, kind="measurement", **options)
+    if similarity not in SIMILARITIES:
+        raise invalid("similarity", similarity, "'dot' or 'cos'")
+    names = select_parameters(model, params)
+    options = {"batch_size": check_batch_size(batch_size), "device": device, "dtype": dtype, "projector": projector}
     blocks = iter_gradients(task, model, train_data, names, kind="train_loss", **options)
     if similarity == "cos":
-        queries = _unit(queries)
         blocks = (_unit(block) for block in blocks)
+    if query_data is None:
+        parts = [(block * block).sum(dim=1) for block in blocks]
+        return require_examples(torch.cat(parts) if parts else torch.zeros(0))
+    queries = gradient_matrix(task, model, query_data, names, kind="measurement", **options)
+    if similarity == "cos":
+        queries = _unit(queries)
     return require_examples(stream_products(queries, blocks)) * measurement_sign(task)
 
 
@@ -98,32 +98,12 @@ def grad_cos_scores(task: Task, model: nn.Module, train_data, query_data, **opti
     return similarity_scores(task, model, train_data, query_data, similarity="cos", **options)
 
 
-def similarity_self_scores(
-    task: Task,
-    model: nn.Module,
-    train_data: Dataset | DataLoader,
-    *,
-    similarity: Literal["dot", "cos"] = "dot",
-    params: str | Sequence[str] = "all",
-    batch_size: int = 64,
-    device: torch.device | str = "cpu",
-    dtype: torch.dtype | None = None,
-    projector: Any = None,
-) -> Tensor:
-    """Self-similarity of every training example: ``||grad l(z)||^2`` (dot) or 1 (cos; 0 for a zero gradient).
+def similarity_self_scores(task: Task, model: nn.Module, train_data: Dataset | DataLoader, **options: Any) -> Tensor:
+    """Self-similarity of every training example: ``[n]``, ``||grad l(z)||^2`` (dot) or 1 (cos).
 
-    Arguments are those of :func:`similarity_scores`.
-
-    Returns:
-        Tensor ``[n]`` on ``device``.
+    Keyword arguments are those of :func:`similarity_scores` (which this calls with ``query_data=None``).
     """
-    names, options = _setup(model, similarity, params, batch_size, device, dtype, projector)
-    parts = []
-    for block in iter_gradients(task, model, train_data, names, kind="train_loss", **options):
-        if similarity == "cos":
-            block = _unit(block)
-        parts.append((block * block).sum(dim=1))
-    return require_examples(torch.cat(parts) if parts else torch.zeros(0))
+    return similarity_scores(task, model, train_data, None, **options)
 
 
 __all__ = [

@@ -40,7 +40,7 @@ def tracin_scores(
     task: Task,
     model: nn.Module,
     train_data: Dataset | DataLoader,
-    query_data: Dataset | DataLoader,
+    query_data: Dataset | DataLoader | None,
     *,
     checkpoints: Sequence[Checkpoint],
     params: str | Sequence[str] = "all",
@@ -49,13 +49,13 @@ def tracin_scores(
     dtype: torch.dtype | None = None,
     projector: Any = None,
 ) -> Tensor:
-    """TracIn scores of every (query, training example) pair.
+    """TracIn scores of every (query, training example) pair, or each training example's self-influence.
 
     Args:
         task: gives the per-example training loss and the query measurement.
         model: a model of the trained architecture; each checkpoint is loaded into a copy of it.
         train_data: the ``n`` training examples (map-style dataset or unshuffled loader).
-        query_data: the ``m`` query examples.
+        query_data: the ``m`` query examples; ``None`` for self-influence.
         checkpoints: ``[(state dict or safetensors path, learning rate), ...]`` (or objects with
             ``.path`` and ``.learning_rate``), the learning rate being that of the steps the
             checkpoint stands for.
@@ -67,46 +67,29 @@ def tracin_scores(
         projector: optional object with ``project(g [b, P]) -> [b, k]`` applied to both sides.
 
     Returns:
-        Tensor ``[m, n]`` on ``device``: ``s * sum_c lr_c <g_c(z), g_c(x)>``.
+        Tensor ``[m, n]`` on ``device``: ``s * sum_c lr_c <g_c(z), g_c(x)>``; for ``query_data=None``,
+        ``[n]``: ``sum_c lr_c ||g_c(z)||^2`` (no sign).
     """
     names = select_parameters(model, params)
     options = {"batch_size": check_batch_size(batch_size), "device": device, "dtype": dtype, "projector": projector}
 
     def at_checkpoint(current: nn.Module) -> Tensor:
-        queries = gradient_matrix(task, current, query_data, names, kind="measurement", **options)
-        return stream_products(queries, iter_gradients(task, current, train_data, names, kind="train_loss", **options))
+        blocks = iter_gradients(task, current, train_data, names, kind="train_loss", **options)
+        if query_data is None:
+            norms = [(g * g).sum(dim=1) for g in blocks]
+            return require_examples(torch.cat(norms) if norms else torch.zeros(0))
+        return stream_products(gradient_matrix(task, current, query_data, names, kind="measurement", **options), blocks)
 
     total = sum_over_checkpoints(checkpoints, lambda state: model_at(model, state, names), at_checkpoint)
-    return require_examples(total) * measurement_sign(task)
+    return total if query_data is None else require_examples(total) * measurement_sign(task)
 
 
-def tracin_self_scores(
-    task: Task,
-    model: nn.Module,
-    train_data: Dataset | DataLoader,
-    *,
-    checkpoints: Sequence[Checkpoint],
-    params: str | Sequence[str] = "all",
-    batch_size: int = 64,
-    device: torch.device | str = "cpu",
-    dtype: torch.dtype | None = None,
-    projector: Any = None,
-) -> Tensor:
-    """TracIn self-influence ``sum_c lr_c ||grad l_c(z)||^2`` of every training example.
+def tracin_self_scores(task: Task, model: nn.Module, train_data: Dataset | DataLoader, **options: Any) -> Tensor:
+    """TracIn self-influence ``sum_c lr_c ||grad l_c(z)||^2`` of every training example: ``[n]``.
 
-    Arguments are those of :func:`tracin_scores`.
-
-    Returns:
-        Tensor ``[n]`` on ``device``.
+    Keyword arguments are those of :func:`tracin_scores` (which this calls with ``query_data=None``).
     """
-    names = select_parameters(model, params)
-    options = {"batch_size": check_batch_size(batch_size), "device": device, "dtype": dtype, "projector": projector}
-
-    def at_checkpoint(current: nn.Module) -> Tensor:
-        norms = [(g * g).sum(dim=1) for g in iter_gradients(task, current, train_data, names, kind="train_loss", **options)]
-        return require_examples(torch.cat(norms) if norms else torch.zeros(0))
-
-    return sum_over_checkpoints(checkpoints, lambda state: model_at(model, state, names), at_checkpoint)
+    return tracin_scores(task, model, train_data, None, **options)
 
 
 __all__ = ["tracin_scores", "tracin_self_scores"]

@@ -246,7 +246,7 @@ def tracin_we_scores(
     task: Task,
     model: nn.Module,
     train_data: Dataset | DataLoader,
-    query_data: Dataset | DataLoader,
+    query_data: Dataset | DataLoader | None,
     *,
     checkpoints: Sequence[Checkpoint],
     embedding_module: str = "embedding",
@@ -256,13 +256,13 @@ def tracin_we_scores(
     dtype: torch.dtype | None = None,
     ignore_ids: Sequence[int] = (),
 ) -> Tensor:
-    """TracIn-WE scores of every (query, training example) pair.
+    """TracIn-WE scores of every (query, training example) pair, or each training example's self-influence.
 
     Args:
         task: gives the per-example training loss and the query measurement.
         model: a model of the trained architecture; each checkpoint is loaded into a copy of it.
         train_data: the ``n`` training examples (map-style dataset or unshuffled loader).
-        query_data: the ``m`` query examples.
+        query_data: the ``m`` query examples; ``None`` for self-influence.
         checkpoints: ``[(state dict or safetensors path, learning rate), ...]`` (or objects with
             ``.path`` and ``.learning_rate``).
         embedding_module: name of the word ``nn.Embedding`` module.
@@ -274,10 +274,18 @@ def tracin_we_scores(
 
     Returns:
         Tensor ``[m, n]`` on ``device``:
-        ``s * sum_c lr_c sum_{w in words(x) & words(z)} <G_c(x)[w], G_c(z)[w]>``.
+        ``s * sum_c lr_c sum_{w in words(x) & words(z)} <G_c(x)[w], G_c(z)[w]>``; for
+        ``query_data=None``, ``[n]``: ``sum_c lr_c sum_w ||G_c(z)[w]||^2`` (no sign).
     """
     options = {"module_name": embedding_module, "top_k_rows": top_k_rows, "batch_size": check_batch_size(batch_size),
                "device": device, "dtype": dtype, "ignore_ids": tuple(ignore_ids)}
+
+    def self_scores(current: nn.Module) -> Tensor:
+        parts = []
+        for rows in _all_rows(task, current, train_data, kind="train_loss", **options):
+            squared = (rows.rows * rows.rows).sum(dim=1)
+            parts.append(squared.new_zeros(rows.n_examples).index_add_(0, rows.example, squared))
+        return require_examples(torch.cat(parts) if parts else torch.zeros(0))
 
     def at_checkpoint(current: nn.Module) -> Tensor:
         queries = list(_all_rows(task, current, query_data, kind="measurement", **options))
@@ -288,6 +296,8 @@ def tracin_we_scores(
         return require_examples(torch.cat(blocks, dim=1) if blocks else dense.new_zeros(dense.shape[0], 0))
 
     load = lambda state: _prepared(model, state, embedding_module, device, dtype)  # noqa: E731
+    if query_data is None:
+        return sum_over_checkpoints(checkpoints, load, self_scores)
     return sum_over_checkpoints(checkpoints, load, at_checkpoint) * measurement_sign(task)
 
 
@@ -296,38 +306,12 @@ def embedding_module_size(model: nn.Module, name: str) -> int:
     return embedding_module(model, name).num_embeddings
 
 
-def tracin_we_self_scores(
-    task: Task,
-    model: nn.Module,
-    train_data: Dataset | DataLoader,
-    *,
-    checkpoints: Sequence[Checkpoint],
-    embedding_module: str = "embedding",
-    top_k_rows: int | None = None,
-    batch_size: int = 64,
-    device: torch.device | str = "cpu",
-    dtype: torch.dtype | None = None,
-    ignore_ids: Sequence[int] = (),
-) -> Tensor:
-    """TracIn-WE self-influence ``sum_c lr_c sum_w ||G_c(z)[w]||^2`` of every training example.
+def tracin_we_self_scores(task: Task, model: nn.Module, train_data: Dataset | DataLoader, **options: Any) -> Tensor:
+    """TracIn-WE self-influence ``sum_c lr_c sum_w ||G_c(z)[w]||^2`` of every training example: ``[n]``.
 
-    Arguments are those of :func:`tracin_we_scores`.
-
-    Returns:
-        Tensor ``[n]`` on ``device``.
+    Keyword arguments are those of :func:`tracin_we_scores` (which this calls with ``query_data=None``).
     """
-    options = {"module_name": embedding_module, "top_k_rows": top_k_rows, "batch_size": check_batch_size(batch_size),
-               "device": device, "dtype": dtype, "ignore_ids": tuple(ignore_ids)}
-
-    def at_checkpoint(current: nn.Module) -> Tensor:
-        parts = []
-        for rows in _all_rows(task, current, train_data, kind="train_loss", **options):
-            squared = (rows.rows * rows.rows).sum(dim=1)
-            parts.append(squared.new_zeros(rows.n_examples).index_add_(0, rows.example, squared))
-        return require_examples(torch.cat(parts) if parts else torch.zeros(0))
-
-    load = lambda state: _prepared(model, state, embedding_module, device, dtype)  # noqa: E731
-    return sum_over_checkpoints(checkpoints, load, at_checkpoint)
+    return tracin_we_scores(task, model, train_data, None, **options)
 
 
 def tracin_we_words(

@@ -32,6 +32,7 @@ and nothing is trained. Other arguments raise :class:`CacheMismatchError` unless
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -177,164 +178,144 @@ def train(
         check_int_at_least("num_threads", num_threads, 1)
     if exclude is not None:
         if isinstance(exclude, (str, bytes)) or not all(isinstance(i, int) and not isinstance(i, bool) for i in exclude):
-            raise invalid("exclude", exclude if isinstance(exclude, (str, bytes)) else list(exclude)[:5], "a sequence of example indices (ints)")
+            shown = exclude if isinstance(exclude, (str, bytes)) else list(exclude)[:5]
+            raise invalid("exclude", shown, "a sequence of example indices (ints)")
         if len(set(exclude)) != len(exclude):
             raise invalid("exclude", sorted(exclude)[:10], "distinct example indices")
-    previous_threads = torch.get_num_threads()
-    if num_threads is not None:
-        torch.set_num_threads(num_threads)
-    try:
-        return _train(
-            model, task, dataset, epochs=epochs, batch_size=batch_size, learning_rate=learning_rate,
-            seed=seed, optimizer=optimizer, l2=l2, trainable=trainable, proximity=proximity,
-            checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every, device=device, log=log,
-            overwrite=overwrite, l2_names=l2_names, exclude=exclude,
-        )
-    finally:
-        if num_threads is not None:
-            torch.set_num_threads(previous_threads)
+    with intra_op_threads(num_threads):
+        started = time.perf_counter()
+        model.to(device)
+        names = select_parameters(model, "all" if trainable is None else trainable)
+        params = dict(model.named_parameters())
+        for name, param in params.items():
+            param.requires_grad_(name in names)
+        if proximity is not None:
+            for name, ref in proximity.reference.items():
+                if name not in params or params[name].shape != ref.shape:
+                    shape = tuple(params[name].shape) if name in params else "absent"
+                    raise invalid(f"proximity.reference[{name!r}]", tuple(ref.shape), f"the model's shape {shape}")
+            proximity = proximity.to(device)
+        covered = names if l2_names is None else [n for n in select_parameters(model, l2_names) if n in names]
+        regularizer = Regularizer(l2=l2, proximity=proximity, l2_names=tuple(covered))
+        trained = {n: params[n] for n in names}
+        data = collate_dataset(dataset)
+        n_examples = num_examples(data)
+        steps_per_epoch = math.ceil(n_examples / batch_size)
+        excluded = sorted(int(i) for i in exclude) if exclude else []
+        if excluded and (excluded[0] < 0 or excluded[-1] >= n_examples):
+            raise invalid("exclude", [i for i in excluded if not 0 <= i < n_examples][:5], f"indices in [0, {n_examples})")
+        kept = torch.ones(n_examples, dtype=torch.bool)
+        kept[excluded] = False
+        opt_class = torch.optim.Adam if optimizer == "adam" else torch.optim.SGD
+        opt = opt_class(list(trained.values()), lr=float(learning_rate))
+        emit = log or (lambda event: None)
 
+        run: TrainingRun | None = None
+        position: dict[str, Any] | None = None
+        if checkpoint_dir is not None:
+            arguments = json.loads(json.dumps({
+                "epochs": epochs, "batch_size": batch_size, "learning_rate": float(learning_rate),
+                "seed": seed, "optimizer": optimizer, "l2": float(l2), "trainable": names, "l2_names": covered,
+                "checkpoint_every": checkpoint_every, "task": describe_task(task),
+                "model": f"{type(model).__module__}.{type(model).__qualname__}",
+                "initial_state_sha256": tensors_digest(sorted(model.state_dict().items())),
+                "dataset": {"size": n_examples, "sha256": tensors_digest(
+                    (n, t) for n, t in named_leaves(data, sort_keys=True) if isinstance(t, Tensor))},
+                **({"exclude": {"count": len(excluded), "sha256": tensors_digest([("exclude", torch.tensor(excluded))])}}
+                   if excluded else {}),
+                "proximity": None if proximity is None else {
+                    "alpha": proximity.alpha,
+                    "reference_sha256": tensors_digest(sorted(proximity.reference.items())),
+                },
+            }))
+            run = TrainingRun(Path(checkpoint_dir), arguments, overwrite)
+            finished = run.completed(model)
+            if finished is not None:
+                losses, data_losses, steps, seconds = finished
+                emit({"event": "loaded", "step": steps, "path": str(run.checkpoints[-1].path)})
+                return TrainResult(losses=losses, steps=steps, checkpoints=list(run.checkpoints), seconds=seconds,
+                                   data_losses=data_losses, trainable=list(names), regularizer=regularizer,
+                                   resumed_from_step=steps)
+            position = run.resume(model, opt)
 
-def _train(
-    model: nn.Module,
-    task: Task,
-    dataset: Dataset | Mapping[str, Tensor],
-    *,
-    epochs: int,
-    batch_size: int,
-    learning_rate: float,
-    seed: int,
-    optimizer: str,
-    l2: float,
-    trainable: str | Sequence[str] | None,
-    proximity: Proximity | None,
-    checkpoint_dir: str | Path | None,
-    checkpoint_every: int | None,
-    device: torch.device | str,
-    log: Callable[[dict[str, Any]], None] | None,
-    overwrite: bool,
-    l2_names: str | Sequence[str] | None = None,
-    exclude: Sequence[int] | None = None,
-) -> TrainResult:
-    """The body of :func:`train`, with validated arguments."""
-    started = time.perf_counter()
-    model.to(device)
-    names = select_parameters(model, "all" if trainable is None else trainable)
-    params = dict(model.named_parameters())
-    for name, param in params.items():
-        param.requires_grad_(name in names)
-    if proximity is not None:
-        for name, ref in proximity.reference.items():
-            if name not in params or params[name].shape != ref.shape:
-                shape = tuple(params[name].shape) if name in params else "absent"
-                raise invalid(f"proximity.reference[{name!r}]", tuple(ref.shape), f"the model's shape {shape}")
-        proximity = proximity.to(device)
-    covered = names if l2_names is None else [n for n in select_parameters(model, l2_names) if n in names]
-    regularizer = Regularizer(l2=l2, proximity=proximity, l2_names=tuple(covered))
-    trained = {n: params[n] for n in names}
-    data = collate_dataset(dataset)
-    n_examples = num_examples(data)
-    steps_per_epoch = math.ceil(n_examples / batch_size)
-    excluded = sorted(int(i) for i in exclude) if exclude else []
-    if excluded and (excluded[0] < 0 or excluded[-1] >= n_examples):
-        raise invalid("exclude", [i for i in excluded if not 0 <= i < n_examples][:5], f"indices in [0, {n_examples})")
-    kept = torch.ones(n_examples, dtype=torch.bool)
-    kept[excluded] = False
-    opt_class = torch.optim.Adam if optimizer == "adam" else torch.optim.SGD
-    opt = opt_class(list(trained.values()), lr=float(learning_rate))
-    emit = log or (lambda event: None)
+        try:
+            position = position or {}
+            step, start_epoch = int(position.get("step", 0)), int(position.get("epoch", 0))
+            start_batch = int(position.get("batch", 0))
+            epoch_sum = float(position.get("epoch_loss_sum", 0.0))
+            epoch_data_sum = float(position.get("epoch_data_loss_sum", 0.0))
+            losses = [float(x) for x in position.get("losses", [])]
+            data_losses = [float(x) for x in position.get("data_losses", [])]
+            previous_seconds = float(position.get("seconds", 0.0))
+        except (TypeError, ValueError) as err:
+            raise CorruptedArtifactError(f"the resume state in {checkpoint_dir} is malformed: {err}") from err
+        resumed_from = step
+        if step:
+            emit({"event": "resumed", "step": step})
 
-    run: TrainingRun | None = None
-    position: dict[str, Any] | None = None
-    if checkpoint_dir is not None:
-        arguments = json.loads(json.dumps({
-            "epochs": epochs, "batch_size": batch_size, "learning_rate": float(learning_rate),
-            "seed": seed, "optimizer": optimizer, "l2": float(l2), "trainable": names, "l2_names": covered,
-            "checkpoint_every": checkpoint_every, "task": describe_task(task),
-            "model": f"{type(model).__module__}.{type(model).__qualname__}",
-            "initial_state_sha256": tensors_digest(sorted(model.state_dict().items())),
-            "dataset": {"size": n_examples, "sha256": tensors_digest([(n, t) for n, t in named_leaves(data, sort_keys=True) if isinstance(t, Tensor)])},
-            **({"exclude": {"count": len(excluded), "sha256": tensors_digest([("exclude", torch.tensor(excluded))])}} if excluded else {}),
-            "proximity": None if proximity is None else {
-                "alpha": proximity.alpha,
-                "reference_sha256": tensors_digest(sorted(proximity.reference.items())),
-            },
-        }))
-        run = TrainingRun(Path(checkpoint_dir), arguments, overwrite)
-        finished = run.completed(model)
-        if finished is not None:
-            losses, data_losses, steps, seconds = finished
-            emit({"event": "loaded", "step": steps, "path": str(run.checkpoints[-1].path)})
-            return TrainResult(losses=losses, steps=steps, checkpoints=list(run.checkpoints), seconds=seconds,
-                               data_losses=data_losses, trainable=list(names), regularizer=regularizer,
-                               resumed_from_step=steps)
-        position = run.resume(model, opt)
+        def save(epoch: int, batch: int, loss_sum: float, data_sum: float, checkpoint: bool) -> None:
+            if checkpoint:
+                info = run.save_checkpoint(model, step, float(opt.param_groups[0]["lr"]))
+            run.save_progress(model, opt, {
+                "step": step, "epoch": epoch, "batch": batch, "epoch_loss_sum": loss_sum,
+                "epoch_data_loss_sum": data_sum, "losses": losses, "data_losses": data_losses,
+                "seconds": previous_seconds + time.perf_counter() - started,
+            })
+            if checkpoint:
+                emit({"event": "checkpoint", "step": step, "path": str(info.path), "learning_rate": info.learning_rate})
 
-    try:
-        position = position or {}
-        step, start_epoch = int(position.get("step", 0)), int(position.get("epoch", 0))
-        start_batch = int(position.get("batch", 0))
-        epoch_sum = float(position.get("epoch_loss_sum", 0.0))
-        epoch_data_sum = float(position.get("epoch_data_loss_sum", 0.0))
-        losses = [float(x) for x in position.get("losses", [])]
-        data_losses = [float(x) for x in position.get("data_losses", [])]
-        previous_seconds = float(position.get("seconds", 0.0))
-    except (TypeError, ValueError) as err:
-        raise CorruptedArtifactError(f"the resume state in {checkpoint_dir} is malformed: {err}") from err
-    resumed_from = step
-    if step:
-        emit({"event": "resumed", "step": step})
+        data = to_device(data, device)
+        kept = kept.to(device)
+        model.train()
+        for epoch in range(start_epoch, epochs):
+            order = _permutation(n_examples, seed, epoch).to(device)
+            first = start_batch if epoch == start_epoch else 0
+            loss_sum = epoch_sum if epoch == start_epoch else 0.0
+            data_sum = epoch_data_sum if epoch == start_epoch else 0.0
+            for b in range(first, steps_per_epoch):
+                order_rows = order[b * batch_size:(b + 1) * batch_size]
+                if excluded:
+                    order_rows = order_rows[kept[order_rows]]
+                    if order_rows.numel() == 0:
+                        continue
+                batch = rows(data, order_rows)
+                opt.zero_grad(set_to_none=True)
+                data_loss = task.train_loss(model, batch).mean()
+                loss = data_loss if regularizer.is_zero else data_loss + regularizer(trained)
+                loss.backward()
+                opt.step()
+                step += 1
+                loss_sum += float(loss.detach())
+                data_sum += float(data_loss.detach())
+                if checkpoint_every is not None and step % checkpoint_every == 0:
+                    save(epoch, b + 1, loss_sum, data_sum, checkpoint=True)
+            losses.append(loss_sum / steps_per_epoch)
+            data_losses.append(data_sum / steps_per_epoch)
+            if run is not None:
+                save(epoch + 1, 0, 0.0, 0.0, checkpoint=False)
+            emit({"event": "epoch", "epoch": epoch + 1, "step": step, "loss": losses[-1],
+                  "data_loss": data_losses[-1], "seconds": previous_seconds + time.perf_counter() - started})
 
-    def save(epoch: int, batch: int, loss_sum: float, data_sum: float, checkpoint: bool) -> None:
-        if checkpoint:
-            info = run.save_checkpoint(model, step, float(opt.param_groups[0]["lr"]))
-        run.save_progress(model, opt, {
-            "step": step, "epoch": epoch, "batch": batch, "epoch_loss_sum": loss_sum,
-            "epoch_data_loss_sum": data_sum, "losses": losses, "data_losses": data_losses,
-            "seconds": previous_seconds + time.perf_counter() - started,
-        })
-        if checkpoint:
-            emit({"event": "checkpoint", "step": step, "path": str(info.path), "learning_rate": info.learning_rate})
-
-    data = to_device(data, device)
-    kept = kept.to(device)
-    model.train()
-    for epoch in range(start_epoch, epochs):
-        order = _permutation(n_examples, seed, epoch).to(device)
-        first = start_batch if epoch == start_epoch else 0
-        loss_sum = epoch_sum if epoch == start_epoch else 0.0
-        data_sum = epoch_data_sum if epoch == start_epoch else 0.0
-        for b in range(first, steps_per_epoch):
-            order_rows = order[b * batch_size:(b + 1) * batch_size]
-            if excluded:
-                order_rows = order_rows[kept[order_rows]]
-                if order_rows.numel() == 0:
-                    continue
-            batch = rows(data, order_rows)
-            opt.zero_grad(set_to_none=True)
-            data_loss = task.train_loss(model, batch).mean()
-            loss = data_loss if regularizer.is_zero else data_loss + regularizer(trained)
-            loss.backward()
-            opt.step()
-            step += 1
-            loss_sum += float(loss.detach())
-            data_sum += float(data_loss.detach())
-            if checkpoint_every is not None and step % checkpoint_every == 0:
-                save(epoch, b + 1, loss_sum, data_sum, checkpoint=True)
-        losses.append(loss_sum / steps_per_epoch)
-        data_losses.append(data_sum / steps_per_epoch)
+        if run is not None and (not run.checkpoints or run.checkpoints[-1].step != step):
+            save(epochs, 0, 0.0, 0.0, checkpoint=True)
+        seconds = previous_seconds + time.perf_counter() - started
         if run is not None:
-            save(epoch + 1, 0, 0.0, 0.0, checkpoint=False)
-        emit({"event": "epoch", "epoch": epoch + 1, "step": step, "loss": losses[-1],
-              "data_loss": data_losses[-1], "seconds": previous_seconds + time.perf_counter() - started})
+            run.finish(losses, data_losses, step, seconds)
+        return TrainResult(
+            losses=losses, steps=step, checkpoints=list(run.checkpoints) if run is not None else [],
+            seconds=seconds, data_losses=data_losses, trainable=list(names), regularizer=regularizer,
+            resumed_from_step=resumed_from,
+        )
 
-    if run is not None and (not run.checkpoints or run.checkpoints[-1].step != step):
-        save(epochs, 0, 0.0, 0.0, checkpoint=True)
-    seconds = previous_seconds + time.perf_counter() - started
-    if run is not None:
-        run.finish(losses, data_losses, step, seconds)
-    return TrainResult(
-        losses=losses, steps=step, checkpoints=list(run.checkpoints) if run is not None else [],
-        seconds=seconds, data_losses=data_losses, trainable=list(names), regularizer=regularizer,
-        resumed_from_step=resumed_from,
-    )
+
+@contextlib.contextmanager
+def intra_op_threads(count: int | None):
+    """Run the block with ``count`` torch intra-op threads (restored afterwards); ``None``: leave the setting."""
+    previous = torch.get_num_threads()
+    if count is not None:
+        torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        if count is not None:
+            torch.set_num_threads(previous)
