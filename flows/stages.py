@@ -164,10 +164,7 @@ def influence(x: Experiment, result: StageResult) -> None:
 @stage
 def multistage(x: Experiment, result: StageResult) -> None:
     """Multi-stage influence of pretraining sentences on the finetuned queries, per mode: [n_query, n_pretrain].
-
-    The finetuning half runs per embedding mode; the pretraining half (the inverse pretraining
-    Hessian and the pass over every pretraining sentence) runs once for all modes stacked.
-    """
+    The finetuning half runs per mode; the pretraining half once, for all modes stacked."""
     from influence.methods.multistage import embedding_sensitivity, pretraining_scores
 
     a, pretrained, sentences = x.settings.attribution, x.pretrained(), x.split("pretrain")
@@ -235,11 +232,8 @@ def _evidence(x: Experiment, result: StageResult, scope: str) -> None:
 
 @stage
 def deletion(x: Experiment, result: StageResult) -> None:
-    """Case-deletion check: retrain without each query's top-k proponents (opponents) vs without k random examples.
-
-    Every retraining is independent and saved as it finishes (an interrupted check resumes); the
-    Prefect flow runs them as parallel tasks, this function (``dvc repro``) one after another.
-    """
+    """Case-deletion check: retrain without each query's top-k proponents (opponents) vs without k random
+    examples (each retraining saved as it finishes; the Prefect flow runs them as parallel tasks first)."""
     _evidence(x, result, "finetune")
 
 
@@ -252,13 +246,9 @@ def pretrain_deletion(x: Experiment, result: StageResult) -> None:
 
 @stage
 def lds(x: Experiment, result: StageResult) -> None:
-    """Linear datamodeling score of every checked method (Park et al. 2023), from retraining on random subsets.
-
-    Each subset keeps ``evaluation.lds_fraction`` of the finetuning train split and is retrained with
-    every seed (the query losses averaged over seeds); a method's LDS is the Spearman correlation,
-    per query, between the losses its scores predict for the subsets and those measured, averaged
-    over the checked queries.
-    """
+    """Linear datamodeling score of every checked method (Park et al. 2023): per query, the Spearman
+    correlation between the losses its scores predict for random subsets and those measured after
+    retraining on them (with every seed), averaged over the checked queries."""
     from influence.evaluation.lds import lds_per_query
 
     e = x.settings.evaluation

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -114,11 +115,13 @@ def test_unchanged_stages_are_skipped_and_data_rev_reads_a_committed_version(pro
     from flows.settings import validate_settings
     from flows.stage_table import NAMES as STAGES
     from influence.exceptions import DataError
-    from tests.conftest import git
+    from tests.conftest import DVC, git
 
     settings = load_settings(project / "params.yaml")
     first = pipeline(settings=settings, project_dir=str(project))
     assert first["skipped"] == []
+    status = subprocess.run([DVC, "status"], cwd=project, capture_output=True, text=True)
+    assert status.returncode == 0 and "up to date" in status.stdout, status.stdout  # one bookkeeping: the flow's
 
     again = pipeline(settings=settings, project_dir=str(project))
     assert again["skipped"] == [s for s in STAGES if s != "report"]  # the report always makes a new MLflow run
@@ -127,6 +130,10 @@ def test_unchanged_stages_are_skipped_and_data_rev_reads_a_committed_version(pro
     changed["evaluation"]["random_repeats"] = 2  # an evaluation setting: only deletion and lds read them all
     third = pipeline(settings=validate_settings(changed), project_dir=str(project))
     assert third["skipped"] == [s for s in STAGES if s not in ("deletion", "pretrain_deletion", "lds", "report")]
+    status = subprocess.run([DVC, "status"], cwd=project, capture_output=True, text=True).stdout
+    assert "deletion" in status and "pretrain:" not in status  # run with other settings than params.yaml: truly changed
+    fourth = pipeline(settings=settings, project_dir=str(project))  # back to params.yaml: the kept versions return
+    assert fourth["skipped"] == [s for s in STAGES if s != "report"]
 
     # the data version as a git revision: commit what the data stage recorded, then read it back
     git(project, "add", "dvc.lock", "params.yaml")
