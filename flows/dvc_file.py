@@ -11,8 +11,8 @@ Outputs under ``artifacts/`` are ``cache: false``: DVC records their hashes in `
 keeps past versions of them itself (:mod:`flows.stage_cache`). The prepared data are cached and
 pushed, as DVC-versioned data.
 
-:func:`record_stages` is the flow's side of one bookkeeping: after a flow run, ``dvc commit``
-records every stage it ran or found current, so ``dvc status`` reports nothing changed, except
+:func:`record_stages` is the flow's side of one bookkeeping: after a flow run, it records in
+``dvc.lock`` (as ``dvc commit`` would) every stage the flow ran or found current, so ``dvc status`` reports nothing changed, except
 for the stages run with settings that differ from ``params.yaml`` (``--set`` or the UI form), which
 ``dvc status`` rightly reports as changed (``dvc repro`` would recompute them from the file).
 """
@@ -97,12 +97,27 @@ def matching_params(root: Path, settings: Any, names: list[str]) -> list[str]:
 
 
 def record_stages(root: Path, settings: Any, names: list[str]) -> list[str]:
-    """``dvc commit`` the stages among ``names`` run with ``params.yaml``'s settings; the stages recorded."""
-    from flows.versioning import run_dvc
+    """Record in ``dvc.lock`` the stages among ``names`` run with ``params.yaml``'s settings; the stages recorded.
+
+    What ``dvc commit --force`` does, without DVC's run cache: that would copy every uncached
+    output into ``.dvc/cache`` (and rewrite it in the workspace) so that ``dvc repro`` could
+    restore it; the pipeline keeps its own past versions (:mod:`flows.stage_cache`).
+    """
+    from dvc.repo import Repo, lock_repo
 
     recorded = matching_params(root, settings, [n for n in names if n != "data"])
-    if recorded:
-        run_dvc(Path(root), "commit", "--force", *recorded)
+    if not recorded:
+        return []
+    repo = Repo(str(root))
+    try:
+        with lock_repo(repo):
+            stages = [stage for name in recorded for stage in repo.stage.collect(name)]
+            for stage in stages:
+                stage.save(run_cache=False)
+                stage.commit()  # no-op for uncached outputs: they stay where and what they are
+            stages[0].dvcfile.dump_stages(stages, update_pipeline=False)
+    finally:
+        repo.close()
     return recorded
 
 

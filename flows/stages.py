@@ -175,7 +175,7 @@ def multistage(x: Experiment, result: StageResult) -> None:
         ft = x.solver("finetune")
         sensitivities.append(embedding_sensitivity(
             pretrained, x.query_task, model, x.hessian_sample(x.split("train"), a.hessian_examples), x.split("queries"),
-            shared=shared, embedding=mode, alpha=0.0, theta_names=[n for n, _ in model.named_parameters() if n not in shared],
+            shared=shared, embedding=mode, alpha=0.0,
             finetune_solver=ft["solver"], damping=ft["damping"], solver_options=ft["solver_options"],
             finetune_regularizer=x.regularizer(mode, model, pretrained), batch_size=256, device=x.device, dtype=None,
         ))

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from influence.exceptions import invalid
+from influence.validation import check_positive_int
 
 KINDS = ("proponents", "opponents")
 
@@ -37,8 +38,7 @@ _T95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2
 
 def t_quantile_95(degrees_of_freedom: int) -> float:
     """Two-sided 95% quantile of Student's t with ``degrees_of_freedom >= 1``."""
-    if degrees_of_freedom < 1:
-        raise invalid("degrees_of_freedom", degrees_of_freedom, "an integer >= 1")
+    check_positive_int("degrees_of_freedom", degrees_of_freedom)
     return _T95[degrees_of_freedom - 1] if degrees_of_freedom <= len(_T95) else 1.96
 
 
@@ -299,8 +299,7 @@ def plan_deletion(
     for kind in kinds:
         if kind not in KINDS:
             raise invalid("kinds", list(kinds), "a list of 'proponents' and/or 'opponents'")
-    if random_repeats < 1:
-        raise invalid("random_repeats", random_repeats, "an integer >= 1")
+    check_positive_int("random_repeats", random_repeats)
     seeds = list(seeds)
     if not seeds or len(set(seeds)) != len(seeds):
         raise invalid("seeds", seeds, "a non-empty list of distinct integers")

@@ -289,7 +289,7 @@ def embedding_sensitivity(
     shared: Mapping[str, str],
     embedding: Literal["fixed", "updated"],
     alpha: float,
-    theta_names: Sequence[str],
+    theta_names: Sequence[str] | None = None,
     finetune_solver: str | InverseHessianSolver,
     damping: float,
     solver_options: Mapping[str, Any] | None,
@@ -310,7 +310,8 @@ def embedding_sensitivity(
         shared: ``{finetuned name: pretrained name}`` of the carried parameters ``W``.
         embedding: ``"fixed"`` or ``"updated"``.
         alpha: proximity strength (``"updated"``).
-        theta_names: the finetuning parameters other than ``W``.
+        theta_names: the finetuning parameters other than ``W`` (default: every trainable parameter
+            of the finetuned model but the shared ones).
         finetune_solver, damping, solver_options, finetune_regularizer: the finetuning solve.
         batch_size, device, dtype: computation options.
 
@@ -319,7 +320,7 @@ def embedding_sensitivity(
         with respect to the pretrained values of ``W`` (in the order of ``shared``).
     """
     w_names = list(shared)
-    theta_names = list(theta_names)
+    theta_names = _finetune_names(finetuned_model, "all" if theta_names is None else list(theta_names), w_names)
     queries = gradient_matrix(
         finetune_task, finetuned_model, query_data, theta_names + w_names, kind="measurement",
         batch_size=batch_size, device=device, dtype=dtype,
