@@ -111,7 +111,8 @@ def record_stages(root: Path, settings: Any, names: list[str]) -> list[str]:
     repo = Repo(str(root))
     try:
         with lock_repo(repo):
-            stages = [stage for name in recorded for stage in repo.stage.collect(name)]
+            dvcfile = Path(root).resolve() / "dvc.yaml"  # a full path: a bare name would be read from the cwd
+            stages = [stage for name in recorded for stage in repo.stage.collect(f"{dvcfile}:{name}")]
             for stage in stages:
                 stage.save(run_cache=False)
                 stage.commit()  # no-op for uncached outputs: they stay where and what they are
