@@ -425,6 +425,9 @@ def test_restart_skips_nightly_runs_missed_while_stopped(servers: Servers):
     import httpx
 
     nightly = httpx.get(f"{servers.prefect_url}/api/deployments/name/pipeline/nightly", timeout=HTTP_TIMEOUT).json()
+    # no worker may take the overdue run before the servers stop: that is what "missed while stopped" means
+    pool = f"{servers.prefect_url}/api/work_pools/cpu"
+    assert httpx.patch(pool, json={"is_paused": True}, timeout=HTTP_TIMEOUT).status_code == 204
     past = (datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(hours=3)).isoformat()
     response = httpx.post(
         f"{servers.prefect_url}/api/deployments/{nightly['id']}/create_flow_run", timeout=30,
@@ -441,6 +444,7 @@ def test_restart_skips_nightly_runs_missed_while_stopped(servers: Servers):
     assert "skipped nightly run" in restarted.stdout
     state = httpx.get(f"{servers.prefect_url}/api/flow_runs/{missed}", timeout=HTTP_TIMEOUT).json()["state"]
     assert (state["type"], state["name"]) == ("CANCELLED", "Skipped")
+    assert httpx.patch(pool, json={"is_paused": False}, timeout=HTTP_TIMEOUT).status_code == 204
 
 
 def _processes_with_home(home: str) -> list[int]:
