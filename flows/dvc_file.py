@@ -26,7 +26,7 @@ from typing import Any
 import yaml
 
 from flows.code_deps import code_files
-from flows.stage_table import STAGES, Stage
+from flows.stage_table import STAGES, USER_DATA, Stage
 
 HEADER = (
     "# Generated from flows/stage_table.py by `python -m flows.cli dvc-yaml`; do not edit by hand.\n"
@@ -46,7 +46,7 @@ def _entries(row: Stage) -> list[Any]:
 
 def stage_entry(row: Stage) -> dict[str, Any]:
     """The ``dvc.yaml`` entry of one row."""
-    deps = [f"data/prepared/{name}.csv" for name in row.data]
+    deps = [f"data/prepared/{name}.csv" for name in row.data] + ([USER_DATA] if row.files else [])
     deps += [out for dep in row.inputs for out in _row(dep).outs]
     deps += code_files(_entries(row))
     outs: list[Any] = [out if out.startswith("data/") else {out: {"cache": False}} for out in row.outs]

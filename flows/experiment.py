@@ -168,6 +168,18 @@ class Experiment:
     def num_classes(self) -> int:
         return len(self.label_names)
 
+    def user_data(self) -> dict[str, Any]:
+        """The user's files the data stage reads instead of the built-in data: ``{"finetune": LabelledTable,
+        "pretrain": Corpus}``, each only when its ``data.*_source`` is ``"file"`` (paths from the project folder)."""
+        from influence.data.user_files import Corpus, LabelledTable
+
+        d, root, found = self.settings.data, self.ws.root, {}
+        if d.finetune_source == "file":
+            found["finetune"] = LabelledTable(root / d.finetune_file, d.text_column, d.label_column, d.group_column)
+        if d.pretrain_source == "file":
+            found["pretrain"] = Corpus(root / d.pretrain_file, d.pretrain_text_column, d.pretrain_unit, d.chunk_words)
+        return found
+
     def checked_queries(self) -> Any:
         """The queries the evidence stages check: the first ``evaluation.queries``."""
         return self.split("queries").subset(list(range(self.settings.evaluation.queries)))

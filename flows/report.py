@@ -112,6 +112,10 @@ def build_report(settings: PipelineSettings, ws: Workspace, extra_tags: dict[str
         version = data_version(ws.root)
         summary = {"git revision": revision, "settings digest": settings.digest(),
                    "data version": f"{version['rev']} (commit {version['commit'][:12]})"}
+        sources = results["data"].info.get("sources", {}) if "data" in results and version["rev"] == "workspace" else {}
+        for name, source in sources.items():  # your own files, when the data stage read them
+            summary[f"{name} data"] = f"{source['path']} (md5 {source['md5']})"
+        summary["classes"] = ", ".join(label)
         for mode in settings.finetune.modes:
             summary[f"test accuracy ({mode})"] = results["finetune"].metrics.get(f"{mode}.accuracy_test", float("nan"))
         summary.update({f"{s} seconds": r.seconds for s, r in results.items()})
@@ -125,7 +129,8 @@ def build_report(settings: PipelineSettings, ws: Workspace, extra_tags: dict[str
         atomic_write(out / "report.html", html)
         tags = {"git_revision": revision, "settings_digest": settings.digest(),
                 "data_rev": version["rev"], "data_commit": version["commit"],
-                **{f"data.{name}.md5": h for name, h in hashes.items()}, **(extra_tags or {})}
+                **{f"data.{name}.md5": h for name, h in hashes.items()},
+                **{f"data.source.{name}": f"{src['path']} md5 {src['md5']}" for name, src in sources.items()}, **(extra_tags or {})}
         run_id, experiment_id, uri = log_pipeline_run(
             settings, ws.root, results, out, tags, run_name=extra_tags.get("run_name") if extra_tags else None
         )

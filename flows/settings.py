@@ -32,9 +32,19 @@ class _Section(BaseModel):
 
 
 class DataSettings(_Section):
-    """Where the real data comes from and how it is cut."""
+    """Where the data comes from (the built-in real data or your own files) and how it is cut."""
 
-    split_seed: int = Field(13, title="Split seed", description="Seed that assigns whole movies to train/validation/test.")
+    finetune_source: Literal["rotten_tomatoes", "file"] = Field("rotten_tomatoes", title="Finetuning data", description="'rotten_tomatoes' (the built-in fresh/rotten review snippets, split by movie) or 'file': your labelled table, data.finetune_file.")
+    finetune_file: str = Field("", title="Finetuning file", description="With finetune_source 'file': your CSV, JSON Lines (.jsonl) or Parquet file, relative to the project folder (keep it in data/user/, which dvc.yaml watches). Any number of classes; the label names are the file's labels.")
+    text_column: str = Field("text", min_length=1, title="Text column", description="Column of the finetuning file holding the texts.")
+    label_column: str = Field("label", min_length=1, title="Label column", description="Column of the finetuning file holding the labels (strings or integers).")
+    group_column: str = Field("", title="Grouping column", description="Column of the finetuning file whose rows sharing a value go to the same split (an author, a product, a movie); empty: a seeded split by row.")
+    pretrain_source: Literal["news", "file"] = Field("news", title="Pretraining data", description="'news' (the built-in news articles) or 'file': your corpus, data.pretrain_file.")
+    pretrain_file: str = Field("", title="Pretraining file", description="With pretrain_source 'file': your corpus, relative to the project folder: a .txt file of documents separated by blank lines, or a CSV / JSON Lines file with one document per row.")
+    pretrain_text_column: str = Field("text", min_length=1, title="Pretraining text column", description="Column of a CSV / JSON Lines corpus holding the documents.")
+    pretrain_unit: Literal["sentences", "chunks"] = Field("sentences", title="Pretraining unit", description="The corpus is cut into 'sentences' (5 to 40 words, as the built-in news) or 'chunks' of data.chunk_words words; each is one pretraining example.")
+    chunk_words: int = Field(32, ge=4, le=512, title="Words per chunk", description="Words per pretraining example when pretrain_unit is 'chunks'.")
+    split_seed: int = Field(13, title="Split seed", description="Seed that assigns whole groups (movies, or your grouping column's values) to train/validation/test.")
     train_fraction: float = Field(0.8, gt=0, lt=1, title="Train fraction", description="Fraction of movies in the finetuning train split.")
     validation_fraction: float = Field(0.1, gt=0, lt=1, title="Validation fraction", description="Fraction of movies in the validation split; the rest is test.")
     pretrain_sentences: int = Field(6000, ge=100, title="Pretraining sentences", description="How many news sentences (a seeded sample of the corpus) pretrain the text model.")
@@ -45,6 +55,9 @@ class DataSettings(_Section):
 
     @model_validator(mode="after")
     def _fractions(self) -> "DataSettings":
+        for source, name in ((self.finetune_source, "finetune_file"), (self.pretrain_source, "pretrain_file")):
+            if source == "file" and not getattr(self, name).strip():
+                raise ValueError(f"{name} is empty: with the source 'file' it must name your file (e.g. data/user/examples.csv)")
         if self.train_fraction + self.validation_fraction >= 1:
             raise ValueError(
                 f"train_fraction + validation_fraction = {self.train_fraction + self.validation_fraction} "

