@@ -19,14 +19,13 @@ for the stages run with settings that differ from ``params.yaml`` (``--set`` or 
 
 from __future__ import annotations
 
-import importlib
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from flows.code_deps import code_files
-from flows.stage_table import STAGES, USER_DATA, Stage
+from flows.stage_table import STAGES, USER_DATA, Stage, stage
 
 HEADER = (
     "# Generated from flows/stage_table.py by `python -m flows.cli dvc-yaml`; do not edit by hand.\n"
@@ -35,32 +34,19 @@ HEADER = (
 )
 
 
-def _entries(row: Stage) -> list[Any]:
-    from flows import stages
-
-    if row.score is not None:
-        return [stages.score_stage, row.score]
-    module, function = row.entry.split(":")
-    return [getattr(importlib.import_module(module), function)]
-
-
 def stage_entry(row: Stage) -> dict[str, Any]:
     """The ``dvc.yaml`` entry of one row."""
+    from flows.stages import entry_functions
+
     deps = [f"data/prepared/{name}.csv" for name in row.data] + ([USER_DATA] if row.files else [])
-    deps += [out for dep in row.inputs for out in _row(dep).outs]
-    deps += code_files(_entries(row))
+    deps += [out for dep in row.inputs for out in stage(dep).outs]
+    deps += code_files(entry_functions(row.name))
     outs: list[Any] = [out if out.startswith("data/") else {out: {"cache": False}} for out in row.outs]
     entry: dict[str, Any] = {"cmd": f"python -m flows.cli stage {row.name}", "deps": deps}
     if row.params:
         entry["params"] = list(row.params)
     entry["outs"] = outs
     return entry
-
-
-def _row(name: str) -> Stage:
-    from flows.stage_table import stage
-
-    return stage(name)
 
 
 def dvc_yaml() -> str:
@@ -93,33 +79,38 @@ def matching_params(root: Path, settings: Any, names: list[str]) -> list[str]:
     if not path.is_file():
         return []
     written, used = load_settings(path).model_dump(mode="json"), settings.model_dump(mode="json")
-    return [n for n in names if all(_value(written, p) == _value(used, p) for p in _row(n).params)]
+    return [n for n in names if all(_value(written, p) == _value(used, p) for p in stage(n).params)]
 
 
-def record_stages(root: Path, settings: Any, names: list[str]) -> list[str]:
-    """Record in ``dvc.lock`` the stages among ``names`` run with ``params.yaml``'s settings; the stages recorded.
+def commit_stages(root: Path, names: list[str]) -> None:
+    """``dvc commit --force`` of the stages ``names``, without DVC's run cache.
 
-    What ``dvc commit --force`` does, without DVC's run cache: that would copy every uncached
-    output into ``.dvc/cache`` (and rewrite it in the workspace) so that ``dvc repro`` could
-    restore it; the pipeline keeps its own past versions (:mod:`flows.stage_cache`).
+    The run cache would copy every uncached output into ``.dvc/cache`` (and rewrite it in the
+    workspace) so that ``dvc repro`` could restore it; the pipeline keeps its own past versions
+    (:mod:`flows.stage_cache`). Cached outputs (the prepared data) go into the cache as with the CLI.
     """
     from dvc.repo import Repo, lock_repo
 
-    recorded = matching_params(root, settings, [n for n in names if n != "data"])
-    if not recorded:
-        return []
+    if not names:
+        return
     repo = Repo(str(root))
     try:
         with lock_repo(repo):
             dvcfile = Path(root).resolve() / "dvc.yaml"  # a full path: a bare name would be read from the cwd
-            stages = [stage for name in recorded for stage in repo.stage.collect(f"{dvcfile}:{name}")]
-            for stage in stages:
-                stage.save(run_cache=False)
-                stage.commit()  # no-op for uncached outputs: they stay where and what they are
-            stages[0].dvcfile.dump_stages(stages, update_pipeline=False)
+            found = [s for name in names for s in repo.stage.collect(f"{dvcfile}:{name}")]
+            for entry in found:
+                entry.save(run_cache=False)
+                entry.commit()  # a no-op for uncached outputs: they stay where and what they are
+            found[0].dvcfile.dump_stages(found, update_pipeline=False)
     finally:
         repo.close()
+
+
+def record_stages(root: Path, settings: Any, names: list[str]) -> list[str]:
+    """Record in ``dvc.lock`` the stages among ``names`` run with ``params.yaml``'s settings; the stages recorded."""
+    recorded = matching_params(root, settings, names)
+    commit_stages(root, recorded)
     return recorded
 
 
-__all__ = ["dvc_yaml", "matching_params", "record_stages", "stage_entry", "write_dvc_yaml"]
+__all__ = ["commit_stages", "dvc_yaml", "matching_params", "record_stages", "stage_entry", "write_dvc_yaml"]

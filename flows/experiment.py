@@ -18,7 +18,6 @@ declares). It owns every rule of the experiment that the stages share:
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 import threading
@@ -45,9 +44,12 @@ def sample_indices(n: int, k: int, seed: int) -> list[int]:
     return sorted(random.Random(seed).sample(range(n), min(k, n)))
 
 
-def _seeded(seed: int, build):
+def _built(build, seed: int | None = None):
+    """``build()`` under :data:`INIT_LOCK`, after ``torch.manual_seed(seed)`` when a seed is given: every
+    model is built under the lock, since an unseeded build also draws from the global generator."""
     with INIT_LOCK:
-        torch.manual_seed(seed)
+        if seed is not None:
+            torch.manual_seed(seed)
         return build()
 
 
@@ -66,6 +68,7 @@ class Experiment:
         self.ws = ws
         self.stage = stage
         self._splits: dict[str, Any] = {}
+        self._pretrained: Any = None
 
     @classmethod
     def for_stage(cls, stage: str, settings: Any, ws: Workspace) -> "Experiment":
@@ -224,16 +227,22 @@ class Experiment:
         from influence.models.text import CbowLanguageModel
 
         config = self.language_model_config()
-        return _seeded(self.settings.seed if seed is None else seed, lambda: CbowLanguageModel(**config))
+        return _built(lambda: CbowLanguageModel(**config), self.settings.seed if seed is None else seed)
 
     def pretrained(self) -> Any:
-        """The pretraining stage's model (architecture from its ``model.json``), in eval mode."""
-        from influence.models.checkpoints import load_state
-        from influence.models.text import CbowLanguageModel
+        """The pretraining stage's model (architecture from its ``model.json``), in eval mode.
 
-        model = CbowLanguageModel(**self.read_json("pretrain", "model.json"))
-        model.load_state_dict(load_state(self.path("pretrain", "model.safetensors")))
-        return model.eval()
+        Read once per experiment object and shared by its callers, which only read it.
+        """
+        if self._pretrained is None:
+            from influence.models.checkpoints import load_state
+            from influence.models.text import CbowLanguageModel
+
+            config = self.read_json("pretrain", "model.json")
+            model = _built(lambda: CbowLanguageModel(**config))
+            model.load_state_dict(load_state(self.path("pretrain", "model.safetensors")))
+            self._pretrained = model.eval()
+        return self._pretrained
 
     def classifier_config(self, pretrained: Any = None) -> dict[str, int]:
         """Architecture of a new classifier: the pretrained embedding's shape, ``finetune.hidden_dim``, the data's classes."""
@@ -248,7 +257,7 @@ class Experiment:
 
         pretrained = self.pretrained() if pretrained is None else pretrained
         config = self.classifier_config(pretrained)
-        model = _seeded(self.settings.seed if seed is None else seed, lambda: TextClassifier(**config))
+        model = _built(lambda: TextClassifier(**config), self.settings.seed if seed is None else seed)
         transfer_embedding(pretrained, model)
         return model
 
@@ -257,17 +266,15 @@ class Experiment:
         from influence.models.checkpoints import load_state
         from influence.models.text import TextClassifier
 
-        with INIT_LOCK:
-            model = TextClassifier(**self.read_json("finetune", "model.json"))
+        config = self.read_json("finetune", "model.json")
+        model = _built(lambda: TextClassifier(**config))
         model.load_state_dict(load_state(self.path("finetune", mode, "model.safetensors")))
         return model.eval()
 
-    def shared(self, classifier: Any = None, pretrained: Any = None) -> dict[str, str]:
+    def shared(self, classifier: Any, pretrained: Any) -> dict[str, str]:
         """``{classifier parameter: pretrained parameter}`` carried from pretraining: the word embedding's weight."""
         from influence.gradients.layout import select_parameters
 
-        classifier = self.finetuned(self.settings.finetune.modes[0]) if classifier is None else classifier
-        pretrained = self.pretrained() if pretrained is None else pretrained
         return dict(zip(select_parameters(classifier, "embedding"), select_parameters(pretrained, "embedding")))
 
     # -- finetuning modes -------------------------------------------------------------------
@@ -316,14 +323,15 @@ class Experiment:
         objective, which already holds the L2 term.
         """
         a = self.settings.attribution
-        name = {"finetune": a.solver, "pretrain": a.pretrain_solver, "self_influence": "arnoldi"}[which]
-        which = "pretrain" if which == "pretrain" else "finetune"
-        options: dict[str, Any] = {"gauss_newton": a.gauss_newton if which == "finetune" else a.pretrain_gauss_newton}
+        if which == "pretrain":
+            name, damping, gauss_newton = a.pretrain_solver, a.pretrain_damping, a.pretrain_gauss_newton
+        else:
+            name, damping, gauss_newton = ("arnoldi" if which == "self_influence" else a.solver), a.damping, a.gauss_newton
+        options: dict[str, Any] = {"gauss_newton": gauss_newton}
         if name == "cg":
             options["max_iterations"] = a.cg_iterations
         elif name == "arnoldi":
             options.update(n_iterations=a.arnoldi_iterations, top_k=a.arnoldi_rank, seed=self.settings.seed)
-        damping = a.damping if which == "finetune" else a.pretrain_damping
         return {"solver": name, "damping": damping, "solver_options": options}
 
     # -- checkpoints and device -------------------------------------------------------------
@@ -348,11 +356,4 @@ class Experiment:
         return "cpu"
 
 
-def save_model_config(path: Path, config: dict[str, int]) -> None:
-    """Write a model's architecture beside its weights (``model.json``)."""
-    from influence.storage import atomic_write
-
-    atomic_write(path, json.dumps(config, indent=1, sort_keys=True))
-
-
-__all__ = ["Experiment", "UndeclaredInputError", "sample_indices", "save_model_config"]
+__all__ = ["Experiment", "UndeclaredInputError", "sample_indices"]

@@ -140,13 +140,6 @@ def _run(stage: str, settings: PipelineSettings, root: Path, force: bool, skippe
     return state.result()
 
 
-def _pending(stage: str, settings: PipelineSettings, ws: Workspace) -> bool:
-    """Whether ``stage`` would run: neither current in the workspace nor kept from an earlier run."""
-    fp = stage_cache.fingerprint(stage, settings, ws)
-    kept = stage_cache.versions_dir(ws, stage) / fp[:32] / "result.json"
-    return stage_cache.completed(ws, stage, fp) is None and not (fp and kept.is_file())
-
-
 def _skipped_in(flow_run_id, timeout: float = 60.0) -> list[str]:
     """The GPU stages of a (deployment's) flow run that ended ``Skipped``.
 
@@ -260,13 +253,13 @@ def pipeline(
         skipped += attribution(settings, str(root), force)
     ws, e = Workspace(root), settings.evaluation
     for stage in CPU_STAGES[CPU_STAGES.index("finetune") + 1:]:
-        if stage in RETRAINING_STAGES and table_row(stage).is_enabled(settings) and (force or _pending(stage, settings, ws)):
+        if stage in RETRAINING_STAGES and table_row(stage).is_enabled(settings) and (force or stage_cache.would_run(stage, settings, ws)):
             retrainings.with_options(task_runner=ThreadPoolTaskRunner(max_workers=e.workers))(stage, settings, str(root))
         _run(stage, settings, root, force, skipped)  # reads the retrainings back, or is skipped
     tags = {"prefect_flow_run_id": str(flow_run.get_id() or ""), "run_name": str(flow_run.get_name() or "pipeline"),
             "stages_skipped": ",".join(skipped) or "none"}
     final = report_task(settings, root, tags)
-    record_task(settings, root, [n for n in NAMES if n != "data" or not data_rev])
+    record_task(settings, root, [n for n in NAMES if n != "data"])  # data: recorded (and pushed) when it ran
     publish_task(settings, root, final, skipped)
     logger.info("report logged to MLflow run %s (%s); stages skipped: %s", final.info["mlflow_run_id"], final.info["mlflow_url"], skipped or "none")
     return {"mlflow_run_id": final.info["mlflow_run_id"], "report": final.outputs["report"], "skipped": skipped}

@@ -115,17 +115,15 @@ def measure_all(x: Experiment, retrainings: list, scope: str = "finetune") -> di
 
 
 def deletion_plan(x: Experiment) -> Any:
-    """The case-deletion check's retrainings, from the checked methods' scores (also ``artifacts/deletion/plan.json``)."""
+    """The case-deletion check's retrainings, from the checked methods' scores."""
     from influence.evaluation.case_deletion import plan_deletion
 
     e = x.settings.evaluation
     n_train = len(x.split("train"))
     scores = {method: x.checked_scores(METHOD_STAGES[method]) for method in e.methods}
     ks = sorted({max(1, round(f * n_train)) for f in e.k_fractions})
-    plan = plan_deletion(scores, n_train=n_train, k=ks, kinds=e.kinds, random_repeats=e.random_repeats,
+    return plan_deletion(scores, n_train=n_train, k=ks, kinds=e.kinds, random_repeats=e.random_repeats,
                          seeds=retraining_seeds(x), seed=x.settings.seed)
-    x.write_json("plan.json", {"n_train": n_train, "retrainings": len(plan.retrainings()), "ks": ks, "seeds": plan.seeds})
-    return plan
 
 
 def pretrain_deletion_plan(x: Experiment) -> Any:
@@ -158,7 +156,8 @@ def planned(x: Experiment) -> list:
 
 
 def deletion_results(x: Experiment, plan: Any, measured: dict[str, torch.Tensor]) -> StageResult:
-    """Verdicts of a case-deletion check from its retrainings' measurements ``{key: [Q, 2]}`` (``deletion.json``)."""
+    """Verdicts of a case-deletion check from its retrainings' measurements ``{key: [Q, 2]}`` (``deletion.json``,
+    and the plan's sizes in ``plan.json``)."""
     methods = x.settings.evaluation.methods if x.stage == "deletion" else ["multistage"]
     result = StageResult(x.stage)
     checks = plan.results(measured, extra_name="probability")
@@ -177,6 +176,7 @@ def deletion_results(x: Experiment, plan: Any, measured: dict[str, torch.Tensor]
         result.metrics[f"{method}.passed_fraction"] = sum(c.passed for c in mine) / len(mine)
     result.metrics["retrainings"] = float(len(measured))
     result.outputs["deletion"] = x.write_json("deletion.json", report)
+    x.write_json("plan.json", {"n_train": plan.n_train, "retrainings": len(plan.retrainings()), "ks": plan.ks, "seeds": plan.seeds})
     return result
 
 

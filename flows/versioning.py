@@ -59,9 +59,11 @@ def commit_data(root: Path, settings: "PipelineSettings | None" = None, push: bo
             ``dvc.lock`` records the parameters actually used (other settings are left alone).
         push: also ``dvc push`` the data to the default remote.
     """
+    from flows.dvc_file import commit_stages
+
     if settings is not None:
         _record_data_params(root, settings)
-    run_dvc(root, "commit", "--force", DATA_STAGE)
+    commit_stages(root, [DATA_STAGE])
     if push:
         run_dvc(root, "push", DATA_STAGE)
     return dataset_hashes(root)

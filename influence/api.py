@@ -57,6 +57,7 @@ def _check(
     projection_dim: Any,
     cache_dir: Any,
     cache_dtype: Any = None,
+    self_scores: bool = False,
 ) -> None:
     if method not in METHODS:
         raise invalid("method", method, "one of " + ", ".join(repr(m) for m in METHODS))
@@ -79,10 +80,9 @@ def _check(
                 f"None for method={method!r} (only 'tracin', 'grad_dot' and 'grad_cos' project)",
             )
         check_positive_int("projection_dim", projection_dim, allow_none=True)
-    if cache_dir is not None and method != "if":
-        raise invalid(
-            "cache_dir", str(cache_dir), f"None for method={method!r} (only 'if' caches training gradients)"
-        )
+    if cache_dir is not None and (method != "if" or self_scores):
+        reason = "self-influence caches no gradients" if self_scores else "only 'if' caches training gradients"
+        raise invalid("cache_dir", str(cache_dir), f"None for method={method!r} ({reason})")
     if cache_dtype is not None:
         if not isinstance(cache_dtype, torch.dtype) or cache_dtype not in CACHE_DTYPES:
             names = ", ".join(str(d) for d in CACHE_DTYPES)
@@ -164,12 +164,12 @@ def attribute(
     """
     _check(
         method, solver, options, checkpoints=checkpoints, projection_dim=projection_dim, cache_dir=cache_dir,
-        cache_dtype=cache_dtype,
+        cache_dtype=cache_dtype, self_scores=query_data is None,
     )
     common = {"batch_size": batch_size, "device": device, "dtype": dtype}
     if method == "if":
         train_gradients = None
-        if cache_dir is not None and query_data is not None:
+        if cache_dir is not None:
             names = select_parameters(model, params)
             storage = cache_dtype or dtype or dict(model.named_parameters())[names[0]].dtype
             train_gradients = GradientCache(cache_dir).build(
@@ -199,10 +199,8 @@ def self_influence(task: Task, model: nn.Module, train_data: Dataset | DataLoade
 
     Keyword arguments are those of :func:`attribute` (``method``, ``solver``, ``damping``,
     ``params``, ``checkpoints``, ``projection_dim``, ``device``, ``batch_size``, ``dtype`` and the
-    method's options), which this calls with ``query_data=None``; ``cache_dir`` is not used.
+    method's options), which this calls with ``query_data=None`` (without ``cache_dir``).
     """
-    if options.get("cache_dir") is not None:
-        raise invalid("cache_dir", str(options["cache_dir"]), "None for self_influence (it caches no gradients)")
     return attribute(task, model, train_data, None, **options)
 
 

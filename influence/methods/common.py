@@ -18,7 +18,6 @@ from torch import Tensor, nn
 
 from influence.exceptions import InvalidArgumentError, invalid
 from influence.solvers import SOLVERS, InverseHessianSolver, make_solver
-from influence.validation import check_batch_size as check_batch_size
 
 Checkpoint = tuple[Mapping[str, Tensor] | str | Path, float]
 _CHECKPOINTS = "a non-empty sequence of (state dict or path, learning rate) pairs"

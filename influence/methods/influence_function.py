@@ -34,10 +34,11 @@ from influence.gradients.per_example import (
     iter_gradients,
     measurement_sign,
 )
-from influence.methods.common import build_solver, check_batch_size, require_examples, stream_products
+from influence.methods.common import build_solver, require_examples, stream_products
 from influence.regularizers import RegularizerLike
 from influence.solvers import InverseHessianSolver
 from influence.task import Task
+from influence.validation import check_batch_size
 
 
 def fit_inverse_hessian(

@@ -41,11 +41,12 @@ from influence.gradients.per_example import (
     iter_gradients,
     measurement_sign,
 )
-from influence.methods.common import check_batch_size, require_examples, stream_products
+from influence.methods.common import require_examples, stream_products
 from influence.methods.influence_function import fit_inverse_hessian
 from influence.regularizers import Proximity, Regularizer, RegularizerLike, with_proximity
 from influence.solvers import InverseHessianSolver
 from influence.task import Task
+from influence.validation import check_batch_size
 
 EMBEDDING_MODES: tuple[str, ...] = ("fixed", "updated")
 DEFAULT_SHARED: dict[str, str] = {"embedding.weight": "embedding.weight"}

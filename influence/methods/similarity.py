@@ -22,8 +22,9 @@ from torch.utils.data import DataLoader, Dataset
 from influence.exceptions import invalid
 from influence.gradients.layout import select_parameters
 from influence.gradients.per_example import gradient_matrix, iter_gradients, measurement_sign
-from influence.methods.common import check_batch_size, require_examples, stream_products
+from influence.methods.common import require_examples, stream_products
 from influence.task import Task
+from influence.validation import check_batch_size
 
 SIMILARITIES: tuple[str, ...] = ("dot", "cos")
 

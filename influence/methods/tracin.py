@@ -27,13 +27,13 @@ from influence.gradients.layout import select_parameters
 from influence.gradients.per_example import gradient_matrix, iter_gradients, measurement_sign
 from influence.methods.common import (
     Checkpoint,
-    check_batch_size,
     model_at,
     require_examples,
     stream_products,
     sum_over_checkpoints,
 )
 from influence.task import Task
+from influence.validation import check_batch_size
 
 
 def tracin_scores(

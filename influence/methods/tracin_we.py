@@ -38,14 +38,13 @@ from influence.exceptions import invalid
 from influence.gradients.per_example import as_loader, measurement_sign
 from influence.methods.common import (
     Checkpoint,
-    check_batch_size,
     checkpoint_entries,
     model_at,
     require_examples,
     sum_over_checkpoints,
 )
 from influence.task import Task
-from influence.validation import check_positive_int
+from influence.validation import check_batch_size, check_positive_int
 
 ROW_BUDGET_ELEMENTS = 2**24
 

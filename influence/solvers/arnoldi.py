@@ -26,7 +26,8 @@ import torch
 from torch import Tensor
 
 from influence.exceptions import InvalidArgumentError, SolverDivergedError, invalid
-from influence.solvers.base import InverseHessianSolver, check_positive_int
+from influence.solvers.base import InverseHessianSolver
+from influence.validation import check_positive_int
 
 
 class ArnoldiSolver(InverseHessianSolver):

@@ -16,8 +16,6 @@ import torch
 from torch import Tensor
 
 from influence.exceptions import InvalidArgumentError, invalid
-from influence.validation import check_positive_float as check_positive_float
-from influence.validation import check_positive_int as check_positive_int
 
 
 class InverseHessianSolver(abc.ABC):

@@ -17,12 +17,8 @@ import torch
 from torch import Tensor
 
 from influence.exceptions import SolverDivergedError
-from influence.solvers.base import (
-    InverseHessianSolver,
-    check_positive_float,
-    check_positive_int,
-    row_norms,
-)
+from influence.solvers.base import InverseHessianSolver, row_norms
+from influence.validation import check_positive_float, check_positive_int
 
 logger = logging.getLogger(__name__)
 

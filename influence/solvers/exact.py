@@ -15,7 +15,8 @@ import torch
 from torch import Tensor
 
 from influence.exceptions import InvalidArgumentError, SolverDivergedError
-from influence.solvers.base import InverseHessianSolver, check_positive_int
+from influence.solvers.base import InverseHessianSolver
+from influence.validation import check_positive_int
 
 
 class ExactSolver(InverseHessianSolver):

@@ -23,7 +23,8 @@ import torch
 from torch import Tensor
 
 from influence.exceptions import SolverDivergedError, invalid
-from influence.solvers.base import InverseHessianSolver, check_positive_int, row_norms
+from influence.solvers.base import InverseHessianSolver, row_norms
+from influence.validation import check_positive_int
 
 
 def largest_eigenvalue_magnitude(
