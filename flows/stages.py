@@ -76,10 +76,10 @@ def data(x: Experiment, result: StageResult) -> None:
 
 @stage
 def features(x: Experiment, result: StageResult) -> None:
-    """Sample the pretraining sentences, build the vocabulary, encode every split, pick the queries."""
+    """Sample the pretraining sentences, build the family's tokenizer, encode every split, pick the queries."""
     from influence.data.prepare import read_table
-    from influence.data.text import Vocabulary
     from influence.models.checkpoints import save_state
+    from influence.models.family import check_encoded
 
     verify_datasets(x.ws.root, x.ws.prepared, names=("pretrain", "finetune"))
     d, rng = x.settings.data, random.Random(x.settings.seed)
@@ -91,19 +91,23 @@ def features(x: Experiment, result: StageResult) -> None:
     if d.finetune_train_examples and len(splits["train"]) > d.finetune_train_examples:
         splits["train"] = sorted(rng.sample(splits["train"], d.finetune_train_examples), key=lambda r: r["id"])
     queries = sorted(rng.sample(splits["test"], min(x.settings.attribution.queries, len(splits["test"]))), key=lambda r: r["id"])
-    vocab = Vocabulary.build([r["text"] for r in pretrain_rows] + [r["text"] for r in splits["train"]],
-                             min_count=d.vocab_min_count, max_size=d.vocab_max_size)
-    vocab.to_json(x.out_dir() / "vocab.json")
+    family = x.new_family()
+    family.fit_tokenizer([r["text"] for r in pretrain_rows] + [r["text"] for r in splits["train"]])
+    family.save_tokenizer(x.out_dir())
+    x.write_json("family.json", x.family_spec(family))
     names = {int(r["label"]): r.get("label_name") or r["label"] for r in finetune_rows}
     x.write_json("labels.json", {"names": [str(names.get(i, i)) for i in range(max(names) + 1)]})
     for name, rows in {"pretrain": pretrain_rows, **splits, "queries": queries}.items():
-        tensors = {"tokens": vocab.encode([r["text"] for r in rows], d.max_length)}
+        tensors = {"tokens": family.encode([r["text"] for r in rows], d.max_length)}
+        check_encoded(family, [r["id"] for r in rows], tensors["tokens"],
+                      f"data/prepared/{'pretrain' if name == 'pretrain' else 'finetune'}.csv, the {name} split")
         if name != "pretrain":
             tensors["labels"] = torch.tensor([int(r["label"]) for r in rows], dtype=torch.long)
         save_state(tensors, x.out_dir() / f"{name}.safetensors")
         x.write_json(f"{name}_ids.json", [r["id"] for r in rows])
         result.metrics[f"{name}_examples"] = float(len(rows))
-    result.metrics["vocab_size"] = float(len(vocab))
+    if family.vocab_size is not None:
+        result.metrics["vocab_size"] = float(family.vocab_size)
     result.outputs = {"features": x.relative(x.out_dir())}
 
 
@@ -130,7 +134,7 @@ def finetune(x: Experiment, result: StageResult) -> None:
         model, trained = training.finetune(x, mode, x.split("train"), x.out_dir(mode, "checkpoints"))
         save_state(model, x.out_dir(mode) / "model.safetensors")
         for split in ("train", "validation", "test"):
-            result.metrics[f"{mode}.accuracy_{split}"] = evaluate_accuracy(model, x.split(split), batch_size=256)
+            result.metrics[f"{mode}.accuracy_{split}"] = evaluate_accuracy(model, x.split(split), batch_size=x.batch(256))
         result.metrics[f"{mode}.final_loss"] = float(trained.losses[-1])
         result.metrics[f"{mode}.checkpoints"] = float(len(trained.checkpoints))
         result.outputs[mode] = x.relative(x.out_dir(mode))
@@ -146,7 +150,7 @@ def gradients(x: Experiment, result: StageResult) -> None:
         model = x.finetuned(mode)
         cache = training.resume_or_replace(
             GradientCache(x.out_dir(mode)).build, task=x.query_task, model=model, data=x.split("train"),
-            names=select_parameters(model, x.settings.attribution.if_params), kind="train_loss", batch_size=256,
+            names=select_parameters(model, x.settings.attribution.if_params), kind="train_loss", batch_size=x.batch(256),
             device=x.device,
         )
         result.metrics[f"{mode}.parameters"] = float(cache.manifest["n_parameters"])
@@ -163,7 +167,7 @@ def influence(x: Experiment, result: StageResult) -> None:
         model = x.finetuned(mode)
         scores = attribute(
             x.query_task, model, train, x.split("queries"), method="if", params=a.if_params, **x.solver("finetune"),
-            regularizer=x.regularizer(mode, model), cache_dir=x.path("gradients", mode), batch_size=256,
+            regularizer=x.regularizer(mode, model), cache_dir=x.path("gradients", mode), batch_size=x.batch(256),
             hessian_data=x.hessian_sample(train, a.hessian_examples), device=x.device,
         )
         result.outputs[mode] = x.write_scores(mode, scores)
@@ -176,23 +180,25 @@ def multistage(x: Experiment, result: StageResult) -> None:
     from influence.methods.multistage import embedding_sensitivity, pretraining_scores
 
     a, pretrained, sentences = x.settings.attribution, x.pretrained(), x.split("pretrain")
-    sensitivities = []
+    sensitivities, result.info["parameters"] = [], {}
     for mode in x.settings.finetune.modes:
         model = x.finetuned(mode)
-        shared = x.shared(model, pretrained)
-        ft = x.solver("finetune")
+        shared, ft = x.multistage_shared(model), x.solver("finetune")
+        result.info["parameters"][mode] = {"shared": list(shared), "finetune": x.multistage_theta(mode, model, shared)}
         sensitivities.append(embedding_sensitivity(
             pretrained, x.query_task, model, x.hessian_sample(x.split("train"), a.hessian_examples), x.split("queries"),
-            shared=shared, embedding=mode, alpha=0.0,
+            shared=shared, embedding=mode, alpha=0.0, theta_names=x.multistage_theta(mode, model, shared),
             finetune_solver=ft["solver"], damping=ft["damping"], solver_options=ft["solver_options"],
-            finetune_regularizer=x.regularizer(mode, model, pretrained), batch_size=256, device=x.device, dtype=None,
+            finetune_regularizer=x.regularizer(mode, model, pretrained, shared), batch_size=x.batch(256), device=x.device,
+            dtype=None,
         ))
     pt = x.solver("pretrain")
     scores = pretraining_scores(
         x.pretrain_task, pretrained, sentences, torch.cat(sensitivities), shared_names=list(shared.values()),
         pretrain_solver=pt["solver"], pretrain_damping=pt["damping"], pretrain_solver_options=pt["solver_options"],
         pretrain_hessian_data=x.hessian_sample(sentences, a.pretrain_hessian_examples),
-        pretrain_regularizer=x.pretrain_regularizer(), batch_size=128, device=x.device,
+        pretrain_names="all" if a.pretrain_hessian_params == "all" else list(shared.values()),
+        pretrain_regularizer=x.pretrain_regularizer(), batch_size=x.batch(128), device=x.device,
     )
     for mode, block in zip(x.settings.finetune.modes, scores.split(len(x.split("queries")))):
         result.outputs[mode] = x.write_scores(mode, block)
@@ -202,20 +208,21 @@ def multistage(x: Experiment, result: StageResult) -> None:
 def tracin_we(x: Experiment, result: StageResult) -> None:
     """TracIn-WE scores over the finetuning checkpoints, per mode, with word-level terms of the top pairs."""
     from influence.api import attribute, tracin_we_words
-    from influence.data.text import UNK
 
-    train, queries, k = x.split("train"), x.split("queries"), x.settings.attribution.top_k
+    train, queries, k, family = x.split("train"), x.split("queries"), x.settings.attribution.top_k, x.family
+    options = {"embedding_module": family.embedding_module, "ignore_ids": x.ignored_ids}
     for mode in x.settings.finetune.modes:
         model, checkpoints = x.finetuned(mode), x.checkpoints(mode)
         scores = attribute(x.query_task, model, train, queries, method="tracin_we", checkpoints=checkpoints,
-                           batch_size=256, ignore_ids=(UNK,), device=x.device)
+                           batch_size=x.batch(256), device=x.device, **options)
         result.outputs[mode] = x.write_scores(mode, scores)
         terms: dict[str, list] = {}
         for q in range(scores.shape[0]):
             order = scores[q].argsort(descending=True)
             for z in list(order[:k].tolist()) + list(order[-k:].tolist()):
-                pairs = tracin_we_words(x.query_task, model, queries[q], train[z], checkpoints=checkpoints, ignore_ids=(UNK,))
-                terms[f"{queries.ids[q]}|{train.ids[z]}"] = [[x.vocabulary.words([w])[0], float(t)] for w, t in pairs]
+                pairs = tracin_we_words(x.query_task, model, queries[q], train[z], checkpoints=checkpoints, **options)
+                words = family.words(train[z]["tokens"].tolist(), dict(pairs))
+                terms[f"{queries.ids[q]}|{train.ids[z]}"] = [[w, t] for w, t in words]
         x.write_json(f"{mode}_words.json", terms)
 
 
@@ -285,10 +292,11 @@ def mislabel(x: Experiment, result: StageResult) -> None:
     noisy = TextClassificationDataset(train.tokens, noisy_labels, train.ids)
     model, _ = training.finetune(x, e.mode, noisy, checkpoint_dir=x.out_dir("checkpoints"))
     if e.mislabel_method == "tracin":
-        scores = self_influence(x.query_task, model, noisy, method="tracin", params="all", batch_size=512,
+        scores = self_influence(x.query_task, model, noisy, method="tracin", params=x.params(e.mislabel_params),
+                                batch_size=x.batch(512),
                                 checkpoints=x.checkpoints(e.mode, x.out_dir("checkpoints")), device=x.device)
     else:
-        scores = self_influence(x.query_task, model, noisy, method="if", params=list(a.if_params), batch_size=512,
+        scores = self_influence(x.query_task, model, noisy, method="if", params=list(a.if_params), batch_size=x.batch(512),
                                 **x.solver("self_influence"), regularizer=x.regularizer(e.mode, model), device=x.device,
                                 hessian_data=x.hessian_sample(noisy, a.hessian_examples))
     curve = detection_curve(scores.detach().cpu().double(), flipped)

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from influence.exceptions import invalid
+from influence.models.family import ModelFamily
 from influence.validation import check_positive_int
 
 
@@ -193,3 +194,81 @@ def transfer_embedding(pretrained: CbowLanguageModel, classifier: TextClassifier
         )
     with torch.no_grad():
         target.copy_(source.to(dtype=target.dtype, device=target.device))
+
+
+class CnnFamily(ModelFamily):
+    """The built-in family: a word vocabulary, :class:`CbowLanguageModel` and :class:`TextClassifier`.
+
+    The vocabulary is built from the training texts (:meth:`fit_tokenizer`); the word embedding is
+    the shared parameter. Sizes come from the ``pretrain`` settings (``embed_dim``, ``hidden_dim``,
+    ``window``) and ``finetune.hidden_dim``.
+
+    Args:
+        min_count: a word needs this many occurrences to enter the vocabulary.
+        max_size: the largest vocabulary, ``<pad>`` and ``<unk>`` included.
+    """
+
+    name = "cnn"
+    embedding_module = "embedding"
+
+    def __init__(self, min_count: int = 1, max_size: int | None = None) -> None:
+        from influence.data.text import PAD, UNK
+
+        self.min_count, self.max_size = min_count, max_size
+        self.pad_id, self.unknown_id, self.special_ids = PAD, UNK, (PAD,)
+        self.vocabulary = None
+
+    def fit_tokenizer(self, texts) -> None:
+        from influence.data.text import Vocabulary
+
+        self.vocabulary = Vocabulary.build(texts, min_count=self.min_count, max_size=self.max_size)
+
+    def save_tokenizer(self, folder) -> None:
+        self._vocabulary().to_json(folder / "vocab.json")
+
+    def load_tokenizer(self, folder) -> None:
+        from influence.data.text import Vocabulary
+
+        self.vocabulary = Vocabulary.from_json(folder / "vocab.json")
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self._vocabulary())
+
+    def _vocabulary(self):
+        if self.vocabulary is None:
+            raise invalid("CnnFamily.vocabulary", None, "a vocabulary: call fit_tokenizer or load_tokenizer first")
+        return self.vocabulary
+
+    def encode(self, texts, max_length: int) -> Tensor:
+        return self._vocabulary().encode(list(texts), max_length)
+
+    def token_strings(self, ids) -> list[str]:
+        return self._vocabulary().words(list(ids))
+
+    def is_continuation(self, token: str) -> bool:
+        return False
+
+    def language_model_config(self, pretrain) -> dict:
+        return {"vocab_size": len(self._vocabulary()), "embed_dim": pretrain.embed_dim,
+                "hidden_dim": pretrain.hidden_dim, "window": pretrain.window}
+
+    def classifier_config(self, pretrained: nn.Module, num_classes: int, finetune) -> dict:
+        vocab_size, embed_dim = pretrained.embedding.weight.shape
+        return {"vocab_size": int(vocab_size), "embed_dim": int(embed_dim), "hidden_dim": finetune.hidden_dim,
+                "num_classes": int(num_classes)}
+
+    def language_model(self, config) -> CbowLanguageModel:
+        return CbowLanguageModel(**{k: v for k, v in config.items() if k != "family"})
+
+    def classifier(self, config) -> TextClassifier:
+        return TextClassifier(**{k: v for k, v in config.items() if k != "family"})
+
+    def shared(self) -> dict[str, str]:
+        return {"embedding.weight": "embedding.weight"}
+
+    @property
+    def pretrain_task(self):
+        from influence.task import LanguageModelingTask
+
+        return LanguageModelingTask(padding_idx=self.pad_id)
