@@ -34,6 +34,23 @@ def _predictions(x: Experiment, mode: str) -> list[str]:
     return [x.label_names[p] for p in predicted]
 
 
+def _modules(names: list[str]) -> str:
+    """Parameter names as the modules that own them, in order (``bert.encoder.layer.5``, ``head``)."""
+    return ", ".join(dict.fromkeys(n.rsplit(".", 1)[0] if "." in n else n for n in names))
+
+
+def _model_summary(x: Experiment, results: dict) -> dict[str, str]:
+    """The model family and the parameters each attribution looked at (the report says which subset)."""
+    found = {"model family": x.read_json("features", "family.json").get("name", ""),
+             "influence-function parameters": ", ".join(x.settings.attribution.if_params)}
+    multistage = results.get("multistage")
+    for mode, names in (multistage.info.get("parameters", {}) if multistage else {}).items():
+        found[f"multi-stage parameters ({mode})"] = (f"pretrained: {_modules(names['shared'])}; finetuned: "
+                                                     f"{_modules(names['finetune']) or 'none'}; pretraining Hessian over "
+                                                     f"{x.settings.attribution.pretrain_hessian_params} parameters")
+    return found
+
+
 def build_report(settings: PipelineSettings, ws: Workspace, extra_tags: dict[str, str] | None = None) -> StageResult:
     """Write ranked tables and the HTML report, and log the whole run to MLflow.
 
@@ -116,6 +133,7 @@ def build_report(settings: PipelineSettings, ws: Workspace, extra_tags: dict[str
         for name, source in sources.items():  # your own files, when the data stage read them
             summary[f"{name} data"] = f"{source['path']} (md5 {source['md5']})"
         summary["classes"] = ", ".join(label)
+        summary.update(_model_summary(x, results))
         for mode in settings.finetune.modes:
             summary[f"test accuracy ({mode})"] = results["finetune"].metrics.get(f"{mode}.accuracy_test", float("nan"))
         summary.update({f"{s} seconds": r.seconds for s, r in results.items()})

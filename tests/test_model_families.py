@@ -140,7 +140,7 @@ def test_a_custom_factory_runs_end_to_end(prepared):
     with prefect_test_harness(server_startup_timeout=180):
         outcome = pipeline(settings=settings, project_dir=str(prepared))
     artifacts = prepared / "artifacts"
-    assert json.loads((artifacts / "pretrain" / "model.json").read_text()) == {"family": "custom"}
+    assert json.loads((artifacts / "pretrain" / "model.json").read_text()) == {"family": "hashed-words"}
     multistage = json.loads((artifacts / "multistage" / "result.json").read_text())
     assert multistage["info"]["parameters"]["updated"] == {"shared": ["words.weight"],
                                                             "finetune": ["hidden.weight", "hidden.bias", "head.weight", "head.bias"]}
