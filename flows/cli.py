@@ -41,7 +41,7 @@ def _apply_overrides(raw: dict, overrides: list[str]) -> dict:
 
 
 def _settings(args: argparse.Namespace):
-    from flows.settings import SettingsError, load_settings, load_profile, validate_settings
+    from flows.settings import SettingsError, load_profile, load_settings, validate_settings
 
     settings = load_settings(args.params)
     if getattr(args, "profile", None):

@@ -160,7 +160,7 @@ def test_minilm_runs_end_to_end_on_a_tiny_slice(project, minilm):
 
     from flows.pipeline import pipeline
     from flows.settings import load_profile, load_settings, with_overrides, write_settings
-    from influence.data.sources import PINNED_MODELS, MINILM
+    from influence.data.sources import MINILM, PINNED_MODELS
 
     wheel = minilm.folder.parent / PINNED_MODELS[MINILM].wheel_filename
     os.link(wheel, project / "data" / "raw" / wheel.name)  # the pinned wheel, already fetched
