@@ -1,6 +1,9 @@
 """Small models used by the pipeline and their training loop with checkpoints.
 
-- :mod:`influence.models.text`: ``TextClassifier``, ``CbowLanguageModel``, ``transfer_embedding``.
+- :mod:`influence.models.family`: ``ModelFamily``, the contract of a two-stage architecture (tokenizer,
+  language model, classifier, shared parameters, tasks), ``load_factory`` for a user's own.
+- :mod:`influence.models.text`: ``TextClassifier``, ``CbowLanguageModel``, ``transfer_embedding``, ``CnnFamily``.
+- :mod:`influence.models.minilm`: ``MiniLMFamily`` (all-MiniLM-L6-v2 from a local folder; needs the ``hf`` extra).
 - :mod:`influence.models.training`: ``train`` (frozen parameters, L2 and proximity penalties,
   checkpoints with learning rates, resume).
 - :mod:`influence.models.training_run`: the checkpoint folder of one run (checksummed, resumable).
@@ -24,20 +27,25 @@ from influence.models.checkpoints import (
     save_training_state,
     write_manifest,
 )
+from influence.models.family import ModelFamily, carry_shared, load_factory
 from influence.models.metrics import evaluate_accuracy, mean_loss
-from influence.models.text import CbowLanguageModel, TextClassifier, transfer_embedding
+from influence.models.text import CbowLanguageModel, CnnFamily, TextClassifier, transfer_embedding
 from influence.models.training import TrainResult, train
 from influence.regularizers import Proximity, Regularizer
 
 __all__ = [
     "CbowLanguageModel",
     "CheckpointInfo",
+    "CnnFamily",
+    "ModelFamily",
     "Proximity",
     "Regularizer",
     "TextClassifier",
     "TrainResult",
     "collate_dataset",
+    "carry_shared",
     "evaluate_accuracy",
+    "load_factory",
     "load_metadata",
     "load_model_state",
     "load_state",
