@@ -37,7 +37,7 @@ ADAPTER = '''
 def _shared_words(x, mode):
     from influence.methods.shared_words import shared_words_scores
 
-    return shared_words_scores(x.split("queries"), x.split("train"), len(x.vocabulary))
+    return shared_words_scores(x.split("queries"), x.split("train"), x.family.vocab_size)
 
 
 STAGES: tuple[Stage, ...] = ('''
