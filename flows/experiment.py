@@ -169,14 +169,14 @@ class Experiment:
     def family_spec(self, family: Any) -> dict[str, Any]:
         """What ``features/family.json`` records of ``family``: its kind, how to build it again, and for a
         custom one its module's md5 (so that editing the module re-runs every stage after this one)."""
-        from flows.versioning import md5_file
+        from influence.storage import file_digest
 
         m = self.settings.model
         spec = {"family": m.family, "factory": m.factory if m.family == "custom" else "",
                 "mask_every": m.mask_every if m.family == "minilm" else None, "name": family.name}
         if m.family == "custom":
             source = Path(sys.modules[type(family).__module__].__file__)
-            spec["module_md5"] = md5_file(source)
+            spec["module_md5"] = file_digest(source, "md5")
         return spec
 
     @cached_property
