@@ -444,7 +444,19 @@ def test_restart_skips_nightly_runs_missed_while_stopped(servers: Servers):
     assert "skipped nightly run" in restarted.stdout
     state = httpx.get(f"{servers.prefect_url}/api/flow_runs/{missed}", timeout=HTTP_TIMEOUT).json()["state"]
     assert (state["type"], state["name"]) == ("CANCELLED", "Skipped")
-    assert httpx.patch(pool, json={"is_paused": False}, timeout=HTTP_TIMEOUT).status_code == 204
+    assert _patch_answered(pool, {"is_paused": False}) == 204
+
+
+def _patch_answered(url: str, body: dict, within: float = 120.0) -> int:
+    """PATCH ``url``; a server that has just restarted may answer 503 while its services start: retry those."""
+    import httpx
+
+    deadline = time.monotonic() + within
+    while True:
+        status = httpx.patch(url, json=body, timeout=HTTP_TIMEOUT).status_code
+        if status != 503 or time.monotonic() > deadline:
+            return status
+        time.sleep(2)
 
 
 def _processes_with_home(home: str) -> list[int]:
