@@ -285,7 +285,7 @@ class Experiment:
         model.load_state_dict(load_state(self.path("finetune", mode, "model.safetensors")))
         return model.eval()
 
-    def shared(self, classifier: Any = None, pretrained: Any = None) -> dict[str, str]:
+    def shared(self) -> dict[str, str]:
         """``{classifier parameter: pretrained parameter}`` carried from pretraining (the family's)."""
         return self.family.shared()
 
