@@ -48,6 +48,20 @@ class Servers:
         return path.read_text()[-4000:] if path.is_file() else f"(no {name} log)"
 
 
+def _api(method: str, url: str, within: float = 120.0, **kwargs):
+    """One HTTP call to a server under test, repeated while it answers 503: the SQLite-backed Prefect
+    server answers that when its database is busy on a loaded 2-core machine (Prefect's own client
+    retries 503 too)."""
+    import httpx
+
+    deadline = time.monotonic() + within
+    while True:
+        response = httpx.request(method, url, **kwargs)
+        if response.status_code != 503 or time.monotonic() > deadline:
+            return response
+        time.sleep(2)
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -58,7 +72,7 @@ def _answers(url: str) -> bool:
     import httpx
 
     try:
-        return httpx.get(url, timeout=2).status_code == 200
+        return _api("GET", url, within=0, timeout=2).status_code == 200
     except httpx.HTTPError:
         return False
 
@@ -105,18 +119,16 @@ def test_both_servers_answer_within_a_minute(servers: Servers):
 
 
 def _deployment(servers: Servers, name: str = "pipeline/on-demand") -> dict:
-    import httpx
 
-    response = httpx.get(f"{servers.prefect_url}/api/deployments/name/{name}", timeout=HTTP_TIMEOUT)
+    response = _api("GET", f"{servers.prefect_url}/api/deployments/name/{name}", timeout=HTTP_TIMEOUT)
     response.raise_for_status()
     return response.json()
 
 
 def _run_count(servers: Servers, deployment_id: str) -> int:
-    import httpx
 
     body = {"flow_runs": {"deployment_id": {"any_": [deployment_id]}}}
-    response = httpx.post(f"{servers.prefect_url}/api/flow_runs/count", json=body, timeout=HTTP_TIMEOUT)
+    response = _api("POST", f"{servers.prefect_url}/api/flow_runs/count", json=body, timeout=HTTP_TIMEOUT)
     response.raise_for_status()
     return response.json()
 
@@ -129,9 +141,8 @@ def test_deployment_form_defaults_come_from_params_yaml(servers: Servers):
     assert deployment["parameters"]["gpu_deployment"] == "attribution/gpu" and deployment["parameters"]["data_rev"] == ""
     gpu = _deployment(servers, "attribution/gpu")
     assert gpu["work_pool_name"] == "gpu"
-    import httpx
 
-    pool = httpx.get(f"{servers.prefect_url}/api/work_pools/gpu", timeout=HTTP_TIMEOUT).json()
+    pool = _api("GET", f"{servers.prefect_url}/api/work_pools/gpu", timeout=HTTP_TIMEOUT).json()
     assert pool["concurrency_limit"] == 1  # one run per GPU
     assert deployment["parameters"]["settings"] == load_settings(servers.root / "params.yaml").model_dump(mode="json")
     assert Path(deployment["parameters"]["project_dir"]) == servers.root
@@ -143,10 +154,9 @@ def test_deployment_form_defaults_come_from_params_yaml(servers: Servers):
 
 def _trigger_and_wait(servers: Servers, parameters: dict) -> str:
     """Create a run of pipeline/on-demand as the UI's Run button does; wait until it ends Completed."""
-    import httpx
 
     deployment = _deployment(servers)
-    response = httpx.post(
+    response = _api("POST", 
         f"{servers.prefect_url}/api/deployments/{deployment['id']}/create_flow_run",
         json={"parameters": parameters}, timeout=30,
     )
@@ -154,7 +164,7 @@ def _trigger_and_wait(servers: Servers, parameters: dict) -> str:
     flow_run_id = response.json()["id"]
     began, state = time.monotonic(), None
     while time.monotonic() - began < RUN_TIMEOUT_SECONDS:
-        state = httpx.get(f"{servers.prefect_url}/api/flow_runs/{flow_run_id}", timeout=HTTP_TIMEOUT).json()["state_type"]
+        state = _api("GET", f"{servers.prefect_url}/api/flow_runs/{flow_run_id}", timeout=HTTP_TIMEOUT).json()["state_type"]
         if state in TERMINAL:
             break
         time.sleep(2)
@@ -172,25 +182,22 @@ def _custom_parameters(servers: Servers) -> dict:
 
 
 def _children(servers: Servers, flow_run_id: str) -> list[dict]:
-    import httpx
 
     body = {"flow_runs": {"parent_flow_run_id": {"any_": [flow_run_id]}}}
-    response = httpx.post(f"{servers.prefect_url}/api/flow_runs/filter", json=body, timeout=HTTP_TIMEOUT)
+    response = _api("POST", f"{servers.prefect_url}/api/flow_runs/filter", json=body, timeout=HTTP_TIMEOUT)
     response.raise_for_status()
     return response.json()
 
 
 def _task_states(servers: Servers, flow_run_ids: list[str]) -> dict[str, str]:
-    import httpx
 
     body = {"flow_runs": {"id": {"any_": flow_run_ids}}}
-    response = httpx.post(f"{servers.prefect_url}/api/task_runs/filter", json=body, timeout=HTTP_TIMEOUT)
+    response = _api("POST", f"{servers.prefect_url}/api/task_runs/filter", json=body, timeout=HTTP_TIMEOUT)
     response.raise_for_status()
     return {r["name"]: r["state"]["name"] for r in response.json()}
 
 
 def test_run_button_run_completes_and_logs_the_report_to_mlflow(servers: Servers):
-    import httpx
     from mlflow.tracking import MlflowClient
 
     flow_run_id = _trigger_and_wait(servers, _custom_parameters(servers))
@@ -207,7 +214,7 @@ def test_run_button_run_completes_and_logs_the_report_to_mlflow(servers: Servers
 
     # Prefect artifacts: the link to the MLflow run, the markdown summary, the table
     body = {"artifacts": {"flow_run_id": {"any_": [flow_run_id]}}}
-    artifacts = {a["key"]: a for a in httpx.post(f"{servers.prefect_url}/api/artifacts/filter", json=body, timeout=HTTP_TIMEOUT).json()}
+    artifacts = {a["key"]: a for a in _api("POST", f"{servers.prefect_url}/api/artifacts/filter", json=body, timeout=HTTP_TIMEOUT).json()}
     assert {"mlflow-run", "attribution-summary", "attributions"} <= set(artifacts)
     assert servers.mlflow_url in artifacts["mlflow-run"]["data"]
     assert "Case-deletion check" in artifacts["attribution-summary"]["data"]
@@ -222,7 +229,7 @@ def test_run_button_run_completes_and_logs_the_report_to_mlflow(servers: Servers
     assert run.info.status == "FINISHED" and run.data.params["attribution.top_k"] == "2"
     assert run.info.artifact_uri.startswith("mlflow-artifacts:"), run.info.artifact_uri  # stored by the server
     assert {"report/report.html", "report/attributions.csv"} <= {a.path for a in client.list_artifacts(run.info.run_id, "report")}
-    page = httpx.get(
+    page = _api("GET", 
         f"{servers.mlflow_url}/get-artifact", params={"path": "report/report.html", "run_uuid": run.info.run_id}, timeout=30,
     )
     assert page.status_code == 200 and "Case-deletion check" in page.text
@@ -309,7 +316,6 @@ def test_browser_custom_run_from_the_prefect_ui_then_its_report_in_the_mlflow_ui
     """What a user does: Prefect UI → deployment → Custom run → change a setting → Submit → Completed;
     then MLflow UI → the experiment → the run → Artifacts → report/report.html. Screenshots of every
     step are left in test-output/browser/."""
-    import httpx
     from playwright.sync_api import sync_playwright
 
     from flows.settings import load_settings
@@ -343,7 +349,7 @@ def test_browser_custom_run_from_the_prefect_ui_then_its_report_in_the_mlflow_ui
             _wait_for_state(page, "completed")
             browser.shot("prefect-flow-run-completed")
 
-            run = httpx.get(f"{servers.prefect_url}/api/flow_runs/{flow_run_id}", timeout=HTTP_TIMEOUT).json()
+            run = _api("GET", f"{servers.prefect_url}/api/flow_runs/{flow_run_id}", timeout=HTTP_TIMEOUT).json()
             assert run["name"] == run_name and run["state_type"] == "COMPLETED"
             assert run["parameters"]["settings"]["tracking"]["experiment"] == BROWSER_EXPERIMENT
 
@@ -379,9 +385,8 @@ def test_browser_custom_run_from_the_prefect_ui_then_its_report_in_the_mlflow_ui
 
 
 def test_nightly_schedule_creates_runs(servers: Servers):
-    import httpx
 
-    response = httpx.get(f"{servers.prefect_url}/api/deployments/name/pipeline/nightly", timeout=HTTP_TIMEOUT)
+    response = _api("GET", f"{servers.prefect_url}/api/deployments/name/pipeline/nightly", timeout=HTTP_TIMEOUT)
     response.raise_for_status()
     nightly = response.json()
     assert [s["schedule"]["cron"] for s in nightly["schedules"]] == ["0 2 * * *"]
@@ -389,14 +394,13 @@ def test_nightly_schedule_creates_runs(servers: Servers):
     began, scheduled = time.monotonic(), []
     while not scheduled and time.monotonic() - began < 60:
         body = {"flow_runs": {"deployment_id": {"any_": [nightly["id"]]}, "state": {"type": {"any_": ["SCHEDULED"]}}}}
-        scheduled = httpx.post(f"{servers.prefect_url}/api/flow_runs/filter", json=body, timeout=HTTP_TIMEOUT).json()
+        scheduled = _api("POST", f"{servers.prefect_url}/api/flow_runs/filter", json=body, timeout=HTTP_TIMEOUT).json()
         time.sleep(1)
     print(f"{len(scheduled)} nightly runs scheduled after {time.monotonic() - began:.1f} s")
     assert scheduled and all(r["expected_start_time"].endswith(("T02:00:00Z", "T02:00:00+00:00")) for r in scheduled)
 
 
 def test_bad_parameter_is_refused_before_any_run(servers: Servers):
-    import httpx
 
     deployment = _deployment(servers)
     before = _run_count(servers, deployment["id"])
@@ -412,7 +416,7 @@ def test_bad_parameter_is_refused_before_any_run(servers: Servers):
 
     settings["attribution"]["queries"] = 3
     settings["attribution"]["measurement"] = "median"
-    response = httpx.post(
+    response = _api("POST", 
         f"{servers.prefect_url}/api/deployments/{deployment['id']}/create_flow_run",
         json={"parameters": {"settings": settings}}, timeout=30,
     )
@@ -422,14 +426,13 @@ def test_bad_parameter_is_refused_before_any_run(servers: Servers):
 
 
 def test_restart_skips_nightly_runs_missed_while_stopped(servers: Servers):
-    import httpx
 
-    nightly = httpx.get(f"{servers.prefect_url}/api/deployments/name/pipeline/nightly", timeout=HTTP_TIMEOUT).json()
+    nightly = _api("GET", f"{servers.prefect_url}/api/deployments/name/pipeline/nightly", timeout=HTTP_TIMEOUT).json()
     # no worker may take the overdue run before the servers stop: that is what "missed while stopped" means
     pool = f"{servers.prefect_url}/api/work_pools/cpu"
-    assert httpx.patch(pool, json={"is_paused": True}, timeout=HTTP_TIMEOUT).status_code == 204
+    assert _api("PATCH", pool, json={"is_paused": True}, timeout=HTTP_TIMEOUT).status_code == 204
     past = (datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(hours=3)).isoformat()
-    response = httpx.post(
+    response = _api("POST", 
         f"{servers.prefect_url}/api/deployments/{nightly['id']}/create_flow_run", timeout=30,
         json={"state": {"type": "SCHEDULED", "state_details": {"scheduled_time": past}}},
     )
@@ -442,18 +445,17 @@ def test_restart_skips_nightly_runs_missed_while_stopped(servers: Servers):
     print(f"restart took {time.monotonic() - began:.1f} s\n{restarted.stdout}")
     assert restarted.returncode == 0, restarted.stdout + restarted.stderr
     assert "skipped nightly run" in restarted.stdout
-    state = httpx.get(f"{servers.prefect_url}/api/flow_runs/{missed}", timeout=HTTP_TIMEOUT).json()["state"]
+    state = _api("GET", f"{servers.prefect_url}/api/flow_runs/{missed}", timeout=HTTP_TIMEOUT).json()["state"]
     assert (state["type"], state["name"]) == ("CANCELLED", "Skipped")
     assert _patch_answered(pool, {"is_paused": False}) == 204
 
 
 def _patch_answered(url: str, body: dict, within: float = 120.0) -> int:
     """PATCH ``url``; a server that has just restarted may answer 503 while its services start: retry those."""
-    import httpx
 
     deadline = time.monotonic() + within
     while True:
-        status = httpx.patch(url, json=body, timeout=HTTP_TIMEOUT).status_code
+        status = _api("PATCH", url, json=body, timeout=HTTP_TIMEOUT).status_code
         if status != 503 or time.monotonic() > deadline:
             return status
         time.sleep(2)
