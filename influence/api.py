@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
+from influence.batches import auto_batch_size
 from influence.exceptions import invalid
 from influence.gradients.cache import GradientCache
 from influence.gradients.layout import ParameterLayout, select_parameters
@@ -29,7 +30,7 @@ from influence.methods.tracin import tracin_scores
 from influence.methods.tracin_we import tracin_we_scores, tracin_we_words
 from influence.solvers import SOLVERS, InverseHessianSolver
 from influence.task import Task
-from influence.validation import check_positive_int
+from influence.validation import check_batch_size, check_positive_int
 
 METHODS: tuple[str, ...] = ("if", "tracin", "tracin_we", "grad_dot", "grad_cos")
 
@@ -103,6 +104,17 @@ def _projector(
     return RandomProjector(ParameterLayout.of(model, names).numel, projection_dim, seed=projection_seed)
 
 
+def _batch_size(batch_size: int | None, model: nn.Module, params: Any, dtype: torch.dtype | None, method: str) -> int:
+    """The caller's batch size, or :func:`~influence.batches.auto_batch_size` for the attributed parameters."""
+    if batch_size is not None:
+        return check_batch_size(batch_size)
+    if method == "tracin_we":
+        return 64
+    layout = ParameterLayout.of(model, select_parameters(model, params))
+    itemsize = (dtype or next(p for _, p in model.named_parameters()).dtype).itemsize
+    return auto_batch_size(layout.numel, itemsize)
+
+
 def attribute(
     task: Task,
     model: nn.Module,
@@ -117,7 +129,7 @@ def attribute(
     projection_dim: int | None = None,
     projection_seed: int = 0,
     device: torch.device | str = "cpu",
-    batch_size: int = 64,
+    batch_size: int | None = None,
     dtype: torch.dtype | None = None,
     cache_dir: str | Path | None = None,
     cache_dtype: torch.dtype | None = None,
@@ -144,7 +156,9 @@ def attribute(
             ``"grad_dot"``, ``"grad_cos"``).
         projection_seed: seed of the projection.
         device: device of the computation.
-        batch_size: examples per batch.
+        batch_size: examples per batch of the gradients and of the Hessian-vector products;
+            ``None``: as many rows of gradients as fit in 256 MiB, between 32 and 1,024
+            (:func:`influence.batches.auto_batch_size`; 64 for ``"tracin_we"``).
         dtype: floating dtype of the computation (default: the model's).
         cache_dir: for ``"if"``: a directory where the training gradients are cached (built or
             resumed, refused when it was made with other arguments).
@@ -166,7 +180,7 @@ def attribute(
         method, solver, options, checkpoints=checkpoints, projection_dim=projection_dim, cache_dir=cache_dir,
         cache_dtype=cache_dtype, self_scores=query_data is None,
     )
-    common = {"batch_size": batch_size, "device": device, "dtype": dtype}
+    common = {"batch_size": _batch_size(batch_size, model, params, dtype, method), "device": device, "dtype": dtype}
     if method == "if":
         train_gradients = None
         if cache_dir is not None:

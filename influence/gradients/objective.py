@@ -296,10 +296,21 @@ class Objective:
         """
         n = self.n_parameters
         rows = []
-        for start in range(0, n, chunk_size):
-            stop = min(n, start + chunk_size)
-            eye = torch.zeros(stop - start, n, dtype=self.dtype, device=self.device)
-            eye[torch.arange(stop - start), torch.arange(start, stop)] = 1.0
-            rows.append(self.matvec(eye, gauss_newton))
+        # Many identity columns per vectorised product (the per-call overhead dominates small
+        # models), bounded so that vectors x examples of one product stay near 2^17.
+        largest = max(self.batch_sizes, default=1)
+        wider = max(self.vector_chunk_size or chunk_size, min(chunk_size, 2**17 // max(1, largest)))
+        previous, self.vector_chunk_size = self.vector_chunk_size, (None if self.vector_chunk_size is None else wider)
+        try:
+            for start in range(0, n, chunk_size):
+                stop = min(n, start + chunk_size)
+                eye = torch.zeros(stop - start, n, dtype=self.dtype, device=self.device)
+                eye[torch.arange(stop - start), torch.arange(start, stop)] = 1.0
+                rows.append(self.matvec(eye, gauss_newton))
+                del eye
+        finally:
+            self.vector_chunk_size = previous
         h = torch.cat(rows, dim=0)
-        return (h + h.T) / 2
+        del rows
+        transposed = h.T.clone()
+        return h.add_(transposed).mul_(0.5)

@@ -5,17 +5,28 @@ Gauss-Newton matrix) from a seeded random unit vector, with full re-orthogonalis
 Gram-Schmidt passes) against every previous Krylov vector. On breakdown (the Krylov space became
 invariant, e.g. because of a repeated eigenvalue) the iteration restarts from a fresh random
 direction orthogonal to the basis, and stops once the basis spans the whole space. The small
-projected matrix is symmetrised and diagonalised, and the ``top_k`` largest positive eigenvalues
-with their eigenvectors are kept ("distilled"): non-positive Ritz values are never kept, so fewer
-than ``top_k`` pairs remain only when the Krylov space holds fewer positive Ritz values. With Ritz
-vectors ``U`` ``[k, P]`` and eigenvalues ``e`` ``[k]``:
+projected matrix is symmetrised and diagonalised, and ``top_k`` Ritz pairs are kept ("distilled"):
 
-    solve(b) = U^T diag(1 / (e + damping)) U b,
-    project(g) = diag((e + damping)^{-1/2}) U g,
+- ``select="positive"``: the ``top_k`` largest positive eigenvalues (fewer only when the Krylov
+  space holds fewer positive Ritz values); non-positive ones are never kept;
+- ``select="magnitude"``: the ``top_k`` largest in absolute value, negative ones included (what
+  the paper's reference code does).
 
-so an influence score is ``project(query) @ project(train).T``, and callers can store only ``k``
-numbers per example. With ``top_k = n_iterations = P`` on a positive-definite Hessian, ``solve`` is
-the exact inverse.
+With Ritz vectors ``U`` ``[k, P]``, eigenvalues ``e`` ``[k]`` and ``d = e + damping``:
+
+    solve(b) = U^T diag(1 / d) U b                                 (complement=False)
+    solve(b) = U^T diag(1 / d) U b + (1 / damping) (b - U^T U b)   (complement=True)
+
+The second keeps the rest of the space at the damped value ``1/damping`` instead of dropping it:
+the Hessian's small eigenvalues, which the low-rank part never sees, are replaced by 0 rather
+than ignored, so ``solve`` is the exact inverse of ``U^T diag(e) U + damping I``.
+
+As in the paper, every gradient can be reduced once to ``k`` numbers,
+``project(g) = diag(|d|^{-1/2}) U g``, and an influence score is a ``k``-dimensional product
+(:meth:`ArnoldiSolver.representation`: the query side carries the signs of ``d``); with the
+complement, the representation appends the complement ``(b - U^T U b) / sqrt(damping)``, randomly
+projected when a projector is given. With ``top_k = n_iterations = P`` on a positive-definite
+Hessian, ``solve`` is the exact inverse.
 """
 
 from __future__ import annotations
@@ -40,6 +51,10 @@ class ArnoldiSolver(InverseHessianSolver):
         top_k: eigenpairs kept: those of the ``top_k`` largest positive Ritz values (fewer only
             when the Krylov space has fewer positive ones).
         seed: seed of the start vector.
+        select: ``"positive"`` (largest positive eigenvalues) or ``"magnitude"`` (largest in
+            absolute value).
+        complement: also apply ``1/damping`` on the orthogonal complement of the kept
+            eigenvectors (needs ``damping > 0``).
         breakdown_rtol: restart when a new Krylov vector's norm is below this times the largest
             entry of the projected matrix.
 
@@ -59,6 +74,8 @@ class ArnoldiSolver(InverseHessianSolver):
         n_iterations: int = 100,
         top_k: int = 20,
         seed: int = 0,
+        select: str = "positive",
+        complement: bool = False,
         breakdown_rtol: float = 1e-10,
     ) -> None:
         super().__init__(damping=damping, gauss_newton=gauss_newton)
@@ -67,6 +84,14 @@ class ArnoldiSolver(InverseHessianSolver):
         if top_k > n_iterations:
             raise invalid("top_k", top_k, f"at most n_iterations = {n_iterations}")
         self.seed = int(seed)
+        if select not in ("positive", "magnitude"):
+            raise invalid("select", select, "'positive' or 'magnitude'")
+        if not isinstance(complement, bool):
+            raise invalid("complement", complement, "True or False")
+        if complement and not self.damping > 0:
+            raise invalid("damping", damping, "a positive number when complement=True (the complement is scaled by 1/damping)")
+        self.select = select
+        self.complement = complement
         self.breakdown_rtol = float(breakdown_rtol)
         self.eigenvalues: Tensor | None = None
         self.eigenvectors: Tensor | None = None
@@ -76,7 +101,8 @@ class ArnoldiSolver(InverseHessianSolver):
     def arguments(self) -> dict[str, Any]:
         return {
             **super().arguments, "n_iterations": self.n_iterations, "top_k": self.top_k,
-            "seed": self.seed, "breakdown_rtol": self.breakdown_rtol,
+            "seed": self.seed, "select": self.select, "complement": self.complement,
+            "breakdown_rtol": self.breakdown_rtol,
         }
 
     def _fit(self, objective: Any) -> None:
@@ -115,15 +141,23 @@ class ArnoldiSolver(InverseHessianSolver):
         small = projected[:steps, :steps]
         small = (small + small.T) / 2
         values, vectors = torch.linalg.eigh(small)
-        positive = values > 0
-        values, vectors = values[positive], vectors[:, positive]
-        order = values.argsort(descending=True)[: self.top_k]
+        if self.select == "positive":
+            positive = values > 0
+            values, vectors = values[positive], vectors[:, positive]
+            order = values.argsort(descending=True)[: self.top_k]
+        else:
+            order = values.abs().argsort(descending=True)[: self.top_k]
         self.eigenvalues = values[order]
         self.eigenvectors = vectors[:, order].T @ basis[:steps]
         if self.eigenvalues.numel() == 0:
             raise InvalidArgumentError(
                 f"the Arnoldi iteration found no positive eigenvalue in {steps} steps; raise "
                 "n_iterations, or use gauss_newton=True"
+            )
+        shifted = (self.eigenvalues + self.damping).abs()
+        if float(shifted.min()) <= 1e-12 * max(float(shifted.max()), 1e-300):
+            raise SolverDivergedError(
+                f"a kept eigenvalue plus damping is zero ({float(shifted.min()):.3e}); raise damping, or use select='positive'"
             )
 
     def _orthogonal_direction(self, basis: Tensor, generator: torch.Generator) -> Tensor | None:
@@ -148,7 +182,11 @@ class ArnoldiSolver(InverseHessianSolver):
 
     def _solve(self, rhs: Tensor) -> Tensor:
         u = self.eigenvectors
-        return ((rhs @ u.T) / (self.eigenvalues + self.damping)) @ u
+        coordinates = rhs @ u.T
+        out = (coordinates / (self.eigenvalues + self.damping)) @ u
+        if self.complement:
+            out += (rhs - coordinates @ u) / self.damping
+        return out
 
     def project(self, g: Tensor) -> Tensor:
         """Whitened coordinates of gradients in the kept eigenbasis.
@@ -157,13 +195,46 @@ class ArnoldiSolver(InverseHessianSolver):
             g: ``[b, P]`` (or ``[P]``).
 
         Returns:
-            ``[b, k]`` (or ``[k]``): ``diag((e + damping)^{-1/2}) U g``, so that
-            ``project(a) @ project(b).T = a (H_k + damping)^{-1} b^T``.
+            ``[b, k]`` (or ``[k]``): ``diag(|e + damping|^{-1/2}) U g``, so that with positive
+            ``e + damping``, ``project(a) @ project(b).T = a U^T diag(1 / (e + damping)) U b^T``
+            (the low-rank part of :meth:`solve`).
         """
-        self._check_fitted()
-        p = self.n_parameters
-        if not isinstance(g, Tensor) or g.dim() not in (1, 2) or g.shape[-1] != p:
-            shape = tuple(g.shape) if isinstance(g, Tensor) else type(g).__name__
-            raise invalid("g", shape, f"a tensor [b, P] or [P] with P = {p}")
-        g = g.to(device=self.eigenvectors.device, dtype=self.eigenvectors.dtype)
-        return (g @ self.eigenvectors.T) / (self.eigenvalues + self.damping).sqrt()
+        single = isinstance(g, Tensor) and g.dim() == 1
+        rows = self._check_rows("g", g)
+        out = (rows @ self.eigenvectors.T) / (self.eigenvalues + self.damping).abs().sqrt()
+        return out[0] if single else out
+
+    def representation(self, g: Tensor, side: str, projector: Any = None) -> Tensor:
+        """``[project(g) (times sign(e + damping) on the query side), complement]``: ``k`` numbers per
+        gradient, plus ``P`` (or the projector's ``d``) with ``complement=True``; see the base class."""
+        if side not in ("query", "train"):
+            raise invalid("side", side, "'query' or 'train'")
+        rows = self._check_rows("g", g)
+        coordinates = rows @ self.eigenvectors.T
+        shifted = self.eigenvalues + self.damping
+        low_rank = coordinates / shifted.abs().sqrt()
+        if side == "query":
+            low_rank = low_rank * shifted.sign()
+        if not self.complement:
+            return low_rank
+        rest = (rows - coordinates @ self.eigenvectors) / self.damping**0.5
+        if projector is not None:
+            rest = projector.project(rest)
+        return torch.cat([low_rank, rest.to(low_rank.dtype)], dim=1)
+
+    def representation_dim(self, projector: Any = None) -> int:
+        if not self.complement:
+            return self.rank
+        return self.rank + (self.n_parameters if projector is None else int(projector.output_dim))
+
+    def _state_tensors(self) -> dict[str, Tensor]:
+        return {"eigenvalues": self.eigenvalues, "eigenvectors": self.eigenvectors}
+
+    def _load_tensors(self, tensors: dict[str, Tensor], info: dict[str, Any]) -> None:
+        if set(tensors) != {"eigenvalues", "eigenvectors"}:
+            raise invalid("Arnoldi solver state", sorted(tensors), "'eigenvalues' and 'eigenvectors'")
+        self.eigenvalues, self.eigenvectors = tensors["eigenvalues"], tensors["eigenvectors"]
+        self.n_steps = int(info.get("n_steps", 0))
+
+    def _state_extra(self) -> dict[str, Any]:
+        return {"n_steps": self.n_steps}

@@ -133,6 +133,7 @@ class EkfacSolver(InverseHessianSolver):
     def __init__(self, damping: float = 0.0, gauss_newton: bool = False) -> None:
         super().__init__(damping=damping, gauss_newton=gauss_newton)
         self.blocks: list[_Block] = []
+        self._offsets: dict[str, tuple[int, int]] = {}
         self._outputs_fn: Any = None
 
     # -- statistics -------------------------------------------------------------------------------
@@ -240,6 +241,7 @@ class EkfacSolver(InverseHessianSolver):
                 "(alpha/2)||W - W_ref||^2 into damping (damping += alpha)"
             )
         self.blocks = _blocks(objective.model, list(objective.names))
+        self._offsets = {name: tuple(span) for name, span in objective.layout.offsets().items()}
         if self.gauss_newton:
             _, fixed = functional_state(objective.model, objective.names, device=objective.device,
                                         dtype=objective.dtype)
@@ -308,7 +310,7 @@ class EkfacSolver(InverseHessianSolver):
 
     def _block_matrix(self, flat: Tensor, b: _Block) -> Tensor:
         """Flat ``[m, P]`` -> the block's ``[m, out, width]`` (embeddings: ``weight^T``)."""
-        offsets = self.objective.layout.offsets()
+        offsets = self._offsets
         m = flat.shape[0]
         if b.kind == "embedding":
             start, stop = offsets[b.weight]
@@ -324,7 +326,7 @@ class EkfacSolver(InverseHessianSolver):
 
     def _solve(self, rhs: Tensor) -> Tensor:
         out = torch.empty_like(rhs)
-        offsets = self.objective.layout.offsets()
+        offsets = self._offsets
         m = rhs.shape[0]
         for b in self.blocks:
             x = self._block_matrix(rhs, b)
@@ -340,3 +342,31 @@ class EkfacSolver(InverseHessianSolver):
                 start, stop = offsets[b.bias]
                 out[:, start:stop] = y[..., -1]
         return out
+
+    # -- saved state --------------------------------------------------------------------------------
+
+    _FIELDS = ("module", "kind", "weight", "bias", "out_features", "in_features", "padding_idx")
+
+    def _state_tensors(self) -> dict[str, Tensor]:
+        state = {}
+        for i, b in enumerate(self.blocks):
+            state[f"{i}.q_s"], state[f"{i}.eigenvalues"] = b.q_s, b.eigenvalues
+            if b.q_a is not None:
+                state[f"{i}.q_a"] = b.q_a
+        return state
+
+    def _state_extra(self) -> dict[str, Any]:
+        return {
+            "blocks": [{f: getattr(b, f) for f in self._FIELDS} for b in self.blocks],
+            "offsets": {name: list(span) for name, span in self._offsets.items()},
+        }
+
+    def _load_tensors(self, tensors: dict[str, Tensor], info: dict[str, Any]) -> None:
+        try:
+            self.blocks = [_Block(**{f: spec[f] for f in self._FIELDS}) for spec in info["blocks"]]
+            self._offsets = {name: (int(a), int(b)) for name, (a, b) in info["offsets"].items()}
+            for i, b in enumerate(self.blocks):
+                b.q_s, b.eigenvalues, b.q_a = tensors[f"{i}.q_s"], tensors[f"{i}.eigenvalues"], tensors.get(f"{i}.q_a")
+        except (KeyError, TypeError, ValueError) as error:
+            raise invalid("EK-FAC solver state", f"missing or malformed {error}", "what state_dict() and state_info() returned") from error
+

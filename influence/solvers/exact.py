@@ -1,10 +1,17 @@
 """Exact inverse-Hessian products from the dense Hessian.
 
 The solver builds the dense ``P x P`` Hessian (or Gauss-Newton matrix) of the objective with
-``P`` Hessian-vector products, takes its symmetric eigendecomposition ``H = V diag(e) V^T`` and
-applies ``(H + damping I)^{-1} = V diag(1 / (e + damping)) V^T``. It is the reference the
-iterative solvers are tested against, and only fits small parameter sets (``max_parameters``).
-An indefinite but non-singular ``H + damping I`` is inverted as is; a singular one is refused.
+``P`` Hessian-vector products (256 at a time, vectorised), then factorises ``H + damping I``:
+
+- positive definite (the usual case with damping): a Cholesky factor ``L L^T``, about ``P^3 / 3``
+  operations (seconds for ``P`` near 10,000, where an eigendecomposition takes minutes), and
+  ``solve`` is two triangular solves;
+- otherwise its symmetric eigendecomposition ``H = V diag(e) V^T``, and
+  ``(H + damping I)^{-1} = V diag(1 / (e + damping)) V^T``: an indefinite but non-singular
+  ``H + damping I`` is inverted as is; a singular one is refused.
+
+It is the reference the iterative solvers are tested against, and only fits small parameter sets
+(``max_parameters``).
 """
 
 from __future__ import annotations
@@ -14,7 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from influence.exceptions import InvalidArgumentError, SolverDivergedError
+from influence.exceptions import InvalidArgumentError, SolverDivergedError, invalid
 from influence.solvers.base import InverseHessianSolver
 from influence.validation import check_positive_int
 
@@ -30,9 +37,11 @@ class ExactSolver(InverseHessianSolver):
             absolute value) is below ``singular_rtol`` times its largest.
 
     Attributes:
-        hessian: ``[P, P]`` after :meth:`fit`.
-        eigenvalues: ``[P]`` eigenvalues of ``H`` (without damping), ascending.
-        eigenvectors: ``[P, P]``, columns orthonormal.
+        hessian: ``[P, P]`` after :meth:`fit` (``None`` after :meth:`load_state`).
+        cholesky: ``[P, P]`` lower factor of ``H + damping I`` when it is positive definite, else ``None``.
+        eigenvalues: ``[P]`` eigenvalues of ``H`` (without damping), ascending, when ``H + damping I``
+            is not positive definite (else ``None``).
+        eigenvectors: ``[P, P]``, columns orthonormal (with ``eigenvalues``).
     """
 
     name = "exact"
@@ -49,6 +58,7 @@ class ExactSolver(InverseHessianSolver):
         self.max_parameters = check_positive_int("max_parameters", max_parameters)
         self.singular_rtol = float(singular_rtol)
         self.hessian: Tensor | None = None
+        self.cholesky: Tensor | None = None
         self.eigenvalues: Tensor | None = None
         self.eigenvectors: Tensor | None = None
 
@@ -65,7 +75,22 @@ class ExactSolver(InverseHessianSolver):
                 "(e.g. params='last') or use solver='cg', 'lissa' or 'arnoldi'"
             )
         self.hessian = objective.hessian(gauss_newton=self.gauss_newton)
-        self.eigenvalues, self.eigenvectors = torch.linalg.eigh(self.hessian)
+        self._factorise(self.hessian)
+
+    def _factorise(self, hessian: Tensor) -> None:
+        self.cholesky = self.eigenvalues = self.eigenvectors = None
+        shifted = hessian.clone()
+        shifted.diagonal().add_(self.damping)
+        factor, info = torch.linalg.cholesky_ex(shifted)
+        del shifted
+        pivots = factor.diagonal() ** 2
+        if int(info) == 0 and pivots.numel() and bool(torch.isfinite(pivots).all()) and float(pivots.min()) > (
+            self.singular_rtol * float(pivots.max())
+        ):
+            self.cholesky = factor
+            return
+        del factor
+        self.eigenvalues, self.eigenvectors = torch.linalg.eigh(hessian)
         shifted = (self.eigenvalues + self.damping).abs()
         if shifted.numel() and shifted.min() <= self.singular_rtol * max(float(shifted.max()), 1e-300):
             raise SolverDivergedError(
@@ -75,6 +100,20 @@ class ExactSolver(InverseHessianSolver):
             )
 
     def _solve(self, rhs: Tensor) -> Tensor:
+        if self.cholesky is not None:
+            return torch.cholesky_solve(rhs.T, self.cholesky).T
         v = self.eigenvectors
         coefficients = (rhs @ v) / (self.eigenvalues + self.damping)
         return coefficients @ v.T
+
+    def _state_tensors(self) -> dict[str, Tensor]:
+        if self.cholesky is not None:
+            return {"cholesky": self.cholesky}
+        return {"eigenvalues": self.eigenvalues, "eigenvectors": self.eigenvectors}
+
+    def _load_tensors(self, tensors: dict[str, Tensor], info: dict[str, Any]) -> None:
+        self.hessian = None
+        self.cholesky = tensors.get("cholesky")
+        self.eigenvalues, self.eigenvectors = tensors.get("eigenvalues"), tensors.get("eigenvectors")
+        if self.cholesky is None and (self.eigenvalues is None or self.eigenvectors is None):
+            raise invalid("exact solver state", sorted(tensors), "'cholesky', or 'eigenvalues' and 'eigenvectors'")
