@@ -28,7 +28,8 @@ from torch.func import functional_call
 
 from influence.exceptions import InvalidArgumentError
 from influence.gradients.layout import ParameterLayout
-from influence.methods.multistage import multistage_scores
+from influence.index import AttributionIndex
+from influence.methods.multistage import embedding_sensitivity, multistage_scores
 from influence.task import ClassificationTask
 from tests import zoo
 
@@ -267,6 +268,26 @@ def test_cg_matches_exact(two_stage, mode):
     )
     expected = two_stage["predicted"][mode]
     torch.testing.assert_close(scores, expected, rtol=1e-6, atol=1e-8 * float(expected.abs().max()))
+
+
+@pytest.mark.parametrize("mode", ["fixed", "updated"])
+def test_pretraining_index_gives_the_multistage_scores(two_stage, mode, tmp_path):
+    """The pretraining half through an attribution index (fit once; each query is one pass over the
+    stored rows) equals the one-call multi-stage scores."""
+    t = two_stage
+    shared = {"embedding.weight": "embedding.weight"}
+    sensitivity = embedding_sensitivity(
+        t["pretrained"], t["task"], t["finetuned"][mode], t["finetune_data"], t["query_data"], shared=shared,
+        embedding=mode, alpha=ALPHA if mode == "updated" else 0.0, finetune_solver="exact", damping=0.0,
+        solver_options=None, finetune_regularizer=l2_head, batch_size=128, device="cpu", dtype=None,
+    )
+    index = AttributionIndex.fit(tmp_path / "pretraining", t["task"], t["pretrained"], t["pretrain_data"], solver="exact",
+                                 damping=0.0, regularizer=l2_all, storage_dtype=torch.float64, shard_size=7)
+    expected = t["predicted"][mode]
+    got = index.score_vectors(sensitivity, names=list(shared.values()))
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-9 * float(expected.abs().max()))
+    top = AttributionIndex.load(tmp_path / "pretraining").top_k_vectors(sensitivity, k=3, names=list(shared.values()))
+    torch.testing.assert_close(top.proponents, expected.argsort(dim=1, descending=True)[:, :3], rtol=0, atol=0)
 
 
 def test_margin_measurement_is_oriented_like_the_loss(two_stage):

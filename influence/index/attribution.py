@@ -147,7 +147,8 @@ class AttributionIndex:
             The complete index.
         """
         names = select_parameters(model, params)
-        p = ParameterLayout.of(model, names).numel
+        layout = ParameterLayout.of(model, names)
+        p = layout.numel
         compute_dtype = dtype or dict(model.named_parameters())[names[0]].dtype
         batch = check_batch_size(batch_size) if batch_size is not None else auto_batch_size(p, compute_dtype.itemsize)
         check_positive_int("projection_dim", projection_dim, allow_none=True)
@@ -165,6 +166,7 @@ class AttributionIndex:
             "task": describe_task(task),
             "names": list(names),
             "n_parameters": p,
+            "offsets": {name: list(span) for name, span in layout.offsets().items()},
             "solver": dict(built.arguments) if built is not None else None,
             "projection": dict(projector.arguments) if projector is not None else None,
             "regularizer": None if regularizer is None else type(regularizer).__name__,
@@ -292,6 +294,45 @@ class AttributionIndex:
         """The full ``[m, n]`` score matrix (for the evidence stages), streamed from the shards."""
         rows = self.query_rows(task, model, query_data, batch_size=batch_size, device=device)
         return self.store.scores(rows, scale=self._scale(task))
+
+    def _vector_rows(self, vectors: Tensor, names: Sequence[str] | None) -> Tensor:
+        offsets = {name: tuple(span) for name, span in self.manifest["offsets"].items()}
+        names = list(self.names if names is None else names)
+        unknown = [n for n in names if n not in offsets]
+        if unknown:
+            raise invalid("names", unknown, f"names among the indexed parameters {self.names}")
+        width = sum(b - a for a, b in (offsets[n] for n in names))
+        if not isinstance(vectors, Tensor) or vectors.dim() != 2 or vectors.shape[1] != width:
+            shape = tuple(vectors.shape) if isinstance(vectors, Tensor) else type(vectors).__name__
+            raise invalid("vectors", shape, f"a tensor [m, {width}] (the entries of {names})")
+        full = vectors.new_zeros(vectors.shape[0], int(self.manifest["n_parameters"]))
+        start = 0
+        for name in names:
+            a, b = offsets[name]
+            full[:, a:b] = vectors[:, start:start + b - a]
+            start += b - a
+        return self.represent(full.to(getattr(torch, self.manifest["dtype"])), "query")
+
+    def top_k_vectors(self, vectors: Tensor, k: int = 10, *, names: Sequence[str] | None = None,
+                      scale: float | None = None) -> TopK:
+        """Top-``k`` of query-side vectors given directly (e.g. multi-stage sensitivities) instead of queries.
+
+        Args:
+            vectors: ``[m, P_sub]``, already oriented, over the parameters ``names`` (in that order;
+                the other indexed parameters count as zero).
+            k: how many proponents and opponents.
+            names: a subset of the indexed parameter names (default: all of them, ``P_sub = P``).
+            scale: factor of the scores (default ``1/n``).
+
+        Returns:
+            :class:`~influence.index.store.TopK` of ``scale * v (H + damping I)^{-1} g^T``.
+        """
+        rows = self._vector_rows(vectors, names)
+        return self.store.top_k(rows, k, scale=1 / self.n_train if scale is None else scale)
+
+    def score_vectors(self, vectors: Tensor, *, names: Sequence[str] | None = None, scale: float | None = None) -> Tensor:
+        """The full ``[m, n]`` matrix of :meth:`top_k_vectors`."""
+        return self.store.scores(self._vector_rows(vectors, names), scale=1 / self.n_train if scale is None else scale)
 
 
 __all__ = ["SOLVER_STATE", "STATEFUL_SOLVERS", "AttributionIndex", "TopK"]
