@@ -104,12 +104,14 @@ METHODS = {
     "ekfac gauss-newton": ("ekfac", {"gauss_newton": True}),
     "cg": ("cg", {}),
     "arnoldi (defaults)": ("arnoldi", {}),
-    "arnoldi k20 +complement": ("arnoldi", {"complement": True}),
-    "arnoldi k20 magnitude": ("arnoldi", {"select": "magnitude"}),
-    "arnoldi k100/200": ("arnoldi", {"n_iterations": 200, "top_k": 100}),
-    "arnoldi k100/200 +complement": ("arnoldi", {"n_iterations": 200, "top_k": 100, "complement": True}),
-    "arnoldi k100/200 magnitude +complement": ("arnoldi", {"n_iterations": 200, "top_k": 100, "complement": True,
-                                                           "select": "magnitude"}),
+    "arnoldi k20/100 as in the paper": ("arnoldi", {"n_iterations": 100, "top_k": 20, "complement": "none"}),
+    "arnoldi k20/100 complement=damping": ("arnoldi", {"n_iterations": 100, "top_k": 20, "complement": "damping"}),
+    "arnoldi k100/200 none": ("arnoldi", {"n_iterations": 200, "top_k": 100, "complement": "none"}),
+    "arnoldi k100/200 damping": ("arnoldi", {"n_iterations": 200, "top_k": 100, "complement": "damping"}),
+    "arnoldi k100/200 last": ("arnoldi", {"n_iterations": 200, "top_k": 100, "complement": "last"}),
+    "arnoldi k100/200 last magnitude": ("arnoldi", {"n_iterations": 200, "top_k": 100, "complement": "last",
+                                                    "select": "magnitude"}),
+    "arnoldi k500/1000 last": ("arnoldi", {"n_iterations": 1000, "top_k": 500, "complement": "last"}),
 }
 
 

@@ -365,7 +365,8 @@ class Experiment:
     def solver(self, which: str = "finetune") -> dict[str, Any]:
         """``{"solver", "damping", "solver_options"}`` of an inverse Hessian.
 
-        ``which``: ``"finetune"`` (``attribution.solver``), ``"pretrain"`` (``attribution.pretrain_solver``)
+        ``which``: ``"finetune"`` (``attribution.solver``), ``"pretrain"`` (``attribution.pretrain_solver``),
+        ``"multistage"`` (``attribution.multistage_solver``, the finetuning half of multi-stage influence)
         or ``"self_influence"`` (the finetuning Hessian with Arnoldi: self-influence solves one
         right-hand side per training example, which only a factorised solver makes cheap).
 
@@ -377,7 +378,8 @@ class Experiment:
         if which == "pretrain":
             name, damping, gauss_newton = a.pretrain_solver, a.pretrain_damping, a.pretrain_gauss_newton
         else:
-            name, damping, gauss_newton = ("arnoldi" if which == "self_influence" else a.solver), a.damping, a.gauss_newton
+            name = {"self_influence": "arnoldi", "multistage": a.multistage_solver}.get(which, a.solver)
+            damping, gauss_newton = a.damping, a.gauss_newton
         options: dict[str, Any] = {"gauss_newton": gauss_newton}
         if name == "cg":
             options["max_iterations"] = a.cg_iterations

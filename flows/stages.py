@@ -159,31 +159,39 @@ def gradients(x: Experiment, result: StageResult) -> None:
 
 @stage
 def influence(x: Experiment, result: StageResult) -> None:
-    """Influence-function scores of finetuning examples on the queries, per mode: [n_query, n_train]."""
+    """Influence-function scores of finetuning examples on the queries, per mode: [n_query, n_train].
+    A solver that keeps its state (exact, Arnoldi, EK-FAC) fits an attribution index per mode
+    (``artifacts/influence/<mode>/index``, which ``explain`` asks again); conjugate gradient solves per query."""
     from influence.api import attribute
+    from influence.index import STATEFUL_SOLVERS, AttributionIndex
 
-    a, train = x.settings.attribution, x.split("train")
+    a, train, queries = x.settings.attribution, x.split("train"), x.split("queries")
     for mode in x.settings.finetune.modes:
         model = x.finetuned(mode)
-        scores = attribute(
-            x.query_task, model, train, x.split("queries"), method="if", params=a.if_params, **x.solver("finetune"),
-            regularizer=x.regularizer(mode, model), cache_dir=x.path("gradients", mode), batch_size=x.batch(256),
-            hessian_data=x.hessian_sample(train, a.hessian_examples), device=x.device,
-        )
+        options = {"params": a.if_params, **x.solver("finetune"), "regularizer": x.regularizer(mode, model),
+                   "hessian_data": x.hessian_sample(train, a.hessian_examples), "batch_size": x.batch(256), "device": x.device}
+        if a.solver in STATEFUL_SOLVERS:
+            index = AttributionIndex.fit(x.out_dir(mode, "index"), x.query_task, model, train, overwrite=True, **options)
+            scores = index.scores(x.query_task, model, queries, device=x.device)
+            result.metrics[f"{mode}.index_dim"] = float(index.dim)
+        else:
+            scores = attribute(x.query_task, model, train, queries, method="if", cache_dir=x.path("gradients", mode), **options)
         result.outputs[mode] = x.write_scores(mode, scores)
 
 
 @stage
 def multistage(x: Experiment, result: StageResult) -> None:
     """Multi-stage influence of pretraining sentences on the finetuned queries, per mode: [n_query, n_pretrain].
-    The finetuning half runs per mode; the pretraining half once, for all modes stacked."""
+    The finetuning half runs per mode; the pretraining half once, for all modes stacked: with a solver that keeps
+    its state, an attribution index of the pretraining sentences (``artifacts/multistage/pretrain_index``)."""
+    from influence.index import STATEFUL_SOLVERS, AttributionIndex
     from influence.methods.multistage import embedding_sensitivity, pretraining_scores
 
     a, pretrained, sentences = x.settings.attribution, x.pretrained(), x.split("pretrain")
     sensitivities, result.info["parameters"] = [], {}
     for mode in x.settings.finetune.modes:
         model = x.finetuned(mode)
-        shared, ft = x.multistage_shared(model), x.solver("finetune")
+        shared, ft = x.multistage_shared(model), x.solver("multistage")
         theta = x.multistage_theta(mode, model, shared)
         result.info["parameters"][mode] = {"shared": list(shared), "finetune": theta}
         sensitivities.append(embedding_sensitivity(
@@ -193,14 +201,24 @@ def multistage(x: Experiment, result: StageResult) -> None:
             finetune_regularizer=x.regularizer(mode, model, pretrained, shared), batch_size=x.batch(256), device=x.device,
             dtype=None,
         ))
-    pt = x.solver("pretrain")
-    scores = pretraining_scores(
-        x.pretrain_task, pretrained, sentences, torch.cat(sensitivities), shared_names=list(shared.values()),
-        pretrain_solver=pt["solver"], pretrain_damping=pt["damping"], pretrain_solver_options=pt["solver_options"],
-        pretrain_hessian_data=x.hessian_sample(sentences, a.pretrain_hessian_examples),
-        pretrain_names="all" if a.pretrain_hessian_params == "all" else list(shared.values()),
-        pretrain_regularizer=x.pretrain_regularizer(), batch_size=x.batch(128), device=x.device,
-    )
+    pt, shared_names = x.solver("pretrain"), list(shared.values())
+    pretrain_names = "all" if a.pretrain_hessian_params == "all" else shared_names
+    hessian_data = x.hessian_sample(sentences, a.pretrain_hessian_examples)
+    if pt["solver"] in STATEFUL_SOLVERS:
+        index = AttributionIndex.fit(
+            x.out_dir("pretrain_index"), x.pretrain_task, pretrained, sentences, params=pretrain_names, **pt,
+            hessian_data=hessian_data, regularizer=x.pretrain_regularizer(), batch_size=x.batch(128), device=x.device,
+            overwrite=True,
+        )
+        scores = index.score_vectors(torch.cat(sensitivities), names=shared_names)
+        result.metrics["pretrain_index_dim"] = float(index.dim)
+    else:
+        scores = pretraining_scores(
+            x.pretrain_task, pretrained, sentences, torch.cat(sensitivities), shared_names=shared_names,
+            pretrain_solver=pt["solver"], pretrain_damping=pt["damping"], pretrain_solver_options=pt["solver_options"],
+            pretrain_hessian_data=hessian_data, pretrain_names=pretrain_names, pretrain_regularizer=x.pretrain_regularizer(),
+            batch_size=x.batch(128), device=x.device,
+        )
     for mode, block in zip(x.settings.finetune.modes, scores.split(len(x.split("queries")))):
         result.outputs[mode] = x.write_scores(mode, block)
 

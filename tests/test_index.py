@@ -39,7 +39,7 @@ def indefinite(values=(10.0, 8.0, -6.0, 0.5, 0.3, 0.2, 0.1, 0.05), seed=4):
 
 
 @pytest.mark.parametrize("select", ["positive", "magnitude"])
-@pytest.mark.parametrize("complement", [False, True])
+@pytest.mark.parametrize("complement", ["none", "damping", "last"])
 def test_arnoldi_solve_matches_its_low_rank_formula_on_an_indefinite_hessian(select, complement):
     matrix, q, values = indefinite()
     solver = ArnoldiSolver(damping=DAMPING, n_iterations=8, top_k=3, select=select, complement=complement)
@@ -48,8 +48,8 @@ def test_arnoldi_solve_matches_its_low_rank_formula_on_an_indefinite_hessian(sel
     torch.testing.assert_close(solver.eigenvalues.sort().values, values[kept].sort().values, rtol=1e-8, atol=1e-10)
     u = q[:, kept]
     expected = u @ torch.diag(1 / (values[kept] + DAMPING)) @ u.T
-    if complement:
-        expected = expected + (torch.eye(8, dtype=torch.float64) - u @ u.T) / DAMPING
+    scale = {"none": 0.0, "damping": 1 / DAMPING, "last": 1 / (DAMPING + float(values[kept].abs().min()))}[complement]
+    expected = expected + (torch.eye(8, dtype=torch.float64) - u @ u.T) * scale
     rhs = torch.randn(5, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     torch.testing.assert_close(solver.solve(rhs), rhs @ expected, rtol=1e-8, atol=1e-8)
     # The representations' inner products are the same bilinear form, negative eigenvalues included.
@@ -62,7 +62,7 @@ def test_arnoldi_full_rank_with_complement_is_exact_and_low_rank_complement_help
     matrix = zoo.random_spd(10, low=0.01, high=5.0)
     exact = ExactSolver(damping=DAMPING).fit(zoo.MatrixObjective(matrix))
     rhs = torch.randn(3, 10, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
-    full = ArnoldiSolver(damping=DAMPING, n_iterations=10, top_k=10, complement=True).fit(zoo.MatrixObjective(matrix))
+    full = ArnoldiSolver(damping=DAMPING, n_iterations=10, top_k=10, complement="damping").fit(zoo.MatrixObjective(matrix))
     torch.testing.assert_close(full.solve(rhs), exact.solve(rhs), rtol=1e-7, atol=1e-9)
     # A few large eigenvalues and many far below the damping (the shape of network Hessians): with
     # the 3 large pairs, the complement's 1/damping is nearly the exact 1/(e + damping) on the rest,
@@ -74,14 +74,16 @@ def test_arnoldi_full_rank_with_complement_is_exact_and_low_rank_complement_help
         low = ArnoldiSolver(damping=DAMPING, n_iterations=8, top_k=3, complement=complement).fit(zoo.MatrixObjective(spiked))
         return float((low.solve(rhs[:, :8]) - exact).norm() / exact.norm())
 
-    assert error(True) < 0.03 < 0.9 < error(False)
+    assert error("damping") < 0.03 < 0.9 < error("none")
 
 
 def test_arnoldi_options_are_checked():
     with pytest.raises(InvalidArgumentError, match="select"):
         ArnoldiSolver(select="largest")
-    with pytest.raises(InvalidArgumentError, match="complement=True"):
-        ArnoldiSolver(damping=0.0, complement=True)
+    with pytest.raises(InvalidArgumentError, match="complement='damping'"):
+        ArnoldiSolver(damping=0.0, complement="damping")
+    with pytest.raises(InvalidArgumentError, match="'none', 'damping' or 'last'"):
+        ArnoldiSolver(complement=True)
 
 
 @pytest.mark.parametrize("name", ["exact", "exact-indefinite", "arnoldi", "ekfac"])
@@ -119,7 +121,7 @@ def test_iterative_solvers_have_no_state_to_save(problem):
 
 @pytest.mark.parametrize("solver,options,projection", [
     ("exact", {}, None),
-    ("arnoldi", {"n_iterations": 30, "top_k": 10, "complement": True}, None),
+    ("arnoldi", {"n_iterations": 30, "top_k": 10, "complement": "last"}, None),
     ("arnoldi", {"n_iterations": 30, "top_k": 10, "select": "magnitude"}, None),
     ("ekfac", {"gauss_newton": True}, None),
     (None, {}, None),
@@ -228,7 +230,7 @@ def test_store_top_k_streams_shards_like_a_full_sort(tmp_path):
 
 def test_random_projector_keeps_complement_width():
     matrix, _, _ = indefinite()
-    solver = ArnoldiSolver(damping=DAMPING, n_iterations=8, top_k=2, complement=True).fit(zoo.MatrixObjective(matrix))
+    solver = ArnoldiSolver(damping=DAMPING, n_iterations=8, top_k=2, complement="damping").fit(zoo.MatrixObjective(matrix))
     projector = RandomProjector(8, 5, seed=0)
     assert solver.representation(torch.ones(3, 8, dtype=torch.float64), "train", projector).shape == (3, 7)
     assert solver.representation_dim(projector) == 7
