@@ -4,6 +4,7 @@
     python -m flows.cli stage NAME [--params params.yaml]
     python -m flows.cli check [--params params.yaml]
     python -m flows.cli dvc-yaml [--params params.yaml]
+    python -m flows.cli explain "a sentence" ["another" ...] [--mode updated] [--k 5] [--params params.yaml]
 
 Heavy imports (torch, Prefect, MLflow) happen only inside the command that needs them, so
 ``--help`` and ``check`` answer at once.
@@ -61,7 +62,11 @@ def build_parser() -> argparse.ArgumentParser:
     stage.add_argument("name", choices=NAMES)
     check = sub.add_parser("check", help="validate params.yaml and the stage table, and exit")
     dvc = sub.add_parser("dvc-yaml", help="write dvc.yaml from the stage table (flows/stage_table.py)")
-    for p in (run, stage, check, dvc):
+    explain = sub.add_parser("explain", help="explain new sentences from the last run's attribution indexes (the explain flow)")
+    explain.add_argument("texts", nargs="+", help="the sentences to explain")
+    explain.add_argument("--mode", choices=("fixed", "updated"), default="updated", help="embedding mode (default: updated)")
+    explain.add_argument("--k", type=int, default=5, help="proponents and opponents per sentence and source (default: 5)")
+    for p in (run, stage, check, dvc, explain):
         p.add_argument("--params", default="params.yaml", help="settings file (default: params.yaml)")
         p.add_argument("--profile", metavar="NAME", help="apply profiles/NAME.yaml over the settings (e.g. minilm-cpu)")
         p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE", help="override one setting")
@@ -98,6 +103,14 @@ def main(argv: list[str] | None = None) -> int:
         ws = Workspace(root)  # dvc repro decided that the stage runs; its fingerprint is recorded for the flow
         result, _ = run_or_skip(args.name, lambda: run_stage(args.name, settings, ws), settings, ws, force=True)
         print(f"stage {args.name}: {result.seconds:.1f} s, metrics {result.metrics}")
+        return 0
+    if args.command == "explain":
+        from flows.explain import explain
+
+        outcome = explain("\n".join(args.texts), mode=args.mode, k=args.k, project_dir=str(root), settings=settings)
+        for row in outcome["rows"]:
+            print(f"{row['query_id']}\t{row['source']}\t{row['kind']} {row['rank']}\t{row['score']:+.4g}\t{row['id']}\t{row['text'][:80]}")
+        print(f"MLflow run {outcome['mlflow_run_id']}; seconds {outcome['seconds']}")
         return 0
     from flows.pipeline import pipeline
 

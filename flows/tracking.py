@@ -106,6 +106,31 @@ def log_pipeline_run(
         mlflow.set_tracking_uri(previous)
 
 
+def log_explanation(settings: PipelineSettings, root: Path, found: dict[str, Any], page: str) -> str:
+    """Log an explanation of new sentences as an MLflow run (``explain`` tag): its HTML page, its table,
+    the sentences, the timings and the run whose models answered; return the run id."""
+    for key, value in QUIET_ENV.items():
+        os.environ.setdefault(key, value)
+    import mlflow
+    import pandas as pd
+
+    uri = tracking_uri(settings, root)
+    previous = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    try:
+        experiment_id = _experiment(mlflow, settings.tracking.experiment, root, uri)
+        with mlflow.start_run(experiment_id=experiment_id, run_name=f"explain {len(found['queries'])} sentence(s)") as run:
+            mlflow.set_tags({"kind": "explain", "models_of_run": found.get("run_id", "")})
+            mlflow.log_metrics({f"{source}_seconds": float(v) for source, v in found["seconds"].items()})
+            mlflow.log_text(page, "explanation.html")
+            mlflow.log_dict({"queries": found["queries"]}, "queries.json")
+            if found["rows"]:
+                mlflow.log_table(data=pd.DataFrame(found["rows"]), artifact_file="tables/explanation.json")
+            return run.info.run_id
+    finally:
+        mlflow.set_tracking_uri(previous)
+
+
 def _log_tables(mlflow: Any, report_dir: Path) -> None:
     """Each CSV table of the report also as an MLflow table (``tables/<name>.json``, the UI's table view)."""
     import pandas as pd

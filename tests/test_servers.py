@@ -384,6 +384,54 @@ def test_browser_custom_run_from_the_prefect_ui_then_its_report_in_the_mlflow_ui
     assert all(path.stat().st_size > 10_000 for path in browser.shots)
 
 
+def test_browser_explain_a_sentence_from_the_prefect_ui(servers: Servers):
+    """What a user does to explain a new sentence: Prefect UI → explain/text → Custom run → type the
+    sentence → Submit → Completed → the run's Artifacts → the explanation table (its proponents and
+    opponents from both the finetuning and the pretraining data). Runs after a pipeline run, whose
+    models and indexes it uses."""
+    import re
+
+    from playwright.sync_api import sync_playwright
+
+    sentence = "a gripping, beautifully acted film"
+    deployment = _deployment(servers, "explain/text")
+    assert deployment["work_pool_name"] == "cpu" and deployment["parameters"]["model"] == "latest"
+    with sync_playwright() as playwright:
+        browser = Browser(playwright)
+        page = browser.page
+        try:
+            page.goto(f"{servers.prefect_url}/deployments/deployment/{deployment['id']}")
+            page.get_by_text("explain", exact=True).first.wait_for()
+            page.get_by_role("button", name="Run", exact=True).click()
+            page.get_by_text("Custom run").first.click()
+            page.wait_for_url("**/run?**")
+            label = page.locator("span.schema-form-property__label", has_text=re.compile(r"^\s*texts\s*$"))
+            field = page.locator("div.p-label", has=page.locator("label.p-label__label", has=label)).last.locator("textarea, input")
+            field.fill(sentence)
+            browser.shot("explain-form")
+            run_name = page.locator("input").first.input_value()
+            page.get_by_role("button", name="Submit", exact=True).click()
+            page.wait_for_url("**tab=Runs**")
+            page.get_by_role("link", name=run_name).first.click()
+            page.wait_for_url("**/runs/flow-run/**")
+            flow_run_id = page.url.rstrip("/").split("/")[-1].split("?")[0]
+            _wait_for_state(page, "completed")
+            page.get_by_role("tab", name="Artifacts").first.click()
+            page.get_by_text("explanation").first.click()
+            page.get_by_text(sentence).first.wait_for()
+            browser.shot("explain-table")
+            cells = page.locator("td")
+            texts = [cells.nth(i).inner_text() for i in range(min(cells.count(), 400))]
+            assert {"finetuning", "pretraining"} <= set(texts) and {"proponent", "opponent"} <= set(texts)
+        except Exception:
+            browser.shot("failure")
+            raise
+        finally:
+            browser.browser.close()
+    run = _api("GET", f"{servers.prefect_url}/api/flow_runs/{flow_run_id}", timeout=HTTP_TIMEOUT).json()
+    assert run["state_type"] == "COMPLETED" and run["parameters"]["texts"] == sentence
+
+
 def test_nightly_schedule_creates_runs(servers: Servers):
 
     response = _api("GET", f"{servers.prefect_url}/api/deployments/name/pipeline/nightly", timeout=HTTP_TIMEOUT)

@@ -27,7 +27,7 @@ def test_round_trip(tmp_path):
 @pytest.mark.parametrize(
     ("raw", "field", "accepted"),
     [
-        ({"attribution": {"solver": "newton"}}, "attribution.solver", "'exact' or 'cg'"),
+        ({"attribution": {"solver": "newton"}}, "attribution.solver", "'exact', 'cg', 'arnoldi' or 'ekfac'"),
         ({"finetune": {"modes": ["frozen"]}}, "finetune.modes.0", "'fixed' or 'updated'"),
         ({"data": {"train_fraction": 1.5}}, "data.train_fraction", "less than 1"),
         ({"pretrain": {"epochs": 0}}, "pretrain.epochs", "greater than or equal to 1"),
