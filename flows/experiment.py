@@ -384,7 +384,8 @@ class Experiment:
         if name == "cg":
             options["max_iterations"] = a.cg_iterations
         elif name == "arnoldi":
-            options.update(n_iterations=a.arnoldi_iterations, top_k=a.arnoldi_rank, seed=self.settings.seed)
+            options.update(n_iterations=a.arnoldi_iterations, top_k=a.arnoldi_rank, seed=self.settings.seed,
+                           complement=a.arnoldi_complement)
         return {"solver": name, "damping": damping, "solver_options": options}
 
     # -- checkpoints and device -------------------------------------------------------------

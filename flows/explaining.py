@@ -94,7 +94,8 @@ def indexes(x: Experiment, mode: str) -> dict[str, Any]:
         pt = x.solver("pretrain")
         if pt["solver"] not in STATEFUL_SOLVERS:
             pt = {**pt, "solver": "arnoldi", "solver_options": {"n_iterations": a.arnoldi_iterations, "top_k": a.arnoldi_rank,
-                                                                 "seed": x.settings.seed, "gauss_newton": a.pretrain_gauss_newton}}
+                                                                 "seed": x.settings.seed, "gauss_newton": a.pretrain_gauss_newton,
+                                                                 "complement": a.arnoldi_complement}}
         folder = x.ws.artifacts / "explain" / "pretrain_index"
         found["pretraining"] = _reused_or_fitted(folder, pretrained, lambda: AttributionIndex.fit(
             folder, x.pretrain_task, pretrained, sentences, params="all" if a.pretrain_hessian_params == "all" else shared,

@@ -120,7 +120,9 @@ class EkfacSolver(InverseHessianSolver):
     Args:
         damping: ``lambda >= 0`` added to every corrected eigenvalue.
         gauss_newton: approximate the Gauss-Newton matrix (exact output-Hessian factorisation; needs
-            ``task.outputs``/``task.loss_from_outputs``) instead of the empirical Fisher.
+            ``task.outputs``/``task.loss_from_outputs``; for cross-entropy the true Fisher, as
+            kronfluence's EK-FAC) instead of the empirical Fisher. The default: on MNIST
+            (``bench/solver_lds.py``) it reaches LDS 0.789 against 0.748 for the empirical Fisher.
 
     Attributes:
         blocks: per layer: names, Kronecker factors ``A`` ``[k, k]`` (embeddings: ``a_diagonal``
@@ -130,7 +132,7 @@ class EkfacSolver(InverseHessianSolver):
 
     name = "ekfac"
 
-    def __init__(self, damping: float = 0.0, gauss_newton: bool = False) -> None:
+    def __init__(self, damping: float = 0.0, gauss_newton: bool = True) -> None:
         super().__init__(damping=damping, gauss_newton=gauss_newton)
         self.blocks: list[_Block] = []
         self._offsets: dict[str, tuple[int, int]] = {}
