@@ -106,6 +106,29 @@ def test_pipeline_end_to_end(project: Path, prefect_harness):
     summary = str(by_key["attribution-summary"].data)
     assert "Case-deletion check" in summary and "test accuracy" in summary and "Top proponents" in summary
 
+    # New sentences explained from the run's models (the explain flow, as its deployment runs it): the
+    # run's finetuning solver (CG) keeps no state, so the first call fits an Arnoldi index into
+    # artifacts/explain/, and the next one reuses it.
+    from flows.explain import explain
+    from influence.exceptions import InvalidArgumentError
+
+    first = explain("a gripping, beautifully acted film\nthe plot is a mess and the jokes fall flat", project_dir=str(project), k=2)
+    found = {(r["query_id"], r["source"], r["kind"]) for r in first["rows"]}
+    assert found == {(q, s, kind) for q in ("text-1", "text-2") for s in ("finetuning", "pretraining")
+                     for kind in ("proponent", "opponent")} and len(first["rows"]) == 16
+    assert all(r["text"] and isinstance(r["score"], float) for r in first["rows"])
+    explained = client.get_run(first["mlflow_run_id"])
+    assert explained.data.tags["kind"] == "explain" and explained.data.tags["models_of_run"] == outcome["mlflow_run_id"]
+    assert {"explanation.html", "queries.json"} <= {a.path for a in client.list_artifacts(first["mlflow_run_id"])}
+    manifest = project / "artifacts" / "explain" / "updated" / "index" / "manifest.json"
+    stamp = manifest.stat().st_mtime_ns
+    again = explain("a gripping, beautifully acted film", project_dir=str(project), k=2)
+    assert manifest.stat().st_mtime_ns == stamp  # reused, not fitted again
+    ids = lambda rows: [r["id"] for r in rows if r["query_id"] == "text-1" and r["source"] == "finetuning"]  # noqa: E731
+    assert ids(again["rows"]) == ids(first["rows"])
+    with pytest.raises(InvalidArgumentError, match="'latest' or the MLflow run id"):
+        explain("a sentence", model="0123abc", project_dir=str(project))
+
 
 @pytest.mark.slow
 def test_unchanged_stages_are_skipped_and_data_rev_reads_a_committed_version(project: Path, prefect_harness):

@@ -51,6 +51,8 @@ from influence.task import Task, describe_task
 from influence.validation import check_batch_size, check_positive_int
 
 SOLVER_STATE = "solver.safetensors"
+AUTO_PROJECTION_ABOVE = 16_384  # projection_dim="auto": rows keep a P-dimensional part whole up to this P
+AUTO_PROJECTION_DIM = 4_096  # ... and project it to this many numbers above
 STATEFUL_SOLVERS = ("exact", "arnoldi", "ekfac")
 
 
@@ -109,7 +111,7 @@ class AttributionIndex:
         solver_options: Mapping[str, Any] | None = None,
         regularizer: RegularizerLike | None = None,
         hessian_data: Dataset | DataLoader | None = None,
-        projection_dim: int | None = None,
+        projection_dim: int | str | None = "auto",
         projection_seed: int = 0,
         shard_size: int = 8192,
         storage_dtype: torch.dtype = torch.float32,
@@ -133,8 +135,10 @@ class AttributionIndex:
             solver_options: extra options of a named solver (``top_k``, ``n_iterations``, ...).
             regularizer: ``R(params) -> scalar`` that was part of the training objective.
             hessian_data: examples whose mean loss defines ``H`` (default: ``train_data``).
-            projection_dim: randomly project the ``P``-dimensional part of each row to this many
-                numbers (``None``: keep it whole).
+            projection_dim: randomly project the ``P``-dimensional part of each row (the
+                preconditioned gradient; Arnoldi's complement) to this many numbers; ``None``: keep
+                it whole; ``"auto"``: whole up to ``P = 16,384``, else 4,096 numbers (a relative error
+                of about 2% on each product, Johnson-Lindenstrauss).
             projection_seed: seed of the projection.
             shard_size: training examples per shard.
             storage_dtype: dtype of the stored rows (float64, float32, float16, bfloat16).
@@ -151,6 +155,8 @@ class AttributionIndex:
         p = layout.numel
         compute_dtype = dtype or dict(model.named_parameters())[names[0]].dtype
         batch = check_batch_size(batch_size) if batch_size is not None else auto_batch_size(p, compute_dtype.itemsize)
+        if projection_dim == "auto":
+            projection_dim = AUTO_PROJECTION_DIM if p > AUTO_PROJECTION_ABOVE else None
         check_positive_int("projection_dim", projection_dim, allow_none=True)
         check_positive_int("shard_size", shard_size)
         built = None

@@ -1,0 +1,31 @@
+"""The explain flow's input checks (fast); the flow itself runs on a finished pipeline in
+``tests/test_pipeline_e2e.py`` and from the Prefect UI in ``tests/test_servers.py``."""
+
+from __future__ import annotations
+
+import pytest
+
+from flows import explaining
+from flows.workspace import StageResult, Workspace
+from influence.exceptions import InvalidArgumentError
+
+
+def test_texts_are_one_sentence_per_line():
+    assert explaining.parse_texts("  first one \n\n second\n") == ["first one", "second"]
+    with pytest.raises(InvalidArgumentError, match="at least one non-empty line"):
+        explaining.parse_texts(" \n \n")
+    with pytest.raises(InvalidArgumentError, match="at most 50 lines"):
+        explaining.parse_texts("\n".join(f"sentence {i}" for i in range(51)))
+
+
+def test_model_is_latest_or_the_last_runs_id(tmp_path):
+    ws = Workspace(tmp_path)
+    assert explaining.resolve_model(ws, "latest") == ""
+    with pytest.raises(InvalidArgumentError, match="none yet"):
+        explaining.resolve_model(ws, "abc123")
+    result = StageResult("report")
+    result.info["mlflow_run_id"] = "abc123"
+    result.save(ws)
+    assert explaining.resolve_model(ws, "latest") == explaining.resolve_model(ws, "abc123") == "abc123"
+    with pytest.raises(InvalidArgumentError, match="abc123"):
+        explaining.resolve_model(ws, "def456")
