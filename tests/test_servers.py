@@ -416,8 +416,8 @@ def test_browser_explain_a_sentence_from_the_prefect_ui(servers: Servers):
             page.wait_for_url("**/runs/flow-run/**")
             flow_run_id = page.url.rstrip("/").split("/")[-1].split("?")[0]
             _wait_for_state(page, "completed")
-            page.get_by_role("tab", name="Artifacts").first.click()
-            page.get_by_text("explanation").first.click()
+            page.get_by_text("Artifacts", exact=True).first.click()
+            page.get_by_text("explanation", exact=True).first.click()
             page.get_by_text(sentence).first.wait_for()
             browser.shot("explain-table")
             cells = page.locator("td")
