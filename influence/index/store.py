@@ -233,7 +233,10 @@ class RepresentationStore:
         if not isinstance(queries, Tensor) or queries.dim() != 2 or queries.shape[1] != self.dim:
             shape = tuple(queries.shape) if isinstance(queries, Tensor) else type(queries).__name__
             raise invalid("queries", shape, f"a tensor [m, D] with D = {self.dim}")
-        return queries.to(dtype or (torch.float32 if queries.dtype in (torch.float16, torch.bfloat16) else queries.dtype))
+        if dtype is None:  # the rows' precision (half precision computed in float32): no widened copy of every shard
+            stored = STORAGE_DTYPES[self.manifest["storage_dtype"]]
+            dtype = torch.float32 if stored in (torch.float16, torch.bfloat16) else stored
+        return queries.to(dtype)
 
     def top_k(self, queries: Tensor, k: int, *, scale: float = 1.0, dtype: torch.dtype | None = None) -> TopK:
         """The ``k`` largest and ``k`` smallest scores ``scale * queries @ rows.T`` per query, streamed.
@@ -242,7 +245,7 @@ class RepresentationStore:
             queries: ``[m, D]`` query rows.
             k: how many of each side (at most the number of rows).
             scale: factor of every score (e.g. ``sign / n`` of the influence function).
-            dtype: dtype of the products (default: the queries', float32 for half precision).
+            dtype: dtype of the products (default: the storage dtype, float32 for half precision).
 
         Returns:
             :class:`TopK` with ``[m, min(k, n)]`` tensors, sorted.
@@ -266,8 +269,10 @@ class RepresentationStore:
     def scores(self, queries: Tensor, *, scale: float = 1.0, dtype: torch.dtype | None = None) -> Tensor:
         """The full ``[m, n]`` matrix ``scale * queries @ rows.T``."""
         queries = self._queries(queries, dtype) * scale
-        parts = [queries @ rows.to(device=queries.device, dtype=queries.dtype).T for _, rows in self.iter_shards()]
-        return torch.cat(parts, dim=1) if parts else queries.new_zeros(queries.shape[0], 0)
+        out = queries.new_empty(queries.shape[0], self.n_rows)  # filled shard by shard: no second copy
+        for start, rows in self.iter_shards():
+            out[:, start:start + rows.shape[0]] = queries @ rows.to(device=queries.device, dtype=queries.dtype).T
+        return out
 
 
 __all__ = ["STORAGE_DTYPES", "RepresentationStore", "TopK"]
