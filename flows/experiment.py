@@ -399,11 +399,15 @@ class Experiment:
 
     @cached_property
     def device(self) -> str:
-        """``attribution.device``, with ``auto`` = CUDA when present; ``cuda`` without a CUDA device falls back to the CPU."""
+        """``attribution.device``, with ``auto`` = CUDA when present; ``cuda`` without a CUDA device falls back to the CPU.
+        On CUDA, ``attribution.tf32`` sets whether matmuls and convolutions may use TensorFloat-32."""
         requested = self.settings.attribution.device
         if requested == "cpu":
             return "cpu"
         if torch.cuda.is_available():
+            tf32 = self.settings.attribution.tf32  # attribution.tf32: TensorFloat-32 matmuls, or full float32
+            torch.backends.cuda.matmul.allow_tf32 = tf32
+            torch.backends.cudnn.allow_tf32 = tf32
             return "cuda"
         if requested == "cuda":
             log.warning("attribution.device is 'cuda' but this machine has no CUDA device: running on the CPU")

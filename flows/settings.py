@@ -130,6 +130,7 @@ class AttributionSettings(_Section):
     shared_params: list[str] = Field([], title="Multi-stage parameters", description="The carried parameters multi-stage influence traces back to pretraining (module names of the classifier, e.g. ['bert.encoder.layer.5']); empty: every parameter the family carries (the CNN's embedding; the whole MiniLM encoder, too large for a CPU). The report names them.")
     pretrain_hessian_params: Literal["all", "shared"] = Field("all", title="Pretraining Hessian parameters", description="Parameters of the pretraining Hessian in multi-stage influence: 'all' of the language model's, or only the 'shared' ones (attribution.shared_params): a block-diagonal approximation that a transformer needs on a CPU.")
     top_k: int = Field(5, ge=1, le=100, title="Top k", description="Proponents and opponents shown per query.")
+    tf32: bool = Field(False, title="TF32 on GPUs", description="Let CUDA matmuls and convolutions use TensorFloat-32 (NVIDIA Ampere and later: about 10 bits of mantissa in each product, several times the float32 rate); off: full float32. No effect on the CPU.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", title="Device", description="Where gradients, solves and scores run: 'auto' (CUDA when the worker has it), 'cpu', or 'cuda' (falls back to the CPU with a warning where there is none).")
 
 

@@ -35,7 +35,7 @@ USER_DATA = "data/user"  # where a user's files go: a dependency of the data sta
 CHECKED = "<every finetuning score stage>"  # in inputs: the score stages whose methods evaluation.methods may name
 SCORED = "<every score stage>"  # in inputs: every score stage
 SCORE_INPUTS = ("features", "pretrain", "finetune")
-SCORE_PARAMS = ("seed", "finetune.modes", "attribution.measurement", "attribution.device")
+SCORE_PARAMS = ("seed", "finetune.modes", "attribution.measurement", "attribution.device", "attribution.tf32")
 
 
 @dataclass(frozen=True)
