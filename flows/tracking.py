@@ -10,6 +10,8 @@ file ``mlruns.db`` in the project folder with artifacts in ``mlartifacts/`` besi
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +54,24 @@ def _experiment(mlflow: Any, name: str, root: Path, uri: str) -> str:
     return mlflow.create_experiment(name, artifact_location=location)
 
 
+@contextmanager
+def _store(settings: PipelineSettings, root: Path) -> Iterator[tuple[Any, str, str]]:
+    """``(mlflow, experiment id, tracking URI)`` of the run's store, set for the block only:
+    mlflow.set_tracking_uri also sets $MLFLOW_TRACKING_URI, so both are put back afterwards and this
+    run's store does not become the default of the next run in the same process."""
+    for key, value in QUIET_ENV.items():
+        os.environ.setdefault(key, value)
+    import mlflow
+
+    uri = tracking_uri(settings, root)
+    previous = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield mlflow, _experiment(mlflow, settings.tracking.experiment, root, uri), uri
+    finally:
+        mlflow.set_tracking_uri(previous)
+
+
 def log_pipeline_run(
     settings: PipelineSettings,
     root: Path,
@@ -70,17 +90,7 @@ def log_pipeline_run(
         tags: git revision, data hashes, settings digest, orchestrator ids.
         run_name: the parent run's name.
     """
-    for key, value in QUIET_ENV.items():
-        os.environ.setdefault(key, value)
-    import mlflow
-
-    uri = tracking_uri(settings, root)
-    # mlflow.set_tracking_uri also sets $MLFLOW_TRACKING_URI; put both back afterwards, so that this
-    # run's store does not become the default of the next run in the same process.
-    previous = os.environ.get("MLFLOW_TRACKING_URI")
-    mlflow.set_tracking_uri(uri)
-    try:
-        experiment_id = _experiment(mlflow, settings.tracking.experiment, root, uri)
+    with _store(settings, root) as (mlflow, experiment_id, uri):
         params = _flatten("", settings.model_dump(mode="json"), {})
         with mlflow.start_run(experiment_id=experiment_id, run_name=run_name) as parent:
             mlflow.log_params(params)
@@ -102,23 +112,14 @@ def log_pipeline_run(
             mlflow.log_artifacts(str(report_dir), artifact_path="report")
             _log_tables(mlflow, report_dir)
             return parent.info.run_id, experiment_id, uri
-    finally:
-        mlflow.set_tracking_uri(previous)
 
 
 def log_explanation(settings: PipelineSettings, root: Path, found: dict[str, Any], page: str) -> str:
     """Log an explanation of new sentences as an MLflow run (``explain`` tag): its HTML page, its table,
     the sentences, the timings and the run whose models answered; return the run id."""
-    for key, value in QUIET_ENV.items():
-        os.environ.setdefault(key, value)
-    import mlflow
     import pandas as pd
 
-    uri = tracking_uri(settings, root)
-    previous = os.environ.get("MLFLOW_TRACKING_URI")
-    mlflow.set_tracking_uri(uri)
-    try:
-        experiment_id = _experiment(mlflow, settings.tracking.experiment, root, uri)
+    with _store(settings, root) as (mlflow, experiment_id, _):
         with mlflow.start_run(experiment_id=experiment_id, run_name=f"explain {len(found['queries'])} sentence(s)") as run:
             mlflow.set_tags({"kind": "explain", "models_of_run": found.get("run_id", "")})
             mlflow.log_metrics({f"{source}_seconds": float(v) for source, v in found["seconds"].items()})
@@ -127,8 +128,6 @@ def log_explanation(settings: PipelineSettings, root: Path, found: dict[str, Any
             if found["rows"]:
                 mlflow.log_table(data=pd.DataFrame(found["rows"]), artifact_file="tables/explanation.json")
             return run.info.run_id
-    finally:
-        mlflow.set_tracking_uri(previous)
 
 
 def _log_tables(mlflow: Any, report_dir: Path) -> None:

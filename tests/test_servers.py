@@ -294,6 +294,16 @@ def _form_input(page, label: str):
     return page.locator("div.p-label", has=page.locator("label.p-label__label", has=title)).last.locator("input, textarea")
 
 
+def _submit(page) -> tuple[str, str]:
+    """Submit the custom-run form and open the new flow run's page: ``(run name, flow-run id)``."""
+    run_name = page.locator("input").first.input_value()
+    page.get_by_role("button", name="Submit", exact=True).click()
+    page.wait_for_url("**tab=Runs**")
+    page.get_by_role("link", name=run_name).first.click()
+    page.wait_for_url("**/runs/flow-run/**")
+    return run_name, page.url.rstrip("/").split("/")[-1].split("?")[0]
+
+
 def _wait_for_state(page, wanted: str) -> None:
     """Wait until the flow-run page's state badge reads ``wanted``; fail at once on another final state."""
     heading = page.locator(".page-heading-flow-run__meta .state-badge")
@@ -339,12 +349,7 @@ def test_browser_custom_run_from_the_prefect_ui_then_its_report_in_the_mlflow_ui
             experiment.fill(BROWSER_EXPERIMENT)
             experiment.scroll_into_view_if_needed()
             browser.shot("prefect-custom-run-form")
-            run_name = page.locator("input").first.input_value()
-            page.get_by_role("button", name="Submit", exact=True).click()
-            page.wait_for_url("**tab=Runs**")
-            page.get_by_role("link", name=run_name).first.click()
-            page.wait_for_url("**/runs/flow-run/**")
-            flow_run_id = page.url.rstrip("/").split("/")[-1].split("?")[0]
+            run_name, flow_run_id = _submit(page)
             browser.shot("prefect-flow-run-started")
             _wait_for_state(page, "completed")
             browser.shot("prefect-flow-run-completed")
@@ -409,12 +414,7 @@ def test_browser_explain_a_sentence_from_the_prefect_ui(servers: Servers):
             field = page.locator("div.p-label", has=page.locator("label.p-label__label", has=label)).last.locator("textarea, input")
             field.fill(sentence)
             browser.shot("explain-form")
-            run_name = page.locator("input").first.input_value()
-            page.get_by_role("button", name="Submit", exact=True).click()
-            page.wait_for_url("**tab=Runs**")
-            page.get_by_role("link", name=run_name).first.click()
-            page.wait_for_url("**/runs/flow-run/**")
-            flow_run_id = page.url.rstrip("/").split("/")[-1].split("?")[0]
+            _, flow_run_id = _submit(page)
             _wait_for_state(page, "completed")
             page.get_by_text("Artifacts", exact=True).first.click()
             page.get_by_text("explanation", exact=True).first.click()
