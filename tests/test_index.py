@@ -234,3 +234,13 @@ def test_random_projector_keeps_complement_width():
     projector = RandomProjector(8, 5, seed=0)
     assert solver.representation(torch.ones(3, 8, dtype=torch.float64), "train", projector).shape == (3, 7)
     assert solver.representation_dim(projector) == 7
+
+
+def test_automatic_batch_size_follows_the_parameter_count(problem):
+    from influence.batches import auto_batch_size
+
+    assert auto_batch_size(7_850, 4) == 1024 and auto_batch_size(101_770, 4) == 659 and auto_batch_size(22_000_000, 4) == 32
+    model, train, queries = problem
+    automatic = attribute(TASK, model, train, queries, method="if", solver="exact", damping=DAMPING)
+    explicit = attribute(TASK, model, train, queries, method="if", solver="exact", damping=DAMPING, batch_size=7)
+    torch.testing.assert_close(automatic, explicit, rtol=1e-10, atol=1e-13)
