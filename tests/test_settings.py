@@ -77,3 +77,20 @@ def test_readme_documents_every_setting():
     from flows.settings import settings_table
 
     assert settings_table() in (REPO / "README.md").read_text(), "README's settings table is stale: paste flows.settings.settings_table()"
+
+
+def test_params_yaml_names_every_setting():
+    """dvc.yaml lists settings by name, and `dvc` refuses a stage whose parameter is missing from
+    params.yaml: the file must hold every field of the settings model (a new field goes there too)."""
+    import yaml
+
+    from flows.settings import PipelineSettings
+
+    def names(value, prefix=""):
+        if isinstance(value, dict):
+            return {n for k, v in value.items() for n in names(v, f"{prefix}{k}.")}
+        return {prefix.rstrip(".")}
+
+    written = yaml.safe_load((REPO / "params.yaml").read_text())
+    missing = names(PipelineSettings().model_dump(mode="json")) - names(written)
+    assert not missing, f"params.yaml lacks {sorted(missing)}: add them (flows.settings.write_settings writes them all)"

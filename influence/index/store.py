@@ -224,10 +224,27 @@ class RepresentationStore:
             raise CorruptedArtifactError(f"{path} holds {tuple(rows.shape)}, expected {entry['rows']} rows")
         return rows
 
+    def _prefetch(self, index: int) -> None:
+        """Ask the OS to start reading shard ``index`` (scored next) while the current one is scored."""
+        if index >= self.manifest["n_shards"] or not hasattr(os, "posix_fadvise"):
+            return
+        try:
+            fd = os.open(self.directory / self.shard_name(index), os.O_RDONLY)
+        except OSError:
+            return
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+
     def iter_shards(self, *, verify: bool = False) -> Iterator[tuple[int, Tensor]]:
-        """``(first row index, rows [n_i, D])`` shard by shard."""
+        """``(first row index, rows [n_i, D])`` shard by shard (the next shard's read starts meanwhile)."""
         for index in range(self.manifest["n_shards"]):
-            yield self.shard_rows(index).start, self.read_shard(index, verify=verify)
+            rows = self.read_shard(index, verify=verify)
+            self._prefetch(index + 1)
+            yield self.shard_rows(index).start, rows
 
     def _queries(self, queries: Tensor, dtype: torch.dtype | None) -> Tensor:
         if not isinstance(queries, Tensor) or queries.dim() != 2 or queries.shape[1] != self.dim:
