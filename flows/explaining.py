@@ -127,8 +127,11 @@ def explain_texts(x: Experiment, texts: list[str], mode: str, k: int) -> dict[st
     import time
 
     from influence.data.prepare import read_table
+    from influence.exceptions import invalid
     from influence.methods.multistage import embedding_sensitivity
 
+    if mode not in x.settings.finetune.modes:
+        raise invalid("mode", mode, f"one of the run's embedding modes {list(x.settings.finetune.modes)} (finetune.modes)")
     timings: dict[str, float] = {}
     began = time.perf_counter()
     found = indexes(x, mode)

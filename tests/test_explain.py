@@ -29,3 +29,12 @@ def test_model_is_latest_or_the_last_runs_id(tmp_path):
     assert explaining.resolve_model(ws, "latest") == explaining.resolve_model(ws, "abc123") == "abc123"
     with pytest.raises(InvalidArgumentError, match="abc123"):
         explaining.resolve_model(ws, "def456")
+
+
+def test_mode_must_be_one_of_the_runs(tmp_path):
+    from flows.experiment import Experiment
+    from flows.settings import PipelineSettings
+
+    settings = PipelineSettings().model_copy(update={"finetune": PipelineSettings().finetune.model_copy(update={"modes": ["fixed"]})})
+    with pytest.raises(InvalidArgumentError, match=r"finetune.modes"):
+        explaining.explain_texts(Experiment(settings, Workspace(tmp_path)), ["a sentence"], "updated", 2)
