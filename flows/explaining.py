@@ -126,9 +126,9 @@ def explain_texts(x: Experiment, texts: list[str], mode: str, k: int) -> dict[st
     """
     import time
 
+    from flows.stages import multistage_sensitivity
     from influence.data.prepare import read_table
     from influence.exceptions import invalid
-    from influence.methods.multistage import embedding_sensitivity
 
     if mode not in x.settings.finetune.modes:
         raise invalid("mode", mode, f"one of the run's embedding modes {list(x.settings.finetune.modes)} (finetune.modes)")
@@ -142,15 +142,8 @@ def explain_texts(x: Experiment, texts: list[str], mode: str, k: int) -> dict[st
     finetune_top = found["finetuning"].query(x.query_task, model, queries, k, device=x.device)
     timings["finetuning"] = time.perf_counter() - began
     began = time.perf_counter()
-    a, pretrained = x.settings.attribution, x.pretrained()
-    shared, ms = x.multistage_shared(model), x.solver("multistage")
-    sensitivity = embedding_sensitivity(
-        pretrained, x.query_task, model, x.hessian_sample(x.split("train"), a.hessian_examples), queries,
-        shared=shared, embedding=mode, alpha=0.0, theta_names=x.multistage_theta(mode, model, shared),
-        finetune_solver=ms["solver"], damping=ms["damping"], solver_options=ms["solver_options"],
-        finetune_regularizer=x.regularizer(mode, model, pretrained, shared), batch_size=x.batch(256), device=x.device,
-        dtype=None,
-    )
+    shared = x.multistage_shared(model)
+    sensitivity = multistage_sensitivity(x, mode, model, queries)
     pretrain_top = found["pretraining"].top_k_vectors(sensitivity, k, names=list(shared.values()))
     timings["pretraining"] = time.perf_counter() - began
     labels = x.label_names

@@ -179,28 +179,38 @@ def influence(x: Experiment, result: StageResult) -> None:
         result.outputs[mode] = x.write_scores(mode, scores)
 
 
+def multistage_sensitivity(x: Experiment, mode: str, model, queries) -> torch.Tensor:
+    """The finetuning half of multi-stage influence for ``queries`` on the finetuned ``model`` of ``mode``:
+    ``[m, P_W]`` over the carried parameters (``attribution.multistage_solver``, the finetuning Hessian sample).
+    The ``multistage`` stage and the explain flow both call it."""
+    from influence.methods.multistage import embedding_sensitivity
+
+    a, pretrained = x.settings.attribution, x.pretrained()
+    shared, solver = x.multistage_shared(model), x.solver("multistage")
+    return embedding_sensitivity(
+        pretrained, x.query_task, model, x.hessian_sample(x.split("train"), a.hessian_examples), queries,
+        shared=shared, embedding=mode, alpha=0.0, theta_names=x.multistage_theta(mode, model, shared),
+        finetune_solver=solver["solver"], damping=solver["damping"], solver_options=solver["solver_options"],
+        finetune_regularizer=x.regularizer(mode, model, pretrained, shared), batch_size=x.batch(256), device=x.device,
+        dtype=None,
+    )
+
+
 @stage
 def multistage(x: Experiment, result: StageResult) -> None:
     """Multi-stage influence of pretraining sentences on the finetuned queries, per mode: [n_query, n_pretrain].
     The finetuning half runs per mode; the pretraining half once, for all modes stacked: with a solver that keeps
     its state, an attribution index of the pretraining sentences (``artifacts/multistage/pretrain_index``)."""
     from influence.index import STATEFUL_SOLVERS, AttributionIndex
-    from influence.methods.multistage import embedding_sensitivity, pretraining_scores
+    from influence.methods.multistage import pretraining_scores
 
     a, pretrained, sentences = x.settings.attribution, x.pretrained(), x.split("pretrain")
     sensitivities, result.info["parameters"] = [], {}
     for mode in x.settings.finetune.modes:
         model = x.finetuned(mode)
-        shared, ft = x.multistage_shared(model), x.solver("multistage")
-        theta = x.multistage_theta(mode, model, shared)
-        result.info["parameters"][mode] = {"shared": list(shared), "finetune": theta}
-        sensitivities.append(embedding_sensitivity(
-            pretrained, x.query_task, model, x.hessian_sample(x.split("train"), a.hessian_examples), x.split("queries"),
-            shared=shared, embedding=mode, alpha=0.0, theta_names=theta,
-            finetune_solver=ft["solver"], damping=ft["damping"], solver_options=ft["solver_options"],
-            finetune_regularizer=x.regularizer(mode, model, pretrained, shared), batch_size=x.batch(256), device=x.device,
-            dtype=None,
-        ))
+        shared = x.multistage_shared(model)
+        result.info["parameters"][mode] = {"shared": list(shared), "finetune": x.multistage_theta(mode, model, shared)}
+        sensitivities.append(multistage_sensitivity(x, mode, model, x.split("queries")))
     pt, shared_names = x.solver("pretrain"), list(shared.values())
     pretrain_names = "all" if a.pretrain_hessian_params == "all" else shared_names
     hessian_data = x.hessian_sample(sentences, a.pretrain_hessian_examples)

@@ -125,9 +125,6 @@ def num_examples(batch: Batch) -> int:
     return int(found[0].shape[0])
 
 
-__all__ = ["Batch", "collate_dataset", "map_batch", "named_leaves", "num_examples", "rows", "tensors", "to_device"]
-
-
 def auto_batch_size(n_parameters: int, itemsize: int, *, budget_bytes: int = 256 * 2**20, low: int = 32, high: int = 1024) -> int:
     """Examples per batch when the caller gives none: as many per-example gradient rows of ``P``
     entries as fit in ``budget_bytes``, clamped to ``[low, high]``.
@@ -149,4 +146,10 @@ def auto_batch_size(n_parameters: int, itemsize: int, *, budget_bytes: int = 256
         The batch size.
     """
     return int(min(high, max(low, budget_bytes // max(1, int(n_parameters) * int(itemsize)))))
+
+
+__all__ = [
+    "Batch", "auto_batch_size", "collate_dataset", "map_batch", "named_leaves", "num_examples", "rows", "tensors",
+    "to_device",
+]
 

@@ -298,9 +298,10 @@ class Objective:
         rows = []
         # Many identity columns per vectorised product (the per-call overhead dominates small
         # models), bounded so that vectors x examples of one product stay near 2^17.
-        largest = max(self.batch_sizes, default=1)
-        wider = max(self.vector_chunk_size or chunk_size, min(chunk_size, 2**17 // max(1, largest)))
-        previous, self.vector_chunk_size = self.vector_chunk_size, (None if self.vector_chunk_size is None else wider)
+        previous = self.vector_chunk_size
+        if previous is not None:
+            largest = max(self.batch_sizes, default=1)
+            self.vector_chunk_size = max(previous, min(chunk_size, 2**17 // max(1, largest)))
         try:
             for start in range(0, n, chunk_size):
                 stop = min(n, start + chunk_size)

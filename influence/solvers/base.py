@@ -109,14 +109,8 @@ class InverseHessianSolver(abc.ABC):
         Returns:
             Tensor of the shape of ``rhs``, in the objective's dtype and on its device.
         """
-        self._check_fitted()
-        p = self.n_parameters
-        if not isinstance(rhs, Tensor) or rhs.dim() not in (1, 2) or rhs.shape[-1] != p:
-            shape = tuple(rhs.shape) if isinstance(rhs, Tensor) else type(rhs).__name__
-            raise invalid("rhs", shape, f"a tensor [P] or [m, P] with P = {p}")
+        matrix = self._check_rows("rhs", rhs)
         single = rhs.dim() == 1
-        matrix = rhs[None] if single else rhs
-        matrix = matrix.to(device=self.device, dtype=self.dtype)
         if matrix.shape[0] == 0:
             out = matrix.clone()
         else:
@@ -139,7 +133,7 @@ class InverseHessianSolver(abc.ABC):
         p = self.n_parameters
         if not isinstance(g, Tensor) or g.dim() not in (1, 2) or g.shape[-1] != p:
             shape = tuple(g.shape) if isinstance(g, Tensor) else type(g).__name__
-            raise invalid(argument, shape, f"a tensor [b, P] or [P] with P = {p}")
+            raise invalid(argument, shape, f"a tensor [P] or [m, P] with P = {p}")
         g = g[None] if g.dim() == 1 else g
         return g.to(device=self.device, dtype=self.dtype)
 
