@@ -228,6 +228,24 @@ def test_store_top_k_streams_shards_like_a_full_sort(tmp_path):
     assert len(top.to_rows()) == 4 * 2 * 103
 
 
+def test_store_products_in_half_precision_accumulate_in_float32(tmp_path):
+    """bfloat16 rows and queries multiplied with ``dtype=torch.bfloat16``: float32 scores equal to the
+    float64 products of the rounded operands up to one rounding of each score."""
+    g = torch.Generator().manual_seed(1)
+    rows, queries = torch.randn(60, 2048, generator=g), torch.randn(3, 2048, generator=g)
+    store = RepresentationStore(tmp_path / "s")
+    store.open({"n_rows": 60, "shard_size": 25, "storage_dtype": "bfloat16"})
+    store.write([rows])
+    store = RepresentationStore(tmp_path / "s").load()
+    half = store.scores(queries, scale=0.5, dtype=torch.bfloat16)
+    rounded = (queries.bfloat16() * 0.5).double() @ rows.bfloat16().double().T
+    assert half.dtype == torch.float32
+    torch.testing.assert_close(half.double(), rounded, rtol=2.0 ** -8, atol=1e-3)
+    top = store.top_k(queries, 5, scale=0.5, dtype=torch.bfloat16)
+    torch.testing.assert_close(top.proponent_scores, half.sort(dim=1, descending=True).values[:, :5])
+    assert store.scores(queries).dtype == torch.float32  # default: the half rows widened, float32 products
+
+
 def test_random_projector_keeps_complement_width():
     matrix, _, _ = indefinite()
     solver = ArnoldiSolver(damping=DAMPING, n_iterations=8, top_k=2, complement="damping").fit(zoo.MatrixObjective(matrix))

@@ -266,6 +266,80 @@ def test_cache_dtype_is_validated(logistic, tmp_path):
         influence.attribute(task, model, train, queries, cache_dtype=torch.float32)
 
 
+# -- half-precision gradients ---------------------------------------------------------------------
+
+
+def _rounded(t: Tensor, dtype: torch.dtype) -> Tensor:
+    return t.to(dtype).to(DTYPE)
+
+
+def _unit_rows(t: Tensor) -> Tensor:
+    return t / t.norm(dim=1, keepdim=True)
+
+
+@pytest.mark.parametrize("half", [torch.bfloat16, torch.float16], ids=["bfloat16", "float16"])
+def test_half_precision_gradients_round_once_and_accumulate_in_float32(logistic, half):
+    """Each method with ``gradient_dtype`` equals float64 products of the once-rounded gradients
+    (the solve stays in float64), to the one rounding of each float32-accumulated score."""
+    model, train, queries = logistic
+    task = ClassificationTask(measurement="margin")
+    names = ["weight", "bias"]
+    blocks = list(influence.gradients.per_example.iter_gradients(task, model, train, names, batch_size=8,
+                                                                  gradient_dtype=half))
+    full = gradient_matrix(task, model, train, names, batch_size=8)
+    assert {b.dtype for b in blocks} == {half} and torch.equal(torch.cat(blocks), full.to(half))
+    q = gradient_matrix(task, model, queries, names, kind="measurement")
+    sign, n = influence.gradients.per_example.measurement_sign(task), len(train)
+    exact = {"method": "if", "solver": "exact", "damping": 0.0, "regularizer": l2}
+    solver = influence.methods.influence_function.fit_inverse_hessian(
+        task, model, train, names, solver="exact", damping=0.0, solver_options=None, regularizer=l2, batch_size=8,
+        device="cpu", dtype=None)
+    expected = {
+        "if": _rounded(solver.solve(q), half) @ _rounded(full, half).T * sign / n,
+        "grad_dot": _rounded(q, half) @ _rounded(full, half).T * sign,
+        "grad_cos": _rounded(_unit_rows(_rounded(q, half)), half) @ _rounded(_unit_rows(_rounded(full, half)), half).T * sign,
+    }
+    for method, reference in expected.items():
+        options = exact if method == "if" else {"method": method}
+        scores = influence.attribute(task, model, train, queries, gradient_dtype=half, **options)
+        assert scores.dtype == torch.float32, method
+        unit = 2.0 ** -8 if half == torch.bfloat16 else 2.0 ** -11  # one rounding of the result
+        torch.testing.assert_close(scores.double(), reference, rtol=unit, atol=1e-6 * float(reference.abs().max()),
+                                   msg=lambda text: f"{method}: {text}")
+        full_precision = influence.attribute(task, model, train, queries, **options)
+        error = float((scores.double() - full_precision).abs().max() / full_precision.abs().max())
+        assert 0 < error < 2e-2, (method, error)
+    checkpoints = [(s, 0.1) for s in perturbed_states(model, 2)]
+    tracin = influence.attribute(task, model, train, queries, method="tracin", checkpoints=checkpoints,
+                                 gradient_dtype=half)
+    reference = brute_tracin(task, model, train, queries, checkpoints, names)
+    assert tracin.dtype == torch.float32
+    torch.testing.assert_close(tracin.double(), reference, rtol=2e-2, atol=2e-2 * float(reference.abs().max()))
+    self_dot = influence.self_influence(task, model, train, method="grad_dot", gradient_dtype=half)
+    torch.testing.assert_close(self_dot.double(), (_rounded(full, half) ** 2).sum(dim=1), rtol=1e-6, atol=0)
+
+
+def test_half_precision_products_accumulate_in_float32():
+    """100,000 products of ones: float32 accumulation gives 100,000; bfloat16 would stall at 256."""
+    from influence.precision import product_t
+
+    ones = torch.ones(2, 100_000, dtype=torch.bfloat16)
+    result = product_t(ones, ones)
+    assert result.dtype == torch.float32
+    torch.testing.assert_close(result, torch.full((2, 2), 100_000.0), rtol=2.0 ** -8, atol=0)
+
+
+def test_gradient_dtype_is_validated(logistic):
+    model, train, queries = logistic
+    task = ClassificationTask()
+    for bad in (torch.float32, "bfloat16", torch.int8):
+        with pytest.raises(InvalidArgumentError, match=r"gradient_dtype=.*torch.bfloat16, torch.float16 or None"):
+            influence.attribute(task, model, train, queries, gradient_dtype=bad)
+    with pytest.raises(InvalidArgumentError, match="gradient_dtype=torch.bfloat16.*tracin_we"):
+        influence.attribute(task, model, train, queries, method="tracin_we", checkpoints=[(model.state_dict(), 1.0)],
+                            gradient_dtype=torch.bfloat16)
+
+
 def test_self_influence_is_the_diagonal(logistic):
     model, train, _ = logistic
     task = ClassificationTask()

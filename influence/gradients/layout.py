@@ -97,12 +97,25 @@ class ParameterLayout:
         return out
 
     def flatten(self, tensors: dict[str, Tensor], batch_dims: int = 0) -> Tensor:
-        """Concatenate ``{name: [*batch, *shape]}`` into ``[*batch, P]``."""
+        """Concatenate ``{name: [*batch, *shape]}`` into ``[*batch, P]`` (differentiable, transform-safe)."""
         parts = []
         for name in self.names:
             t = tensors[name]
             parts.append(t.reshape(*t.shape[:batch_dims], -1))
         return torch.cat(parts, dim=-1)
+
+    def flatten_copy(self, tensors: dict[str, Tensor], batch_dims: int = 0, dtype: torch.dtype | None = None) -> Tensor:
+        """:meth:`flatten` of detached tensors into a new ``[*batch, P]`` buffer, cast to ``dtype`` if given.
+
+        Copies each piece into place (several times faster than ``torch.cat`` on the CPU, and the
+        cast costs no extra pass); not differentiable and not for use inside ``torch.func`` transforms.
+        """
+        first = tensors[self.names[0]]
+        out = torch.empty(*first.shape[:batch_dims], self.numel, dtype=dtype or first.dtype, device=first.device)
+        for (name, (start, stop)) in self.offsets().items():
+            t = tensors[name]
+            out[..., start:stop].copy_(t.reshape(*t.shape[:batch_dims], -1))
+        return out
 
     def unflatten(self, flat: Tensor) -> dict[str, Tensor]:
         """Split ``[*batch, P]`` into ``{name: [*batch, *shape]}``."""

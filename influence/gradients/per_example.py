@@ -24,6 +24,7 @@ from influence.batches import Batch, map_batch, to_device
 from influence.batches import rows as batch_rows
 from influence.exceptions import invalid
 from influence.gradients.layout import ParameterLayout, select_parameters
+from influence.precision import check_gradient_dtype
 from influence.task import Task
 from influence.validation import check_batch_size
 
@@ -147,6 +148,7 @@ def _per_example(
     selected: dict[str, Tensor],
     fixed: dict[str, Tensor],
     kind: str,
+    gradient_dtype: torch.dtype | None = None,
 ) -> Tensor:
     call = task_function(task, model, kind, fixed)
 
@@ -154,7 +156,7 @@ def _per_example(
         return call(sel, map_batch(example, lambda t: t.unsqueeze(0))).sum()
 
     grads = vmap(grad(one), in_dims=(None, map_batch(batch, lambda t: 0, lambda v: None)))(selected, batch)
-    return layout.flatten(grads, batch_dims=1)
+    return layout.flatten_copy({n: g.detach() for n, g in grads.items()}, batch_dims=1, dtype=gradient_dtype)
 
 
 def per_example_gradients(
@@ -209,6 +211,7 @@ def iter_gradients(
     dtype: torch.dtype | None = None,
     projector: Any = None,
     memory_budget_bytes: int = 256 * 2**20,
+    gradient_dtype: torch.dtype | None = None,
 ) -> Iterator[Tensor]:
     """Per-example gradients over a dataset, in dataset order, in memory-bounded blocks.
 
@@ -226,19 +229,24 @@ def iter_gradients(
             :class:`~influence.gradients.projection.RandomProjector`).
         memory_budget_bytes: bound on one block of raw gradients, ``b * P * itemsize``; a loader
             batch is split into blocks of at most that many rows.
+        gradient_dtype: ``torch.bfloat16`` or ``torch.float16``: each gradient (projected gradient
+            with a projector) is rounded once to it (:mod:`influence.precision`); ``None``: kept in
+            the computation dtype.
 
     Yields:
         Tensors ``[b, P]`` (or ``[b, k]`` with a projector; projected blocks of one loader batch
-        are concatenated), on ``device``, whose rows follow the dataset order.
+        are concatenated), on ``device``, in ``gradient_dtype`` or the computation dtype, whose rows
+        follow the dataset order.
     """
     _check_kind(kind)
+    gradient_dtype = check_gradient_dtype(gradient_dtype)
     names = resolve_names(model, names)
     layout = ParameterLayout.of(model, names)
     selected, fixed = functional_state(model, names, device=device, dtype=dtype)
     if projector is not None and getattr(projector, "input_dim", layout.numel) != layout.numel:
         raise invalid("projector.input_dim", projector.input_dim, f"P = {layout.numel}")
     work_dtype = next(iter(selected.values())).dtype
-    itemsize = torch.empty((), dtype=work_dtype).element_size()
+    itemsize = (gradient_dtype if projector is None and gradient_dtype is not None else work_dtype).itemsize
     rows = rows_per_chunk(layout.numel, itemsize, memory_budget_bytes)
     for batch in as_loader(data, batch_size):
         batch = to_device(batch, device, dtype)
@@ -246,11 +254,11 @@ def iter_gradients(
         blocks = []
         for start in range(0, n, rows):
             part = batch_rows(batch, slice(start, min(n, start + rows)))
-            g = _per_example(task, model, part, layout, selected, fixed, kind).detach()
             if projector is None:
-                yield g
+                yield _per_example(task, model, part, layout, selected, fixed, kind, gradient_dtype).detach()
             else:
-                blocks.append(projector.project(g))
+                projected = projector.project(_per_example(task, model, part, layout, selected, fixed, kind).detach())
+                blocks.append(projected if gradient_dtype is None else projected.to(gradient_dtype))
         if projector is not None and blocks:
             yield torch.cat(blocks, dim=0)
 
@@ -270,7 +278,7 @@ def gradient_matrix(
         data: dataset or loader (see :func:`iter_gradients`).
         names: parameter names (or a selector string).
         **options: keyword arguments of :func:`iter_gradients` (``kind``, ``batch_size``,
-            ``device``, ``dtype``, ``projector``, ``memory_budget_bytes``).
+            ``device``, ``dtype``, ``projector``, ``memory_budget_bytes``, ``gradient_dtype``).
 
     Returns:
         Tensor ``[N, P]`` (or ``[N, k]`` with a projector) on ``options["device"]``.
@@ -280,5 +288,5 @@ def gradient_matrix(
         names = resolve_names(model, names)
         projector = options.get("projector")
         dim = projector.output_dim if projector is not None else ParameterLayout.of(model, names).numel
-        return torch.empty(0, dim, device=options.get("device", "cpu"))
+        return torch.empty(0, dim, device=options.get("device", "cpu"), dtype=options.get("gradient_dtype"))
     return torch.cat(blocks, dim=0)

@@ -28,6 +28,7 @@ from safetensors.torch import save as save_safetensors
 from torch import Tensor
 
 from influence.exceptions import CorruptedArtifactError, invalid
+from influence.precision import is_half, product_t
 from influence.storage import RunFolder, sha256_bytes
 from influence.validation import check_positive_int
 
@@ -262,7 +263,8 @@ class RepresentationStore:
             queries: ``[m, D]`` query rows.
             k: how many of each side (at most the number of rows).
             scale: factor of every score (e.g. ``sign / n`` of the influence function).
-            dtype: dtype of the products (default: the storage dtype, float32 for half precision).
+            dtype: dtype of the products (default: the storage dtype, float32 for half precision); a
+                half dtype multiplies in it with float32 accumulation and float32 scores.
 
         Returns:
             :class:`TopK` with ``[m, min(k, n)]`` tensors, sorted.
@@ -272,7 +274,7 @@ class RepresentationStore:
         k = min(k, self.n_rows)
         high = low = None
         for start, rows in self.iter_shards():
-            scores = queries @ rows.to(device=queries.device, dtype=queries.dtype).T
+            scores = product_t(queries, rows.to(device=queries.device, dtype=queries.dtype))
             high = _merge(high, scores, start, k, largest=True)
             low = _merge(low, scores, start, k, largest=False)
             del scores, rows
@@ -284,11 +286,12 @@ class RepresentationStore:
         return TopK(high[1].gather(1, order), hv, low[1].gather(1, order_low), lv)
 
     def scores(self, queries: Tensor, *, scale: float = 1.0, dtype: torch.dtype | None = None) -> Tensor:
-        """The full ``[m, n]`` matrix ``scale * queries @ rows.T``."""
+        """The full ``[m, n]`` matrix ``scale * queries @ rows.T`` (``dtype`` as in :meth:`top_k`)."""
         queries = self._queries(queries, dtype) * scale
-        out = queries.new_empty(queries.shape[0], self.n_rows)  # filled shard by shard: no second copy
+        wide = torch.float32 if is_half(queries.dtype) else queries.dtype
+        out = queries.new_empty(queries.shape[0], self.n_rows, dtype=wide)  # filled shard by shard: no second copy
         for start, rows in self.iter_shards():
-            out[:, start:start + rows.shape[0]] = queries @ rows.to(device=queries.device, dtype=queries.dtype).T
+            out[:, start:start + rows.shape[0]] = product_t(queries, rows.to(device=queries.device, dtype=queries.dtype))
         return out
 
 

@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from influence.exceptions import InvalidArgumentError, invalid
+from influence.precision import is_half, product_t
 from influence.solvers import SOLVERS, InverseHessianSolver, make_solver
 
 Checkpoint = tuple[Mapping[str, Tensor] | str | Path, float]
@@ -53,23 +54,29 @@ def build_solver(
     return make_solver(solver, damping=damping, **options)
 
 
-def stream_products(left: Tensor, blocks: Iterable[Tensor]) -> Tensor:
+def stream_products(left: Tensor, blocks: Iterable[Tensor], *, dtype: torch.dtype | None = None) -> Tensor:
     """``left @ G^T`` where ``G`` arrives as row blocks; never holds ``G`` whole.
 
     Args:
         left: ``[m, P]`` query-side vectors.
         blocks: iterable of ``[b_i, P]`` blocks whose rows follow the training order.
+        dtype: dtype both sides are multiplied in (default: ``left``'s); a half dtype
+            (:data:`influence.precision.GRADIENT_DTYPES`) accumulates in float32.
 
     Returns:
-        Tensor ``[m, N]`` with ``N = sum_i b_i``, on ``left``'s device and dtype.
+        Tensor ``[m, N]`` with ``N = sum_i b_i``, on ``left``'s device; float32 when multiplied in half
+        precision, else in ``left``'s dtype.
     """
+    compute = dtype or left.dtype
+    result = torch.float32 if is_half(compute) else left.dtype
+    lhs = left.to(compute)
     parts = []
     for block in blocks:
         if block.shape[-1] != left.shape[-1]:
             raise invalid("gradient block width", block.shape[-1], f"{left.shape[-1]} (the query side's)")
-        parts.append(left @ block.to(device=left.device, dtype=left.dtype).T)
+        parts.append(product_t(lhs, block.to(device=left.device, dtype=compute)).to(result))
     if not parts:
-        return left.new_zeros(left.shape[0], 0)
+        return left.new_zeros(left.shape[0], 0, dtype=result)
     return torch.cat(parts, dim=1)
 
 

@@ -35,6 +35,7 @@ from influence.gradients.per_example import (
     measurement_sign,
 )
 from influence.methods.common import build_solver, require_examples, stream_products
+from influence.precision import check_gradient_dtype
 from influence.regularizers import RegularizerLike
 from influence.solvers import InverseHessianSolver
 from influence.task import Task
@@ -99,6 +100,7 @@ def training_gradient_blocks(
     batch_size: int,
     device: torch.device | str,
     dtype: torch.dtype | None,
+    gradient_dtype: torch.dtype | None = None,
 ):
     """Per-example training-loss gradients ``[b, P]`` in training order, from a cache or computed.
 
@@ -112,6 +114,8 @@ def training_gradient_blocks(
         batch_size: examples per batch.
         device: device of the computation.
         dtype: floating dtype of the computation.
+        gradient_dtype: half dtype the computed gradients are rounded to (not used with a cache,
+            whose blocks come in its storage dtype).
 
     Returns:
         An iterator of ``[b, P]`` blocks.
@@ -119,7 +123,7 @@ def training_gradient_blocks(
     if train_gradients is None:
         return iter_gradients(
             task, model, train_data, list(names), kind="train_loss", batch_size=batch_size,
-            device=device, dtype=dtype,
+            device=device, dtype=dtype, gradient_dtype=gradient_dtype,
         )
     manifest = train_gradients.manifest
     arguments = manifest.get("arguments", {})
@@ -156,6 +160,7 @@ def influence_scores(
     dtype: torch.dtype | None = None,
     train_gradients: GradientCache | None = None,
     hessian_data: Dataset | DataLoader | None = None,
+    gradient_dtype: torch.dtype | None = None,
 ) -> Tensor:
     """Influence-function scores of every (query, training example) pair, or each example's self-influence.
 
@@ -180,13 +185,18 @@ def influence_scores(
             recomputing them.
         hessian_data: examples whose mean loss defines ``H`` (default: ``train_data``), e.g. a
             subsample for speed. The ``1/n`` factor always uses the training set's size.
+        gradient_dtype: ``torch.bfloat16`` or ``torch.float16``: the training gradients and the solved
+            query vectors are rounded to it and multiplied in it with float32 accumulation
+            (:mod:`influence.precision`); the fit and the solve stay in ``dtype``. Not used for
+            self-influence, whose every gradient is solved.
 
     Returns:
-        Tensor ``[m, n]`` on ``device``: ``s * (1/n) * grad f(x)^T (H + lambda I)^{-1} grad l(z)``;
+        Tensor ``[m, n]`` on ``device`` (float32 with ``gradient_dtype``): ``s * (1/n) * grad f(x)^T (H + lambda I)^{-1} grad l(z)``;
         positive means removing ``z`` makes query ``x`` worse. For ``query_data=None``, ``[n]``:
         ``(1/n) grad l(z)^T (H + lambda I)^{-1} grad l(z)``, the predicted rise of ``z``'s own
         training loss when ``z`` is removed (large for atypical or mislabelled examples).
     """
+    gradient_dtype = check_gradient_dtype(gradient_dtype)
     names, fitted = _fitted(task, model, train_data if hessian_data is None else hessian_data, params, solver=solver,
                             damping=damping, solver_options=solver_options, regularizer=regularizer,
                             batch_size=check_batch_size(batch_size), device=device, dtype=dtype)
@@ -199,9 +209,9 @@ def influence_scores(
     left = fitted.solve(queries) if queries.shape[0] else queries.to(fitted.objective.dtype)
     blocks = training_gradient_blocks(
         task, model, train_data, names, train_gradients=train_gradients, batch_size=batch_size,
-        device=device, dtype=dtype,
+        device=device, dtype=dtype, gradient_dtype=gradient_dtype,
     )
-    raw = require_examples(stream_products(left, blocks))
+    raw = require_examples(stream_products(left, blocks, dtype=gradient_dtype))
     return raw * (measurement_sign(task) / raw.shape[1])
 
 

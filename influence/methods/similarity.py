@@ -23,10 +23,16 @@ from influence.exceptions import invalid
 from influence.gradients.layout import select_parameters
 from influence.gradients.per_example import gradient_matrix, iter_gradients, measurement_sign
 from influence.methods.common import require_examples, stream_products
+from influence.precision import check_gradient_dtype, is_half
 from influence.task import Task
 from influence.validation import check_batch_size
 
 SIMILARITIES: tuple[str, ...] = ("dot", "cos")
+
+
+def _wide(dtype: torch.dtype) -> torch.dtype:
+    """float32 for a half dtype, else ``dtype``."""
+    return torch.float32 if is_half(dtype) else dtype
 
 
 def _unit(g: Tensor) -> Tensor:
@@ -46,6 +52,7 @@ def similarity_scores(
     device: torch.device | str = "cpu",
     dtype: torch.dtype | None = None,
     projector: Any = None,
+    gradient_dtype: torch.dtype | None = None,
 ) -> Tensor:
     """Gradient dot products or cosines of every (query, training example) pair, or of each example with itself.
 
@@ -60,6 +67,8 @@ def similarity_scores(
         device: device of the computation.
         dtype: floating dtype of the computation.
         projector: optional object with ``project(g [b, P]) -> [b, k]`` applied to both sides.
+        gradient_dtype: ``torch.bfloat16`` or ``torch.float16``: both sides' gradients are rounded to
+            it and multiplied in it with float32 accumulation (:mod:`influence.precision`).
 
     Returns:
         Tensor ``[m, n]`` on ``device``; for ``query_data=None``, ``[n]``: ``||grad l(z)||^2`` (dot) or
@@ -68,17 +77,18 @@ def similarity_scores(
     if similarity not in SIMILARITIES:
         raise invalid("similarity", similarity, "'dot' or 'cos'")
     names = select_parameters(model, params)
-    options = {"batch_size": check_batch_size(batch_size), "device": device, "dtype": dtype, "projector": projector}
+    options = {"batch_size": check_batch_size(batch_size), "device": device, "dtype": dtype, "projector": projector,
+               "gradient_dtype": check_gradient_dtype(gradient_dtype)}
     blocks = iter_gradients(task, model, train_data, names, kind="train_loss", **options)
-    if similarity == "cos":
-        blocks = (_unit(block) for block in blocks)
+    if similarity == "cos":  # normalised in float32 at least, rounded back for the products
+        blocks = (_unit(block.to(_wide(block.dtype))).to(block.dtype) for block in blocks)
     if query_data is None:
-        parts = [(block * block).sum(dim=1) for block in blocks]
+        parts = [(block.to(_wide(block.dtype)) ** 2).sum(dim=1) for block in blocks]
         return require_examples(torch.cat(parts) if parts else torch.zeros(0))
     queries = gradient_matrix(task, model, query_data, names, kind="measurement", **options)
     if similarity == "cos":
-        queries = _unit(queries)
-    return require_examples(stream_products(queries, blocks)) * measurement_sign(task)
+        queries = _unit(queries.to(_wide(queries.dtype))).to(queries.dtype)
+    return require_examples(stream_products(queries, blocks, dtype=gradient_dtype)) * measurement_sign(task)
 
 
 def grad_dot_scores(task: Task, model: nn.Module, train_data, query_data, **options: Any) -> Tensor:

@@ -32,6 +32,7 @@ from influence.methods.common import (
     stream_products,
     sum_over_checkpoints,
 )
+from influence.precision import check_gradient_dtype, is_half
 from influence.task import Task
 from influence.validation import check_batch_size
 
@@ -48,6 +49,7 @@ def tracin_scores(
     device: torch.device | str = "cpu",
     dtype: torch.dtype | None = None,
     projector: Any = None,
+    gradient_dtype: torch.dtype | None = None,
 ) -> Tensor:
     """TracIn scores of every (query, training example) pair, or each training example's self-influence.
 
@@ -65,20 +67,24 @@ def tracin_scores(
         device: device of the computation.
         dtype: floating dtype of the computation (default: the model's).
         projector: optional object with ``project(g [b, P]) -> [b, k]`` applied to both sides.
+        gradient_dtype: ``torch.bfloat16`` or ``torch.float16``: both sides' gradients are rounded to
+            it and multiplied in it with float32 accumulation (:mod:`influence.precision`).
 
     Returns:
         Tensor ``[m, n]`` on ``device``: ``s * sum_c lr_c <g_c(z), g_c(x)>``; for ``query_data=None``,
         ``[n]``: ``sum_c lr_c ||g_c(z)||^2`` (no sign).
     """
     names = select_parameters(model, params)
-    options = {"batch_size": check_batch_size(batch_size), "device": device, "dtype": dtype, "projector": projector}
+    options = {"batch_size": check_batch_size(batch_size), "device": device, "dtype": dtype, "projector": projector,
+               "gradient_dtype": check_gradient_dtype(gradient_dtype)}
 
     def at_checkpoint(current: nn.Module) -> Tensor:
         blocks = iter_gradients(task, current, train_data, names, kind="train_loss", **options)
         if query_data is None:
-            norms = [(g * g).sum(dim=1) for g in blocks]
+            norms = [(g.float() if is_half(g.dtype) else g).pow(2).sum(dim=1) for g in blocks]
             return require_examples(torch.cat(norms) if norms else torch.zeros(0))
-        return stream_products(gradient_matrix(task, current, query_data, names, kind="measurement", **options), blocks)
+        queries = gradient_matrix(task, current, query_data, names, kind="measurement", **options)
+        return stream_products(queries, blocks, dtype=gradient_dtype)
 
     total = sum_over_checkpoints(checkpoints, lambda state: model_at(model, state, names), at_checkpoint)
     return total if query_data is None else require_examples(total) * measurement_sign(task)

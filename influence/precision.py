@@ -1,0 +1,50 @@
+"""Half-precision gradients: which dtypes are accepted and their products with float32 results.
+
+The attribution methods take ``gradient_dtype`` (``torch.bfloat16`` or ``torch.float16``): per-example
+gradients are computed in the computation dtype, rounded once to ``gradient_dtype`` (relative error
+``2^-9`` for bfloat16, ``2^-12`` for float16 within its range) and held and multiplied in it: half
+the memory and bandwidth of float32, and the half-precision matrix units (tensor cores, AMX). The
+products accumulate in float32 inside the matrix multiply (cuBLAS with a float32 output where torch
+offers it; oneDNN on the CPU, whose result is rounded once to the half dtype) and are returned in
+float32. Curvature fits and inverse-Hessian solves never run in half precision.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from influence.exceptions import invalid
+
+GRADIENT_DTYPES: tuple[torch.dtype, ...] = (torch.bfloat16, torch.float16)
+
+
+def check_gradient_dtype(value: object) -> torch.dtype | None:
+    """``value`` if it is ``None`` (gradients in the computation dtype) or a half dtype, else raise."""
+    if value is None or (isinstance(value, torch.dtype) and value in GRADIENT_DTYPES):
+        return value
+    raise invalid("gradient_dtype", value, "torch.bfloat16, torch.float16 or None (the computation dtype)")
+
+
+def is_half(dtype: torch.dtype) -> bool:
+    """Whether ``dtype`` is one of :data:`GRADIENT_DTYPES`."""
+    return dtype in GRADIENT_DTYPES
+
+
+def product_t(left: Tensor, right: Tensor) -> Tensor:
+    """``left @ right^T`` ``[m, n]`` for ``left`` ``[m, P]`` and ``right`` ``[n, P]`` of one dtype.
+
+    Half-precision operands accumulate in float32 and give a float32 result (on CUDA without any
+    rounding of the result where ``torch.mm`` takes ``out_dtype``); other dtypes multiply as usual.
+    """
+    if not is_half(left.dtype):
+        return left @ right.T
+    if left.is_cuda:
+        try:
+            return torch.mm(left, right.T, out_dtype=torch.float32)
+        except (TypeError, RuntimeError, NotImplementedError):  # a torch without the float32-output kernel
+            pass
+    return (left @ right.T).float()
+
+
+__all__ = ["GRADIENT_DTYPES", "check_gradient_dtype", "is_half", "product_t"]
