@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from flows.experiment import Experiment
@@ -84,13 +85,13 @@ def build_report(settings: PipelineSettings, ws: Workspace, extra_tags: dict[str
             for i, qid in enumerate(query_ids)
         }
         all_rows: list[dict] = []
-        loaded: dict[str, torch.Tensor] = {}  # "<title> (<mode>)" -> [Q, N], for the figures
+        loaded: dict[str, np.ndarray] = {}  # "<title> (<mode>)" -> a sample of its [Q, N] scores, for the figures
         sections: dict[str, list[dict]] = {qid: [] for qid in query_ids}
         for row in SCORE_STAGES:
             stage, source, title = row.name, row.source, row.title
             for mode in settings.finetune.modes:
-                scores = x.scores(stage, mode)
-                loaded[f"{title} ({mode})"] = scores
+                scores = x.scores(stage, mode)  # float32, one matrix at a time; the figures keep a bounded sample
+                loaded[f"{title} ({mode})"] = figure_sample(scores)
                 ids, texts = (pretrain_ids, pretrain_text) if source == "pretraining" else (train_ids, finetune_text)
                 rows = join_examples(ranked_rows(scores, query_ids, ids, k=k, source=source, method=stage, mode=mode), texts, queries)
                 words = x.read_json("tracin_we", f"{mode}_words.json") if stage == "tracin_we" else {}
@@ -200,7 +201,7 @@ def evaluation_sections(x: Experiment, results: dict[str, StageResult]) -> list[
 
 
 FIGURE_CAPTIONS = {
-    "scores": ("Score distributions", "Histogram of every method's scores (log counts); positive = proponent."),
+    "scores": ("Score distributions", "Histogram of every method's scores (log counts; a seeded sample of 1,000,000 (query, example) pairs where there are more); positive = proponent."),
     "deletion": ("Case-deletion curves", "Mean change of the query loss after removing each query's top-k examples, "
                  "against k, for each method and for k random examples (bars: 95% intervals; hollow: not passed)."),
     "mislabel": ("Mislabel detection", "Share of the planted label flips found while inspecting the training set "
@@ -208,14 +209,28 @@ FIGURE_CAPTIONS = {
 }
 
 
+FIGURE_SAMPLE = 1_000_000  # (query, example) pairs of each score matrix that the figures read
+
+
+def figure_sample(scores: torch.Tensor) -> np.ndarray:
+    """The scores the figures read: all of ``scores`` ``[Q, N]`` up to :data:`FIGURE_SAMPLE` entries, else
+    that many drawn with a fixed seed (the same positions for matrices of one shape, so that rank
+    correlations compare the same pairs); float64 ``[min(Q N, FIGURE_SAMPLE)]``."""
+    flat = scores.reshape(-1)
+    if flat.numel() > FIGURE_SAMPLE:
+        positions = torch.randint(flat.numel(), (FIGURE_SAMPLE,), generator=torch.Generator().manual_seed(0))
+        flat = flat[positions]
+    return flat.double().numpy()
+
+
 def write_figures(x: Experiment, results: dict[str, StageResult], folder: Path,
-                  scores: dict[str, torch.Tensor]) -> list[tuple[str, str, Path]]:
+                  scores: dict[str, np.ndarray]) -> list[tuple[str, str, Path]]:
     """The report's PNG figures: score distributions, method agreement per mode, deletion and mislabel curves.
 
     Args:
         x: the report stage's experiment.
         results: every stage's result (a figure of a stage that did not run is left out).
-        scores: ``{"<title> (<mode>)": [Q, N]}`` every score matrix of the score stages.
+        scores: ``{"<title> (<mode>)": sample}`` every score matrix of the score stages, as :func:`figure_sample` draws it.
 
     Returns:
         ``[(title, caption, path)]`` of the figures written (a figure whose stage did not run is left out).
@@ -223,14 +238,13 @@ def write_figures(x: Experiment, results: dict[str, StageResult], folder: Path,
     from flows import figures
 
     written = []
-    scores = {name: values.double().numpy() for name, values in scores.items()}
     written.append((*FIGURE_CAPTIONS["scores"], figures.score_distribution(scores, folder / "scores.png")))
     for mode in x.settings.finetune.modes:
         same = {row.title: scores[f"{row.title} ({mode})"] for row in SCORE_STAGES
                 if row.source == "finetuning" and f"{row.title} ({mode})" in scores}
         if len(same) >= 2:
             written.append((f"Agreement between methods (embedding {mode})",
-                            "Spearman rank correlation between the methods' scores of the same (query, training example) pairs.",
+                            "Spearman rank correlation between the methods' scores of the same (query, training example) pairs (the figures' sample).",
                             figures.method_agreement(same, folder / f"agreement_{mode}.png")))
     for stage, name, data in (("deletion", "deletion", "finetuning"), ("pretrain_deletion", "deletion_pretraining", "pretraining")):
         if _ran(results, stage):

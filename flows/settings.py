@@ -131,6 +131,7 @@ class AttributionSettings(_Section):
     pretrain_hessian_params: Literal["all", "shared"] = Field("all", title="Pretraining Hessian parameters", description="Parameters of the pretraining Hessian in multi-stage influence: 'all' of the language model's, or only the 'shared' ones (attribution.shared_params): a block-diagonal approximation that a transformer needs on a CPU.")
     top_k: int = Field(5, ge=1, le=100, title="Top k", description="Proponents and opponents shown per query.")
     tf32: bool = Field(False, title="TF32 on GPUs", description="Let CUDA matmuls and convolutions use TensorFloat-32 (NVIDIA Ampere and later: about 10 bits of mantissa in each product, several times the float32 rate); off: full float32. No effect on the CPU.")
+    gradient_dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", title="Gradient precision", description="Precision of the influence stage's per-example training gradients and their products with the queries (with a solver that keeps its state: the index rows): 'bfloat16' or 'float16' round each once and multiply with float32 accumulation, for half the memory traffic and the half-precision units (GPU tensor cores, AMX on recent Xeons; elsewhere it can be slower); the curvature fit and the solves stay in float32.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", title="Device", description="Where gradients, solves and scores run: 'auto' (CUDA when the worker has it), 'cpu', or 'cuda' (falls back to the CPU with a warning where there is none).")
 
 

@@ -170,12 +170,15 @@ def influence(x: Experiment, result: StageResult) -> None:
         model = x.finetuned(mode)
         options = {"params": a.if_params, **x.solver("finetune"), "regularizer": x.regularizer(mode, model),
                    "hessian_data": x.hessian_sample(train, a.hessian_examples), "batch_size": x.batch(256), "device": x.device}
+        half = None if a.gradient_dtype == "float32" else getattr(torch, a.gradient_dtype)
         if a.solver in STATEFUL_SOLVERS:
-            index = AttributionIndex.fit(x.out_dir(mode, "index"), x.query_task, model, train, overwrite=True, **options)
+            index = AttributionIndex.fit(x.out_dir(mode, "index"), x.query_task, model, train, overwrite=True,
+                                         storage_dtype=half or torch.float32, **options)
             scores = index.scores(x.query_task, model, queries, device=x.device)
             result.metrics[f"{mode}.index_dim"] = float(index.dim)
         else:
-            scores = attribute(x.query_task, model, train, queries, method="if", cache_dir=x.path("gradients", mode), **options)
+            scores = attribute(x.query_task, model, train, queries, method="if", cache_dir=x.path("gradients", mode),
+                               gradient_dtype=half, **options)
         result.outputs[mode] = x.write_scores(mode, scores)
 
 

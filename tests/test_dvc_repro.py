@@ -58,3 +58,14 @@ def test_dvc_repro_runs_every_stage_and_the_exact_solver_agrees_with_cg(project)
         assert exact.shape == cg[mode].shape
         correlation = float(((exact - exact.mean()) * (cg[mode] - cg[mode].mean())).sum() / (exact.std() * cg[mode].std() * (exact.numel() - 1)))
         assert correlation > 0.99, (mode, correlation)
+        cg[mode] = exact
+
+    # bfloat16 gradients: the index rows are stored in bfloat16, the scores stay those of float32
+    half = exact_settings.model_copy(update={"attribution": exact_settings.attribution.model_copy(update={"gradient_dtype": "bfloat16"})})
+    stages.run_stage("influence", half, ws)
+    for mode in settings.finetune.modes:
+        scores = load_file(str(project / "artifacts" / "influence" / f"{mode}.safetensors"))["scores"]
+        manifest = json.loads((project / "artifacts" / "influence" / mode / "index" / "manifest.json").read_text())
+        assert manifest["storage_dtype"] == "bfloat16"
+        error = float((scores - cg[mode]).abs().max() / cg[mode].abs().max())
+        assert 0 < error < 2e-2, (mode, error)

@@ -278,7 +278,7 @@ def _unit_rows(t: Tensor) -> Tensor:
 
 
 @pytest.mark.parametrize("half", [torch.bfloat16, torch.float16], ids=["bfloat16", "float16"])
-def test_half_precision_gradients_round_once_and_accumulate_in_float32(logistic, half):
+def test_half_precision_gradients_round_once_and_accumulate_in_float32(logistic, half, tmp_path):
     """Each method with ``gradient_dtype`` equals float64 products of the once-rounded gradients
     (the solve stays in float64), to the one rounding of each float32-accumulated score."""
     model, train, queries = logistic
@@ -309,6 +309,8 @@ def test_half_precision_gradients_round_once_and_accumulate_in_float32(logistic,
         full_precision = influence.attribute(task, model, train, queries, **options)
         error = float((scores.double() - full_precision).abs().max() / full_precision.abs().max())
         assert 0 < error < 2e-2, (method, error)
+    cached = influence.attribute(task, model, train, queries, gradient_dtype=half, cache_dir=tmp_path / "cache", **exact)
+    torch.testing.assert_close(cached.double(), expected["if"], rtol=2.0 ** -8, atol=1e-6 * float(expected["if"].abs().max()))
     checkpoints = [(s, 0.1) for s in perturbed_states(model, 2)]
     tracin = influence.attribute(task, model, train, queries, method="tracin", checkpoints=checkpoints,
                                  gradient_dtype=half)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from influence.reports.html import highlight_words, render_report
@@ -38,3 +39,16 @@ def test_highlight_words_shades_only_scored_words():
     html = highlight_words("A great, great movie", {"great": 0.5, "movie": -0.1})
     assert html.count("rgba(0,160,0") == 2 and html.count("rgba(220,0,0") == 1
     assert highlight_words("plain <text>", {}) == "plain &lt;text&gt;"
+
+
+def test_figure_sample_is_bounded_and_pairs_matrices_of_one_shape(monkeypatch):
+    import flows.report as report
+
+    small = torch.arange(12.0).reshape(3, 4)
+    assert report.figure_sample(small).tolist() == list(range(12))
+    monkeypatch.setattr(report, "FIGURE_SAMPLE", 50)
+    big = torch.randn(30, 40)
+    first, second = report.figure_sample(big), report.figure_sample(2 * big)
+    assert first.shape == (50,) and first.dtype == np.float64
+    np.testing.assert_array_equal(second, 2 * first)  # the same (query, example) positions
+    assert set(first.tolist()) <= set(big.double().reshape(-1).tolist())

@@ -42,8 +42,10 @@ def ranked_rows(
     k = min(k, scores.shape[1])
     rows = []
     for q, query_id in enumerate(query_ids):
-        order = scores[q].argsort(descending=True).tolist()
-        for kind, picks in (("proponent", order[:k]), ("opponent", order[::-1][:k])):
+        # the k largest and k smallest by a partial selection, without sorting all N scores
+        high = scores[q].topk(k, largest=True, sorted=True).indices.tolist()
+        low = scores[q].topk(k, largest=False, sorted=True).indices.tolist()
+        for kind, picks in (("proponent", high), ("opponent", low)):
             for rank, z in enumerate(picks, start=1):
                 rows.append(dict(query_id=query_id, source=source, method=method, mode=mode, kind=kind,
                                  rank=rank, id=train_ids[z], score=float(scores[q, z])))
