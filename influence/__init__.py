@@ -9,7 +9,7 @@ Every score is oriented the same way: positive means that removing the training 
 make the query worse (a proponent).
 """
 
-from influence.api import METHODS, attribute, multistage, self_influence, tracin_we_words
+from influence.api import METHODS, TrainingRecipe, attribute, multistage, self_influence, tracin_we_words
 from influence.task import ClassificationTask, LanguageModelingTask, Task
 
 __all__ = [
@@ -17,6 +17,7 @@ __all__ = [
     "ClassificationTask",
     "LanguageModelingTask",
     "Task",
+    "TrainingRecipe",
     "attribute",
     "multistage",
     "self_influence",

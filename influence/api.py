@@ -1,7 +1,7 @@
 """The public entry points: one call to attribute queries to training examples.
 
 ``attribute`` dispatches to a method by name (``"if"``, ``"tracin"``, ``"tracin_we"``,
-``"grad_dot"``, ``"grad_cos"``); every method returns ``[n_query, n_train]`` scores with the same
+``"grad_dot"``, ``"grad_cos"``, ``"magic"``); every method returns ``[n_query, n_train]`` scores with the same
 orientation (positive = proponent: removing the training example would make the query worse).
 ``self_influence`` gives each training example's score on itself, ``multistage`` the influence of
 pretraining examples on a finetuned model, ``tracin_we_words`` the per-word terms of a TracIn-WE
@@ -24,6 +24,7 @@ from influence.gradients.cache import GradientCache
 from influence.gradients.layout import ParameterLayout, select_parameters
 from influence.gradients.projection import RandomProjector
 from influence.methods.influence_function import influence_scores
+from influence.methods.magic import TrainingRecipe, magic_scores
 from influence.methods.multistage import multistage_scores
 from influence.methods.similarity import similarity_scores
 from influence.methods.tracin import tracin_scores
@@ -33,7 +34,7 @@ from influence.solvers import SOLVERS, InverseHessianSolver
 from influence.task import Task
 from influence.validation import check_batch_size, check_positive_int
 
-METHODS: tuple[str, ...] = ("if", "tracin", "tracin_we", "grad_dot", "grad_cos")
+METHODS: tuple[str, ...] = ("if", "tracin", "tracin_we", "grad_dot", "grad_cos", "magic")
 
 # method -> keyword options accepted through ``**options`` besides the common arguments
 _OPTIONS: dict[str, tuple[str, ...]] = {
@@ -42,6 +43,7 @@ _OPTIONS: dict[str, tuple[str, ...]] = {
     "tracin_we": ("embedding_module", "top_k_rows", "ignore_ids"),
     "grad_dot": (),
     "grad_cos": (),
+    "magic": ("training", "segment_steps", "replay_tolerance"),
 }
 
 multistage = multistage_scores
@@ -71,6 +73,10 @@ def _check(
     if unknown:
         accepted = ", ".join(repr(o) for o in _OPTIONS[method]) or "none"
         raise invalid(f"options of method={method!r}", unknown, f"options among: {accepted}")
+    if method == "magic" and "training" not in options:
+        raise invalid("training", None, "a TrainingRecipe (how the model was trained) for method='magic'")
+    if method in ("magic",) and self_scores:
+        raise invalid("query_data", None, "queries for method='magic' (it has no self-influence)")
     if method in ("tracin", "tracin_we") and checkpoints is None:
         raise invalid(
             "checkpoints", None,
@@ -95,8 +101,9 @@ def _check(
                 "cache_dtype", cache_dtype,
                 "None when cache_dir is None (it is the storage dtype of the gradient cache)",
             )
-    if check_gradient_dtype(gradient_dtype) is not None and method == "tracin_we":
-        raise invalid("gradient_dtype", gradient_dtype, "None for method='tracin_we' (its word-embedding rows are sparse)")
+    if check_gradient_dtype(gradient_dtype) is not None and method in ("tracin_we", "magic"):
+        reason = "its word-embedding rows are sparse" if method == "tracin_we" else "it differentiates the training run"
+        raise invalid("gradient_dtype", gradient_dtype, f"None for method={method!r} ({reason})")
 
 
 def _projector(
@@ -149,7 +156,8 @@ def attribute(
         query_data: the ``m`` queries; ``None``: each training example's self-influence (see
             :func:`self_influence`).
         method: ``"if"`` (influence function), ``"tracin"``, ``"tracin_we"`` (TracIn on the word
-            embedding), ``"grad_dot"`` or ``"grad_cos"``.
+            embedding), ``"grad_dot"``, ``"grad_cos"`` or ``"magic"`` (exact metagradients through the
+            recorded training run, :mod:`influence.methods.magic`; ``model`` is the trained model).
         solver: inverse-Hessian solver of ``"if"``: a name among ``influence.solvers.SOLVERS`` or
             an instance.
         damping: damping of ``"if"``'s Hessian.
@@ -180,7 +188,9 @@ def attribute(
             On Fashion-MNIST (``bench/peers.py``) bfloat16 changed the LDS by less than 0.01.
         **options: method-specific options: ``"if"``: ``solver_options``, ``regularizer``,
             ``hessian_data``; ``"tracin_we"``: ``embedding_module``, ``top_k_rows``, ``ignore_ids``
-            (token ids left out besides padding, e.g. the unknown-word id).
+            (token ids left out besides padding, e.g. the unknown-word id); ``"magic"``: ``training``
+            (a :class:`~influence.methods.magic.TrainingRecipe`, required), ``segment_steps``,
+            ``replay_tolerance``.
 
     Returns:
         Tensor ``[m, n]``; positive = proponent (removing the training example makes the query
@@ -204,6 +214,8 @@ def attribute(
             task, model, train_data, query_data, params=params, solver=solver, damping=damping,
             train_gradients=train_gradients, gradient_dtype=gradient_dtype, **options, **common,
         )
+    if method == "magic":
+        return magic_scores(task, model, train_data, query_data, **options, **common)
     if method == "tracin_we":
         return tracin_we_scores(task, model, train_data, query_data, checkpoints=checkpoints, **options, **common)
     projector = _projector(model, params, projection_dim, projection_seed)
@@ -229,4 +241,4 @@ def self_influence(task: Task, model: nn.Module, train_data: Dataset | DataLoade
     return attribute(task, model, train_data, None, **options)
 
 
-__all__ = ["CACHE_DTYPES", "METHODS", "attribute", "multistage", "self_influence", "tracin_we_words"]
+__all__ = ["CACHE_DTYPES", "METHODS", "TrainingRecipe", "attribute", "multistage", "self_influence", "tracin_we_words"]

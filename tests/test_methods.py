@@ -582,7 +582,8 @@ def test_bad_names_list_the_accepted_values(logistic):
 def test_public_exports():
     assert influence.Task is not None and influence.ClassificationTask is ClassificationTask
     assert influence.LanguageModelingTask is LanguageModelingTask
-    assert influence.METHODS == ("if", "tracin", "tracin_we", "grad_dot", "grad_cos")
+    assert influence.METHODS == ("if", "tracin", "tracin_we", "grad_dot", "grad_cos", "magic")
+    assert influence.TrainingRecipe is not None
     assert callable(influence.multistage) and callable(influence.tracin_we_words)
 
 

@@ -1,0 +1,279 @@
+"""MAGIC: exact metagradients of a query's measurement with respect to per-example data weights.
+
+Ilyas & Engstrom 2025 ("MAGIC: Near-Optimal Data Attribution for Deep Learning"). Training, as
+:func:`influence.models.training.train` runs it, is a sequence of optimizer steps
+``s_{t+1} = Phi_t(s_t, w)`` on the state ``s_t`` (the trained parameters ``theta_t``; for Adam also its
+moments ``m_t``, ``v_t``). Step ``t`` takes the batch ``B_t`` of ``train``'s seeded data order and the
+objective
+
+    L_t(theta, w) = sum_{i in B_t} w_i l(z_i; theta) / sum_{i in B_t} w_i + R(theta),
+
+which at ``w = 1`` is ``train``'s batch mean and with ``w_i = 0`` is its batch without ``z_i`` (what
+``train(exclude=...)`` retrains). The metagradient ``d f(theta_T) / d w_i`` at ``w = 1`` is computed
+exactly, up to floating point, by reverse-mode differentiation through every step: the adjoint of
+the state goes from ``T`` back to ``0`` by vector-Jacobian products of ``Phi_t`` (second-order
+products through the gradient inside the step), and each step adds its batch's share to the
+metagradients of its examples (an example seen in several epochs collects every share).
+
+Memory: the states are saved every ``segment_steps`` steps on a forward replay (``ceil(sqrt(T))``
+by default), and each segment is replayed again, backwards, from its saved state: about
+``2 sqrt(T)`` states held instead of ``T``. Cost: two first-order replays of the run, and per step
+one second-order graph and one vector-Jacobian product per query (``bench/magic_cost.py`` prints it
+as a multiple of one training run).
+
+The scores are the first-order change of each query's measurement when a training example is
+removed from the whole run, oriented as every method (positive = proponent):
+``score(x, z) = s * (-d f(x) / d w_z)``.
+
+The replay is checked: it must end where the given trained model is (relative distance at most
+``replay_tolerance``), so a recipe that does not reproduce the model (another seed, learning rate,
+initial state, optimizer, or a model with dropout) is refused instead of attributed.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import Dataset
+
+from influence.batches import collate_dataset, num_examples, rows, to_device
+from influence.exceptions import InvalidArgumentError, invalid
+from influence.gradients.layout import select_parameters
+from influence.gradients.per_example import functional_state, gradient_matrix, measurement_sign, task_function
+from influence.regularizers import Proximity, Regularizer
+from influence.task import Task
+from influence.validation import check_int_at_least, check_positive_float, check_positive_int
+
+ADAM_BETAS = (0.9, 0.999)  # torch.optim.Adam's defaults, which train() uses
+ADAM_EPS = 1e-8
+
+
+@dataclass(frozen=True)
+class TrainingRecipe:
+    """What :func:`influence.models.training.train` was called with: enough to replay the run.
+
+    Attributes:
+        initial_state: the model's state dict before training (``{name: tensor}``; buffers may be
+            left out).
+        epochs, batch_size, learning_rate, seed, optimizer, l2, trainable, proximity, l2_names: the
+            arguments of the same names of ``train``.
+    """
+
+    initial_state: Mapping[str, Tensor]
+    epochs: int
+    batch_size: int
+    learning_rate: float
+    seed: int
+    optimizer: Literal["adam", "sgd"] = "adam"
+    l2: float = 0.0
+    trainable: str | Sequence[str] | None = None
+    proximity: Proximity | None = None
+    l2_names: str | Sequence[str] | None = None
+
+    def check(self) -> None:
+        """Raise :class:`InvalidArgumentError` naming the first bad field."""
+        if not isinstance(self.initial_state, Mapping) or not self.initial_state:
+            raise invalid("training.initial_state", type(self.initial_state).__name__, "a non-empty state dict")
+        check_int_at_least("training.epochs", self.epochs, 1)
+        check_int_at_least("training.batch_size", self.batch_size, 1)
+        check_positive_float("training.learning_rate", self.learning_rate)
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+            raise invalid("training.seed", self.seed, "an integer")
+        if self.optimizer not in ("adam", "sgd"):
+            raise invalid("training.optimizer", self.optimizer, "'adam' or 'sgd'")
+
+
+def _permutation(n: int, seed: int, epoch: int) -> Tensor:
+    from influence.models.training import _permutation as permutation  # the very order train() used
+
+    return permutation(n, seed, epoch)
+
+
+def _schedule(recipe: TrainingRecipe, n: int) -> list[Tensor]:
+    """The example indices of every step, in training order (``train``'s batches)."""
+    steps = []
+    for epoch in range(recipe.epochs):
+        order = _permutation(n, recipe.seed, epoch)
+        steps.extend(order[start:start + recipe.batch_size] for start in range(0, n, recipe.batch_size))
+    return steps
+
+
+def _safe_sqrt(v: Tensor) -> Tensor:
+    """``sqrt(v)`` whose derivative is 0 where ``v == 0`` (there the moments, and their derivatives, are 0)."""
+    positive = v > 0
+    return torch.where(positive, torch.where(positive, v, torch.ones_like(v)).sqrt(), torch.zeros_like(v))
+
+
+class _Replay:
+    """The training run as a function of the data weights: ``Phi_t`` and its vector-Jacobian products."""
+
+    def __init__(self, task: Task, model: nn.Module, data: Any, recipe: TrainingRecipe, device: Any, dtype: Any) -> None:
+        self.recipe = recipe
+        self.names = select_parameters(model, "all" if recipe.trainable is None else recipe.trainable)
+        initial = {n: t for n, t in model.state_dict().items()}
+        unknown = sorted(set(recipe.initial_state) - set(initial))
+        if unknown:
+            raise invalid("training.initial_state keys", unknown[:5], "names of the model's state dict")
+        missing = [n for n in self.names if n not in recipe.initial_state]
+        if missing:
+            raise invalid("training.initial_state", f"without {missing[:5]}", "a state dict holding every trained parameter")
+        selected, fixed = functional_state(model, self.names, device=device, dtype=dtype)
+        for name, value in recipe.initial_state.items():
+            target = selected if name in selected else fixed
+            if name in target:
+                target[name] = value.detach().to(device=target[name].device, dtype=target[name].dtype)
+        self.theta0 = selected
+        self.fn = task_function(task, model, "train_loss", fixed)
+        covered = self.names if recipe.l2_names is None else [
+            n for n in select_parameters(model, recipe.l2_names) if n in self.names]
+        proximity = None if recipe.proximity is None else recipe.proximity.to(device)
+        self.regularizer = Regularizer(l2=recipe.l2, proximity=proximity, l2_names=tuple(covered))
+        self.data = data
+        self.adam = recipe.optimizer == "adam"
+
+    def initial_state(self) -> list[Tensor]:
+        theta = [self.theta0[n] for n in self.names]
+        if not self.adam:
+            return theta
+        return theta + [torch.zeros_like(t) for t in theta] + [torch.zeros_like(t) for t in theta]
+
+    def step(self, state: list[Tensor], t: int, index: Tensor, weights: Tensor, create_graph: bool) -> list[Tensor]:
+        """``Phi_t(state, weights)``: one optimizer step (``t`` counts from 0) on the batch ``index``."""
+        k = len(self.names)
+        theta = dict(zip(self.names, state[:k]))
+        losses = self.fn(theta, rows(self.data, index))
+        objective = (weights * losses).sum() / weights.sum()
+        if not self.regularizer.is_zero:
+            objective = objective + self.regularizer(theta)
+        grads = torch.autograd.grad(objective, state[:k], create_graph=create_graph, allow_unused=True)
+        grads = [torch.zeros_like(p) if g is None else g for p, g in zip(state[:k], grads)]
+        lr = float(self.recipe.learning_rate)
+        if not self.adam:
+            return [p - lr * g for p, g in zip(state[:k], grads)]
+        beta1, beta2 = ADAM_BETAS
+        m = [beta1 * m + (1 - beta1) * g for m, g in zip(state[k:2 * k], grads)]
+        v = [beta2 * v + (1 - beta2) * g * g for v, g in zip(state[2 * k:], grads)]
+        correction1, correction2 = 1 - beta1 ** (t + 1), 1 - beta2 ** (t + 1)
+        theta_next = [p - (lr / correction1) * mi / (_safe_sqrt(vi) / math.sqrt(correction2) + ADAM_EPS)
+                      for p, mi, vi in zip(state[:k], m, v)]
+        return theta_next + m + v
+
+
+def _leaves(state: list[Tensor]) -> list[Tensor]:
+    return [s.detach().requires_grad_(True) for s in state]
+
+
+def magic_scores(
+    task: Task,
+    model: nn.Module,
+    train_data: Dataset | Mapping[str, Tensor],
+    query_data: Dataset,
+    *,
+    training: TrainingRecipe,
+    segment_steps: int | None = None,
+    replay_tolerance: float = 1e-3,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype | None = None,
+    batch_size: int = 64,
+) -> Tensor:
+    """MAGIC scores of every (query, training example) pair: ``s * (-d f(x) / d w_z)`` through the whole run.
+
+    Args:
+        task: gives the per-example training loss and the query measurement.
+        model: the trained model (not modified): the replay must end at its parameters.
+        train_data: the ``n`` training examples, as ``train`` was given them (same order).
+        query_data: the ``m`` queries.
+        training: how the model was trained (:class:`TrainingRecipe`).
+        segment_steps: steps between saved states (default ``ceil(sqrt(T))``); memory is about
+            ``T / segment_steps + segment_steps`` states.
+        replay_tolerance: largest accepted ``||theta_T(replay) - theta(model)|| / ||theta(model)||``.
+        device: device of the computation.
+        dtype: floating dtype of the computation (default: the model's).
+        batch_size: examples per batch of the queries' measurement gradients.
+
+    Returns:
+        Tensor ``[m, n]`` on ``device``; positive means removing ``z`` from training makes ``x`` worse.
+
+    Raises:
+        InvalidArgumentError: a bad argument, or a recipe whose replay does not end at ``model``.
+    """
+    if not isinstance(training, TrainingRecipe):
+        raise invalid("training", type(training).__name__, "an influence.methods.magic.TrainingRecipe")
+    training.check()
+    check_positive_int("segment_steps", segment_steps, allow_none=True)
+    check_positive_float("replay_tolerance", replay_tolerance)
+    data = to_device(collate_dataset(train_data), device)
+    n = num_examples(data)
+    replay = _Replay(task, model, data, training, device, dtype)
+    schedule = _schedule(training, n)
+    total = len(schedule)
+    segment = segment_steps or max(1, math.ceil(math.sqrt(total)))
+
+    # forward: the states at segment starts
+    saved: dict[int, list[Tensor]] = {}
+    state = replay.initial_state()
+    with torch.enable_grad():
+        for t, index in enumerate(schedule):
+            if t % segment == 0:
+                saved[t] = [s.detach() for s in state]
+            ones = torch.ones(len(index), device=state[0].device, dtype=state[0].dtype)
+            state = [s.detach() for s in replay.step(_leaves(state), t, index, ones, create_graph=False)]
+    k = len(replay.names)
+    trained = dict(model.named_parameters())
+    final = torch.cat([s.reshape(-1) for s in state[:k]])
+    target = torch.cat([trained[name].detach().to(final).reshape(-1) for name in replay.names])
+    distance = float(torch.linalg.vector_norm(final - target) / torch.linalg.vector_norm(target).clamp_min(1e-30))
+    if not distance <= replay_tolerance:
+        raise InvalidArgumentError(
+            f"the replayed training run ends {distance:.3g} (relative) away from the given model, above "
+            f"replay_tolerance={replay_tolerance}: the training recipe (initial state, seed, epochs, batch size, "
+            "learning rate, optimizer, penalties) does not reproduce this model"
+        )
+
+    # the queries' adjoints at T: d f / d theta_T (the moments do not enter f)
+    queries = gradient_matrix(task, model, query_data, replay.names, kind="measurement", batch_size=batch_size,
+                              device=device, dtype=final.dtype)
+    m = queries.shape[0]
+    shapes = [s.shape for s in state]
+    adjoints = []
+    for q in range(m):
+        pieces, start = [], 0
+        for shape in shapes[:k]:
+            size = math.prod(shape)
+            pieces.append(queries[q, start:start + size].reshape(shape))
+            start += size
+        adjoints.append(pieces + [torch.zeros(shape, dtype=final.dtype, device=final.device) for shape in shapes[k:]])
+    meta = torch.zeros(m, n, dtype=final.dtype, device=final.device)
+
+    # backward: segment by segment, from the last
+    with torch.enable_grad():
+        for first in sorted(saved, reverse=True):
+            last = min(first + segment, total)
+            states = [saved[first]]
+            for t in range(first, last - 1):
+                ones = torch.ones(len(schedule[t]), device=final.device, dtype=final.dtype)
+                states.append([s.detach() for s in replay.step(_leaves(states[-1]), t, schedule[t], ones, create_graph=False)])
+            for t in range(last - 1, first - 1, -1):
+                index = schedule[t]
+                inputs = _leaves(states[t - first])
+                weights = torch.ones(len(index), device=final.device, dtype=final.dtype, requires_grad=True)
+                outputs = replay.step(inputs, t, index, weights, create_graph=True)
+                used = [(o, i) for i, o in enumerate(outputs) if o.requires_grad]
+                for q in range(m):
+                    grads = torch.autograd.grad([o for o, _ in used], inputs + [weights],
+                                                grad_outputs=[adjoints[q][i] for _, i in used],
+                                                retain_graph=q + 1 < m, allow_unused=True)
+                    adjoints[q] = [torch.zeros_like(s) if g is None else g.detach() for s, g in zip(inputs, grads[:-1])]
+                    if grads[-1] is not None:
+                        meta[q].index_add_(0, index.to(meta.device), grads[-1].detach())
+                del outputs, used
+            del states
+    return -meta * measurement_sign(task)
+
+
+__all__ = ["TrainingRecipe", "magic_scores"]
