@@ -327,6 +327,15 @@ def test_ekfac_matches_its_definition(case, device):
     want = q_s @ ((q_s.T @ x @ q_a) / (eigenvalues + 0.01)) @ q_a.T
     torch.testing.assert_close(block_of(solver.solve(rhs).cpu(), names, objective.layout, out_features), want,
                                rtol=1e-10, atol=1e-12)
+    # Scoring in the eigenbasis (both sides rotated from layer inputs and output gradients) equals
+    # q^T (C + damping I)^{-1} g with the parameter-basis gradients (the LM case has several positions).
+    measured = zoo.brute_per_example_gradients(task, model, data, names, kind="measurement")
+    expected_scores = solver.solve(measured).cpu() @ per_example.T
+    rotated = {kind: torch.cat([solver.rotated_gradients(b, kind) for b in objective.batches]).cpu()
+               for kind in ("measurement", "train_loss")}
+    scores = (rotated["measurement"] * solver.inverse_eigenvalues().cpu()) @ rotated["train_loss"].T
+    torch.testing.assert_close(scores, expected_scores, rtol=1e-9, atol=1e-12 * float(expected_scores.abs().max()))
+    assert solver.rotates_gradients
 
 
 def test_ekfac_factors_of_logistic_regression():

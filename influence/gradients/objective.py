@@ -148,6 +148,14 @@ class Objective:
         """
         return self._loss_fn(selected, batch)
 
+    def example_function(self, kind: str):
+        """``f(selected, batch) -> [B]``: ``task.<kind>`` (``"train_loss"`` or ``"measurement"``) per example."""
+        if kind == "train_loss":
+            return self._loss_fn
+        if kind == "measurement":
+            return task_function(self.task, self.model, "measurement", self._fixed)
+        raise invalid("kind", kind, "'train_loss' or 'measurement'")
+
     def _batch_loss(self, selected: dict[str, Tensor], batch: Batch) -> Tensor:
         return self._loss_fn(selected, batch).sum() / self.n_examples
 

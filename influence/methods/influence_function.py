@@ -24,20 +24,24 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
+from influence.batches import to_device
 from influence.exceptions import invalid
 from influence.fingerprints import model_fingerprint
 from influence.gradients.cache import GradientCache
 from influence.gradients.layout import select_parameters
 from influence.gradients.objective import Objective
 from influence.gradients.per_example import (
+    as_loader,
     gradient_matrix,
     iter_gradients,
     measurement_sign,
+    rows_per_chunk,
 )
 from influence.methods.common import build_solver, require_examples, stream_products
 from influence.precision import check_gradient_dtype
 from influence.regularizers import RegularizerLike
 from influence.solvers import InverseHessianSolver
+from influence.solvers.ekfac import EkfacSolver
 from influence.task import Task
 from influence.validation import check_batch_size
 
@@ -202,6 +206,9 @@ def influence_scores(
                             batch_size=check_batch_size(batch_size), device=device, dtype=dtype)
     if query_data is None:
         return _self_scores(fitted, task, model, train_data, names, batch_size=batch_size, device=device, dtype=dtype)
+    if train_gradients is None and isinstance(fitted, EkfacSolver) and fitted.rotates_gradients:
+        raw = require_examples(_eigenbasis_products(fitted, train_data, query_data, batch_size, gradient_dtype))
+        return raw * (measurement_sign(task) / raw.shape[1])
     queries = gradient_matrix(
         task, model, query_data, names, kind="measurement", batch_size=batch_size, device=device,
         dtype=dtype,
@@ -213,6 +220,27 @@ def influence_scores(
     )
     raw = require_examples(stream_products(left, blocks, dtype=gradient_dtype))
     return raw * (measurement_sign(task) / raw.shape[1])
+
+
+def _eigenbasis_products(fitted: EkfacSolver, train_data: Any, query_data: Any, batch_size: int,
+                         gradient_dtype: torch.dtype | None) -> Tensor:
+    """``q^T (C + damping I)^{-1} g`` ``[m, n]`` computed in EK-FAC's eigenbasis (both sides rotated from the
+    layers' inputs and output gradients, :meth:`EkfacSolver.rotated_gradients`): no parameter-basis gradient,
+    no rotation of a dense matrix."""
+    objective = fitted.objective
+    # rows of 256 MiB per block of training rows (only the rows are that large: the rotated vectors are
+    # [b, out + width] per layer), at least the caller's batch
+    itemsize = (gradient_dtype or objective.dtype).itemsize
+    rows = max(batch_size, rows_per_chunk(objective.n_parameters, itemsize, 256 * 2**20))
+
+    def rotated(data: Any, kind: str, size: int, dtype: torch.dtype | None):
+        for batch in as_loader(data, size):
+            yield fitted.rotated_gradients(to_device(batch, objective.device, objective.dtype), kind, dtype)
+
+    left = list(rotated(query_data, "measurement", batch_size, None))
+    scale = fitted.inverse_eigenvalues()
+    left = torch.cat(left) * scale if left else scale.new_zeros(0, scale.shape[0])
+    return stream_products(left, rotated(train_data, "train_loss", rows, gradient_dtype), dtype=gradient_dtype)
 
 
 def _self_scores(fitted: InverseHessianSolver, task: Task, model: nn.Module, train_data: Any, names: list[str],

@@ -311,6 +311,61 @@ class EkfacSolver(InverseHessianSolver):
                 f"{self.damping}; use damping > 0"
             )
 
+    # -- scoring in the eigenbasis -----------------------------------------------------------------
+
+    @property
+    def rotates_gradients(self) -> bool:
+        """Whether :meth:`rotated_gradients` applies: fitted (with its objective), every block an ``nn.Linear``."""
+        return self.objective is not None and bool(self.blocks) and all(b.kind == "linear" for b in self.blocks)
+
+    def rotated_gradients(self, batch: Any, kind: str = "train_loss", dtype: torch.dtype | None = None) -> Tensor:
+        """Per-example gradients of a batch in the EK-FAC eigenbasis, from each layer's inputs and output gradients.
+
+        Row ``n`` holds, block after block, ``vec(Q_S^T G_n Q_A)`` with ``G_n = sum_t g_nt a_nt^T``
+        ``[out, width]`` (``g_nt`` the gradient of example ``n``'s ``task.<kind>`` at the layer's output at
+        position ``t``). Since the blocks are orthogonal rotations, ``(rotated(q) / (Lambda + damping)) .
+        rotated(g)`` equals ``q^T (C + damping I)^{-1} g`` (:meth:`inverse_eigenvalues`), and the
+        parameter-basis gradient is never formed: per example and layer the rotation costs
+        ``T (out^2 + width^2)`` instead of ``out width (out + width)``. Only for ``rotates_gradients``.
+
+        Args:
+            batch: a batch on the objective's device, in its dtype.
+            kind: ``"train_loss"`` or ``"measurement"``.
+            dtype: dtype of the rows (computed in the objective's, rounded once; default: the objective's).
+
+        Returns:
+            Tensor ``[B, P]``.
+        """
+        if not self.rotates_gradients:
+            raise invalid("rotated_gradients", "an EK-FAC solver with embedding blocks or without its objective",
+                          "a fitted solver over nn.Linear parameters only")
+        objective = self.objective
+        with torch.enable_grad():
+            values, inputs, outputs = self._forward(objective, batch, objective.example_function(kind))
+            targets = [outputs[b.module] for b in self.blocks]
+            grads = torch.autograd.grad(values.sum(), targets, allow_unused=True)
+        n = values.shape[0]
+        rows = torch.empty(n, sum(b.out_features * b.width for b in self.blocks), dtype=dtype or objective.dtype,
+                           device=values.device)  # each block written in place, rounded once
+        start = 0
+        for b, g, target in zip(self.blocks, grads, targets):
+            x = inputs[b.module].detach()
+            g = (torch.zeros_like(target) if g is None else g.detach()).reshape(n, -1, b.out_features)
+            x = x.reshape(n, -1, x.shape[-1])
+            a = torch.cat(([x] if b.weight else []) + ([torch.ones_like(x[..., :1])] if b.bias else []), dim=-1)
+            rotated_g, rotated_a = g @ b.q_s, a @ b.q_a
+            view = rows[:, start:start + b.out_features * b.width].view(n, b.out_features, b.width)
+            if rotated_g.shape[1] == 1:  # one position: an outer product, no sum over positions
+                torch.mul(rotated_g[:, 0, :, None], rotated_a[:, 0, None, :], out=view)
+            else:
+                view.copy_(torch.einsum("bto,bti->boi", rotated_g, rotated_a))
+            start += b.out_features * b.width
+        return rows
+
+    def inverse_eigenvalues(self) -> Tensor:
+        """``1 / (Lambda + damping)`` ``[P]`` in the order of :meth:`rotated_gradients`' columns."""
+        return torch.cat([(b.eigenvalues + self.damping).reciprocal().reshape(-1) for b in self.blocks])
+
     # -- solving ----------------------------------------------------------------------------------
 
     @staticmethod
