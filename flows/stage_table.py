@@ -107,6 +107,14 @@ def _attribute(x: Any, mode: str, **options: Any) -> Any:
     return attribute(x.query_task, x.finetuned(mode), x.split("train"), x.split("queries"), device=x.device, **options)
 
 
+def _finetune_recipe(x: Any, mode: str) -> Any:
+    """The finetuning run of ``mode`` as MAGIC replays it (:func:`flows.training.finetune_recipe`)."""
+    from flows.training import finetune_recipe
+    from influence.methods.magic import TrainingRecipe
+
+    return TrainingRecipe(**finetune_recipe(x, mode))
+
+
 STAGES: tuple[Stage, ...] = (
     Stage("data", params=tuple(f"data.{name}" for name in DATA_STAGE_PARAMS),
           files=lambda s: [path for source, path in ((s.data.finetune_source, s.data.finetune_file),
@@ -133,6 +141,9 @@ STAGES: tuple[Stage, ...] = (
           method="grad_cos", source="finetuning", title="gradient cosine",
           score=lambda x, mode: _attribute(x, mode, method="grad_cos", params=list(x.settings.attribution.if_params),
                                            batch_size=x.batch(512))),
+    Stage("magic", params=(*SCORE_PARAMS, "finetune", "model"), inputs=SCORE_INPUTS, pool="gpu", method="magic",
+          source="finetuning", title="MAGIC",
+          score=lambda x, mode: _attribute(x, mode, method="magic", training=_finetune_recipe(x, mode), batch_size=x.batch(256))),
     Stage("deletion", params=("seed", "finetune", "evaluation"), inputs=("features", "pretrain", "finetune", CHECKED),
           retrains="finetune", enabled=lambda s: s.evaluation.enabled),
     Stage("pretrain_deletion", params=("seed", "pretrain", "finetune", "evaluation"),

@@ -88,15 +88,30 @@ def finetune(x: Experiment, mode: str, data: Any, checkpoint_dir: Path | None, s
     ft = x.settings.finetune
     pretrained = x.pretrained() if pretrained is None else pretrained
     model = x.new_classifier(seed, pretrained)
-    penalty = x.regularizer(mode, model, pretrained)
     result = resume_or_replace(
-        train, model=model, task=x.train_task, dataset=data, epochs=ft.epochs, batch_size=ft.batch_size,
-        learning_rate=ft.learning_rate, seed=x.settings.seed if seed is None else seed, l2=penalty.l2,
-        trainable=x.trainable(mode, model), l2_names=list(penalty.l2_names), proximity=penalty.proximity,
+        train, model=model, task=x.train_task, dataset=data, **_finetune_arguments(x, mode, model, pretrained, seed),
         checkpoint_dir=checkpoint_dir, checkpoint_every=ft.checkpoint_every if checkpoint_dir is not None else None,
         num_threads=num_threads, exclude=exclude,
     )
     return model.eval(), result
 
 
-__all__ = ["finetune", "pretrain", "progress", "resume_or_replace"]
+def _finetune_arguments(x: Experiment, mode: str, model: Any, pretrained: Any, seed: int | None) -> dict[str, Any]:
+    """``train``'s optimisation arguments of a finetuning run in ``mode`` (Adam, the mode's parameters and penalty)."""
+    ft = x.settings.finetune
+    penalty = x.regularizer(mode, model, pretrained)
+    return {"epochs": ft.epochs, "batch_size": ft.batch_size, "learning_rate": ft.learning_rate,
+            "seed": x.settings.seed if seed is None else seed, "optimizer": "adam", "l2": penalty.l2,
+            "trainable": x.trainable(mode, model), "l2_names": list(penalty.l2_names), "proximity": penalty.proximity}
+
+
+def finetune_recipe(x: Experiment, mode: str) -> dict[str, Any]:
+    """The finetuning stage's run in ``mode`` as the fields of a :class:`~influence.methods.magic.TrainingRecipe`
+    (what MAGIC replays): the fresh classifier's initial state and the very arguments :func:`finetune` trains with."""
+    pretrained = x.pretrained()
+    model = x.new_classifier(None, pretrained)
+    state = {name: value.detach().clone() for name, value in model.state_dict().items()}
+    return {"initial_state": state, **_finetune_arguments(x, mode, model, pretrained, None)}
+
+
+__all__ = ["finetune", "finetune_recipe", "pretrain", "progress", "resume_or_replace"]

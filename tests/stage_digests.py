@@ -25,6 +25,7 @@ HASHED = {
     "tracin_we": ("*.safetensors", "*_words.json"),
     "tracin_last": ("*.safetensors",),
     "grad_cos": ("*.safetensors",),
+    "magic": ("*.safetensors",),
     "deletion": ("deletion.json",),
     "pretrain_deletion": ("deletion.json",),
     "lds": ("lds.json",),
