@@ -5,8 +5,9 @@ gradients are computed in the computation dtype, rounded once to ``gradient_dtyp
 ``2^-9`` for bfloat16, ``2^-12`` for float16 within its range) and held and multiplied in it: half
 the memory and bandwidth of float32, and the half-precision matrix units (tensor cores, AMX). The
 products accumulate in float32 inside the matrix multiply (cuBLAS with a float32 output where torch
-offers it; oneDNN on the CPU, whose result is rounded once to the half dtype) and are returned in
-float32. Curvature fits and inverse-Hessian solves never run in half precision.
+offers it; for bfloat16 elsewhere oneDNN, whose result is rounded once to bfloat16; float16 without a
+float32-output kernel is widened exactly to float32 first, since a float16 result overflows above
+65,504) and are returned in float32. Curvature fits and inverse-Hessian solves never run in half precision.
 """
 
 from __future__ import annotations
@@ -44,6 +45,8 @@ def product_t(left: Tensor, right: Tensor) -> Tensor:
             return torch.mm(left, right.T, out_dtype=torch.float32)
         except (TypeError, RuntimeError, NotImplementedError):  # a torch without the float32-output kernel
             pass
+    if left.dtype == torch.float16:  # a float16 result would overflow above 65,504: widen (exact) and multiply
+        return left.float() @ right.float().T
     return (left @ right.T).float()
 
 

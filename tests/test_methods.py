@@ -322,13 +322,34 @@ def test_half_precision_gradients_round_once_and_accumulate_in_float32(logistic,
 
 
 def test_half_precision_products_accumulate_in_float32():
-    """100,000 products of ones: float32 accumulation gives 100,000; bfloat16 would stall at 256."""
+    """100,000 products of ones: float32 accumulation gives 100,000; bfloat16 would stall at 256, float16 overflow."""
     from influence.precision import product_t
 
-    ones = torch.ones(2, 100_000, dtype=torch.bfloat16)
-    result = product_t(ones, ones)
-    assert result.dtype == torch.float32
-    torch.testing.assert_close(result, torch.full((2, 2), 100_000.0), rtol=2.0 ** -8, atol=0)
+    for half in (torch.bfloat16, torch.float16):  # float16 also past its largest value, 65,504
+        ones = torch.ones(2, 100_000, dtype=half)
+        result = product_t(ones, ones)
+        assert result.dtype == torch.float32
+        torch.testing.assert_close(result, torch.full((2, 2), 100_000.0), rtol=2.0 ** -8, atol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("half", [torch.bfloat16, torch.float16], ids=["bfloat16", "float16"])
+def test_half_precision_on_cuda_matches_the_cpu(logistic, half):
+    """On CUDA the half-precision products (float32 output where torch.mm takes out_dtype) agree with
+    the CPU's to one rounding of each score, and the float32 accumulation holds over 100,000 terms."""
+    from influence.precision import product_t
+
+    model, train, queries = logistic
+    task = ClassificationTask(measurement="margin")
+    for method in ("if", "grad_dot"):
+        options = {"solver": "exact", "damping": 0.0, "regularizer": l2} if method == "if" else {}
+        cpu = influence.attribute(task, model, train, queries, method=method, gradient_dtype=half, **options)
+        gpu = influence.attribute(task, zoo.on_device(model, "cuda"), train, queries, method=method, gradient_dtype=half,
+                                  device="cuda", **options)
+        assert gpu.device.type == "cuda" and gpu.dtype == torch.float32
+        torch.testing.assert_close(gpu.cpu(), cpu, rtol=2.0 ** -7, atol=1e-4 * float(cpu.abs().max()))
+    ones = torch.ones(2, 100_000, dtype=half, device="cuda")
+    torch.testing.assert_close(product_t(ones, ones).cpu(), torch.full((2, 2), 100_000.0), rtol=2.0 ** -8, atol=0)
 
 
 def test_gradient_dtype_is_validated(logistic):
