@@ -70,9 +70,9 @@ def test_pipeline_end_to_end(project: Path, prefect_harness):
     sources = {(r["source"], r["method"], r["mode"]) for r in rows}
     for mode in settings.finetune.modes:
         assert {("pretraining", "multistage", mode), ("finetuning", "influence", mode), ("finetuning", "tracin_we", mode),
-                ("finetuning", "tracin_last", mode), ("finetuning", "grad_cos", mode)} <= sources
+                ("finetuning", "tracin_last", mode), ("finetuning", "grad_cos", mode), ("finetuning", "magic", mode)} <= sources
     k, n_queries = settings.attribution.top_k, settings.attribution.queries
-    assert len(rows) == 5 * len(settings.finetune.modes) * n_queries * 2 * k
+    assert len(rows) == 6 * len(settings.finetune.modes) * n_queries * 2 * k
     page = (local / "report.html").read_text()
     assert page.count("<h2>Query ") == n_queries and "Case-deletion check" in page
     assert "Linear datamodeling score" in page and "Mislabel detection" in page
