@@ -4,6 +4,8 @@ representations, Arnoldi's eigenvalue choice and damped complement on an indefin
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -185,6 +187,40 @@ def test_index_resumes_after_a_kill_without_refitting(problem, tmp_path, monkeyp
     resumed = AttributionIndex.fit(tmp_path / "resumed", TASK, model, train, **options)
     assert calls == {"put": 6, "fit": 1}  # 2 shards kept, 3 written after the kill; the solver state reloaded
     torch.testing.assert_close(resumed.scores(TASK, model, queries), whole.scores(TASK, model, queries), rtol=0, atol=0)
+
+
+def test_ekfac_index_rows_from_layers_and_from_flat_gradients_agree(problem, tmp_path, monkeypatch):
+    """A fresh EK-FAC fit writes rows straight from layer inputs and output gradients; a fit resumed after a
+    kill (state reloaded, no objective) writes the rest from flat gradients: the same rows, the same scores.
+    An index of the older layout (no ``rows`` field) is refused on load."""
+    model, train, queries = problem
+    options = {"solver": "ekfac", "damping": DAMPING, "shard_size": 8, "storage_dtype": torch.float64}
+    whole = AttributionIndex.fit(tmp_path / "whole", TASK, model, train, **options)
+    assert whole.manifest["rows"] == "eigenbasis"
+    calls = {"put": 0}
+    original_put = RepresentationStore.put_shard
+
+    def killed_put(self, index, rows):
+        calls["put"] += 1
+        if calls["put"] == 3:
+            raise KeyboardInterrupt("killed")
+        return original_put(self, index, rows)
+
+    monkeypatch.setattr(RepresentationStore, "put_shard", killed_put)
+    with pytest.raises(KeyboardInterrupt):
+        AttributionIndex.fit(tmp_path / "resumed", TASK, model, train, **options)
+    monkeypatch.setattr(RepresentationStore, "put_shard", original_put)
+    resumed = AttributionIndex.fit(tmp_path / "resumed", TASK, model, train, **options)
+    for shard in range(whole.manifest["n_shards"]):
+        torch.testing.assert_close(resumed.store.read_shard(shard), whole.store.read_shard(shard), rtol=1e-9, atol=1e-12)
+    expected = attribute(TASK, model, train, queries, method="if", solver="ekfac", damping=DAMPING)
+    torch.testing.assert_close(resumed.scores(TASK, model, queries), expected, rtol=1e-7, atol=1e-10)
+    manifest_path = tmp_path / "whole" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    del manifest["rows"]
+    manifest_path.write_text(json.dumps(manifest))
+    with pytest.raises(CorruptedArtifactError, match="older layout"):
+        AttributionIndex.load(tmp_path / "whole")
 
 
 def test_index_refuses_other_arguments_models_and_corruption(problem, tmp_path):

@@ -36,8 +36,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from influence.batches import auto_batch_size
-from influence.exceptions import InvalidArgumentError, invalid
+from influence.batches import auto_batch_size, to_device
+from influence.exceptions import CorruptedArtifactError, InvalidArgumentError, invalid
 from influence.fingerprints import dataset_fingerprint, model_fingerprint
 from influence.gradients.layout import ParameterLayout, select_parameters
 from influence.gradients.objective import Objective
@@ -47,6 +47,7 @@ from influence.index.store import RepresentationStore, TopK
 from influence.methods.common import build_solver
 from influence.regularizers import RegularizerLike
 from influence.solvers import InverseHessianSolver, make_solver
+from influence.solvers.ekfac import EkfacSolver
 from influence.task import Task, describe_task
 from influence.validation import check_batch_size, check_positive_int
 
@@ -54,6 +55,9 @@ SOLVER_STATE = "solver.safetensors"
 AUTO_PROJECTION_ABOVE = 16_384  # projection_dim="auto": rows keep a P-dimensional part whole up to this P
 AUTO_PROJECTION_DIM = 4_096  # ... and project it to this many numbers above
 STATEFUL_SOLVERS = ("exact", "arnoldi", "ekfac")
+
+
+EKFAC_ROWS = "eigenbasis"  # EK-FAC rows: vec(Q_S^T G Q_A) per block (EkfacSolver.representation)
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -186,6 +190,8 @@ class AttributionIndex:
             "shard_size": int(shard_size),
             "batch_size": batch,
         }
+        if built is not None and built.name == "ekfac":
+            fields["rows"] = EKFAC_ROWS  # an index of an older layout (rows solved in the parameter basis) is refused
         store = RepresentationStore(directory)
         store.open(fields, overwrite=overwrite)
         if built is not None:
@@ -195,16 +201,25 @@ class AttributionIndex:
                 objective = Objective(task, model, hessian_set if collate is None else DataLoader(hessian_set, collate_fn=collate),
                                       names, batch_size=batch, device=device, dtype=dtype, regularizer=regularizer)
                 built.fit(objective)
-                built.objective = None  # the index keeps the state, not the model and data
                 store.manifest["solver_state"] = built.state_info()
                 store.put_extra(SOLVER_STATE, built.state_dict())
         index = cls(store, built, projector, list(names))
+        # EK-FAC over nn.Linear layers, freshly fitted: rows straight from layer inputs and output gradients
+        rotated = isinstance(built, EkfacSolver) and built.rotates_gradients
         for shard in store.missing_shards():
             subset = Subset(dataset, store.shard_rows(shard))
             loader = DataLoader(subset, batch_size=batch, shuffle=False, **({"collate_fn": collate} if collate else {}))
-            blocks = [index.represent(g, "train") for g in iter_gradients(
-                task, model, loader, names, kind="train_loss", batch_size=batch, device=device, dtype=dtype)]
+            if rotated:
+                objective = built.objective
+                blocks = [built.rotated_gradients(to_device(b, objective.device, objective.dtype), "train_loss")
+                          for b in loader]
+                blocks = blocks if projector is None else [projector.project(b) for b in blocks]
+            else:
+                blocks = [index.represent(g, "train") for g in iter_gradients(
+                    task, model, loader, names, kind="train_loss", batch_size=batch, device=device, dtype=dtype)]
             store.put_shard(shard, torch.cat(blocks) if blocks else torch.zeros(0, index.row_dim()))
+        if built is not None:
+            built.objective = None  # the index keeps the state, not the model and data
         if not store.manifest.get("complete"):
             store.finish()
         return index
@@ -226,6 +241,10 @@ class AttributionIndex:
         if verify:
             store.verify()
         solver = None
+        if manifest["solver"] is not None and manifest["solver"].get("solver") == "ekfac" and manifest.get("rows") != EKFAC_ROWS:
+            raise CorruptedArtifactError(
+                f"the EK-FAC index at {directory} stores rows of an older layout (solved in the parameter basis); "
+                "fit it again (AttributionIndex.fit(..., overwrite=True))")
         if manifest["solver"] is not None:
             arguments = dict(manifest["solver"])
             solver = make_solver(arguments.pop("solver"), **arguments)

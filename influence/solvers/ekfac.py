@@ -366,6 +366,19 @@ class EkfacSolver(InverseHessianSolver):
         """``1 / (Lambda + damping)`` ``[P]`` in the order of :meth:`rotated_gradients`' columns."""
         return torch.cat([(b.eigenvalues + self.damping).reciprocal().reshape(-1) for b in self.blocks])
 
+    def representation(self, g: Tensor, side: str, projector: Any = None) -> Tensor:
+        """Index rows in the eigenbasis: ``vec(Q_S^T G Q_A)`` block after block, divided by
+        ``Lambda + damping`` on the query side, so that query rows times training rows equal
+        ``q (C + damping I)^{-1} g`` with one rotation per row instead of a solve (two rotations)."""
+        if side not in ("query", "train"):
+            raise invalid("side", side, "'query' or 'train'")
+        rows = self._check_rows("g", g)
+        m = rows.shape[0]
+        rotated = torch.cat([self._rotate(self._block_matrix(rows, b), b).reshape(m, -1) for b in self.blocks], dim=1)
+        if side == "query":
+            rotated = rotated * self.inverse_eigenvalues()
+        return rotated if projector is None else projector.project(rotated)
+
     # -- solving ----------------------------------------------------------------------------------
 
     @staticmethod
