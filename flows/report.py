@@ -138,6 +138,8 @@ def build_report(settings: PipelineSettings, ws: Workspace, extra_tags: dict[str
         for mode in settings.finetune.modes:
             summary[f"test accuracy ({mode})"] = results["finetune"].metrics.get(f"{mode}.accuracy_test", float("nan"))
         summary.update({f"{s} seconds": r.seconds for s, r in results.items()})
+        if "magic" in results and "finetune" in results and results["finetune"].seconds > 0:  # both stages: every mode
+            summary["MAGIC cost (finetuning runs)"] = round(results["magic"].seconds / results["finetune"].seconds, 2)
         html = render_report({
             "title": "Training-data attribution report", "summary": summary, "data_versions": hashes,
             "settings": stages_settings_flat(settings), "deletion": deletion_rows,

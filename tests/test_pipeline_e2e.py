@@ -76,6 +76,7 @@ def test_pipeline_end_to_end(project: Path, prefect_harness):
     page = (local / "report.html").read_text()
     assert page.count("<h2>Query ") == n_queries and "Case-deletion check" in page
     assert "Linear datamodeling score" in page and "Mislabel detection" in page
+    assert "MAGIC cost (finetuning runs)" in page  # the MAGIC stage's seconds over the finetuning stage's
     for method in settings.evaluation.methods:  # its rows in the deletion table (kinds x k), and one in the LDS table
         assert page.count(f"<td>{method}</td>") == 2 * len(settings.evaluation.k_fractions) + 1
     figures = {p.name for p in (local / "figures").iterdir()}
