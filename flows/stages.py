@@ -186,10 +186,12 @@ def multistage_sensitivity(x: Experiment, mode: str, model, queries) -> torch.Te
     """The finetuning half of multi-stage influence for ``queries`` on the finetuned ``model`` of ``mode``:
     ``[m, P_W]`` over the carried parameters (``attribution.multistage_solver``, the finetuning Hessian sample).
     The ``multistage`` stage and the explain flow both call it."""
-    from influence.methods.multistage import embedding_sensitivity
+    from influence.methods.multistage import UPDATED_DAMPING_FRACTION, embedding_sensitivity
 
     a, pretrained = x.settings.attribution, x.pretrained()
     shared, solver = x.multistage_shared(model), x.solver("multistage")
+    if mode == "updated":  # its scores are alpha (K + λI)⁻¹: a λ above alpha shrinks them (docs/multistage.md)
+        solver["damping"] = min(solver["damping"], UPDATED_DAMPING_FRACTION * x.settings.finetune.alpha)
     return embedding_sensitivity(
         pretrained, x.query_task, model, x.hessian_sample(x.split("train"), a.hessian_examples), queries,
         shared=shared, embedding=mode, alpha=0.0, theta_names=x.multistage_theta(mode, model, shared),
