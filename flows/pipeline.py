@@ -12,9 +12,10 @@ records every stage in ``dvc.lock`` (:func:`flows.dvc_file.record_stages`), so `
 agrees with what ran.
 
 The retrainings of the evidence stages (case deletion, LDS) are independent: a ``retrainings``
-subflow runs them as parallel tasks (``evaluation.workers`` threads), each saved as it finishes,
-before the stage itself reads them back (``dvc repro`` runs the same stage functions, which do
-the retrainings one after another).
+subflow runs them as parallel tasks (``evaluation.workers`` threads), one per group of retrainings
+trained together (``evaluation.retrain_group``), each group saved as it finishes, before the stage
+itself reads them back (``dvc repro`` runs the same stage functions, which do the groups one after
+another).
 
 The GPU stages (gradient caching, inverse-Hessian solves, scoring) form the ``attribution``
 flow. With ``gpu_deployment`` set (the deployments of ``prefect.yaml`` set it) the pipeline runs it
@@ -85,35 +86,36 @@ def checkout_data_task(root: Path, data_rev: str) -> dict[str, str]:
 
 
 @task(task_run_name="plan-{stage}")
-def plan_task(stage: str, settings: PipelineSettings, root: Path) -> tuple[list, Path]:
-    """The stage's retrainings, and the folder where each one's measurements are saved."""
+def plan_task(stage: str, settings: PipelineSettings, root: Path) -> tuple[list[list], Path]:
+    """The stage's retrainings in the groups trained together, and the folder where each one's measurements are saved."""
     x = Experiment.for_stage(stage, settings, Workspace(root))
-    return retraining.planned(x), retraining.runs_folder(x, RETRAINING_STAGES[stage])
+    return retraining.groups(x, retraining.planned(x)), retraining.runs_folder(x, RETRAINING_STAGES[stage])
 
 
-@task(task_run_name="retrain-{stage}-{planned.key}")
-def retrain_task(stage: str, settings: PipelineSettings, root: Path, planned, num_threads: int, runs: Path) -> str:
+@task(task_run_name="retrain-{stage}-{group[0].key}")
+def retrain_task(stage: str, settings: PipelineSettings, root: Path, group: list, num_threads: int, runs: Path) -> list[str]:
     x = Experiment.for_stage(stage, settings, Workspace(root))
-    return retraining.retrain(x, planned, RETRAINING_STAGES[stage], num_threads=num_threads, runs=runs)["key"]
+    return [r["key"] for r in retraining.retrain_group(x, group, RETRAINING_STAGES[stage], num_threads=num_threads, runs=runs)]
 
 
 @flow(name="retrainings", flow_run_name="{stage}-retrainings")
 def retrainings(stage: str, settings: PipelineSettings, project_dir: str) -> int:
-    """Every retraining of the ``deletion``, ``pretrain_deletion`` or ``lds`` stage, as parallel tasks (each saved as it finishes).
+    """Every retraining of the ``deletion``, ``pretrain_deletion`` or ``lds`` stage, as parallel tasks: one per group
+    of retrainings trained together (``evaluation.retrain_group``; each group saved as it finishes).
 
-    Run with a thread pool of ``evaluation.workers``; each retraining gets its share of the cores
+    Run with a thread pool of ``evaluation.workers``; each group gets its share of the cores
     as torch intra-op threads (set in the thread that trains). Returns how many retrainings the
     stage has.
     """
     import os
 
     root = Path(project_dir)
-    planned, runs = plan_task(stage, settings, root)
+    grouped, runs = plan_task(stage, settings, root)
     threads = max(1, (os.cpu_count() or 1) // settings.evaluation.workers)
-    futures = retrain_task.map(unmapped(stage), unmapped(settings), unmapped(root), planned, unmapped(threads), unmapped(runs))
+    futures = retrain_task.map(unmapped(stage), unmapped(settings), unmapped(root), grouped, unmapped(threads), unmapped(runs))
     for future in futures:
         future.result()
-    return len(planned)
+    return sum(len(group) for group in grouped)
 
 
 @task(name="report", **IO_RETRIES)

@@ -58,7 +58,8 @@ def runs_folder(x: Experiment, scope: str) -> Path:
         sections.append(s.pretrain.model_dump(mode="json"))
     for path in files:
         digest.update(path.read_bytes())
-    digest.update(json.dumps([sections, e.mode, e.queries, s.seed], sort_keys=True).encode())
+    digest.update(json.dumps([sections, e.mode, e.queries, s.seed] + ([e.retrain_group] if e.retrain_group > 1 else []),
+                             sort_keys=True).encode())
     return x.ws.artifacts / "retrainings" / digest.hexdigest()[:16]
 
 
@@ -104,13 +105,110 @@ def retrain(x: Experiment, retraining: Any, scope: str = "finetune", num_threads
     return found
 
 
+def groups(x: Experiment, retrainings: list) -> list[list]:
+    """The retrainings in the groups that are trained together (``evaluation.retrain_group`` at most each).
+
+    A group holds retrainings of one seed (they share its initial state and data order), in plan
+    order; the full-data baseline of the run's own seed is alone (it is the finetuned model itself).
+    The groups depend on the whole plan only, never on what is saved already, so a re-run after a kill
+    recomputes an unfinished group with the same members (and the same bits).
+    """
+    size, own = x.settings.evaluation.retrain_group, x.settings.seed
+    alone = [[r] for r in retrainings if not r.removed and r.seed == own]
+    rest = [r for r in retrainings if r.removed or r.seed != own]
+    found: list[list] = []
+    for seed in sorted({r.seed for r in rest}):
+        mine = [r for r in rest if r.seed == seed]
+        found += [mine[i:i + size] for i in range(0, len(mine), size)]
+    return alone + found
+
+
+def pretrain_without(x: Experiment, data: Any, removals: list[list[int]], seed: int,
+                     num_threads: int | None = None) -> list[Any]:
+    """Pretrain one fresh masked-word model per removal set, all together (``train_without``); the models, in order.
+
+    Each equals :func:`pretrain` with ``exclude=removal`` up to floating-point rounding: same initial
+    state (seeded by ``seed``), same data order, the removed sentences left out of their batches.
+    """
+    from influence.models.batched_training import train_without
+
+    p = x.settings.pretrain
+    model = x.new_language_model(seed)
+    trained = train_without(model, x.pretrain_task, data, removals, epochs=p.epochs, batch_size=p.batch_size,
+                            learning_rate=p.learning_rate, seed=seed, l2=p.l2, group_size=len(removals),
+                            num_threads=num_threads)
+    return [_loaded(x.new_language_model(seed), state) for state in trained.states]
+
+
+def finetune_without(x: Experiment, mode: str, data: Any, removals: list[list[int]], seed: int,
+                     num_threads: int | None = None) -> list[Any]:
+    """Finetune one fresh classifier of ``mode`` per removal set of ``data``, all together; the models, in order.
+
+    Each equals :func:`finetune` with ``exclude=removal`` (and the stage's pretrained model) up to
+    floating-point rounding.
+    """
+    from influence.models.batched_training import train_without
+
+    pretrained = x.pretrained()
+    model = x.new_classifier(seed, pretrained)
+    trained = train_without(model, x.train_task, data, removals, **training._finetune_arguments(x, mode, model, pretrained, seed),
+                            group_size=len(removals), num_threads=num_threads)
+    return [_loaded(x.new_classifier(seed, pretrained), state) for state in trained.states]
+
+
+def _loaded(model: Any, state: dict) -> Any:
+    model.load_state_dict(state)
+    return model.eval()
+
+
+def retrain_group(x: Experiment, group: list, scope: str = "finetune", num_threads: int | None = None,
+                  runs: Path | None = None) -> list[dict]:
+    """A group of retrainings of one seed (:func:`groups`), trained together, measured and saved (read back when all are).
+
+    ``scope="finetune"``: the finetuning of ``evaluation.mode`` without each member's examples, one batched
+    run (:func:`finetune_without`). ``scope="pretrain"``: pretraining without each member's
+    sentences, batched, then each member's finetuning from its own pretrained embedding. Every member equals
+    :func:`retrain` of it up to floating-point rounding. A group of one is :func:`retrain`.
+
+    Returns:
+        ``[{"key", "seed", "removed", "measured": [Q][2]}]`` in the group's order.
+    """
+    from influence.storage import read_json, write_json
+
+    runs = runs or runs_folder(x, scope)
+    paths = [runs / f"{r.key}.json" for r in group]
+    if all(path.is_file() for path in paths):
+        return [read_json(path) for path in paths]
+    if len(group) == 1:
+        return [retrain(x, group[0], scope, num_threads=num_threads, runs=runs)]
+    seeds = {r.seed for r in group}
+    if len(seeds) != 1:
+        raise ValueError(f"a retraining group holds one seed, not {sorted(seeds)}")
+    seed, mode, removals = group[0].seed, x.settings.evaluation.mode, [list(r.removed) for r in group]
+    if scope == "pretrain":
+        pretrained = pretrain_without(x, x.split("pretrain"), removals, seed, num_threads=num_threads)
+        models = [training.finetune(x, mode, x.split("train"), None, seed=seed, pretrained=p, num_threads=num_threads)[0]
+                  for p in pretrained]
+    else:
+        models = finetune_without(x, mode, x.split("train"), removals, seed, num_threads=num_threads)
+    found = []
+    for retraining, model, path in zip(group, models, paths):
+        found.append({"key": retraining.key, "seed": retraining.seed, "removed": len(retraining.removed),
+                      "measured": measure(x, model).tolist()})
+        if not path.is_file():
+            write_json(path, found[-1])
+    return found
+
+
 def measure_all(x: Experiment, retrainings: list, scope: str = "finetune") -> dict[str, torch.Tensor]:
-    """Run (or read back) every retraining, one after another: ``{key: [Q, 2]}``."""
+    """Run (or read back) every retraining, group after group (:func:`groups`): ``{key: [Q, 2]}``."""
     runs = runs_folder(x, scope)
-    measured = {}
-    for i, retraining in enumerate(retrainings):
-        print(f"{x.stage}: retraining {i + 1}/{len(retrainings)} (seed {retraining.seed}, {len(retraining.removed)} left out)")
-        measured[retraining.key] = torch.tensor(retrain(x, retraining, scope, runs=runs)["measured"])
+    measured, done = {}, 0
+    for group in groups(x, retrainings):
+        done += len(group)
+        print(f"{x.stage}: retrainings {done - len(group) + 1}-{done}/{len(retrainings)} (seed {group[0].seed})")
+        for found in retrain_group(x, group, scope, runs=runs):
+            measured[found["key"]] = torch.tensor(found["measured"])
     return measured
 
 
@@ -181,6 +279,6 @@ def deletion_results(x: Experiment, plan: Any, measured: dict[str, torch.Tensor]
 
 
 __all__ = [
-    "deletion_plan", "deletion_results", "lds_plan", "measure", "measure_all", "planned", "pretrain_deletion_plan",
-    "retrain", "retraining_seeds", "runs_folder",
+    "deletion_plan", "deletion_results", "finetune_without", "groups", "lds_plan", "measure", "measure_all", "planned", "pretrain_deletion_plan",
+    "pretrain_without", "retrain", "retrain_group", "retraining_seeds", "runs_folder",
 ]

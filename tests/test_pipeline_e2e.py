@@ -210,3 +210,17 @@ def test_retraining_without_removals_reproduces_both_stages(project: Path, prefe
     assert base == retraining.measure(x, x.finetuned(mode)).tolist()
     other = retraining.retrain(x, Retraining((), settings.seed + 1), "pretrain")["measured"]
     assert other != base
+    # retrainings trained together equal the same retrainings one at a time, up to rounding (both scopes),
+    # and a group of one seed is grouped apart from the baseline of the run's own seed
+    for scope in ("finetune", "pretrain"):
+        group = [Retraining((0, 1, 2), settings.seed + 1), Retraining((3, 4, 5, 6), settings.seed + 1), Retraining((), settings.seed + 1)]
+        together = retraining.retrain_group(x, group, scope, runs=ws.root / f"grouped-{scope}")
+        alone = [retraining.retrain(x, r, scope, runs=ws.root / f"alone-{scope}") for r in group]
+        for a, b in zip(together, alone):
+            assert a["key"] == b["key"]
+            torch.testing.assert_close(torch.tensor(a["measured"]), torch.tensor(b["measured"]), rtol=1e-4, atol=1e-5)
+        assert together[0]["measured"] != together[2]["measured"]  # the removal changes the run
+        assert sorted(p.name for p in (ws.root / f"grouped-{scope}").iterdir()) == sorted(f"{r.key}.json" for r in group)
+    grouped = retraining.groups(x, [Retraining((), settings.seed), *group, Retraining((7,), settings.seed)])
+    assert [[r.key for r in g] for g in grouped] == [[Retraining((), settings.seed).key], [Retraining((7,), settings.seed).key],
+                                                      [r.key for r in group]]

@@ -1,0 +1,253 @@
+"""Counterfactual retraining in batches: many removal sets trained at once over one data order.
+
+Case deletion and the LDS retrain a model many times, each time without some examples, keeping the
+data order of the full run (:func:`influence.models.training.train` with ``exclude``). Those runs
+differ only in which examples of each batch count, so ``R`` of them can be one computation: the
+trainable parameters are stacked along a leading dimension ``R``, every step evaluates the shared
+batch once per member with :func:`torch.func.vmap`, and member ``r``'s loss weighs example ``i``
+by ``w_ri`` (1 kept, 0 removed)::
+
+    L_r(theta_r) = sum_{i in B_t} w_ri l(z_i; theta_r) / sum_{i in B_t} w_ri + R(theta_r)
+
+which is ``train(exclude=removed_r)``'s batch mean. The members' objectives are independent, so the
+gradient of their sum with respect to the stack is each member's own gradient. The optimizer step
+(Adam with torch's defaults, or plain SGD) is applied member by member along the stack, each with
+its own step count; a member whose batch is all removed skips the step, as ``train`` does.
+
+The result equals ``R`` calls of ``train(exclude=...)`` up to floating-point rounding (the batched
+kernels sum in another order): ``tests/test_batched_training.py`` checks it in float64 to 1e-10 and
+``bench/batched_retraining.py`` prints the speed-up over one run after another.
+
+The model must draw no random numbers in training mode (no dropout) and hold no buffers that
+training changes (no batch norm), as for MAGIC's replay and for per-example gradients.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import Dataset
+
+from influence.batches import collate_dataset, num_examples, rows, to_device
+from influence.exceptions import InvalidArgumentError, invalid
+from influence.gradients.layout import select_parameters
+from influence.gradients.per_example import functional_state, task_function
+from influence.models.training import _permutation, intra_op_threads
+from influence.regularizers import Proximity, Regularizer
+from influence.task import Task
+from influence.validation import check_int_at_least, check_positive_float, check_positive_int
+
+ADAM_BETAS = (0.9, 0.999)  # torch.optim.Adam's defaults, which train() uses
+ADAM_EPS = 1e-8
+DEFAULT_GROUP = 16
+
+
+@dataclass
+class BatchedTrainResult:
+    """What :func:`train_without` did.
+
+    Attributes:
+        states: one state dict per removal set, in their order: the model's state with the trained
+            parameters replaced (load it with ``model.load_state_dict``).
+        steps: optimizer steps each member took (fewer than the full run's when a batch was all removed).
+        seconds: wall-clock time of the whole call.
+        trainable: names of the trained parameters.
+    """
+
+    states: list[dict[str, Tensor]]
+    steps: list[int]
+    seconds: float
+    trainable: list[str]
+
+
+def _check_removals(removals: Sequence[Sequence[int]], n: int) -> list[list[int]]:
+    if isinstance(removals, (str, bytes)) or not isinstance(removals, Sequence) or not removals:
+        raise invalid("removals", removals if isinstance(removals, (str, bytes)) else type(removals).__name__,
+                      "a non-empty sequence of removal sets (sequences of example indices)")
+    checked = []
+    for r, removed in enumerate(removals):
+        if isinstance(removed, (str, bytes)) or not all(isinstance(i, int) and not isinstance(i, bool) for i in removed):
+            raise invalid(f"removals[{r}]", removed if isinstance(removed, (str, bytes)) else list(removed)[:5],
+                          "a sequence of example indices (ints)")
+        if len(set(removed)) != len(removed):
+            raise invalid(f"removals[{r}]", sorted(removed)[:10], "distinct example indices")
+        outside = [i for i in removed if not 0 <= i < n]
+        if outside:
+            raise invalid(f"removals[{r}]", outside[:5], f"indices in [0, {n})")
+        checked.append(sorted(int(i) for i in removed))
+    return checked
+
+
+class _Members:
+    """``R`` copies of the trainable parameters, stacked, with their optimizer state."""
+
+    def __init__(self, selected: dict[str, Tensor], size: int, adam: bool) -> None:
+        self.names = list(selected)
+        self.theta = {n: t.unsqueeze(0).repeat(size, *([1] * t.dim())).contiguous() for n, t in selected.items()}
+        self.adam = adam
+        self.steps = torch.zeros(size, dtype=torch.long)
+        if adam:
+            self.m = {n: torch.zeros_like(t) for n, t in self.theta.items()}
+            self.v = {n: torch.zeros_like(t) for n, t in self.theta.items()}
+
+    def step(self, grads: dict[str, Tensor], active: Tensor, lr: float) -> None:
+        """One optimizer step of every active member (``active`` ``[R]`` bools); the others stay as they are."""
+        self.steps += active.to(self.steps.dtype)
+        uniform = bool(active.all()) and bool((self.steps == self.steps[0]).all())
+        beta1, beta2 = ADAM_BETAS
+        for name in self.names:
+            theta, g = self.theta[name], grads[name]
+            if uniform:  # every member at the same step: torch's own in-place Adam / SGD arithmetic
+                if not self.adam:
+                    theta.add_(g, alpha=-lr)
+                    continue
+                m, v, t = self.m[name], self.v[name], int(self.steps[0])
+                m.lerp_(g, 1 - beta1)
+                v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+                denom = (v.sqrt() / math.sqrt(1 - beta2 ** t)).add_(ADAM_EPS)
+                theta.addcdiv_(m, denom, value=-lr / (1 - beta1 ** t))
+                continue
+            shape = (-1,) + (1,) * (theta.dim() - 1)
+            on = active.to(theta.device).reshape(shape)
+            if not self.adam:
+                theta.sub_(torch.where(on, lr * g, torch.zeros_like(g)))
+                continue
+            m, v = self.m[name], self.v[name]
+            m.copy_(torch.where(on, torch.lerp(m, g, 1 - beta1), m))
+            v.copy_(torch.where(on, v * beta2 + (1 - beta2) * g * g, v))
+            t = self.steps.to(device=theta.device, dtype=theta.dtype).clamp_min(1).reshape(shape)
+            denom = v.sqrt() / torch.sqrt(1 - beta2 ** t) + ADAM_EPS
+            update = (lr / (1 - beta1 ** t)) * m / denom
+            theta.sub_(torch.where(on, update, torch.zeros_like(update)))
+
+
+def train_without(
+    model: nn.Module,
+    task: Task,
+    dataset: Dataset | Mapping[str, Tensor],
+    removals: Sequence[Sequence[int]],
+    *,
+    epochs: int,
+    batch_size: int,
+    learning_rate: float,
+    seed: int,
+    optimizer: Literal["adam", "sgd"] = "adam",
+    l2: float = 0.0,
+    trainable: str | Sequence[str] | None = None,
+    proximity: Proximity | None = None,
+    l2_names: str | Sequence[str] | None = None,
+    group_size: int = DEFAULT_GROUP,
+    device: torch.device | str = "cpu",
+    num_threads: int | None = None,
+) -> BatchedTrainResult:
+    """Train ``model`` once per removal set, ``group_size`` sets at a time, each as ``train(exclude=set)`` would.
+
+    Args:
+        model: the model in its initial state (not modified); every member starts from it.
+        task: gives ``train_loss(model, batch) -> [B]``.
+        dataset: the ``n`` examples, as ``train`` takes them.
+        removals: ``R`` removal sets, each a sequence of distinct example indices in ``[0, n)`` (an
+            empty one is the full run).
+        epochs, batch_size, learning_rate, seed, optimizer, l2, trainable, proximity, l2_names: as in
+            :func:`influence.models.training.train`.
+        group_size: members trained together (memory: that many copies of the trainable parameters,
+            their optimizer state and the batch's activations).
+        device: where to train.
+        num_threads: torch intra-op threads while training (``None``: leave the setting).
+
+    Returns:
+        A :class:`BatchedTrainResult` with ``R`` state dicts.
+
+    Raises:
+        InvalidArgumentError: a bad argument, or a model whose training step draws random numbers.
+    """
+    check_int_at_least("epochs", epochs, 0)
+    check_int_at_least("batch_size", batch_size, 1)
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise invalid("seed", seed, "an integer")
+    check_positive_float("learning_rate", learning_rate)
+    if optimizer not in ("adam", "sgd"):
+        raise invalid("optimizer", optimizer, "'adam' or 'sgd'")
+    check_positive_int("group_size", group_size)
+    if num_threads is not None:
+        check_int_at_least("num_threads", num_threads, 1)
+    started = time.perf_counter()
+    data = to_device(collate_dataset(dataset), device)
+    n = num_examples(data)
+    removal_sets = _check_removals(removals, n)
+    names = select_parameters(model, "all" if trainable is None else trainable)
+    covered = names if l2_names is None else [m for m in select_parameters(model, l2_names) if m in names]
+    params = dict(model.named_parameters())
+    if proximity is not None:
+        for name, ref in proximity.reference.items():
+            if name not in params or params[name].shape != ref.shape:
+                shape = tuple(params[name].shape) if name in params else "absent"
+                raise invalid(f"proximity.reference[{name!r}]", tuple(ref.shape), f"the model's shape {shape}")
+        proximity = proximity.to(device)
+    regularizer = Regularizer(l2=l2, proximity=proximity, l2_names=tuple(covered))
+    was_training = model.training
+    model.train()
+    try:
+        selected, fixed = functional_state(model, names, device=device)
+        losses_of = torch.func.vmap(task_function(task, model, "train_loss", fixed), in_dims=(0, None))
+        penalty_of = None if regularizer.is_zero else torch.func.vmap(regularizer)
+        schedule = [(epoch, _permutation(n, seed, epoch).to(device)) for epoch in range(epochs)]
+        states, steps = [], []
+        with intra_op_threads(num_threads):
+            for first in range(0, len(removal_sets), group_size):
+                group = removal_sets[first:first + group_size]
+                kept = torch.ones(len(group), n, dtype=torch.bool, device=device)
+                for r, removed in enumerate(group):
+                    kept[r, removed] = False
+                members = _train_group(selected, kept, schedule, losses_of, penalty_of, data, batch_size,
+                                       float(learning_rate), optimizer == "adam")
+                base = {k: v.detach().clone() for k, v in model.state_dict().items()}
+                for r in range(len(group)):
+                    state = dict(base)
+                    state.update({name: members.theta[name][r].detach().clone() for name in names})
+                    states.append(state)
+                steps.extend(int(s) for s in members.steps)
+    finally:
+        model.train(was_training)
+    return BatchedTrainResult(states=states, steps=steps, seconds=time.perf_counter() - started, trainable=list(names))
+
+
+def _train_group(selected, kept, schedule, losses_of, penalty_of, data, batch_size, lr, adam) -> _Members:
+    members = _Members(selected, kept.shape[0], adam)
+    n = kept.shape[1]
+    dtype = next(iter(selected.values())).dtype
+    for _, order in schedule:
+        for start in range(0, n, batch_size):
+            index = order[start:start + batch_size]
+            weights = kept[:, index].to(dtype)  # [R, b]
+            counts = weights.sum(dim=1)  # [R]
+            active = counts > 0
+            if not bool(active.any()):
+                continue
+            theta = {name: t.requires_grad_(True) for name, t in members.theta.items()}
+            try:
+                losses = losses_of(theta, rows(data, index))  # [R, b]
+            except RuntimeError as err:
+                if "randomness" in str(err):
+                    raise InvalidArgumentError(
+                        "the model draws random numbers in training mode (dropout?): batched retraining needs a "
+                        "deterministic training step; turn dropout off or retrain one run at a time") from err
+                raise
+            objective = ((weights * losses).sum(dim=1) / counts.clamp_min(1)).sum()
+            if penalty_of is not None:
+                objective = objective + (penalty_of(theta) * active.to(dtype)).sum()
+            grads = torch.autograd.grad(objective, list(theta.values()))
+            with torch.no_grad():
+                members.theta = {name: t.detach() for name, t in theta.items()}
+                members.step(dict(zip(theta, grads)), active, lr)
+    members.theta = {name: t.detach() for name, t in members.theta.items()}
+    return members
+
+
+__all__ = ["BatchedTrainResult", "train_without"]
