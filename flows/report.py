@@ -172,17 +172,26 @@ def evaluation_sections(x: Experiment, results: dict[str, StageResult]) -> list[
     sections = []
     if _ran(results, "lds"):
         found = x.read_json("lds", "lds.json")
-        rows = [{"method": m, "LDS": v["lds"], "per query": ", ".join(f"{x:.2f}" for x in v["per_query"])}
-                for m, v in found["methods"].items()]
-        sections.append({
-            "title": "Linear datamodeling score",
-            "text": f"{found['subsets']} random subsets of {100 * found['fraction']:.0f}% of the finetuning train split, "
-                    f"each retrained with {found['seeds']} seed(s); per query, the Spearman correlation between the loss "
-                    f"a method's scores predict for each subset (minus the sum of the scores of the examples it keeps) "
-                    f"and the loss measured after retraining, averaged over {found['queries']} queries. "
-                    "1 = the method ranks the subsets exactly as retraining does; 0 = no better than chance.",
-            "rows": rows, "columns": ["method", "LDS", "per query"],
-        })
+        small = found.get("small")
+        half_name = f"LDS ({100 * found['fraction']:.0f}% subsets)"
+        small_name = f"LDS ({100 * small['removed'][0]:g}-{100 * small['removed'][1]:g}% removed)" if small else None
+        rows = []
+        for m, v in found["methods"].items():
+            row = {"method": m, half_name: v["lds"], "per query": ", ".join(f"{x:.2f}" for x in v["per_query"])}
+            if small:
+                row[small_name] = v["lds_small"]
+                row["per query (small removals)"] = ", ".join(f"{x:.2f}" for x in v["per_query_small"])
+            rows.append(row)
+        text = (f"{found['subsets']} random subsets of {100 * found['fraction']:.0f}% of the finetuning train split"
+                + (f", and {small['subsets']} that each leave out {100 * small['removed'][0]:g}% to {100 * small['removed'][1]:g}% "
+                   "of it (the small-removal protocol of the MAGIC paper, where a first-order prediction is meant to hold)"
+                   if small else "")
+                + f", each retrained with {found['seeds']} seed(s); per query, the Spearman correlation between the loss "
+                  f"a method's scores predict for each subset (plus the sum of the scores of the examples it leaves out) "
+                  f"and the loss measured after retraining, averaged over {found['queries']} queries. "
+                  "1 = the method ranks the subsets exactly as retraining does; 0 = no better than chance.")
+        columns = ["method", half_name] + ([small_name] if small else []) + ["per query"] + (["per query (small removals)"] if small else [])
+        sections.append({"title": "Linear datamodeling score", "text": text, "rows": rows, "columns": columns})
     if _ran(results, "mislabel"):
         found = x.read_json("mislabel", "mislabel.json")
         curve = found["curve"]

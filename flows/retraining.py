@@ -235,15 +235,24 @@ def pretrain_deletion_plan(x: Experiment) -> Any:
                          random_repeats=e.random_repeats, seeds=retraining_seeds(x), seed=x.settings.seed)
 
 
-def lds_plan(x: Experiment) -> tuple[torch.Tensor, list]:
-    """The LDS subsets and their retrainings: ``([M, N] subset masks, [Retraining])``, every subset with every seed."""
-    from influence.evaluation.case_deletion import Retraining
-    from influence.evaluation.lds import random_subsets
+def lds_plan(x: Experiment) -> tuple[dict[str, torch.Tensor], list]:
+    """The LDS subsets of each protocol and their retrainings: ``({protocol: [M, N] subset masks}, [Retraining])``.
 
-    e = x.settings.evaluation
-    masks = random_subsets(len(x.split("train")), e.lds_fraction, e.lds_subsets, x.settings.seed)
+    Protocols: ``"half"`` (``evaluation.lds_subsets`` random subsets keeping ``lds_fraction``) and, unless
+    ``lds_small_subsets`` is 0, ``"small"`` (that many subsets each leaving out 1% to 5%,
+    ``lds_small_removals``). Every subset is retrained with every seed, in the order of the protocols'
+    masks then seeds.
+    """
+    from influence.evaluation.case_deletion import Retraining
+    from influence.evaluation.lds import random_subsets, small_removal_subsets
+
+    e, n = x.settings.evaluation, len(x.split("train"))
+    masks = {"half": random_subsets(n, e.lds_fraction, e.lds_subsets, x.settings.seed)}
+    if e.lds_small_subsets:
+        low, high = e.lds_small_removals
+        masks["small"] = small_removal_subsets(n, low, high, e.lds_small_subsets, x.settings.seed + 1)
     return masks, [Retraining(tuple((~mask).nonzero().flatten().tolist()), seed)
-                   for mask in masks for seed in retraining_seeds(x)]
+                   for protocol in masks.values() for mask in protocol for seed in retraining_seeds(x)]
 
 
 def planned(x: Experiment) -> list:

@@ -166,6 +166,8 @@ class EvaluationSettings(_Section):
     lds: bool = Field(False, title="Linear datamodeling score", description="Also retrain on random subsets and report each method's LDS (Park et al. 2023); off by default, on in the nightly deployment.")
     lds_subsets: int = Field(16, ge=2, le=1000, title="LDS subsets", description="Random training subsets retrained for the LDS (each with every retraining seed).")
     lds_fraction: float = Field(0.5, gt=0, lt=1, title="LDS subset fraction", description="Each LDS subset keeps this fraction of the finetuning train split.")
+    lds_small_subsets: int = Field(16, ge=0, le=1000, title="LDS small-removal subsets", description="A second LDS protocol (Ilyas & Engstrom 2025, MAGIC): this many retrainings that each leave out a small random part of the finetuning train split (each with every retraining seed); 0 turns it off.")
+    lds_small_removals: list[float] = Field([0.01, 0.05], min_length=2, max_length=2, title="LDS small removals (range)", description="The smallest and largest fraction a small-removal subset leaves out; the subsets' fractions are evenly spaced between them.")
     mislabel_fraction: float = Field(0.1, ge=0, lt=0.5, title="Planted label noise", description="Mislabel detection: flip this fraction of the finetuning train labels, retrain, and rank the examples by self-influence; 0 turns it off.")
     mislabel_params: list[str] = Field(["all"], min_length=1, title="Self-influence parameters", description="Parameters of TracIn self-influence: ['all'] or module names of the classifier (MiniLM on a CPU: ['head']).")
     mislabel_method: Literal["tracin", "if"] = Field("tracin", title="Self-influence", description="Self-influence that ranks the suspects: 'tracin' (Σ_c η_c ||∇ℓ_c(z)||² over the checkpoints, Pruthi et al. 2020) or 'if' ((1/n) ∇ℓ(z)ᵀ H⁻¹ ∇ℓ(z) with the Arnoldi solver).")
@@ -180,6 +182,9 @@ class EvaluationSettings(_Section):
         bad = [f for f in self.pretrain_k_fractions if not 0 < f < 0.5]
         if bad:
             raise ValueError(f"pretrain_k_fractions {bad} must lie strictly between 0 and 0.5")
+        low, high = self.lds_small_removals
+        if not 0 < low <= high < 0.5:
+            raise ValueError(f"lds_small_removals {self.lds_small_removals} must be [low, high] with 0 < low <= high < 0.5")
         return self
 
 

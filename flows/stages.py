@@ -297,19 +297,28 @@ def pretrain_deletion(x: Experiment, result: StageResult) -> None:
 def lds(x: Experiment, result: StageResult) -> None:
     """Linear datamodeling score of every checked method (Park et al. 2023): per query, the Spearman
     correlation between the losses its scores predict for random subsets and those measured after
-    retraining on them (with every seed), averaged over the checked queries."""
+    retraining on them (with every seed), averaged over the checked queries; for two protocols, half
+    subsets and small removals of 1% to 5% (``evaluation.lds_small_subsets``)."""
     from influence.evaluation.lds import lds_per_query
 
     e = x.settings.evaluation
-    masks, retrainings = retraining.lds_plan(x)
+    protocols, retrainings = retraining.lds_plan(x)
     measured = retraining.measure_all(x, retrainings)
-    outputs = torch.stack([measured[r.key][:, 0] for r in retrainings]).reshape(len(masks), e.seeds, -1).mean(dim=1)
-    found = {"subsets": len(masks), "fraction": e.lds_fraction, "seeds": e.seeds, "queries": int(outputs.shape[1]), "methods": {}}
+    losses = torch.stack([measured[r.key][:, 0] for r in retrainings]).reshape(-1, e.seeds, len(x.checked_queries())).mean(dim=1)
+    outputs = dict(zip(protocols, losses.split([len(m) for m in protocols.values()])))  # protocol -> [M, Q]
+    found = {"subsets": len(protocols["half"]), "fraction": e.lds_fraction, "seeds": e.seeds, "queries": int(losses.shape[1]),
+             "methods": {}}
+    if "small" in protocols:
+        found["small"] = {"subsets": len(protocols["small"]), "removed": list(e.lds_small_removals)}
     for method in e.methods:
-        per_query = lds_per_query(x.checked_scores(METHOD_STAGES[method]), masks, outputs)
-        mean = float(per_query[~per_query.isnan()].mean())
-        found["methods"][method] = {"lds": mean, "per_query": per_query.tolist()}
-        result.metrics[f"{method}.lds"] = mean
+        scores = x.checked_scores(METHOD_STAGES[method])
+        found["methods"][method] = {}
+        for protocol, masks in protocols.items():
+            per_query = lds_per_query(scores, masks, outputs[protocol])
+            mean = float(per_query[~per_query.isnan()].mean())
+            suffix = "" if protocol == "half" else "_small"
+            found["methods"][method].update({f"lds{suffix}": mean, f"per_query{suffix}": per_query.tolist()})
+            result.metrics[f"{method}.lds{suffix}"] = mean
     result.outputs["lds"] = x.write_json("lds.json", found)
     result.metrics["retrainings"] = float(len(retrainings))
 

@@ -94,3 +94,18 @@ def test_bad_shapes_are_named():
         lds(torch.zeros(2, 5), torch.ones(3, 5, dtype=torch.bool), torch.zeros(2, 3))
     with pytest.raises(InvalidArgumentError, match="fraction"):
         random_subsets(10, 1.5, 2, seed=0)
+
+
+def test_small_removal_subsets_leave_out_the_given_range():
+    from influence.evaluation import small_removal_subsets
+
+    masks = small_removal_subsets(400, 0.01, 0.05, 5, seed=2)
+    assert masks.shape == (5, 400) and masks.dtype == torch.bool
+    assert (~masks).sum(dim=1).tolist() == [4, 8, 12, 16, 20]  # evenly spaced from 1% to 5%
+    assert torch.equal(masks, small_removal_subsets(400, 0.01, 0.05, 5, seed=2))  # seeded
+    assert not torch.equal(masks, small_removal_subsets(400, 0.01, 0.05, 5, seed=3))
+    assert (~small_removal_subsets(10, 0.01, 0.01, 3, seed=0)).sum(dim=1).tolist() == [1, 1, 1]  # at least one
+    with pytest.raises(InvalidArgumentError, match="removed fractions"):
+        small_removal_subsets(10, 0.05, 0.01, 2, seed=0)
+    with pytest.raises(InvalidArgumentError, match="count"):
+        small_removal_subsets(10, 0.01, 0.05, 0, seed=0)

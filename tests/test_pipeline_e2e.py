@@ -29,7 +29,7 @@ def test_pipeline_end_to_end(project: Path, prefect_harness):
     from flows.pipeline import pipeline
 
     # the LDS and pretraining case-deletion stages, as the nightly deployment turns them on
-    overrides = {"evaluation": {"lds": True, "lds_subsets": 4, "pretrain_deletion": True}}
+    overrides = {"evaluation": {"lds": True, "lds_subsets": 4, "lds_small_subsets": 4, "pretrain_deletion": True}}
     settings = with_overrides(load_settings(project / "params.yaml"), overrides)
     outcome = pipeline(settings=load_settings(project / "params.yaml"), project_dir=str(project), overrides=overrides)
 
@@ -49,6 +49,7 @@ def test_pipeline_end_to_end(project: Path, prefect_harness):
         assert any(k.startswith(f"deletion.{method}.opponents.k") and k.endswith(".passed") for k in metrics)
         assert any(k.startswith(f"deletion.{method}.proponents.k") and k.endswith(".probability_top") for k in metrics)
         assert -1.0 <= metrics[f"lds.{method}.lds"] <= 1.0
+        assert -1.0 <= metrics[f"lds.{method}.lds_small"] <= 1.0  # the small-removal protocol (1% to 5% left out)
     assert set(settings.evaluation.methods) == {"if", "tracin_we", "tracin_last", "grad_cos"}
     assert 0.0 <= metrics["mislabel.auc"] <= 1.0 and metrics["mislabel.flipped"] == round(0.1 * 240)
     assert run.data.params["evaluation.lds"] == "True"
@@ -76,6 +77,7 @@ def test_pipeline_end_to_end(project: Path, prefect_harness):
     page = (local / "report.html").read_text()
     assert page.count("<h2>Query ") == n_queries and "Case-deletion check" in page
     assert "Linear datamodeling score" in page and "Mislabel detection" in page
+    assert "LDS (50% subsets)" in page and "LDS (1-5% removed)" in page
     assert "MAGIC cost (finetuning runs)" in page  # the MAGIC stage's seconds over the finetuning stage's
     for method in settings.evaluation.methods:  # its rows in the deletion table (kinds x k), and one in the LDS table
         assert page.count(f"<td>{method}</td>") == 2 * len(settings.evaluation.k_fractions) + 1

@@ -102,6 +102,36 @@ def lds(scores: Tensor, subset_masks: Tensor, outputs: Tensor) -> float:
     return float(per_query[~per_query.isnan()].mean())
 
 
+def small_removal_subsets(n_train: int, low: float, high: float, count: int, seed: int) -> Tensor:
+    """``count`` seeded subsets that each leave out a small random part of the training set.
+
+    The protocol of Ilyas & Engstrom 2025 (MAGIC): each retraining differs from the full run by a
+    removal of 1% to 5% of the examples, where the first-order (linear) prediction that every method
+    makes is meant to hold. Subset ``j`` leaves out ``round(f_j * n_train)`` random examples (at least
+    one), with ``f_j`` evenly spaced from ``low`` to ``high``.
+
+    Args:
+        n_train: ``N``, the training set's size.
+        low, high: the smallest and largest removed fraction, ``0 < low <= high < 1``.
+        count: ``M``, how many subsets.
+        seed: seeds the choice of the removed examples.
+
+    Returns:
+        ``[M, N]`` booleans, ``True`` where the example is kept.
+    """
+    if not (0 < low <= high < 1):
+        raise invalid("removed fractions", (low, high), "two numbers with 0 < low <= high < 1")
+    if count < 1:
+        raise invalid("count", count, "a positive integer")
+    fractions = torch.linspace(low, high, count, dtype=torch.float64).tolist() if count > 1 else [low]
+    generator = torch.Generator().manual_seed(seed)
+    masks = torch.ones(count, n_train, dtype=torch.bool)
+    for j, fraction in enumerate(fractions):
+        removed = min(n_train - 1, max(1, round(fraction * n_train)))
+        masks[j, torch.randperm(n_train, generator=generator)[:removed]] = False
+    return masks
+
+
 def random_subsets(n_train: int, fraction: float, count: int, seed: int) -> Tensor:
     """``count`` seeded random subsets of ``round(fraction * n_train)`` examples, as ``[count, n_train]`` booleans."""
     if not 0 < fraction < 1:
