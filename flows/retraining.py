@@ -141,19 +141,25 @@ def pretrain_without(x: Experiment, data: Any, removals: list[list[int]], seed: 
 
 
 def finetune_without(x: Experiment, mode: str, data: Any, removals: list[list[int]], seed: int,
-                     num_threads: int | None = None) -> list[Any]:
+                     num_threads: int | None = None, pretrained: list[Any] | None = None) -> list[Any]:
     """Finetune one fresh classifier of ``mode`` per removal set of ``data``, all together; the models, in order.
 
-    Each equals :func:`finetune` with ``exclude=removal`` (and the stage's pretrained model) up to
-    floating-point rounding.
+    Each equals :func:`flows.training.finetune` with ``exclude=removal`` up to floating-point rounding:
+    from the stage's pretrained model, or with ``pretrained`` (one per removal set) from each member's own
+    (its embedding carried in, and in ``"updated"`` mode its own proximity anchor).
     """
     from influence.models.batched_training import train_without
 
-    pretrained = x.pretrained()
-    model = x.new_classifier(seed, pretrained)
-    trained = train_without(model, x.train_task, data, removals, **training._finetune_arguments(x, mode, model, pretrained, seed),
-                            group_size=len(removals), num_threads=num_threads)
-    return [_loaded(x.new_classifier(seed, pretrained), state) for state in trained.states]
+    sources = [x.pretrained()] * len(removals) if pretrained is None else list(pretrained)
+    fresh = [x.new_classifier(seed, source) for source in sources]
+    arguments = training._finetune_arguments(x, mode, fresh[0], sources[0], seed)
+    if pretrained is not None:
+        proximities = [x.regularizer(mode, model, source).proximity for model, source in zip(fresh, sources)]
+        arguments["proximity"] = None if proximities[0] is None else proximities
+        arguments["initial_states"] = [model.state_dict() for model in fresh]
+    trained = train_without(fresh[0], x.train_task, data, removals, **arguments, group_size=len(removals),
+                            num_threads=num_threads)
+    return [_loaded(model, state) for model, state in zip(fresh, trained.states)]
 
 
 def _loaded(model: Any, state: dict) -> Any:
@@ -167,7 +173,7 @@ def retrain_group(x: Experiment, group: list, scope: str = "finetune", num_threa
 
     ``scope="finetune"``: the finetuning of ``evaluation.mode`` without each member's examples, one batched
     run (:func:`finetune_without`). ``scope="pretrain"``: pretraining without each member's
-    sentences, batched, then each member's finetuning from its own pretrained embedding. Every member equals
+    sentences, batched, then the members' finetunings from their own pretrained embeddings, batched. Every member equals
     :func:`retrain` of it up to floating-point rounding. A group of one is :func:`retrain`.
 
     Returns:
@@ -187,8 +193,8 @@ def retrain_group(x: Experiment, group: list, scope: str = "finetune", num_threa
     seed, mode, removals = group[0].seed, x.settings.evaluation.mode, [list(r.removed) for r in group]
     if scope == "pretrain":
         pretrained = pretrain_without(x, x.split("pretrain"), removals, seed, num_threads=num_threads)
-        models = [training.finetune(x, mode, x.split("train"), None, seed=seed, pretrained=p, num_threads=num_threads)[0]
-                  for p in pretrained]
+        models = finetune_without(x, mode, x.split("train"), [[] for _ in group], seed, num_threads=num_threads,
+                                  pretrained=pretrained)
     else:
         models = finetune_without(x, mode, x.split("train"), removals, seed, num_threads=num_threads)
     found = []

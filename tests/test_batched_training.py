@@ -91,3 +91,38 @@ def test_invalid_arguments(setting):
         train_without(model, task, data, [[1]], group_size=0, **options)
     with pytest.raises(InvalidArgumentError, match="dropout"):
         train_without(Dropping(), task, data, [[1]], **options)
+
+
+@pytest.mark.parametrize("embedding", ["frozen", "anchored"])
+def test_members_with_their_own_start_and_anchor(setting, embedding):
+    """Members carrying different embeddings (as after pretraining without different sentences): frozen,
+    or trained with a proximity penalty to each member's own embedding; each equals its own train()."""
+    data, model, _ = setting
+    g = torch.Generator().manual_seed(5)
+    starts = []
+    for _ in range(3):
+        state = copy.deepcopy(model.state_dict())
+        state["embedding.weight"] = state["embedding.weight"] + 0.1 * torch.randn(state["embedding.weight"].shape, generator=g,
+                                                                                   dtype=torch.float64)
+        starts.append(state)
+    options = {"epochs": 2, "batch_size": BATCH, "learning_rate": 0.05, "seed": 1, "l2": 1e-3}
+    if embedding == "frozen":
+        options["trainable"] = ["encoder", "head"]
+        proximities = None
+    else:
+        options["l2_names"] = ["encoder", "head"]
+        proximities = [Proximity(0.3, {"embedding.weight": s["embedding.weight"].clone()}) for s in starts]
+    removals = [[], [2, 3], []]
+    batched = train_without(model, ClassificationTask(), data, removals, initial_states=starts, proximity=proximities,
+                            group_size=2, **options)
+    for r, (removed, start) in enumerate(zip(removals, starts)):
+        member = copy.deepcopy(model)
+        member.load_state_dict(start)
+        train(member, ClassificationTask(), data, exclude=removed,
+              proximity=None if proximities is None else proximities[r], **options)
+        for name, value in member.state_dict().items():
+            torch.testing.assert_close(batched.states[r][name], value, rtol=1e-9, atol=1e-11, msg=f"{name} of member {r}")
+    if embedding == "frozen":
+        assert all(torch.equal(b["embedding.weight"], s["embedding.weight"]) for b, s in zip(batched.states, starts))
+    with pytest.raises(InvalidArgumentError, match="initial_states"):
+        train_without(model, ClassificationTask(), data, removals, initial_states=starts[:2], **options)

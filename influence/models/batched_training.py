@@ -85,13 +85,13 @@ def _check_removals(removals: Sequence[Sequence[int]], n: int) -> list[list[int]
 
 
 class _Members:
-    """``R`` copies of the trainable parameters, stacked, with their optimizer state."""
+    """``R`` copies of the trainable parameters, stacked (``{name: [R, ...]}``), with their optimizer state."""
 
-    def __init__(self, selected: dict[str, Tensor], size: int, adam: bool) -> None:
-        self.names = list(selected)
-        self.theta = {n: t.unsqueeze(0).repeat(size, *([1] * t.dim())).contiguous() for n, t in selected.items()}
+    def __init__(self, stacked: dict[str, Tensor], adam: bool) -> None:
+        self.names = list(stacked)
+        self.theta = {n: t.clone() for n, t in stacked.items()}
         self.adam = adam
-        self.steps = torch.zeros(size, dtype=torch.long)
+        self.steps = torch.zeros(next(iter(stacked.values())).shape[0], dtype=torch.long)
         if adam:
             self.m = {n: torch.zeros_like(t) for n, t in self.theta.items()}
             self.v = {n: torch.zeros_like(t) for n, t in self.theta.items()}
@@ -140,8 +140,9 @@ def train_without(
     optimizer: Literal["adam", "sgd"] = "adam",
     l2: float = 0.0,
     trainable: str | Sequence[str] | None = None,
-    proximity: Proximity | None = None,
+    proximity: Proximity | Sequence[Proximity] | None = None,
     l2_names: str | Sequence[str] | None = None,
+    initial_states: Sequence[Mapping[str, Tensor]] | None = None,
     group_size: int = DEFAULT_GROUP,
     device: torch.device | str = "cpu",
     num_threads: int | None = None,
@@ -149,13 +150,19 @@ def train_without(
     """Train ``model`` once per removal set, ``group_size`` sets at a time, each as ``train(exclude=set)`` would.
 
     Args:
-        model: the model in its initial state (not modified); every member starts from it.
+        model: the model in its initial state (not modified); every member starts from it unless
+            ``initial_states`` says otherwise.
         task: gives ``train_loss(model, batch) -> [B]``.
         dataset: the ``n`` examples, as ``train`` takes them.
         removals: ``R`` removal sets, each a sequence of distinct example indices in ``[0, n)`` (an
             empty one is the full run).
-        epochs, batch_size, learning_rate, seed, optimizer, l2, trainable, proximity, l2_names: as in
+        epochs, batch_size, learning_rate, seed, optimizer, l2, trainable, l2_names: as in
             :func:`influence.models.training.train`.
+        proximity: as in ``train``, or one :class:`Proximity` per member (equal ``alpha`` and names;
+            each member anchored to its own reference, e.g. its own pretrained embedding).
+        initial_states: one state dict per member (the model's keys; e.g. classifiers carrying
+            different pretrained embeddings): member ``r`` starts from ``initial_states[r]``,
+            trainable and frozen parameters alike; ``None``: every member starts from ``model``.
         group_size: members trained together (memory: that many copies of the trainable parameters,
             their optimizer state and the batch's activations).
         device: where to train.
@@ -184,42 +191,110 @@ def train_without(
     names = select_parameters(model, "all" if trainable is None else trainable)
     covered = names if l2_names is None else [m for m in select_parameters(model, l2_names) if m in names]
     params = dict(model.named_parameters())
-    if proximity is not None:
-        for name, ref in proximity.reference.items():
-            if name not in params or params[name].shape != ref.shape:
-                shape = tuple(params[name].shape) if name in params else "absent"
-                raise invalid(f"proximity.reference[{name!r}]", tuple(ref.shape), f"the model's shape {shape}")
-        proximity = proximity.to(device)
-    regularizer = Regularizer(l2=l2, proximity=proximity, l2_names=tuple(covered))
+    proximities = _check_proximities(proximity, params, len(removal_sets), device)
+    states = _check_initial_states(initial_states, model, len(removal_sets))
     was_training = model.training
     model.train()
     try:
-        selected, fixed = functional_state(model, names, device=device)
-        losses_of = torch.func.vmap(task_function(task, model, "train_loss", fixed), in_dims=(0, None))
-        penalty_of = None if regularizer.is_zero else torch.func.vmap(regularizer)
         schedule = [(epoch, _permutation(n, seed, epoch).to(device)) for epoch in range(epochs)]
-        states, steps = [], []
+        trained, steps = [], []
         with intra_op_threads(num_threads):
             for first in range(0, len(removal_sets), group_size):
                 group = removal_sets[first:first + group_size]
                 kept = torch.ones(len(group), n, dtype=torch.bool, device=device)
                 for r, removed in enumerate(group):
                     kept[r, removed] = False
-                members = _train_group(selected, kept, schedule, losses_of, penalty_of, data, batch_size,
+                starts = None if states is None else states[first:first + group_size]
+                base = {k: v.detach().clone() for k, v in (model.state_dict() if starts is None else starts[0]).items()}
+                selected, fixed, varying = _stacked_start(model, names, starts, len(group), device)
+                losses_of = torch.func.vmap(task_function(task, model, "train_loss", fixed), in_dims=(0, None))
+                penalty_of = _penalty(l2, covered, proximities, first, len(group))
+                members = _train_group(selected, varying, kept, schedule, losses_of, penalty_of, data, batch_size,
                                        float(learning_rate), optimizer == "adam")
-                base = {k: v.detach().clone() for k, v in model.state_dict().items()}
                 for r in range(len(group)):
-                    state = dict(base)
+                    state = dict(base if starts is None else {k: v.detach().clone() for k, v in starts[r].items()})
                     state.update({name: members.theta[name][r].detach().clone() for name in names})
-                    states.append(state)
-                steps.extend(int(s) for s in members.steps)
+                    trained.append(state)
+                steps.extend(int(step) for step in members.steps)
     finally:
         model.train(was_training)
-    return BatchedTrainResult(states=states, steps=steps, seconds=time.perf_counter() - started, trainable=list(names))
+    return BatchedTrainResult(states=trained, steps=steps, seconds=time.perf_counter() - started, trainable=list(names))
 
 
-def _train_group(selected, kept, schedule, losses_of, penalty_of, data, batch_size, lr, adam) -> _Members:
-    members = _Members(selected, kept.shape[0], adam)
+def _check_proximities(proximity, params, count: int, device) -> list[Proximity] | None:
+    """One :class:`Proximity` per member (moved to ``device``), or ``None``."""
+    if proximity is None:
+        return None
+    many = not isinstance(proximity, Proximity)
+    listed = list(proximity) if many else [proximity]
+    if many and len(listed) != count:
+        raise invalid("proximity", f"{len(listed)} penalties", f"one Proximity, or one per removal set ({count})")
+    for p in listed:
+        if not isinstance(p, Proximity):
+            raise invalid("proximity", type(p).__name__, "a Proximity or a sequence of them")
+        if p.alpha != listed[0].alpha or set(p.reference) != set(listed[0].reference):
+            raise invalid("proximity", f"alpha {p.alpha} over {sorted(p.reference)}",
+                          f"the same alpha and names for every member ({listed[0].alpha} over {sorted(listed[0].reference)})")
+        for name, ref in p.reference.items():
+            if name not in params or params[name].shape != ref.shape:
+                shape = tuple(params[name].shape) if name in params else "absent"
+                raise invalid(f"proximity.reference[{name!r}]", tuple(ref.shape), f"the model's shape {shape}")
+    moved = [p.to(device) for p in listed]
+    return moved if many else moved * count
+
+
+def _check_initial_states(initial_states, model: nn.Module, count: int) -> list[Mapping[str, Tensor]] | None:
+    if initial_states is None:
+        return None
+    states = list(initial_states)
+    if len(states) != count:
+        raise invalid("initial_states", f"{len(states)} states", f"one per removal set ({count})")
+    expected = set(model.state_dict())
+    for r, state in enumerate(states):
+        if not isinstance(state, Mapping) or set(state) != expected:
+            shown = sorted(set(state) ^ expected)[:5] if isinstance(state, Mapping) else type(state).__name__
+            raise invalid(f"initial_states[{r}]", shown, "a state dict with exactly the model's keys")
+    return states
+
+
+def _stacked_start(model: nn.Module, names: list[str], starts, size: int, device):
+    """``(trainable {name: [R, ...]}, common fixed {name: tensor}, varying frozen {name: [R, ...]})``."""
+    selected, fixed = functional_state(model, names, device=device)
+    if starts is None:
+        stacked = {n: t.unsqueeze(0).repeat(size, *([1] * t.dim())).contiguous() for n, t in selected.items()}
+        return stacked, fixed, {}
+    stacked = {n: torch.stack([s[n].detach().to(device=device, dtype=selected[n].dtype) for s in starts]) for n in names}
+    varying = {}
+    for name in list(fixed):
+        values = [s[name].detach().to(device=device, dtype=fixed[name].dtype) for s in starts]
+        if any(not torch.equal(values[0], v) for v in values[1:]):
+            varying[name] = torch.stack(values)
+            del fixed[name]
+        else:
+            fixed[name] = values[0]
+    return stacked, fixed, varying
+
+
+def _penalty(l2: float, covered: list[str], proximities: list[Proximity] | None, first: int, size: int):
+    """``penalty_of(theta [R, ...]) -> [R]`` for the group's members, or ``None`` when there is no penalty."""
+    if proximities is None:
+        regularizer = Regularizer(l2=l2, l2_names=tuple(covered))
+        return None if regularizer.is_zero else torch.func.vmap(regularizer)
+    mine = proximities[first:first + size]
+    alpha = mine[0].alpha
+    if l2 == 0.0 and alpha == 0.0:
+        return None
+    references = {name: torch.stack([p.reference[name] for p in mine]) for name in mine[0].reference}
+
+    def one(theta: dict[str, Tensor], reference: dict[str, Tensor]) -> Tensor:
+        return Regularizer(l2=l2, proximity=Proximity(alpha, reference), l2_names=tuple(covered))(theta)
+
+    batched = torch.func.vmap(one)
+    return lambda theta: batched(theta, references)
+
+
+def _train_group(selected, varying, kept, schedule, losses_of, penalty_of, data, batch_size, lr, adam) -> _Members:
+    members = _Members(selected, adam)
     n = kept.shape[1]
     dtype = next(iter(selected.values())).dtype
     for _, order in schedule:
@@ -232,7 +307,7 @@ def _train_group(selected, kept, schedule, losses_of, penalty_of, data, batch_si
                 continue
             theta = {name: t.requires_grad_(True) for name, t in members.theta.items()}
             try:
-                losses = losses_of(theta, rows(data, index))  # [R, b]
+                losses = losses_of({**varying, **theta}, rows(data, index))  # [R, b]
             except RuntimeError as err:
                 if "randomness" in str(err):
                     raise InvalidArgumentError(
