@@ -510,6 +510,40 @@ def test_tracin_we_word_terms_sum_to_the_score(text_setup, device):
         assert sum(t for _, t in terms) == pytest.approx(float(scores[q, z]), rel=1e-10, abs=1e-14)
 
 
+def test_tracin_we_word_terms_are_each_words_own_rows():
+    """Each word's term is that word's embedding row alone: ``s * sum_c lr_c <grad_E[w] f(x), grad_E[w] l(z)>``,
+    from dense brute-force gradients. The sum check above would not see words swapped between terms;
+    this one does (negative control: the swapped assignment fails it)."""
+    torch.manual_seed(0)  # a convolution gives every position its own gradient: words' terms differ
+    model = TextClassifier(15, embed_dim=4, hidden_dim=5).double().eval()
+    train, queries = token_data(24, seed=1), token_data(5, seed=2)
+    checkpoints = [(s, lr) for s, lr in zip(perturbed_states(model, 2), (0.2, 0.1))]
+    task = ClassificationTask(measurement="margin")
+    vocab, width = model.embedding.weight.shape
+    sign = -1.0 if task.higher_is_better else 1.0
+    pairs = [(q, z) for q in range(len(queries)) for z in range(len(train))
+             if len(set(queries[q]["tokens"].tolist()) & set(train[z]["tokens"].tolist()) - {0}) >= 2][:4]
+    assert len(pairs) >= 2
+    for q, z in pairs:
+        terms = dict(tracin_we_words(task, model, queries[q], train[z], checkpoints=checkpoints))
+        per_row = torch.zeros(vocab, dtype=DTYPE)
+        for state, lr in checkpoints:
+            current = copy.deepcopy(model)
+            current.load_state_dict(state)
+            gq = brute_gradient(current, task.measurement, queries[q], ["embedding.weight"]).reshape(vocab, width)
+            gz = brute_gradient(current, task.train_loss, train[z], ["embedding.weight"]).reshape(vocab, width)
+            per_row += sign * lr * (gq * gz).sum(dim=1)
+
+        def matches(assigned: dict[int, float]) -> bool:
+            return all(abs(t - float(per_row[w])) <= 1e-10 * max(1.0, abs(float(per_row[w]))) for w, t in assigned.items())
+
+        assert len(terms) >= 2 and matches(terms)
+        words = sorted(terms, key=lambda w: terms[w])
+        swapped = dict(terms)
+        swapped[words[0]], swapped[words[-1]] = terms[words[-1]], terms[words[0]]
+        assert not matches(swapped)
+
+
 def test_tracin_we_top_k_rows():
     torch.manual_seed(0)  # a convolution gives every position its own gradient: no ties in row norms
     model = TextClassifier(15, embed_dim=4, hidden_dim=5).double().eval()
