@@ -110,9 +110,17 @@ def _safe_sqrt(v: Tensor) -> Tensor:
 
 
 class _Replay:
-    """The training run as a function of the data weights: ``Phi_t`` and its vector-Jacobian products."""
+    """The training run as a function of the data weights: ``Phi_t`` and its vector-Jacobian products.
 
-    def __init__(self, task: Task, model: nn.Module, data: Any, recipe: TrainingRecipe, device: Any, dtype: Any) -> None:
+    ``inputs`` names parameters of the model that the run does not train but whose values are
+    differentiated (a frozen carried embedding): they are taken from the recipe's initial state and
+    passed to every step as ``context``. When the recipe's proximity penalty anchors trained
+    parameters, its reference is part of the context too (``"reference:<name>"``), so the run is
+    also a function of its anchor.
+    """
+
+    def __init__(self, task: Task, model: nn.Module, data: Any, recipe: TrainingRecipe, device: Any, dtype: Any,
+                 inputs: Sequence[str] = ()) -> None:
         self.recipe = recipe
         self.names = select_parameters(model, "all" if recipe.trainable is None else recipe.trainable)
         initial = {n: t for n, t in model.state_dict().items()}
@@ -128,10 +136,17 @@ class _Replay:
             if name in target:
                 target[name] = value.detach().to(device=target[name].device, dtype=target[name].dtype)
         self.theta0 = selected
+        self.context = {name: fixed.pop(name) for name in inputs if name not in self.names}
         self.fn = task_function(task, model, "train_loss", fixed)
         covered = self.names if recipe.l2_names is None else [
             n for n in select_parameters(model, recipe.l2_names) if n in self.names]
         proximity = None if recipe.proximity is None else recipe.proximity.to(device)
+        self.alpha = 0.0
+        if proximity is not None and inputs:  # the anchor becomes an input of every step
+            self.alpha = proximity.alpha
+            dtype_of = next(iter(selected.values())).dtype
+            self.context.update({f"reference:{n}": r.to(dtype=dtype_of) for n, r in proximity.reference.items()})
+            proximity = None
         self.regularizer = Regularizer(l2=recipe.l2, proximity=proximity, l2_names=tuple(covered))
         self.data = data
         self.adam = recipe.optimizer == "adam"
@@ -142,14 +157,21 @@ class _Replay:
             return theta
         return theta + [torch.zeros_like(t) for t in theta] + [torch.zeros_like(t) for t in theta]
 
-    def step(self, state: list[Tensor], t: int, index: Tensor, weights: Tensor, create_graph: bool) -> list[Tensor]:
-        """``Phi_t(state, weights)``: one optimizer step (``t`` counts from 0) on the batch ``index``."""
+    def step(self, state: list[Tensor], t: int, index: Tensor, weights: Tensor, create_graph: bool,
+             context: dict[str, Tensor] | None = None) -> list[Tensor]:
+        """``Phi_t(state, weights; context)``: one optimizer step (``t`` counts from 0) on the batch ``index``."""
         k = len(self.names)
         theta = dict(zip(self.names, state[:k]))
-        losses = self.fn(theta, rows(self.data, index))
+        context = self.context if context is None else context
+        frozen = {n: v for n, v in context.items() if not n.startswith("reference:")}
+        losses = self.fn({**frozen, **theta}, rows(self.data, index))
         objective = (weights * losses).sum() / weights.sum()
         if not self.regularizer.is_zero:
             objective = objective + self.regularizer(theta)
+        anchored = [(theta[n[len("reference:"):]], v) for n, v in context.items()
+                    if n.startswith("reference:") and n[len("reference:"):] in theta]
+        if self.alpha and anchored:
+            objective = objective + 0.5 * self.alpha * sum(((p - r) ** 2).sum() for p, r in anchored)
         grads = torch.autograd.grad(objective, state[:k], create_graph=create_graph, allow_unused=True)
         grads = [torch.zeros_like(p) if g is None else g for p, g in zip(state[:k], grads)]
         lr = float(self.recipe.learning_rate)
@@ -166,6 +188,97 @@ class _Replay:
 
 def _leaves(state: list[Tensor]) -> list[Tensor]:
     return [s.detach().requires_grad_(True) for s in state]
+
+
+def _forward(replay: _Replay, schedule: list[Tensor], segment: int) -> tuple[dict[int, list[Tensor]], list[Tensor]]:
+    """Replay the run once: ``(states saved every `segment` steps, final state)``."""
+    saved: dict[int, list[Tensor]] = {}
+    state = replay.initial_state()
+    with torch.enable_grad():
+        for t, index in enumerate(schedule):
+            if t % segment == 0:
+                saved[t] = [s.detach() for s in state]
+            ones = torch.ones(len(index), device=state[0].device, dtype=state[0].dtype)
+            state = [s.detach() for s in replay.step(_leaves(state), t, index, ones, create_graph=False)]
+    return saved, state
+
+
+def _check_replay(replay: _Replay, state: list[Tensor], model: nn.Module, replay_tolerance: float, argument: str) -> Tensor:
+    """The replayed final parameters, flat; refuse a replay that does not end at ``model``."""
+    k = len(replay.names)
+    trained = dict(model.named_parameters())
+    final = torch.cat([s.reshape(-1) for s in state[:k]])
+    target = torch.cat([trained[name].detach().to(final).reshape(-1) for name in replay.names])
+    distance = float(torch.linalg.vector_norm(final - target) / torch.linalg.vector_norm(target).clamp_min(1e-30))
+    if not distance <= replay_tolerance:
+        raise InvalidArgumentError(
+            f"the replayed training run ({argument}) ends {distance:.3g} (relative) away from the given model, above "
+            f"replay_tolerance={replay_tolerance}: the training recipe (initial state, seed, epochs, batch size, "
+            "learning rate, optimizer, penalties) does not reproduce this model"
+        )
+    return final
+
+
+def _backward(
+    replay: _Replay, schedule: list[Tensor], saved: dict[int, list[Tensor]], segment: int, n: int,
+    adjoints: list[list[Tensor]],
+) -> tuple[Tensor, list[list[Tensor]], list[dict[str, Tensor]]]:
+    """Reverse-mode through the whole run, from each query's adjoint of the final state.
+
+    Args:
+        adjoints: per query, the adjoint of the final state (one tensor per state tensor).
+
+    Returns:
+        ``(metagradients [m, n] = d f / d w, adjoints of the initial state per query,
+        d f / d context per query)``.
+    """
+    total, m = len(schedule), len(adjoints)
+    like = adjoints[0][0]
+    meta = torch.zeros(m, n, dtype=like.dtype, device=like.device)
+    context_grads = [{name: torch.zeros_like(v) for name, v in replay.context.items()} for _ in range(m)]
+    with torch.enable_grad():
+        for first in sorted(saved, reverse=True):
+            last = min(first + segment, total)
+            states = [saved[first]]
+            for t in range(first, last - 1):
+                ones = torch.ones(len(schedule[t]), device=like.device, dtype=like.dtype)
+                states.append([s.detach() for s in replay.step(_leaves(states[-1]), t, schedule[t], ones, create_graph=False)])
+            for t in range(last - 1, first - 1, -1):
+                index = schedule[t]
+                inputs = _leaves(states[t - first])
+                context = {name: v.detach().requires_grad_(True) for name, v in replay.context.items()}
+                weights = torch.ones(len(index), device=like.device, dtype=like.dtype, requires_grad=True)
+                outputs = replay.step(inputs, t, index, weights, create_graph=True, context=context)
+                used = [(o, i) for i, o in enumerate(outputs) if o.requires_grad]
+                wrt = inputs + [weights] + list(context.values())
+                for q in range(m):
+                    grads = torch.autograd.grad([o for o, _ in used], wrt, grad_outputs=[adjoints[q][i] for _, i in used],
+                                                retain_graph=q + 1 < m, allow_unused=True)
+                    k = len(inputs)
+                    adjoints[q] = [torch.zeros_like(s) if g is None else g.detach() for s, g in zip(inputs, grads[:k])]
+                    if grads[k] is not None:
+                        meta[q].index_add_(0, index.to(meta.device), grads[k].detach())
+                    for name, g in zip(context, grads[k + 1:]):
+                        if g is not None:
+                            context_grads[q][name] += g.detach()
+                del outputs, used
+            del states
+    return meta, adjoints, context_grads
+
+
+def _query_adjoints(queries: Tensor, state: list[Tensor], k: int) -> list[list[Tensor]]:
+    """Per query, the adjoint of the final state: the query gradient ``[m, P]`` over the trained
+    parameters, unflattened; zeros for the optimizer's moments (they do not enter ``f``)."""
+    shapes = [s.shape for s in state]
+    adjoints = []
+    for q in range(queries.shape[0]):
+        pieces, start = [], 0
+        for shape in shapes[:k]:
+            size = math.prod(shape)
+            pieces.append(queries[q, start:start + size].reshape(shape))
+            start += size
+        adjoints.append(pieces + [torch.zeros(shape, dtype=queries.dtype, device=queries.device) for shape in shapes[k:]])
+    return adjoints
 
 
 def magic_scores(
@@ -202,78 +315,27 @@ def magic_scores(
     Raises:
         InvalidArgumentError: a bad argument, or a recipe whose replay does not end at ``model``.
     """
+    replay, schedule, segment, data = _prepared(task, model, train_data, training, segment_steps, replay_tolerance,
+                                                device, dtype, "training")
+    saved, state = _forward(replay, schedule, segment)
+    final = _check_replay(replay, state, model, replay_tolerance, "training")
+    queries = gradient_matrix(task, model, query_data, replay.names, kind="measurement", batch_size=batch_size,
+                              device=device, dtype=final.dtype)
+    meta, _, _ = _backward(replay, schedule, saved, segment, num_examples(data), _query_adjoints(queries, state, len(replay.names)))
+    return -meta * measurement_sign(task)
+
+
+def _prepared(task, model, train_data, training, segment_steps, replay_tolerance, device, dtype, argument, inputs=()):
+    """``(replay, schedule, segment, data)`` of a recipe, arguments checked."""
     if not isinstance(training, TrainingRecipe):
-        raise invalid("training", type(training).__name__, "an influence.methods.magic.TrainingRecipe")
+        raise invalid(argument, type(training).__name__, "an influence.methods.magic.TrainingRecipe")
     training.check()
     check_positive_int("segment_steps", segment_steps, allow_none=True)
     check_positive_float("replay_tolerance", replay_tolerance)
     data = to_device(collate_dataset(train_data), device)
-    n = num_examples(data)
-    replay = _Replay(task, model, data, training, device, dtype)
-    schedule = _schedule(training, n)
-    total = len(schedule)
-    segment = segment_steps or max(1, math.ceil(math.sqrt(total)))
-
-    # forward: the states at segment starts
-    saved: dict[int, list[Tensor]] = {}
-    state = replay.initial_state()
-    with torch.enable_grad():
-        for t, index in enumerate(schedule):
-            if t % segment == 0:
-                saved[t] = [s.detach() for s in state]
-            ones = torch.ones(len(index), device=state[0].device, dtype=state[0].dtype)
-            state = [s.detach() for s in replay.step(_leaves(state), t, index, ones, create_graph=False)]
-    k = len(replay.names)
-    trained = dict(model.named_parameters())
-    final = torch.cat([s.reshape(-1) for s in state[:k]])
-    target = torch.cat([trained[name].detach().to(final).reshape(-1) for name in replay.names])
-    distance = float(torch.linalg.vector_norm(final - target) / torch.linalg.vector_norm(target).clamp_min(1e-30))
-    if not distance <= replay_tolerance:
-        raise InvalidArgumentError(
-            f"the replayed training run ends {distance:.3g} (relative) away from the given model, above "
-            f"replay_tolerance={replay_tolerance}: the training recipe (initial state, seed, epochs, batch size, "
-            "learning rate, optimizer, penalties) does not reproduce this model"
-        )
-
-    # the queries' adjoints at T: d f / d theta_T (the moments do not enter f)
-    queries = gradient_matrix(task, model, query_data, replay.names, kind="measurement", batch_size=batch_size,
-                              device=device, dtype=final.dtype)
-    m = queries.shape[0]
-    shapes = [s.shape for s in state]
-    adjoints = []
-    for q in range(m):
-        pieces, start = [], 0
-        for shape in shapes[:k]:
-            size = math.prod(shape)
-            pieces.append(queries[q, start:start + size].reshape(shape))
-            start += size
-        adjoints.append(pieces + [torch.zeros(shape, dtype=final.dtype, device=final.device) for shape in shapes[k:]])
-    meta = torch.zeros(m, n, dtype=final.dtype, device=final.device)
-
-    # backward: segment by segment, from the last
-    with torch.enable_grad():
-        for first in sorted(saved, reverse=True):
-            last = min(first + segment, total)
-            states = [saved[first]]
-            for t in range(first, last - 1):
-                ones = torch.ones(len(schedule[t]), device=final.device, dtype=final.dtype)
-                states.append([s.detach() for s in replay.step(_leaves(states[-1]), t, schedule[t], ones, create_graph=False)])
-            for t in range(last - 1, first - 1, -1):
-                index = schedule[t]
-                inputs = _leaves(states[t - first])
-                weights = torch.ones(len(index), device=final.device, dtype=final.dtype, requires_grad=True)
-                outputs = replay.step(inputs, t, index, weights, create_graph=True)
-                used = [(o, i) for i, o in enumerate(outputs) if o.requires_grad]
-                for q in range(m):
-                    grads = torch.autograd.grad([o for o, _ in used], inputs + [weights],
-                                                grad_outputs=[adjoints[q][i] for _, i in used],
-                                                retain_graph=q + 1 < m, allow_unused=True)
-                    adjoints[q] = [torch.zeros_like(s) if g is None else g.detach() for s, g in zip(inputs, grads[:-1])]
-                    if grads[-1] is not None:
-                        meta[q].index_add_(0, index.to(meta.device), grads[-1].detach())
-                del outputs, used
-            del states
-    return -meta * measurement_sign(task)
+    replay = _Replay(task, model, data, training, device, dtype, inputs=inputs)
+    schedule = _schedule(training, num_examples(data))
+    return replay, schedule, segment_steps or max(1, math.ceil(math.sqrt(len(schedule)))), data
 
 
 __all__ = ["TrainingRecipe", "magic_scores"]
