@@ -67,9 +67,16 @@ def main() -> None:
     scores = magic_scores(task, model, train_rows, query_rows,
                           training=TrainingRecipe(initial_state=copy.deepcopy(initial.state_dict()), **recipe))
     magic_seconds = time.perf_counter() - began
+    began = time.perf_counter()
+    one_by_one = magic_scores(task, model, train_rows, query_rows, query_batch=1,
+                              training=TrainingRecipe(initial_state=copy.deepcopy(initial.state_dict()), **recipe))
+    unbatched_seconds = time.perf_counter() - began
     steps = args.epochs * -(-args.train // recipe["batch_size"])
     print(f"training: {steps} Adam steps in {train_seconds:.2f} s; MAGIC for {args.queries} queries: {magic_seconds:.2f} s "
           f"= {magic_seconds / train_seconds:.1f} training runs ({magic_seconds / train_seconds / args.queries:.2f} per query)")
+    difference = float((scores - one_by_one).abs().max() / one_by_one.abs().max())
+    print(f"queries carried back one by one: {unbatched_seconds:.2f} s ({unbatched_seconds / magic_seconds:.2f}x the batched "
+          f"time; largest relative difference {difference:.1e})")
     base, generator = losses(model), torch.Generator().manual_seed(1)
     predicted, actual = [], []
     for _ in range(args.sets):

@@ -43,7 +43,7 @@ _OPTIONS: dict[str, tuple[str, ...]] = {
     "tracin_we": ("embedding_module", "top_k_rows", "ignore_ids"),
     "grad_dot": (),
     "grad_cos": (),
-    "magic": ("training", "segment_steps", "replay_tolerance"),
+    "magic": ("training", "segment_steps", "replay_tolerance", "query_batch"),
 }
 
 multistage = multistage_scores

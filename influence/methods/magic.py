@@ -51,6 +51,7 @@ from influence.validation import check_int_at_least, check_positive_float, check
 
 ADAM_BETAS = (0.9, 0.999)  # torch.optim.Adam's defaults, which train() uses
 ADAM_EPS = 1e-8
+DEFAULT_BATCHED_QUERIES = 8
 
 
 @dataclass(frozen=True)
@@ -219,14 +220,20 @@ def _check_replay(replay: _Replay, state: list[Tensor], model: nn.Module, replay
     return final
 
 
+def _query_groups(m: int, size: int) -> list[list[int]]:
+    return [list(range(start, min(start + size, m))) for start in range(0, m, max(1, size))]
+
+
 def _backward(
     replay: _Replay, schedule: list[Tensor], saved: dict[int, list[Tensor]], segment: int, n: int,
-    adjoints: list[list[Tensor]],
+    adjoints: list[list[Tensor]], batched_queries: int = DEFAULT_BATCHED_QUERIES,
 ) -> tuple[Tensor, list[list[Tensor]], list[dict[str, Tensor]]]:
     """Reverse-mode through the whole run, from each query's adjoint of the final state.
 
     Args:
         adjoints: per query, the adjoint of the final state (one tensor per state tensor).
+        batched_queries: queries whose vector-Jacobian products are computed in one vmapped call
+            (``is_grads_batched``; memory grows with it); 1 computes them one by one.
 
     Returns:
         ``(metagradients [m, n] = d f / d w, adjoints of the initial state per query,
@@ -251,16 +258,23 @@ def _backward(
                 outputs = replay.step(inputs, t, index, weights, create_graph=True, context=context)
                 used = [(o, i) for i, o in enumerate(outputs) if o.requires_grad]
                 wrt = inputs + [weights] + list(context.values())
-                for q in range(m):
-                    grads = torch.autograd.grad([o for o, _ in used], wrt, grad_outputs=[adjoints[q][i] for _, i in used],
-                                                retain_graph=q + 1 < m, allow_unused=True)
-                    k = len(inputs)
-                    adjoints[q] = [torch.zeros_like(s) if g is None else g.detach() for s, g in zip(inputs, grads[:k])]
-                    if grads[k] is not None:
-                        meta[q].index_add_(0, index.to(meta.device), grads[k].detach())
-                    for name, g in zip(context, grads[k + 1:]):
-                        if g is not None:
-                            context_grads[q][name] += g.detach()
+                k = len(inputs)
+                for group in _query_groups(m, batched_queries):
+                    if len(group) > 1:  # the queries' vector-Jacobian products in one vmapped call
+                        stacked = [torch.stack([adjoints[q][i] for q in group]) for _, i in used]
+                        batched = torch.autograd.grad([o for o, _ in used], wrt, grad_outputs=stacked, retain_graph=True,
+                                                      allow_unused=True, is_grads_batched=True)
+                        per_query = [[None if g is None else g[j] for g in batched] for j in range(len(group))]
+                    else:
+                        per_query = [torch.autograd.grad([o for o, _ in used], wrt, retain_graph=True, allow_unused=True,
+                                                         grad_outputs=[adjoints[group[0]][i] for _, i in used])]
+                    for q, grads in zip(group, per_query):
+                        adjoints[q] = [torch.zeros_like(s) if g is None else g.detach() for s, g in zip(inputs, grads[:k])]
+                        if grads[k] is not None:
+                            meta[q].index_add_(0, index.to(meta.device), grads[k].detach())
+                        for name, g in zip(context, grads[k + 1:]):
+                            if g is not None:
+                                context_grads[q][name] += g.detach()
                 del outputs, used
             del states
     return meta, adjoints, context_grads
@@ -293,6 +307,7 @@ def magic_scores(
     device: torch.device | str = "cpu",
     dtype: torch.dtype | None = None,
     batch_size: int = 64,
+    query_batch: int = DEFAULT_BATCHED_QUERIES,
 ) -> Tensor:
     """MAGIC scores of every (query, training example) pair: ``s * (-d f(x) / d w_z)`` through the whole run.
 
@@ -308,6 +323,8 @@ def magic_scores(
         device: device of the computation.
         dtype: floating dtype of the computation (default: the model's).
         batch_size: examples per batch of the queries' measurement gradients.
+        query_batch: queries carried back through each step together (one vmapped vector-Jacobian
+            product; memory grows with it); 1: one by one.
 
     Returns:
         Tensor ``[m, n]`` on ``device``; positive means removing ``z`` from training makes ``x`` worse.
@@ -315,13 +332,15 @@ def magic_scores(
     Raises:
         InvalidArgumentError: a bad argument, or a recipe whose replay does not end at ``model``.
     """
+    check_positive_int("query_batch", query_batch)
     replay, schedule, segment, data = _prepared(task, model, train_data, training, segment_steps, replay_tolerance,
                                                 device, dtype, "training")
     saved, state = _forward(replay, schedule, segment)
     final = _check_replay(replay, state, model, replay_tolerance, "training")
     queries = gradient_matrix(task, model, query_data, replay.names, kind="measurement", batch_size=batch_size,
                               device=device, dtype=final.dtype)
-    meta, _, _ = _backward(replay, schedule, saved, segment, num_examples(data), _query_adjoints(queries, state, len(replay.names)))
+    meta, _, _ = _backward(replay, schedule, saved, segment, num_examples(data), _query_adjoints(queries, state, len(replay.names)),
+                           batched_queries=query_batch)
     return -meta * measurement_sign(task)
 
 

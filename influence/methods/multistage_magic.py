@@ -34,8 +34,17 @@ from torch.utils.data import Dataset
 from influence.batches import num_examples
 from influence.exceptions import invalid
 from influence.gradients.per_example import gradient_matrix, measurement_sign
-from influence.methods.magic import TrainingRecipe, _backward, _check_replay, _forward, _prepared, _query_adjoints
+from influence.methods.magic import (
+    DEFAULT_BATCHED_QUERIES,
+    TrainingRecipe,
+    _backward,
+    _check_replay,
+    _forward,
+    _prepared,
+    _query_adjoints,
+)
 from influence.task import Task
+from influence.validation import check_positive_int
 
 DEFAULT_SHARED: dict[str, str] = {"embedding.weight": "embedding.weight"}
 
@@ -57,6 +66,7 @@ def multistage_magic_scores(
     device: torch.device | str = "cpu",
     dtype: torch.dtype | None = None,
     batch_size: int = 64,
+    query_batch: int = DEFAULT_BATCHED_QUERIES,
 ) -> Tensor:
     """Multi-stage MAGIC scores of every (query, pretraining example) pair.
 
@@ -75,7 +85,7 @@ def multistage_magic_scores(
             the ``"fixed"`` mode.
         shared: ``{finetuned name: pretrained name}`` of the carried parameters (default
             ``{"embedding.weight": "embedding.weight"}``).
-        segment_steps, replay_tolerance, device, dtype, batch_size: as in
+        segment_steps, replay_tolerance, device, dtype, batch_size, query_batch: as in
             :func:`~influence.methods.magic.magic_scores` (for both runs).
 
     Returns:
@@ -85,6 +95,7 @@ def multistage_magic_scores(
     Raises:
         InvalidArgumentError: a bad argument, or a recipe whose replay does not end at its model.
     """
+    check_positive_int("query_batch", query_batch)
     shared = dict(DEFAULT_SHARED if shared is None else shared)
     ft_params, pt_params = dict(finetuned_model.named_parameters()), dict(pretrained_model.named_parameters())
     for ft_name, pt_name in shared.items():
@@ -111,7 +122,7 @@ def multistage_magic_scores(
     trained_size = sum(t.numel() for t in ft_state[:k])
     _, initial_adjoints, context_grads = _backward(
         ft_replay, ft_schedule, ft_saved, ft_segment, num_examples(ft_data),
-        _query_adjoints(queries[:, :trained_size], ft_state, k))
+        _query_adjoints(queries[:, :trained_size], ft_state, k), batched_queries=query_batch)
     sensitivity: list[dict[str, Tensor]] = []
     for q in range(queries.shape[0]):
         total: dict[str, Tensor] = {}
@@ -145,7 +156,8 @@ def multistage_magic_scores(
             if isinstance(value, Tensor):
                 pieces[pt_replay.names.index(pt_name)] = value.to(pieces[0].dtype)
         adjoints.append(pieces)
-    meta, _, _ = _backward(pt_replay, pt_schedule, pt_saved, pt_segment, num_examples(pt_data), adjoints)
+    meta, _, _ = _backward(pt_replay, pt_schedule, pt_saved, pt_segment, num_examples(pt_data), adjoints,
+                           batched_queries=query_batch)
     return -meta * measurement_sign(finetune_task)
 
 
