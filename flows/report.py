@@ -89,6 +89,8 @@ def build_report(settings: PipelineSettings, ws: Workspace, extra_tags: dict[str
         sections: dict[str, list[dict]] = {qid: [] for qid in query_ids}
         for row in SCORE_STAGES:
             stage, source, title = row.name, row.source, row.title
+            if not row.is_enabled(settings):  # turned off by its setting: no scores to show
+                continue
             for mode in settings.finetune.modes:
                 scores = x.scores(stage, mode)  # float32, one matrix at a time; the figures keep a bounded sample
                 loaded[f"{title} ({mode})"] = figure_sample(scores)

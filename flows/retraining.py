@@ -230,6 +230,12 @@ def deletion_plan(x: Experiment) -> Any:
                          seeds=retraining_seeds(x), seed=x.settings.seed)
 
 
+def pretraining_methods(x: Experiment) -> list[str]:
+    """The pretraining-data methods the pretraining case deletion checks: ``multistage``, and
+    ``multistage_magic`` when ``attribution.multistage_magic`` turns its stage on."""
+    return ["multistage"] + (["multistage_magic"] if x.settings.attribution.multistage_magic else [])
+
+
 def pretrain_deletion_plan(x: Experiment) -> Any:
     """The pretraining-data case deletion's retrainings, from the multi-stage scores."""
     from influence.evaluation.case_deletion import plan_deletion
@@ -237,7 +243,7 @@ def pretrain_deletion_plan(x: Experiment) -> Any:
     e = x.settings.evaluation
     n_pretrain = len(x.split("pretrain"))
     ks = sorted({max(1, round(f * n_pretrain)) for f in e.pretrain_k_fractions})
-    return plan_deletion({"multistage": x.checked_scores("multistage")}, n_train=n_pretrain, k=ks, kinds=e.kinds,
+    return plan_deletion({method: x.checked_scores(method) for method in pretraining_methods(x)}, n_train=n_pretrain, k=ks, kinds=e.kinds,
                          random_repeats=e.random_repeats, seeds=retraining_seeds(x), seed=x.settings.seed)
 
 
@@ -271,7 +277,7 @@ def planned(x: Experiment) -> list:
 def deletion_results(x: Experiment, plan: Any, measured: dict[str, torch.Tensor]) -> StageResult:
     """Verdicts of a case-deletion check from its retrainings' measurements ``{key: [Q, 2]}`` (``deletion.json``,
     and the plan's sizes in ``plan.json``)."""
-    methods = x.settings.evaluation.methods if x.stage == "deletion" else ["multistage"]
+    methods = x.settings.evaluation.methods if x.stage == "deletion" else pretraining_methods(x)
     result = StageResult(x.stage)
     checks = plan.results(measured, extra_name="probability")
     report = [dict(check.to_dict(), fraction=check.k / plan.n_train) for check in checks]
@@ -294,6 +300,6 @@ def deletion_results(x: Experiment, plan: Any, measured: dict[str, torch.Tensor]
 
 
 __all__ = [
-    "deletion_plan", "deletion_results", "finetune_without", "groups", "lds_plan", "measure", "measure_all", "planned", "pretrain_deletion_plan",
+    "deletion_plan", "deletion_results", "finetune_without", "groups", "pretraining_methods", "lds_plan", "measure", "measure_all", "planned", "pretrain_deletion_plan",
     "pretrain_without", "retrain", "retrain_group", "retraining_seeds", "runs_folder",
 ]

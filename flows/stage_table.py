@@ -115,6 +115,18 @@ def _finetune_recipe(x: Any, mode: str) -> Any:
     return TrainingRecipe(**finetune_recipe(x, mode))
 
 
+def _multistage_magic(x: Any, mode: str) -> Any:
+    """Multi-stage MAGIC of the queries over the pretraining sentences, through both recorded runs of ``mode``."""
+    from flows.training import finetune_recipe, pretrain_recipe
+    from influence.methods.magic import TrainingRecipe
+    from influence.methods.multistage_magic import multistage_magic_scores
+
+    return multistage_magic_scores(
+        x.pretrain_task, x.pretrained(), x.split("pretrain"), x.query_task, x.finetuned(mode), x.split("train"),
+        x.split("queries"), pretraining=TrainingRecipe(**pretrain_recipe(x)),
+        finetuning=TrainingRecipe(**finetune_recipe(x, mode)), shared=x.shared(), device=x.device, batch_size=x.batch(256))
+
+
 STAGES: tuple[Stage, ...] = (
     Stage("data", params=tuple(f"data.{name}" for name in DATA_STAGE_PARAMS),
           files=lambda s: [path for source, path in ((s.data.finetune_source, s.data.finetune_file),
@@ -144,10 +156,13 @@ STAGES: tuple[Stage, ...] = (
     Stage("magic", params=(*SCORE_PARAMS, "finetune", "model"), inputs=SCORE_INPUTS, pool="gpu", method="magic",
           source="finetuning", title="MAGIC",
           score=lambda x, mode: _attribute(x, mode, method="magic", training=_finetune_recipe(x, mode), batch_size=x.batch(256))),
+    Stage("multistage_magic", params=(*SCORE_PARAMS, "pretrain", "finetune", "model", "attribution.multistage_magic"),
+          inputs=SCORE_INPUTS, pool="gpu", method="multistage_magic", source="pretraining", title="multi-stage MAGIC",
+          in_page=True, enabled=lambda s: s.attribution.multistage_magic, score=_multistage_magic),
     Stage("deletion", params=("seed", "finetune", "evaluation"), inputs=("features", "pretrain", "finetune", CHECKED),
           retrains="finetune", enabled=lambda s: s.evaluation.enabled),
-    Stage("pretrain_deletion", params=("seed", "pretrain", "finetune", "evaluation"),
-          inputs=("features", "pretrain", "finetune", "multistage"), retrains="pretrain",
+    Stage("pretrain_deletion", params=("seed", "pretrain", "finetune", "evaluation", "attribution.multistage_magic"),
+          inputs=("features", "pretrain", "finetune", "multistage", "multistage_magic"), retrains="pretrain",
           enabled=lambda s: s.evaluation.pretrain_deletion),
     Stage("lds", params=("seed", "finetune", "evaluation"), inputs=("features", "pretrain", "finetune", CHECKED),
           retrains="finetune", enabled=lambda s: s.evaluation.lds),

@@ -105,6 +105,16 @@ def _finetune_arguments(x: Experiment, mode: str, model: Any, pretrained: Any, s
             "trainable": x.trainable(mode, model), "l2_names": list(penalty.l2_names), "proximity": penalty.proximity}
 
 
+def pretrain_recipe(x: Experiment) -> dict[str, Any]:
+    """The pretraining stage's run as the fields of a :class:`~influence.methods.magic.TrainingRecipe` (what
+    multi-stage MAGIC replays): the fresh language model's initial state and the very arguments :func:`pretrain` trains with."""
+    p = x.settings.pretrain
+    model = x.new_language_model(None)
+    state = {name: value.detach().clone() for name, value in model.state_dict().items()}
+    return {"initial_state": state, "epochs": p.epochs, "batch_size": p.batch_size, "learning_rate": p.learning_rate,
+            "seed": x.settings.seed, "optimizer": "adam", "l2": p.l2}
+
+
 def finetune_recipe(x: Experiment, mode: str) -> dict[str, Any]:
     """The finetuning stage's run in ``mode`` as the fields of a :class:`~influence.methods.magic.TrainingRecipe`
     (what MAGIC replays): the fresh classifier's initial state and the very arguments :func:`finetune` trains with."""
@@ -114,4 +124,4 @@ def finetune_recipe(x: Experiment, mode: str) -> dict[str, Any]:
     return {"initial_state": state, **_finetune_arguments(x, mode, model, pretrained, None)}
 
 
-__all__ = ["finetune", "finetune_recipe", "pretrain", "progress", "resume_or_replace"]
+__all__ = ["finetune", "finetune_recipe", "pretrain", "pretrain_recipe", "progress", "resume_or_replace"]

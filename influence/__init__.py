@@ -1,5 +1,5 @@
 """Training-data attribution for PyTorch models: influence functions, multi-stage influence,
-TracIn and TracIn-WE.
+TracIn and TracIn-WE, MAGIC and multi-stage MAGIC.
 
 Describe a model with a :class:`Task` (per-example training loss and query measurement), then::
 
@@ -9,7 +9,7 @@ Every score is oriented the same way: positive means that removing the training 
 make the query worse (a proponent).
 """
 
-from influence.api import METHODS, TrainingRecipe, attribute, multistage, self_influence, tracin_we_words
+from influence.api import METHODS, TrainingRecipe, attribute, multistage, multistage_magic, self_influence, tracin_we_words
 from influence.task import ClassificationTask, LanguageModelingTask, Task
 
 __all__ = [
@@ -20,6 +20,7 @@ __all__ = [
     "TrainingRecipe",
     "attribute",
     "multistage",
+    "multistage_magic",
     "self_influence",
     "tracin_we_words",
 ]

@@ -26,6 +26,7 @@ from influence.gradients.projection import RandomProjector
 from influence.methods.influence_function import influence_scores
 from influence.methods.magic import TrainingRecipe, magic_scores
 from influence.methods.multistage import multistage_scores
+from influence.methods.multistage_magic import multistage_magic_scores
 from influence.methods.similarity import similarity_scores
 from influence.methods.tracin import tracin_scores
 from influence.methods.tracin_we import tracin_we_scores, tracin_we_words
@@ -47,6 +48,7 @@ _OPTIONS: dict[str, tuple[str, ...]] = {
 }
 
 multistage = multistage_scores
+multistage_magic = multistage_magic_scores
 
 # storage dtypes a gradient cache accepts (``cache_dtype``)
 CACHE_DTYPES: tuple[torch.dtype, ...] = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
@@ -241,4 +243,5 @@ def self_influence(task: Task, model: nn.Module, train_data: Dataset | DataLoade
     return attribute(task, model, train_data, None, **options)
 
 
-__all__ = ["CACHE_DTYPES", "METHODS", "TrainingRecipe", "attribute", "multistage", "self_influence", "tracin_we_words"]
+__all__ = ["CACHE_DTYPES", "METHODS", "TrainingRecipe", "attribute", "multistage", "multistage_magic", "self_influence",
+           "tracin_we_words"]

@@ -26,6 +26,7 @@ HASHED = {
     "tracin_last": ("*.safetensors",),
     "grad_cos": ("*.safetensors",),
     "magic": ("*.safetensors",),
+    "multistage_magic": ("*.safetensors",),
     "deletion": ("deletion.json",),
     "pretrain_deletion": ("deletion.json",),
     "lds": ("lds.json",),

@@ -33,7 +33,8 @@ def test_dvc_repro_runs_every_stage_and_the_exact_solver_agrees_with_cg(project)
     from flows.settings import with_overrides, write_settings
     from tests.stage_digests import stage_digests
 
-    nightly = {"evaluation": {"lds": True, "lds_subsets": 4, "lds_small_subsets": 4, "pretrain_deletion": True}}  # every stage computes
+    nightly = {"attribution": {"multistage_magic": True},  # every stage computes
+               "evaluation": {"lds": True, "lds_subsets": 4, "lds_small_subsets": 4, "pretrain_deletion": True}}
     write_settings(with_overrides(load_settings(project / "params.yaml"), nightly), project / "params.yaml")
     proc = subprocess.run([DVC, "repro"], cwd=project, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -22,7 +22,7 @@ def test_table_is_consistent_and_every_list_is_derived_from_it():
     with pytest.raises(SystemExit):
         cli.build_parser().parse_args(["stage", "no_such_stage"])
     assert set(pipeline.CPU_STAGES) | set(GPU_STAGES) == set(NAMES) - {"data", "report"}
-    assert GPU_STAGES == ("gradients", "influence", "multistage", "tracin_we", "tracin_last", "grad_cos", "magic")
+    assert GPU_STAGES == ("gradients", "influence", "multistage", "tracin_we", "tracin_last", "grad_cos", "magic", "multistage_magic")
     literal = EvaluationSettings.model_fields["methods"].annotation.__args__[0].__args__
     assert tuple(literal) == CHECKED_METHODS == ("if", "tracin_we", "tracin_last", "grad_cos", "magic")
     for row in STAGES:  # every row runs through an entry point that exists
