@@ -89,7 +89,7 @@ def checkout_data_task(root: Path, data_rev: str) -> dict[str, str]:
 def plan_task(stage: str, settings: PipelineSettings, root: Path) -> tuple[list[list], Path]:
     """The stage's retrainings in the groups trained together, and the folder where each one's measurements are saved."""
     x = Experiment.for_stage(stage, settings, Workspace(root))
-    return retraining.groups(x, retraining.planned(x)), retraining.runs_folder(x, RETRAINING_STAGES[stage])
+    return retraining.groups(x, retraining.planned(x), RETRAINING_STAGES[stage]), retraining.runs_folder(x, RETRAINING_STAGES[stage])
 
 
 @task(task_run_name="retrain-{stage}-{group[0].key}")

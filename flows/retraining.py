@@ -105,15 +105,28 @@ def retrain(x: Experiment, retraining: Any, scope: str = "finetune", num_threads
     return found
 
 
-def groups(x: Experiment, retrainings: list) -> list[list]:
-    """The retrainings in the groups that are trained together (``evaluation.retrain_group`` at most each).
+MAX_STACKED_PARAMETERS = 8_000_000  # parameters of all members of a group together (x4 with gradients and Adam's moments)
 
-    A group holds retrainings of one seed (they share its initial state and data order), in plan
-    order; the full-data baseline of the run's own seed is alone (it is the finetuned model itself).
-    The groups depend on the whole plan only, never on what is saved already, so a re-run after a kill
-    recomputes an unfinished group with the same members (and the same bits).
+
+def stacked_group_size(requested: int, n_parameters: int) -> int:
+    """How many retrainings of a model with ``n_parameters`` are trained together: ``requested`` at most, and
+    no more than :data:`MAX_STACKED_PARAMETERS` stacked parameters (a transformer like MiniLM: one at a time)."""
+    return max(1, min(requested, MAX_STACKED_PARAMETERS // max(1, n_parameters)))
+
+
+def groups(x: Experiment, retrainings: list, scope: str = "finetune") -> list[list]:
+    """The retrainings in the groups that are trained together.
+
+    At most ``evaluation.retrain_group`` each, fewer for a large model (:func:`stacked_group_size` of the
+    largest model the scope trains). A group holds retrainings of one seed (they share its initial state
+    and data order), in plan order; the full-data baseline of the run's own seed is alone (it is the
+    finetuned model itself). The groups depend on the whole plan, the settings and the models only, never
+    on what is saved already, so a re-run after a kill recomputes an unfinished group with the same
+    members (and the same bits).
     """
-    size, own = x.settings.evaluation.retrain_group, x.settings.seed
+    models = [x.finetuned(x.settings.evaluation.mode)] + ([x.pretrained()] if scope == "pretrain" else [])
+    largest = max(sum(p.numel() for p in model.parameters()) for model in models)
+    size, own = stacked_group_size(x.settings.evaluation.retrain_group, largest), x.settings.seed
     alone = [[r] for r in retrainings if not r.removed and r.seed == own]
     rest = [r for r in retrainings if r.removed or r.seed != own]
     found: list[list] = []
@@ -210,7 +223,7 @@ def measure_all(x: Experiment, retrainings: list, scope: str = "finetune") -> di
     """Run (or read back) every retraining, group after group (:func:`groups`): ``{key: [Q, 2]}``."""
     runs = runs_folder(x, scope)
     measured, done = {}, 0
-    for group in groups(x, retrainings):
+    for group in groups(x, retrainings, scope):
         done += len(group)
         print(f"{x.stage}: retrainings {done - len(group) + 1}-{done}/{len(retrainings)} (seed {group[0].seed})")
         for found in retrain_group(x, group, scope, runs=runs):
@@ -300,6 +313,6 @@ def deletion_results(x: Experiment, plan: Any, measured: dict[str, torch.Tensor]
 
 
 __all__ = [
-    "deletion_plan", "deletion_results", "finetune_without", "groups", "pretraining_methods", "lds_plan", "measure", "measure_all", "planned", "pretrain_deletion_plan",
+    "MAX_STACKED_PARAMETERS", "deletion_plan", "deletion_results", "finetune_without", "groups", "stacked_group_size", "pretraining_methods", "lds_plan", "measure", "measure_all", "planned", "pretrain_deletion_plan",
     "pretrain_without", "retrain", "retrain_group", "retraining_seeds", "runs_folder",
 ]

@@ -223,6 +223,8 @@ def test_retraining_without_removals_reproduces_both_stages(project: Path, prefe
             torch.testing.assert_close(torch.tensor(a["measured"]), torch.tensor(b["measured"]), rtol=1e-4, atol=1e-5)
         assert together[0]["measured"] != together[2]["measured"]  # the removal changes the run
         assert sorted(p.name for p in (ws.root / f"grouped-{scope}").iterdir()) == sorted(f"{r.key}.json" for r in group)
+    assert retraining.stacked_group_size(8, 200_000) == 8 and retraining.stacked_group_size(8, 22_700_000) == 1
+    assert retraining.stacked_group_size(8, 2_000_000) == 4
     grouped = retraining.groups(x, [Retraining((), settings.seed), *group, Retraining((7,), settings.seed)])
     assert [[r.key for r in g] for g in grouped] == [[Retraining((), settings.seed).key], [Retraining((7,), settings.seed).key],
                                                       [r.key for r in group]]
