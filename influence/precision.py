@@ -32,6 +32,14 @@ def is_half(dtype: torch.dtype) -> bool:
     return dtype in GRADIENT_DTYPES
 
 
+def _float32_output_mm(left: Tensor, right: Tensor) -> Tensor | None:
+    """``left @ right^T`` by torch's float32-output half-precision kernel, or ``None`` where this torch lacks it."""
+    try:
+        return torch.mm(left, right.T, out_dtype=torch.float32)
+    except (TypeError, RuntimeError, NotImplementedError):
+        return None
+
+
 def product_t(left: Tensor, right: Tensor) -> Tensor:
     """``left @ right^T`` ``[m, n]`` for ``left`` ``[m, P]`` and ``right`` ``[n, P]`` of one dtype.
 
@@ -41,10 +49,9 @@ def product_t(left: Tensor, right: Tensor) -> Tensor:
     if not is_half(left.dtype):
         return left @ right.T
     if left.is_cuda:
-        try:
-            return torch.mm(left, right.T, out_dtype=torch.float32)
-        except (TypeError, RuntimeError, NotImplementedError):  # a torch without the float32-output kernel
-            pass
+        product = _float32_output_mm(left, right)
+        if product is not None:
+            return product
     if left.dtype == torch.float16:  # a float16 result would overflow above 65,504: widen (exact) and multiply
         return left.float() @ right.float().T
     return (left @ right.T).float()

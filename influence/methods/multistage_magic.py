@@ -43,10 +43,9 @@ from influence.methods.magic import (
     _prepared,
     _query_adjoints,
 )
+from influence.methods.multistage import DEFAULT_SHARED, _check_shared
 from influence.task import Task
 from influence.validation import check_positive_int
-
-DEFAULT_SHARED: dict[str, str] = {"embedding.weight": "embedding.weight"}
 
 
 def multistage_magic_scores(
@@ -96,13 +95,7 @@ def multistage_magic_scores(
         InvalidArgumentError: a bad argument, or a recipe whose replay does not end at its model.
     """
     check_positive_int("query_batch", query_batch)
-    shared = dict(DEFAULT_SHARED if shared is None else shared)
-    ft_params, pt_params = dict(finetuned_model.named_parameters()), dict(pretrained_model.named_parameters())
-    for ft_name, pt_name in shared.items():
-        if ft_name not in ft_params or pt_name not in pt_params:
-            raise invalid("shared", {ft_name: pt_name}, "names of a finetuned and a pretrained parameter")
-        if ft_params[ft_name].shape != pt_params[pt_name].shape:
-            raise invalid(f"shape of {ft_name!r}", tuple(ft_params[ft_name].shape), f"that of {pt_name!r}")
+    shared = _check_shared(DEFAULT_SHARED if shared is None else shared, finetuned_model, pretrained_model)
     if isinstance(finetuning, TrainingRecipe) and finetuning.proximity is not None:
         unknown = sorted(set(finetuning.proximity.reference) - set(shared))
         if unknown:

@@ -38,10 +38,10 @@ from influence.batches import collate_dataset, num_examples, rows, to_device
 from influence.exceptions import InvalidArgumentError, invalid
 from influence.gradients.layout import select_parameters
 from influence.gradients.per_example import functional_state, task_function
-from influence.models.training import _permutation, intra_op_threads
+from influence.models.training import _permutation, check_proximity_shapes, check_schedule, intra_op_threads
 from influence.regularizers import Proximity, Regularizer
 from influence.task import Task
-from influence.validation import check_int_at_least, check_positive_float, check_positive_int
+from influence.validation import check_int_at_least, check_positive_int
 
 ADAM_BETAS = (0.9, 0.999)  # torch.optim.Adam's defaults, which train() uses
 ADAM_EPS = 1e-8
@@ -174,13 +174,7 @@ def train_without(
     Raises:
         InvalidArgumentError: a bad argument, or a model whose training step draws random numbers.
     """
-    check_int_at_least("epochs", epochs, 0)
-    check_int_at_least("batch_size", batch_size, 1)
-    if not isinstance(seed, int) or isinstance(seed, bool):
-        raise invalid("seed", seed, "an integer")
-    check_positive_float("learning_rate", learning_rate)
-    if optimizer not in ("adam", "sgd"):
-        raise invalid("optimizer", optimizer, "'adam' or 'sgd'")
+    check_schedule(epochs, batch_size, seed, learning_rate, optimizer)
     check_positive_int("group_size", group_size)
     if num_threads is not None:
         check_int_at_least("num_threads", num_threads, 1)
@@ -235,10 +229,7 @@ def _check_proximities(proximity, params, count: int, device) -> list[Proximity]
         if p.alpha != listed[0].alpha or set(p.reference) != set(listed[0].reference):
             raise invalid("proximity", f"alpha {p.alpha} over {sorted(p.reference)}",
                           f"the same alpha and names for every member ({listed[0].alpha} over {sorted(listed[0].reference)})")
-        for name, ref in p.reference.items():
-            if name not in params or params[name].shape != ref.shape:
-                shape = tuple(params[name].shape) if name in params else "absent"
-                raise invalid(f"proximity.reference[{name!r}]", tuple(ref.shape), f"the model's shape {shape}")
+        check_proximity_shapes(p, params)
     moved = [p.to(device) for p in listed]
     return moved if many else moved * count
 

@@ -56,6 +56,25 @@ from influence.task import Task, describe_task
 from influence.validation import check_int_at_least, check_positive_float
 
 
+def check_schedule(epochs: Any, batch_size: Any, seed: Any, learning_rate: Any, optimizer: Any) -> None:
+    """Refuse bad optimisation arguments of :func:`train` (and of the runs that repeat it), naming the first."""
+    check_int_at_least("epochs", epochs, 0)
+    check_int_at_least("batch_size", batch_size, 1)
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise invalid("seed", seed, "an integer")
+    check_positive_float("learning_rate", learning_rate)
+    if optimizer not in ("adam", "sgd"):
+        raise invalid("optimizer", optimizer, "'adam' or 'sgd'")
+
+
+def check_proximity_shapes(proximity: Proximity, params: Mapping[str, Tensor]) -> None:
+    """Refuse a proximity penalty whose reference names or shapes are not the model's parameters'."""
+    for name, ref in proximity.reference.items():
+        if name not in params or params[name].shape != ref.shape:
+            shape = tuple(params[name].shape) if name in params else "absent"
+            raise invalid(f"proximity.reference[{name!r}]", tuple(ref.shape), f"the model's shape {shape}")
+
+
 def _permutation(n: int, seed: int, epoch: int) -> Tensor:
     generator = torch.Generator().manual_seed((int(seed) * 1_000_003 + epoch) % (2**63))
     return torch.randperm(n, generator=generator)
@@ -163,13 +182,7 @@ def train(
         CacheMismatchError: ``checkpoint_dir`` holds a run made with other arguments.
         CorruptedArtifactError: a checkpoint or the resume state cannot be read.
     """
-    check_int_at_least("epochs", epochs, 0)
-    check_int_at_least("batch_size", batch_size, 1)
-    if not isinstance(seed, int) or isinstance(seed, bool):
-        raise invalid("seed", seed, "an integer")
-    check_positive_float("learning_rate", learning_rate)
-    if optimizer not in ("adam", "sgd"):
-        raise invalid("optimizer", optimizer, "'adam' or 'sgd'")
+    check_schedule(epochs, batch_size, seed, learning_rate, optimizer)
     if checkpoint_every is not None:
         check_int_at_least("checkpoint_every", checkpoint_every, 1)
         if checkpoint_dir is None:
@@ -190,10 +203,7 @@ def train(
         for name, param in params.items():
             param.requires_grad_(name in names)
         if proximity is not None:
-            for name, ref in proximity.reference.items():
-                if name not in params or params[name].shape != ref.shape:
-                    shape = tuple(params[name].shape) if name in params else "absent"
-                    raise invalid(f"proximity.reference[{name!r}]", tuple(ref.shape), f"the model's shape {shape}")
+            check_proximity_shapes(proximity, params)
             proximity = proximity.to(device)
         covered = names if l2_names is None else [n for n in select_parameters(model, l2_names) if n in names]
         regularizer = Regularizer(l2=l2, proximity=proximity, l2_names=tuple(covered))
