@@ -223,6 +223,50 @@ def test_rademacher_entries_and_norm_preservation():
     assert torch.allclose(ratio, torch.ones(3), atol=0.1)
 
 
+def test_sparse_projection_has_one_signed_entry_per_slice_and_equals_its_matrix():
+    """SJLT (Kane-Nelson block construction): every input row has s entries +-1/sqrt(s), one in each
+    of the s slices of the outputs; the sparse product equals g @ R, cached or not, in every dtype."""
+    a = RandomProjector(300, 10, seed=5, kind="sjlt", nonzeros=3, chunk_size=64)
+    r = a.matrix(dtype=torch.float64)
+    assert bool((r != 0).sum(dim=1).eq(3).all())
+    assert torch.allclose(r[r != 0].abs(), torch.full_like(r[r != 0], 3**-0.5))
+    slices = [(0, 3), (3, 6), (6, 10)]  # j * k // s
+    for lo, hi in slices:
+        assert bool((r[:, lo:hi] != 0).sum(dim=1).eq(1).all())
+    g = torch.randn(7, 300, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    close(a.project(g), g @ r)
+    uncached = RandomProjector(300, 10, seed=5, kind="sjlt", nonzeros=3, chunk_size=64, max_cached_bytes=0)
+    assert torch.equal(uncached.project(g), a.project(g)) and torch.equal(uncached.matrix(), a.matrix())
+    half = a.project(g.to(torch.bfloat16))
+    assert half.dtype == torch.bfloat16 and torch.allclose(half.double(), g.to(torch.bfloat16).double() @ r, rtol=0.02, atol=0.05)
+    assert not torch.equal(RandomProjector(300, 10, seed=6, kind="sjlt").matrix(), a.matrix())
+    with pytest.raises(InvalidArgumentError, match="nonzeros"):
+        RandomProjector(300, 2, seed=0, kind="sjlt", nonzeros=3)
+    with pytest.raises(InvalidArgumentError, match="'sjlt'"):
+        RandomProjector(300, 2, seed=0, kind="sparse")
+
+
+def test_sparse_projection_is_unbiased_with_the_gaussian_variance():
+    """Projected inner products over 400 seeds: mean within 4 standard errors of the true product, and
+    the spread within 25% of the Gaussian projection's (1/k)(|x|^2 |y|^2 + (x.y)^2)."""
+    generator = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 500, generator=generator, dtype=torch.float64)
+    x[1] = 0.6 * x[0] + 0.8 * x[1]
+    k, truth = 32, float(x[0] @ x[1])
+    estimates = torch.tensor([float(p[0] @ p[1]) for p in (
+        RandomProjector(500, k, seed=s, kind="sjlt").project(x) for s in range(400))], dtype=torch.float64)
+    expected_sd = ((x[0].norm() ** 2 * x[1].norm() ** 2 + truth**2) / k).sqrt().item()
+    assert abs(estimates.mean().item() - truth) < 4 * expected_sd / 20
+    assert 0.75 < estimates.std().item() / expected_sd < 1.25
+
+
+def test_auto_projection_is_gaussian_while_r_fits_and_sparse_above():
+    assert RandomProjector(16_384, 4_096, seed=0).kind == "gaussian"  # 256 MiB of float32
+    large = RandomProjector(16_385, 4_096, seed=0)
+    assert large.kind == "sjlt" and large.arguments["nonzeros"] == 4 and large.chunk_size == 65_536
+    assert "nonzeros" not in RandomProjector(10, 4, seed=0).arguments  # the dense kinds keep their old identity
+
+
 # -- cache ------------------------------------------------------------------------------------
 
 
@@ -429,8 +473,9 @@ def test_cuda_matches_cpu(tmp_path):
     gpu = gradient_matrix(task, model, data, names, batch_size=4, device="cuda")
     assert gpu.device.type == "cuda"
     close(gpu.cpu(), cpu)
-    projector = RandomProjector(cpu.shape[1], 5, seed=3, chunk_size=7)
-    close(projector.project(gpu).cpu(), projector.project(cpu))
+    for kind in ("gaussian", "sjlt"):
+        projector = RandomProjector(cpu.shape[1], 5, seed=3, kind=kind, chunk_size=7, nonzeros=2)
+        close(projector.project(gpu).cpu(), projector.project(cpu))
     objective = Objective(task, model, data, names, batch_size=4)
     on_gpu = Objective(task, model, data, names, batch_size=4, device="cuda")
     v = torch.randn(3, objective.n_parameters, dtype=torch.float64)

@@ -148,14 +148,19 @@ def test_index_scores_equal_the_one_call_api(problem, tmp_path, solver, options,
     torch.testing.assert_close(top.proponent_scores, expected.gather(1, order[:, :5]), rtol=1e-7, atol=1e-10)
 
 
-def test_projected_index_approximates_the_exact_scores(problem, tmp_path):
+@pytest.mark.parametrize("kind", ["gaussian", "sjlt"])
+def test_projected_index_approximates_the_exact_scores(problem, tmp_path, kind):
     model, train, queries = problem
     exact = attribute(TASK, model, train, queries, method="if", solver="exact", damping=DAMPING)
     index = AttributionIndex.fit(tmp_path / "p", TASK, model, train, solver="exact", damping=DAMPING,
-                                 projection_dim=2000, storage_dtype=torch.float64)
-    assert index.dim == 2000
-    correlation = torch.corrcoef(torch.stack([index.scores(TASK, model, queries).flatten(), exact.flatten()]))[0, 1]
+                                 projection_dim=2000, projection_kind=kind, storage_dtype=torch.float64)
+    assert index.dim == 2000 and index.projector.kind == kind
+    scores = index.scores(TASK, model, queries)
+    correlation = torch.corrcoef(torch.stack([scores.flatten(), exact.flatten()]))[0, 1]
     assert correlation > 0.95
+    reopened = AttributionIndex.load(tmp_path / "p")
+    assert reopened.projector.arguments == index.projector.arguments
+    assert torch.equal(reopened.scores(TASK, model, queries), scores)
 
 
 # -- the index on disk -----------------------------------------------------------------------------

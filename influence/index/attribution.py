@@ -117,6 +117,7 @@ class AttributionIndex:
         hessian_data: Dataset | DataLoader | None = None,
         projection_dim: int | str | None = "auto",
         projection_seed: int = 0,
+        projection_kind: str = "auto",
         shard_size: int = 8192,
         storage_dtype: torch.dtype = torch.float32,
         batch_size: int | None = None,
@@ -144,6 +145,9 @@ class AttributionIndex:
                 it whole; ``"auto"``: whole up to ``P = 16,384``, else 4,096 numbers (a relative error
                 of about 2% on each product, Johnson-Lindenstrauss).
             projection_seed: seed of the projection.
+            projection_kind: ``"auto"`` (Gaussian while ``R [P, projection_dim]`` fits 256 MiB, the sparse
+                Johnson-Lindenstrauss transform above), ``"gaussian"``, ``"rademacher"`` or ``"sjlt"``
+                (:class:`~influence.gradients.projection.RandomProjector`).
             shard_size: training examples per shard.
             storage_dtype: dtype of the stored rows (float64, float32, float16, bfloat16).
             batch_size: examples per gradient batch (``None``: :func:`~influence.batches.auto_batch_size`).
@@ -169,7 +173,8 @@ class AttributionIndex:
             if built.name not in STATEFUL_SOLVERS:
                 raise invalid("solver", built.name, "one of 'arnoldi', 'exact', 'ekfac', or None (conjugate gradient "
                               "and LiSSA keep no state that would precondition every training example once)")
-        projector = RandomProjector(p, projection_dim, seed=int(projection_seed)) if projection_dim else None
+        projector = (RandomProjector(p, projection_dim, seed=int(projection_seed), kind=projection_kind)
+                     if projection_dim else None)
         dataset, collate = _dataset(train_data)
         hessian_set = dataset if hessian_data is None else _dataset(hessian_data)[0]
         fields = {
@@ -253,7 +258,8 @@ class AttributionIndex:
         projector = None
         if projection is not None:
             projector = RandomProjector(projection["input_dim"], projection["output_dim"], seed=projection["seed"],
-                                        kind=projection["kind"], chunk_size=projection["chunk_size"])
+                                        kind=projection["kind"], chunk_size=projection["chunk_size"],
+                                        **({"nonzeros": projection["nonzeros"]} if "nonzeros" in projection else {}))
         return cls(store, solver, projector, list(manifest["names"]))
 
     # -- representations -----------------------------------------------------------------------
