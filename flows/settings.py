@@ -9,8 +9,10 @@ accepted values.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -21,7 +23,36 @@ from flows.stage_table import CHECKED_METHODS, SCORE_STAGES
 
 PARAMS_FILE = "params.yaml"
 OPT_IN_METHODS = ("magic",)  # checked only when evaluation.methods names them (the nightly deployment does)
+MAX_SEED = 2**31 - 1  # seeds: torch, numpy and Python all accept [0, 2^31)
+MAX_EXAMPLES = 100_000_000
+MAX_BATCH = 65_536
+MIN_TRAIN_EXAMPLES = 20  # data.finetune_train_examples: below this the 1% removals and the splits of the evidence are empty
 MethodName = Literal[CHECKED_METHODS]  # the finetuning score stages of flows/stage_table.py
+
+
+MODULE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*")
+
+
+def _check_names(field: str, names: list[str]) -> None:
+    bad = [n for n in names if not MODULE_NAME.fullmatch(n)]
+    if bad:
+        raise ValueError(f"{field}={names}: {bad} are not module or parameter names (e.g. 'encoder', 'head.weight')")
+
+
+@functools.lru_cache(maxsize=1)
+def cnn_parameter_names() -> tuple[str, ...]:
+    """The parameter names of the built-in family's classifier (built on the meta device: no memory)."""
+    import torch
+
+    from influence.models.text import TextClassifier
+
+    with torch.device("meta"):
+        return tuple(n for n, _ in TextClassifier(vocab_size=4, embed_dim=2, hidden_dim=2).named_parameters())
+
+
+def unknown_names(names: list[str], parameters: tuple[str, ...]) -> list[str]:
+    """The entries of ``names`` that select no parameter of ``parameters`` (as a module or parameter name)."""
+    return [n for n in names if not any(p == n or p.startswith(n + ".") for p in parameters)]
 
 
 class SettingsError(ValueError):
@@ -29,7 +60,7 @@ class SettingsError(ValueError):
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class DataSettings(_Section):
@@ -45,20 +76,23 @@ class DataSettings(_Section):
     pretrain_text_column: str = Field("text", min_length=1, title="Pretraining text column", description="Column of a CSV / JSON Lines corpus holding the documents.")
     pretrain_unit: Literal["sentences", "chunks"] = Field("sentences", title="Pretraining unit", description="The corpus is cut into 'sentences' (5 to 40 words, as the built-in news) or 'chunks' of data.chunk_words words; each is one pretraining example.")
     chunk_words: int = Field(32, ge=4, le=512, title="Words per chunk", description="Words per pretraining example when pretrain_unit is 'chunks'.")
-    split_seed: int = Field(13, title="Split seed", description="Seed that assigns whole groups (movies, or your grouping column's values) to train/validation/test.")
+    split_seed: int = Field(13, ge=0, le=MAX_SEED, title="Split seed", description="Seed that assigns whole groups (movies, or your grouping column's values) to train/validation/test.")
     train_fraction: float = Field(0.8, gt=0, lt=1, title="Train fraction", description="Fraction of movies in the finetuning train split.")
     validation_fraction: float = Field(0.1, gt=0, lt=1, title="Validation fraction", description="Fraction of movies in the validation split; the rest is test.")
-    pretrain_sentences: int = Field(6000, ge=100, title="Pretraining sentences", description="How many news sentences (a seeded sample of the corpus) pretrain the text model.")
-    finetune_train_examples: int = Field(0, ge=0, title="Finetuning train examples", description="Cap on the finetuning train split (a seeded sample); 0 keeps all.")
+    pretrain_sentences: int = Field(6000, ge=100, le=MAX_EXAMPLES, title="Pretraining sentences", description="How many news sentences (a seeded sample of the corpus) pretrain the text model.")
+    finetune_train_examples: int = Field(0, ge=0, le=MAX_EXAMPLES, title="Finetuning train examples", description="Cap on the finetuning train split (a seeded sample): 0 keeps all, else at least 20.")
     max_length: int = Field(32, ge=4, le=256, title="Max tokens", description="Texts are truncated/padded to this many tokens.")
-    vocab_min_count: int = Field(3, ge=1, title="Vocabulary min count", description="Words seen fewer times map to the unknown-word token `<unk>`.")
-    vocab_max_size: int = Field(5000, ge=100, title="Vocabulary size", description="Largest vocabulary, built from the pretraining sample and the finetuning train split.")
+    vocab_min_count: int = Field(3, ge=1, le=1_000_000, title="Vocabulary min count", description="Words seen fewer times map to the unknown-word token `<unk>`.")
+    vocab_max_size: int = Field(5000, ge=100, le=1_000_000, title="Vocabulary size", description="Largest vocabulary, built from the pretraining sample and the finetuning train split.")
 
     @model_validator(mode="after")
     def _fractions(self) -> "DataSettings":
         for source, name in ((self.finetune_source, "finetune_file"), (self.pretrain_source, "pretrain_file")):
             if source == "file" and not getattr(self, name).strip():
                 raise ValueError(f"{name} is empty: with the source 'file' it must name your file (e.g. data/user/examples.csv)")
+        if 0 < self.finetune_train_examples < MIN_TRAIN_EXAMPLES:
+            raise ValueError(f"finetune_train_examples={self.finetune_train_examples} must be 0 (keep all) or at least "
+                             f"{MIN_TRAIN_EXAMPLES}: the evidence removes 1% of the train split and retrains on the rest")
         if self.train_fraction + self.validation_fraction >= 1:
             raise ValueError(
                 f"train_fraction + validation_fraction = {self.train_fraction + self.validation_fraction} "
@@ -88,9 +122,9 @@ class PretrainSettings(_Section):
     hidden_dim: int = Field(64, ge=2, le=1024, title="Hidden size", description="Hidden width of the masked-word predictor.")
     window: int = Field(2, ge=1, le=8, title="Context window", description="Each word is predicted from this many neighbours on each side.")
     epochs: int = Field(3, ge=1, le=100, title="Epochs", description="Passes over the pretraining sentences.")
-    batch_size: int = Field(128, ge=1, title="Batch size", description="Sentences per step.")
-    learning_rate: float = Field(0.01, gt=0, title="Learning rate", description="Adam learning rate.")
-    l2: float = Field(1e-5, ge=0, title="L2", description="(l2/2)·||θ||² added to the pretraining loss (also in its Hessian).")
+    batch_size: int = Field(128, ge=1, le=MAX_BATCH, title="Batch size", description="Sentences per step.")
+    learning_rate: float = Field(0.01, gt=0, le=10, title="Learning rate", description="Adam learning rate.")
+    l2: float = Field(1e-5, ge=0, le=100, title="L2", description="(l2/2)·||θ||² added to the pretraining loss (also in its Hessian).")
 
 
 class FinetuneSettings(_Section):
@@ -101,12 +135,12 @@ class FinetuneSettings(_Section):
         description="'fixed': the pretrained embedding is frozen; 'updated': it is trained with the proximity penalty (alpha/2)·||W − W_pretrained||².",
     )
     hidden_dim: int = Field(32, ge=2, le=1024, title="Hidden size", description="Channels of the convolutional encoder.")
-    alpha: float = Field(1e-4, gt=0, title="Proximity alpha", description="Strength of the proximity penalty in 'updated' mode.")
+    alpha: float = Field(1e-4, gt=0, le=1e4, title="Proximity alpha", description="Strength of the proximity penalty in 'updated' mode.")
     epochs: int = Field(3, ge=1, le=100, title="Epochs", description="Passes over the finetuning train split.")
-    batch_size: int = Field(128, ge=1, title="Batch size", description="Examples per step.")
-    learning_rate: float = Field(0.01, gt=0, title="Learning rate", description="Adam learning rate.")
-    l2: float = Field(1e-4, ge=0, title="L2", description="(l2/2)·||θ||² on the trained parameters (also in the Hessian).")
-    checkpoint_every: int = Field(100, ge=1, title="Checkpoint every (steps)", description="Checkpoints for TracIn are saved every this many steps and at the end.")
+    batch_size: int = Field(128, ge=1, le=MAX_BATCH, title="Batch size", description="Examples per step.")
+    learning_rate: float = Field(0.01, gt=0, le=10, title="Learning rate", description="Adam learning rate.")
+    l2: float = Field(1e-4, ge=0, le=100, title="L2", description="(l2/2)·||θ||² on the trained parameters (also in the Hessian).")
+    checkpoint_every: int = Field(100, ge=1, le=10_000_000, title="Checkpoint every (steps)", description="Checkpoints for TracIn are saved every this many steps and at the end.")
 
 
 class AttributionSettings(_Section):
@@ -118,15 +152,15 @@ class AttributionSettings(_Section):
     multistage_magic: bool = Field(False, title="Multi-stage MAGIC", description="Also score the pretraining sentences by exact metagradients through the recorded pretraining and finetuning runs (both replayed; about two pretraining runs and one finetuning run per mode, plus the backward passes); checked by the pretraining case deletion beside the multi-stage influence function; off by default, on in the nightly deployment.")
     multistage_solver: Literal["cg", "exact", "arnoldi"] = Field("cg", title="Multi-stage finetuning solver", description="Inverse-Hessian solver of the finetuning half of multi-stage influence; in 'updated' mode its Hessian also covers the carried parameters (the CNN's whole embedding), beyond what 'exact' builds.")
     pretrain_solver: Literal["arnoldi", "cg", "ekfac"] = Field("arnoldi", title="Pretraining solver", description="Inverse-Hessian solver for the pretraining stage (too large for 'exact'): 'arnoldi' (top eigenpairs of the Hessian, Schioppa et al. 2022), 'cg', or 'ekfac' (eigenvalue-corrected Kronecker factors of the Fisher, per layer; nn.Linear and nn.Embedding parameters only, as Bao et al. 2025 use it for multi-stage influence on language models).")
-    damping: float = Field(0.01, ge=0, title="Damping", description="λ in (H + λI)⁻¹ for the finetuning Hessian (influence function, the finetuning half of multi-stage influence, IF self-influence); H is the Hessian of the regularised objective, which holds the L2 term already. In 'updated' mode the multi-stage finetuning solve uses at most alpha/10 (a larger damping shrinks its scores).")
-    pretrain_damping: float = Field(0.01, ge=0, title="Pretraining damping", description="λ for the pretraining Hessian (the pretraining half of multi-stage influence), added to the Hessian of the regularised pretraining objective.")
+    damping: float = Field(0.01, ge=0, le=1e6, title="Damping", description="λ in (H + λI)⁻¹ for the finetuning Hessian (influence function, the finetuning half of multi-stage influence, IF self-influence); H is the Hessian of the regularised objective, which holds the L2 term already. In 'updated' mode the multi-stage finetuning solve uses at most alpha/10 (a larger damping shrinks its scores).")
+    pretrain_damping: float = Field(0.01, ge=0, le=1e6, title="Pretraining damping", description="λ for the pretraining Hessian (the pretraining half of multi-stage influence), added to the Hessian of the regularised pretraining objective.")
     gauss_newton: bool = Field(True, title="Gauss-Newton (finetuning)", description="Use the Gauss-Newton Hessian for the finetuning stage (positive semi-definite even away from a minimum, where the true Hessian can be indefinite).")
     pretrain_gauss_newton: bool = Field(False, title="Gauss-Newton (pretraining)", description="Use the Gauss-Newton Hessian for the pretraining stage; Arnoldi keeps only positive eigenvalues of the true Hessian, so it can do without.")
-    cg_iterations: int = Field(100, ge=1, title="CG iterations", description="Most conjugate-gradient iterations per solve.")
-    hessian_examples: int = Field(1000, ge=10, title="Finetuning Hessian examples", description="Seeded sample of finetuning train examples whose mean-loss Hessian is used.")
-    pretrain_hessian_examples: int = Field(128, ge=10, title="Pretraining Hessian examples", description="Seeded sample of pretraining sentences whose mean-loss Hessian is used.")
-    arnoldi_iterations: int = Field(30, ge=2, title="Arnoldi iterations", description="Hessian-vector products of the Arnoldi iteration.")
-    arnoldi_rank: int = Field(20, ge=1, title="Arnoldi rank", description="Top eigenpairs kept by Arnoldi.")
+    cg_iterations: int = Field(100, ge=1, le=100_000, title="CG iterations", description="Most conjugate-gradient iterations per solve.")
+    hessian_examples: int = Field(1000, ge=10, le=MAX_EXAMPLES, title="Finetuning Hessian examples", description="Seeded sample of finetuning train examples whose mean-loss Hessian is used.")
+    pretrain_hessian_examples: int = Field(128, ge=10, le=MAX_EXAMPLES, title="Pretraining Hessian examples", description="Seeded sample of pretraining sentences whose mean-loss Hessian is used.")
+    arnoldi_iterations: int = Field(30, ge=2, le=10_000, title="Arnoldi iterations", description="Hessian-vector products of the Arnoldi iteration.")
+    arnoldi_rank: int = Field(20, ge=1, le=10_000, title="Arnoldi rank", description="Top eigenpairs kept by Arnoldi (at most arnoldi_iterations).")
     arnoldi_complement: Literal["none", "damping", "last"] = Field("none", title="Arnoldi complement", description="What Arnoldi applies outside its kept eigenvectors: 'none' (dropped, as in Schioppa et al.; an index row is the rank's numbers), 'damping' (1/λ) or 'last' (1/(λ + the smallest kept eigenvalue); an index row then also holds the gradient's whole complement).")
     if_params: list[str] = Field(["encoder", "head"], min_length=1, title="Influence-function parameters", description="Modules of the classifier whose parameters the finetuning influence function, gradient cosine and the finetuning half of multi-stage influence use (MiniLM: e.g. ['head'] or ['bert.encoder.layer.5', 'head']).")
     shared_params: list[str] = Field([], title="Multi-stage parameters", description="The carried parameters multi-stage influence traces back to pretraining (module names of the classifier, e.g. ['bert.encoder.layer.5']); empty: every parameter the family carries (the CNN's embedding; the whole MiniLM encoder, too large for a CPU). The report names them.")
@@ -135,6 +169,15 @@ class AttributionSettings(_Section):
     tf32: bool = Field(False, title="TF32 on GPUs", description="Let CUDA matmuls and convolutions use TensorFloat-32 (NVIDIA Ampere and later: about 10 bits of mantissa in each product, several times the float32 rate); off: full float32. No effect on the CPU.")
     gradient_dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", title="Gradient precision", description="Precision of the influence stage's per-example training gradients and their products with the queries (with a solver that keeps its state: the index rows): 'bfloat16' or 'float16' round each once and multiply with float32 accumulation, for half the memory traffic and the half-precision units (GPU tensor cores, AMX on recent Xeons; elsewhere it can be slower); the curvature fit and the solves stay in float32.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", title="Device", description="Where gradients, solves and scores run: 'auto' (CUDA when the worker has it), 'cpu', or 'cuda' (falls back to the CPU with a warning where there is none).")
+
+    @model_validator(mode="after")
+    def _rank_and_names(self) -> "AttributionSettings":
+        if self.arnoldi_rank > self.arnoldi_iterations:
+            raise ValueError(f"arnoldi_rank={self.arnoldi_rank} exceeds arnoldi_iterations={self.arnoldi_iterations}: "
+                             "Arnoldi keeps at most as many eigenpairs as it makes Hessian-vector products")
+        _check_names("if_params", self.if_params)
+        _check_names("shared_params", self.shared_params)
+        return self
 
 
 class EvaluationSettings(_Section):
@@ -183,6 +226,9 @@ class EvaluationSettings(_Section):
         bad = [f for f in self.pretrain_k_fractions if not 0 < f < 0.5]
         if bad:
             raise ValueError(f"pretrain_k_fractions {bad} must lie strictly between 0 and 0.5")
+        _check_names("mislabel_params", [n for n in self.mislabel_params if n != "all"])
+        if "all" in self.mislabel_params and len(self.mislabel_params) > 1:
+            raise ValueError(f"mislabel_params={self.mislabel_params}: ['all'] alone, or module names")
         low, high = self.lds_small_removals
         if not 0 < low <= high < 0.5:
             raise ValueError(f"lds_small_removals {self.lds_small_removals} must be [low, high] with 0 < low <= high < 0.5")
@@ -192,14 +238,14 @@ class EvaluationSettings(_Section):
 class TrackingSettings(_Section):
     """Where the report goes."""
 
-    experiment: str = Field("influence-pipeline", min_length=1, title="MLflow experiment", description="Experiment that holds the runs.")
+    experiment: str = Field("influence-pipeline", min_length=1, max_length=200, title="MLflow experiment", description="Experiment that holds the runs.")
     tracking_uri: str = Field("", title="MLflow tracking URI", description="Empty: $MLFLOW_TRACKING_URI when set (scripts/servers sets it for its worker), else a SQLite store mlruns.db inside the project folder.")
 
 
 class PipelineSettings(_Section):
     """Every setting of the pipeline (the sections of ``params.yaml``)."""
 
-    seed: int = Field(0, title="Seed", description="Seed of every model initialisation, data order and sample.")
+    seed: int = Field(0, ge=0, le=MAX_SEED, title="Seed", description="Seed of every model initialisation, data order and sample.")
     data: DataSettings = Field(default_factory=DataSettings, title="Data")
     model: ModelSettings = Field(default_factory=ModelSettings, title="Model")
     pretrain: PretrainSettings = Field(default_factory=PretrainSettings, title="Pretraining")
@@ -214,6 +260,16 @@ class PipelineSettings(_Section):
             raise ValueError(
                 f"evaluation.mode={self.evaluation.mode!r} is not among finetune.modes={self.finetune.modes}"
             )
+        if self.model.family == "cnn":  # other families' names are checked when the features stage builds them
+            parameters = cnn_parameter_names()
+            a, e = self.attribution, self.evaluation
+            for field, names in (("attribution.if_params", a.if_params), ("attribution.shared_params", a.shared_params),
+                                 ("evaluation.mislabel_params", [n for n in e.mislabel_params if n != "all"])):
+                unknown = unknown_names(list(names), parameters)
+                if unknown:
+                    modules = sorted({p.rsplit(".", 1)[0] for p in parameters})
+                    raise ValueError(f"{field}={list(names)}: {unknown} name no module of the 'cnn' classifier; "
+                                     f"its modules are {modules}")
         if self.evaluation.queries > self.attribution.queries:
             raise ValueError(
                 f"evaluation.queries={self.evaluation.queries} exceeds attribution.queries={self.attribution.queries}"
@@ -231,6 +287,8 @@ def _describe(error: dict[str, Any]) -> str:
     value = error.get("input")
     if error["type"] == "extra_forbidden":
         return f"{where}: unknown setting (value {value!r}); remove it or check its spelling"
+    if error["type"] == "value_error":  # a rule across fields: its message names them and their values
+        return f"{where}: {error['msg'].removeprefix('Value error, ')}"
     return f"{where} = {value!r}: {error['msg']}"
 
 
