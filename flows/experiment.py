@@ -22,7 +22,6 @@ import contextlib
 import logging
 import random
 import sys
-import threading
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -34,7 +33,6 @@ from flows.stage_table import stage as table_row
 from flows.workspace import Workspace
 
 log = logging.getLogger(__name__)
-INIT_LOCK = threading.Lock()  # torch's global generator seeds model initialisation: one thread at a time
 
 
 class UndeclaredInputError(LookupError):
@@ -47,12 +45,12 @@ def sample_indices(n: int, k: int, seed: int) -> list[int]:
 
 
 def _built(build, seed: int | None = None):
-    """``build()`` under :data:`INIT_LOCK`, after ``torch.manual_seed(seed)`` when a seed is given: every
-    model is built under the lock, since an unseeded build also draws from the global generator."""
-    with INIT_LOCK:
-        if seed is not None:
-            torch.manual_seed(seed)
-        return build()
+    """``build()`` with its initialisation drawn from a private generator seeded by ``seed`` (0 for a model whose
+    weights are loaded next): the weights ``torch.manual_seed(seed); build()`` gives, while torch's global
+    generator is never seeded nor read, so retrainings on parallel threads cannot shift each other's draws."""
+    from influence.models.seeding import build_seeded
+
+    return build_seeded(build, 0 if seed is None else seed)
 
 
 class Experiment:

@@ -223,6 +223,43 @@ def test_retraining_without_removals_reproduces_both_stages(project: Path, prefe
             torch.testing.assert_close(torch.tensor(a["measured"]), torch.tensor(b["measured"]), rtol=1e-4, atol=1e-5)
         assert together[0]["measured"] != together[2]["measured"]  # the removal changes the run
         assert sorted(p.name for p in (ws.root / f"grouped-{scope}").iterdir()) == sorted(f"{r.key}.json" for r in group)
+    # retrainings on parallel threads (as the retrainings flow runs them), while another thread keeps re-seeding
+    # and drawing from torch's global generator, equal the same retrainings run alone, bit for bit
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    def finetuned_state(removed, seed):
+        model, _ = training.finetune(x, mode, x.split("train"), None, seed=seed, num_threads=1, exclude=list(removed))
+        return {k: v.clone() for k, v in model.state_dict().items()}
+
+    jobs = [((), settings.seed + 1), ((0, 1, 2), settings.seed + 1), ((3, 4), settings.seed + 2), ((5,), settings.seed + 3),
+            ((6, 7, 8, 9), settings.seed + 2), ((), settings.seed + 3)]
+    alone_states = [finetuned_state(*job) for job in jobs]
+    pretrain_jobs = [Retraining((0, 1), settings.seed + 1), Retraining((2,), settings.seed + 2)]
+    alone_pretrain = [retraining.retrain(x, r, "pretrain", num_threads=1, runs=ws.root / "alone-threads")["measured"]
+                      for r in pretrain_jobs]
+    stop = threading.Event()
+
+    def hostile():
+        while not stop.is_set():
+            torch.manual_seed(12345)
+            torch.rand(256)
+
+    noise = threading.Thread(target=hostile)
+    noise.start()
+    try:
+        with ThreadPoolExecutor(max_workers=3) as pool:
+            threaded_states = list(pool.map(lambda job: finetuned_state(*job), jobs))
+            threaded_pretrain = list(pool.map(
+                lambda r: retraining.retrain(x, r, "pretrain", num_threads=1, runs=ws.root / "threaded")["measured"],
+                pretrain_jobs))
+    finally:
+        stop.set()
+        noise.join()
+    for job, a, b in zip(jobs, alone_states, threaded_states):
+        assert all(torch.equal(a[k], b[k]) for k in a), f"retraining {job} on a thread differs from alone"
+    assert threaded_pretrain == alone_pretrain
+    assert not all(torch.equal(alone_states[0][k], alone_states[5][k]) for k in alone_states[0])  # seeds matter
     assert retraining.stacked_group_size(8, 200_000) == 8 and retraining.stacked_group_size(8, 22_700_000) == 1
     assert retraining.stacked_group_size(8, 2_000_000) == 4
     grouped = retraining.groups(x, [Retraining((), settings.seed), *group, Retraining((7,), settings.seed)])

@@ -13,7 +13,9 @@ with finite differences (forward-over-reverse stays right), so the mask does tha
 The pad row is initialised to zeros; being masked, it never receives a data gradient.
 
 Parameters are initialised from torch's global random generator: seed it
-(``torch.manual_seed``) before building a model for a reproducible initialisation.
+(``torch.manual_seed``) before building a model for a reproducible initialisation, or build it
+inside :func:`influence.models.seeding.seeded_init` (the same weights, from a private generator:
+safe on parallel threads).
 """
 
 from __future__ import annotations
