@@ -17,6 +17,7 @@ from prefect import flow, get_run_logger, task
 
 from flows import explaining
 from flows.experiment import Experiment
+from flows.reach import check_tracking_uri, project_root
 from flows.settings import PARAMS_FILE, PipelineSettings, load_settings, validate_settings
 from flows.workspace import Workspace
 
@@ -66,8 +67,9 @@ def explain(
 
     check_positive_int("k", k)
     lines = explaining.parse_texts(texts)
-    root = str(Path(project_dir).resolve())
+    root = str(project_root(project_dir))
     settings = validate_settings(settings, "flow parameter 'settings'") if settings is not None else load_settings(Path(root) / PARAMS_FILE)
+    check_tracking_uri(settings.tracking.tracking_uri, Path(root))
     found = explain_task(settings, root, lines, model, mode, k)
     run_id = log_task(settings, root, found, mode)
     create_table_artifact([{c: r[c] for c in TABLE_COLUMNS} for r in found["rows"]], key="explanation",

@@ -37,6 +37,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows import dvc_file, publish, report, retraining, stage_cache
 from flows.experiment import Experiment
+from flows.reach import check_gpu_deployment, check_tracking_uri, project_root
 from flows.settings import PARAMS_FILE, PipelineSettings, load_settings, validate_settings, with_overrides
 from flows.stage_table import GPU_STAGES, NAMES, RETRAINING_STAGES
 from flows.stage_table import stage as table_row
@@ -183,7 +184,7 @@ def attribution(
     """
     import torch
 
-    root = Path(project_dir).resolve()
+    root = project_root(project_dir)
     settings = validate_settings(settings, "flow parameter 'settings'") if settings is not None else load_settings(root / PARAMS_FILE)
     logger = get_run_logger()
     if on_gpu_pool and not torch.cuda.is_available():
@@ -221,9 +222,11 @@ def pipeline(
     Returns:
         ``{"mlflow_run_id": ..., "report": path, "skipped": [stages]}``.
     """
-    root = Path(project_dir).resolve()
+    root = project_root(project_dir)
+    check_gpu_deployment(gpu_deployment)
     settings = validate_settings(settings, "flow parameter 'settings'") if settings is not None else load_settings(root / PARAMS_FILE)
     settings = with_overrides(settings, overrides, "flow parameter 'overrides'")
+    check_tracking_uri(settings.tracking.tracking_uri, root)
     logger = get_run_logger()
     skipped: list[str] = []
     if data_rev:

@@ -239,7 +239,20 @@ class TrackingSettings(_Section):
     """Where the report goes."""
 
     experiment: str = Field("influence-pipeline", min_length=1, max_length=200, title="MLflow experiment", description="Experiment that holds the runs.")
-    tracking_uri: str = Field("", title="MLflow tracking URI", description="Empty: $MLFLOW_TRACKING_URI when set (scripts/servers sets it for its worker), else a SQLite store mlruns.db inside the project folder.")
+    tracking_uri: str = Field("", max_length=2000, title="MLflow tracking URI", description="Empty: $MLFLOW_TRACKING_URI when set (scripts/servers sets it for its worker), else a SQLite store mlruns.db inside the project folder. Otherwise a SQLite file inside the project folder, or a URI the operator lists in $INFLUENCE_TRACKING_URIS; never with credentials (MLflow reads MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD).")
+
+    @model_validator(mode="after")
+    def _no_credentials(self) -> "TrackingSettings":
+        from urllib.parse import urlsplit
+
+        try:
+            parts = urlsplit(self.tracking_uri)
+        except ValueError as error:
+            raise ValueError(f"tracking_uri is not a URI ({error})") from None
+        if parts.username is not None or parts.password is not None:
+            raise ValueError("tracking_uri holds credentials (user:password@): they would be logged and shown with the "
+                             "settings; set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD where the worker runs instead")
+        return self
 
 
 class PipelineSettings(_Section):

@@ -146,5 +146,7 @@ def run_url(uri: str, experiment_id: str, run_id: str) -> str:
     For a tracking server it is the server's own page; for a SQLite store it is the page that
     ``mlflow ui --backend-store-uri <uri>`` serves on its default address (127.0.0.1:5000).
     """
-    base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+    from flows.reach import redact
+
+    base = redact(uri).rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
     return f"{base}/#/experiments/{experiment_id}/runs/{run_id}"

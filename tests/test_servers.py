@@ -152,8 +152,8 @@ def test_deployment_form_defaults_come_from_params_yaml(servers: Servers):
     assert schema["definitions"]["AttributionSettings"]["properties"]["measurement"]["enum"] == ["loss", "margin"]
 
 
-def _trigger_and_wait(servers: Servers, parameters: dict) -> str:
-    """Create a run of pipeline/on-demand as the UI's Run button does; wait until it ends Completed."""
+def _trigger_and_wait(servers: Servers, parameters: dict, expected: str = "COMPLETED") -> str:
+    """Create a run of pipeline/on-demand as the UI's Run button does; wait until it ends ``expected``."""
 
     deployment = _deployment(servers)
     response = _api("POST", 
@@ -169,7 +169,7 @@ def _trigger_and_wait(servers: Servers, parameters: dict) -> str:
             break
         time.sleep(2)
     print(f"flow run {flow_run_id}: {state} after {time.monotonic() - began:.1f} s")
-    assert state == "COMPLETED", (
+    assert state == expected, (
         f"flow run ended {state}; worker log:\n{servers.log('worker')}\ngpu worker log:\n{servers.log('gpu-worker')}"
     )
     return flow_run_id
@@ -471,6 +471,32 @@ def test_bad_parameter_is_refused_before_any_run(servers: Servers):
     print(response.text)
     assert response.status_code == 409 and "measurement" in response.text and "median" in response.text
     assert _run_count(servers, deployment["id"]) == before
+
+
+def _flow_run_logs(servers: Servers, flow_run_id: str) -> str:
+    body = {"logs": {"flow_run_id": {"any_": [flow_run_id]}}}
+    return "\n".join(r["message"] for r in _api("POST", f"{servers.prefect_url}/api/logs/filter", json=body,
+                                                 timeout=HTTP_TIMEOUT).json())
+
+
+def test_run_form_cannot_reach_another_folder_or_flow(servers: Servers, tmp_path):
+    """The form's free-text fields are checked against what the operator fixed: another project folder, another
+    flow as the GPU deployment, an unlisted tracking server: each run fails at once, saying why, and starts nothing."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    for field, value, said in (("project_dir", str(outside), "not this worker's project folder"),
+                               ("gpu_deployment", "pipeline/nightly", "not a deployment of the attribution flow"),
+                               ("tracking_uri", "http://evil.example:5000", "is not allowed here")):
+        parameters = _custom_parameters(servers)
+        if field == "tracking_uri":
+            parameters["settings"]["tracking"]["tracking_uri"] = value
+        else:
+            parameters[field] = value
+        flow_run_id = _trigger_and_wait(servers, parameters, expected="FAILED")
+        logs = _flow_run_logs(servers, flow_run_id)
+        assert said in logs, logs
+        assert _children(servers, flow_run_id) == []
+    assert list(outside.iterdir()) == []
 
 
 def test_restart_skips_nightly_runs_missed_while_stopped(servers: Servers):
