@@ -35,7 +35,7 @@ from prefect.runtime import flow_run
 from prefect.states import Completed
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows import dvc_file, publish, report, retraining, stage_cache
+from flows import dvc_file, publish, report, retraining, stage_cache, waits
 from flows.experiment import Experiment
 from flows.reach import check_gpu_deployment, check_tracking_uri, project_root
 from flows.settings import PARAMS_FILE, PipelineSettings, load_settings, validate_settings, with_overrides
@@ -44,6 +44,7 @@ from flows.stage_table import stage as table_row
 from flows.stages import run_stage
 from flows.versioning import checkout_data_revision, commit_data, dataset_hashes, resolve_revision, workspace_data_is_current
 from flows.workspace import StageResult, Workspace
+from flows.workspace_lock import hold_workspace
 
 CPU_STAGES = tuple(n for n in NAMES if n not in GPU_STAGES and n not in ("data", "report"))
 IO_RETRIES = {"retries": 2, "retry_delay_seconds": [5, 30]}
@@ -58,8 +59,16 @@ def dvc_slot(root: Path) -> Iterator[None]:
     name = f"dvc-{hashlib.sha256(str(root).encode()).hexdigest()[:12]}"
     with get_client(sync_client=True) as client:
         client.upsert_global_concurrency_limit_by_name(name, limit=1)
-    with concurrency(name, occupy=1, strict=True):
-        yield
+    limit, entered = waits.seconds(waits.DVC_SLOT_ENV, waits.DVC_SLOT_SECONDS), False
+    try:
+        with concurrency(name, occupy=1, strict=True, timeout_seconds=limit):
+            entered = True
+            yield
+    except TimeoutError:
+        if entered:  # raised inside the block: not ours to rename
+            raise
+        raise TimeoutError(f"waited {limit:.0f} s for the DVC slot of {root} ({name}): another DVC command of this "
+                           f"workspace held it all that time; ${waits.DVC_SLOT_ENV} sets the limit") from None
 
 
 @task(task_run_name="{stage}")
@@ -170,6 +179,7 @@ def attribution(
     project_dir: str = ".",
     force: bool = False,
     on_gpu_pool: bool = False,
+    workspace_token: str = "",
 ) -> list[str]:
     """The GPU stages: cache per-example gradients, solve, and score (influence, multi-stage, TracIn-WE).
 
@@ -178,6 +188,8 @@ def attribution(
         project_dir: the project folder whose workspace holds the finetuned models.
         force: re-run stages whose inputs are unchanged.
         on_gpu_pool: set by the ``gpu`` deployment: warn when this worker has no CUDA device.
+        workspace_token: set by the pipeline that started this run: it runs under that pipeline's hold of
+            the workspace (:mod:`flows.workspace_lock`); empty: this run takes the workspace itself.
 
     Returns:
         the stages that were skipped because their inputs were unchanged.
@@ -191,8 +203,9 @@ def attribution(
         logger.warning("this gpu worker has no CUDA device: the GPU stages fall back to the CPU")
     logger.info("GPU stages on device %s", Experiment(settings, Workspace(root)).device)
     skipped: list[str] = []
-    for stage in GPU_STAGES:
-        _run(stage, settings, root, force, skipped)
+    with hold_workspace(root, str(flow_run.get_name() or "attribution"), parent_token=workspace_token, say=logger.info):
+        for stage in GPU_STAGES:
+            _run(stage, settings, root, force, skipped)
     return skipped
 
 
@@ -228,6 +241,13 @@ def pipeline(
     settings = with_overrides(settings, overrides, "flow parameter 'overrides'")
     check_tracking_uri(settings.tracking.tracking_uri, root)
     logger = get_run_logger()
+    with hold_workspace(root, str(flow_run.get_name() or "pipeline"), say=logger.info) as token:
+        return _stages(settings, root, data_rev, gpu_deployment, force, token)
+
+
+def _stages(settings: PipelineSettings, root: Path, data_rev: str, gpu_deployment: str, force: bool, token: str) -> dict[str, object]:
+    """The body of :func:`pipeline`, run while it holds the workspace (``token``: its hold, handed to the GPU stages)."""
+    logger = get_run_logger()
     skipped: list[str] = []
     if data_rev:
         resolve_revision(root, data_rev)  # a bad revision stops the run before any work
@@ -246,16 +266,23 @@ def pipeline(
     if gpu_deployment:
         from prefect.deployments import run_deployment
 
+        limit = waits.seconds(waits.GPU_STAGES_ENV, waits.GPU_STAGES_SECONDS)
         child = run_deployment(
-            gpu_deployment, timeout=None, poll_interval=2, flow_run_name=f"{flow_run.get_name() or 'pipeline'}-gpu-stages",
+            gpu_deployment, timeout=limit, poll_interval=2, flow_run_name=f"{flow_run.get_name() or 'pipeline'}-gpu-stages",
             parameters={"settings": settings.model_dump(mode="json"), "project_dir": str(root), "force": force,
-                        "on_gpu_pool": True},
+                        "on_gpu_pool": True, "workspace_token": token},
         )
-        if not child.state or not child.state.is_completed():
-            raise RuntimeError(f"the GPU stages ({gpu_deployment}, flow run {child.name}) ended {child.state.name if child.state else 'unknown'}: see that flow run's logs")
+        if child.state is None or not child.state.is_final():
+            waits.cancel_flow_run(child.id)
+            raise TimeoutError(
+                f"the GPU stages ({gpu_deployment}, flow run {child.name}) did not end within {limit:.0f} s (state "
+                f"{child.state.name if child.state else 'unknown'}; cancelled): is a worker of its pool running "
+                f"(`scripts/servers status`)? ${waits.GPU_STAGES_ENV} sets the limit")
+        if not child.state.is_completed():
+            raise RuntimeError(f"the GPU stages ({gpu_deployment}, flow run {child.name}) ended {child.state.name}: see that flow run's logs")
         skipped += _skipped_in(child.id)
     else:
-        skipped += attribution(settings, str(root), force)
+        skipped += attribution(settings, str(root), force, workspace_token=token)
     ws, e = Workspace(root), settings.evaluation
     for stage in CPU_STAGES[CPU_STAGES.index("finetune") + 1:]:
         if stage in RETRAINING_STAGES and table_row(stage).is_enabled(settings) and (force or stage_cache.would_run(stage, settings, ws)):

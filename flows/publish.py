@@ -25,9 +25,19 @@ def _attributions(ws: Workspace) -> list[dict]:
         return list(csv.DictReader(handle))
 
 
+_MARKDOWN_SPECIAL = str.maketrans({c: "\\" + c for c in "\\`*_{}[]()#+-.!|~"} | {"<": "&lt;", ">": "&gt;", "&": "&amp;"})
+
+
 def _short(text: str, width: int = 90) -> str:
-    text = " ".join(text.split()).replace("|", "/")
+    """``text`` on one line, at most ``width`` characters."""
+    text = " ".join(text.split())
     return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def markdown_text(text: str, width: int = 90) -> str:
+    """Dataset text made inert for the markdown summary: one line, shortened, every markdown and HTML character
+    escaped (a review cannot add links, images, tables or tags to the page)."""
+    return _short(text, width).translate(_MARKDOWN_SPECIAL)
 
 
 def deletion_verdicts(ws: Workspace, stage: str = "deletion") -> list[dict]:
@@ -93,11 +103,12 @@ def summary_markdown(settings: PipelineSettings, ws: Workspace, mlflow_url: str,
         if not mine:
             continue
         first = mine[0]
-        lines += [f"### {qid} ({first['query_label']}; predicted {first['query_prediction']})", "", f"> {_short(first['query_text'], 200)}", ""]
+        lines += [f"### {markdown_text(qid)} ({markdown_text(first['query_label'])}; predicted {markdown_text(first['query_prediction'])})",
+                  "", f"> {markdown_text(first['query_text'], 200)}", ""]
         lines += ["| source | method | mode | rank | example | score |", "| --- | --- | --- | --- | --- | --- |"]
         for r in mine:
             if int(r["rank"]) <= SUMMARY_ROWS:
-                lines.append(f"| {r['source']} | {r['method']} | {r['mode']} | {r['rank']} | {_short(r['text'])} | {float(r['score']):.3g} |")
+                lines.append(f"| {r['source']} | {r['method']} | {r['mode']} | {r['rank']} | {markdown_text(r['text'])} | {float(r['score']):.3g} |")
         lines.append("")
     return "\n".join(lines)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 from pathlib import Path
 
 import numpy as np
@@ -15,14 +16,29 @@ from flows.versioning import data_version, dataset_hashes, git_revision, verify_
 from flows.workspace import StageResult, Workspace, timed
 from influence.storage import atomic_write
 
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r")  # a spreadsheet reads a cell that starts so as a formula
+
+
+def spreadsheet_safe(value):
+    """``value`` as a CSV cell no spreadsheet evaluates: text that starts like a formula (and is not a number)
+    gets a leading apostrophe, as OWASP recommends against CSV injection; numbers are left alone."""
+    if not isinstance(value, str) or not value.startswith(FORMULA_START):
+        return value
+    try:
+        float(value)
+        return value
+    except ValueError:
+        return "'" + value
+
 
 def _write_csv(rows: list[dict], path: Path) -> Path:
     from influence.reports.tables import COLUMNS
 
-    with open(path, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(COLUMNS))
-        writer.writeheader()
-        writer.writerows(rows)
+    buffer = io.StringIO(newline="")
+    writer = csv.DictWriter(buffer, fieldnames=list(COLUMNS))
+    writer.writeheader()
+    writer.writerows({k: spreadsheet_safe(v) for k, v in row.items()} for row in rows)
+    atomic_write(path, buffer.getvalue())
     return path
 
 

@@ -11,8 +11,10 @@ A stage's *fingerprint* is the sha256 of what it reads, all of it from its row o
 - the fingerprints of the stages whose outputs it reads (its ``inputs``), so a change anywhere
   upstream reaches every stage below it.
 
-A completed stage stores its fingerprint in ``artifacts/<stage>/result.json``. The next run skips
-the stage when the stored fingerprint equals the new one and its outputs exist. A stage that
+A completed stage stores its fingerprint in ``artifacts/<stage>/result.json``, with the manifest of
+its folder: every file's size, modification time and sha256. The next run skips the stage when the
+stored fingerprint equals the new one and every file of the manifest is still there with its bytes
+(a file whose size or time changed is hashed again; one that differs makes the stage run again). A stage that
 starts writes its fingerprint to ``artifacts/<stage>/.running`` and removes ``result.json``, so a
 killed run never leaves a result that claims its outputs; when it starts again with the same
 fingerprint it resumes from what the killed run left (checkpoints, gradient shards), and with
@@ -103,11 +105,60 @@ def recorded_fingerprint(ws: Workspace, stage: str) -> str:
         return ""
 
 
+MANIFEST = "files"  # key of result.info: {path relative to the stage folder: [size, mtime_ns, sha256]}
+_NOT_IN_MANIFEST = ("result.json", RUNNING)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def manifest(folder: Path) -> dict[str, list]:
+    """``{relative path: [size, mtime_ns, sha256]}`` of every file under ``folder`` but its ``result.json`` and marker."""
+    found = {}
+    for path in sorted(folder.rglob("*")):
+        name = path.relative_to(folder).as_posix()
+        if path.is_file() and name not in _NOT_IN_MANIFEST:
+            info = path.stat()
+            found[name] = [info.st_size, info.st_mtime_ns, _sha256(path)]
+    return found
+
+
+def manifest_problems(folder: Path, recorded: dict[str, list]) -> list[str]:
+    """What differs between ``folder`` and its recorded manifest: missing files and files with other bytes
+    (a file whose size and modification time match the record is taken as unchanged; another is hashed)."""
+    problems = []
+    for name, (size, mtime_ns, sha256) in recorded.items():
+        path = folder / name
+        if not path.is_file():
+            problems.append(f"{name} is missing")
+            continue
+        info = path.stat()
+        if info.st_size != size:
+            problems.append(f"{name} has {info.st_size} bytes, not {size}")
+        elif info.st_mtime_ns != mtime_ns and _sha256(path) != sha256:
+            problems.append(f"{name} has other bytes than the stage wrote")
+    return problems
+
+
 def _outputs_exist(ws: Workspace, result: StageResult) -> bool:
     missing = [p for p in result.outputs.values() if not (ws.root / p).exists()]
     if missing:
         log.info("stage %s: outputs %s are missing; running it again", result.stage, missing)
-    return not missing
+        return False
+    recorded = result.info.get(MANIFEST)
+    if recorded is None:
+        log.info("stage %s: its result has no manifest of its files (an older run); running it again", result.stage)
+        return False
+    problems = manifest_problems(ws.artifacts / result.stage, recorded)
+    if problems:
+        log.warning("stage %s: its outputs changed since it completed (%s); running it again", result.stage,
+                    "; ".join(problems[:5]) + (f" and {len(problems) - 5} more" if len(problems) > 5 else ""))
+    return not problems
 
 
 def completed(ws: Workspace, stage: str, fp: str, valid: Callable[[], bool] | None = None) -> StageResult | None:
@@ -220,6 +271,7 @@ def run_or_skip(
     _start(ws, stage, fp)
     result = run()
     result.info["fingerprint"] = fp
+    result.info[MANIFEST] = manifest(ws.stage_dir(stage))
     result.save(ws)
     (ws.artifacts / stage / RUNNING).unlink(missing_ok=True)
     keep(ws, stage, fp)

