@@ -86,6 +86,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     root = Path(args.params).resolve().parent
+    if args.command in ("run", "stage", "explain"):
+        from flows import stopping
+
+        stopping.install()  # SIGTERM / SIGINT: one line, then the process ends within seconds
+        try:
+            return _work(args, settings, root)
+        finally:
+            stopping.finish_if_stopped()
     if args.command == "check":
         check_table()
         print(f"{args.params}: valid (digest {settings.digest()}); stage table consistent ({len(NAMES)} stages)")
@@ -95,13 +103,20 @@ def main(argv: list[str] | None = None) -> int:
 
         print(f"wrote {write_dvc_yaml(root)}")
         return 0
+    return 0
+
+
+def _work(args: argparse.Namespace, settings, root: Path) -> int:
+    """The commands that run stages: ``run``, ``stage`` and ``explain``."""
     if args.command == "stage":
         from flows.stage_cache import run_or_skip
         from flows.stages import run_stage
         from flows.workspace import Workspace
+        from flows.workspace_lock import hold_workspace
 
         ws = Workspace(root)  # dvc repro decided that the stage runs; its fingerprint is recorded for the flow
-        result, _ = run_or_skip(args.name, lambda: run_stage(args.name, settings, ws), settings, ws, force=True)
+        with hold_workspace(root, f"stage {args.name} (dvc repro)", say=lambda line: print(line, file=sys.stderr)):
+            result, _ = run_or_skip(args.name, lambda: run_stage(args.name, settings, ws), settings, ws, force=True)
         print(f"stage {args.name}: {result.seconds:.1f} s, metrics {result.metrics}")
         return 0
     if args.command == "explain":

@@ -92,6 +92,9 @@ def log_pipeline_run(
     """
     with _store(settings, root) as (mlflow, experiment_id, uri):
         params = _flatten("", settings.model_dump(mode="json"), {})
+        done = _earlier_attempts(mlflow, experiment_id, tags.get("prefect_flow_run_id", ""))
+        if done is not None:  # a retry of a report that was logged whole: the same run, not a second one
+            return done, experiment_id, uri
         with mlflow.start_run(experiment_id=experiment_id, run_name=run_name) as parent:
             mlflow.log_params(params)
             mlflow.set_tags(tags)
@@ -112,6 +115,21 @@ def log_pipeline_run(
             mlflow.log_artifacts(str(report_dir), artifact_path="report")
             _log_tables(mlflow, report_dir)
             return parent.info.run_id, experiment_id, uri
+
+
+def _earlier_attempts(mlflow: Any, experiment_id: str, flow_run_id: str) -> str | None:
+    """The parent run an earlier attempt of this flow run's report logged whole, if any; runs that an interrupted
+    attempt left (failed or still marked running, parents and children) are deleted, so a retry leaves one run."""
+    if not flow_run_id:
+        return None
+    found = mlflow.search_runs(experiment_ids=[experiment_id], output_format="list",
+                               filter_string=f"tags.prefect_flow_run_id = '{flow_run_id}'")
+    finished = [r for r in found if r.info.status == "FINISHED" and "mlflow.parentRunId" not in r.data.tags]
+    if finished:
+        return finished[0].info.run_id
+    for run in found:
+        mlflow.delete_run(run.info.run_id)
+    return None
 
 
 def log_explanation(settings: PipelineSettings, root: Path, found: dict[str, Any], page: str) -> str:
