@@ -95,8 +95,11 @@ class Experiment:
         return path
 
     def path(self, stage: str, *parts: str) -> Path:
-        """``artifacts/<stage>/<parts>``: an output of ``stage``, which must be an input of this stage."""
+        """``artifacts/<stage>/<parts>``: an output of ``stage``, which must be an input of this stage (or this
+        stage's own output, in its staging folder while it runs)."""
         self._check_input(stage)
+        if stage == self.stage:
+            return self.ws.stage_dir(stage).joinpath(*parts)
         return self.ws.artifacts.joinpath(stage, *parts)
 
     def relative(self, path: Path) -> str:

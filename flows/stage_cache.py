@@ -11,15 +11,16 @@ A stage's *fingerprint* is the sha256 of what it reads, all of it from its row o
 - the fingerprints of the stages whose outputs it reads (its ``inputs``), so a change anywhere
   upstream reaches every stage below it.
 
+A stage runs in a staging folder, ``artifacts/.staging/<stage>``, which is moved into place when it
+completes: until then ``artifacts/<stage>`` holds the outputs of its last completed run, untouched.
 A completed stage stores its fingerprint in ``artifacts/<stage>/result.json``, with the manifest of
 its folder: every file's size, modification time and sha256. The next run skips the stage when the
 stored fingerprint equals the new one and every file of the manifest is still there with its bytes
 (a file whose size or time changed is hashed again; one that differs makes the stage run again). A stage that
-starts writes its fingerprint to ``artifacts/<stage>/.running`` and removes ``result.json``, so a
-killed run never leaves a result that claims its outputs; when it starts again with the same
-fingerprint it resumes from what the killed run left (checkpoints, gradient shards), and with
-another fingerprint it starts from an empty folder, so nothing computed from other inputs (or by
-other code) is reused.
+starts writes its fingerprint to ``artifacts/.staging/<stage>/.running``, so a killed run never leaves
+a result that claims its outputs; when it starts again with the same fingerprint it resumes from what
+the killed run left in the staging folder (checkpoints, gradient shards), and with another fingerprint
+it starts from an empty one, so nothing computed from other inputs (or by other code) is reused.
 
 Past versions: each completed stage's folder is also kept under ``artifacts/.stages/<stage>/<fp>/``
 (hard links: no copy until a file is replaced, which every writer of the pipeline does atomically),
@@ -268,28 +269,52 @@ def run_or_skip(
         kept = restore(ws, stage, fp) if valid is None else None
         if kept is not None:
             return kept, "restored"
-    _start(ws, stage, fp)
-    result = run()
+    staging = _start(ws, stage, fp)
+    with ws.writing(stage):
+        result = run()
+    result = _move_into_place(ws, stage, staging, result)
     result.info["fingerprint"] = fp
-    result.info[MANIFEST] = manifest(ws.stage_dir(stage))
+    result.info[MANIFEST] = manifest(ws.artifacts / stage)
     result.save(ws)
-    (ws.artifacts / stage / RUNNING).unlink(missing_ok=True)
     keep(ws, stage, fp)
     return result, "ran"
 
 
-def _start(ws: Workspace, stage: str, fp: str) -> None:
-    """Prepare ``artifacts/<stage>`` for a run with fingerprint ``fp``: resume the killed run of the same
-    fingerprint, else empty the folder (its files stay in the kept versions that link them)."""
+def _start(ws: Workspace, stage: str, fp: str) -> Path:
+    """Prepare the staging folder ``artifacts/.staging/<stage>`` for a run with fingerprint ``fp``: resume the
+    killed run of the same fingerprint, else start from an empty folder. ``artifacts/<stage>`` is not touched:
+    it keeps the outputs of the last completed run until this one completes."""
     from influence.storage import atomic_write
 
-    folder = ws.artifacts / stage
+    folder = ws.staging_dir(stage)
     marker = folder / RUNNING
     resuming = bool(fp) and marker.is_file() and marker.read_text() == fp
-    (folder / "result.json").unlink(missing_ok=True)
     if not resuming and folder.is_dir():
         shutil.rmtree(folder)
+    for old in ws.artifacts.glob(f".{stage}.replaced-*"):  # left by a run killed while moving its outputs
+        shutil.rmtree(old, ignore_errors=True)
     atomic_write(marker, fp)
+    return folder
+
+
+def _move_into_place(ws: Workspace, stage: str, staging: Path, result: StageResult) -> StageResult:
+    """Replace ``artifacts/<stage>`` by the completed staging folder (two renames); the result's paths follow.
+
+    A run killed in between leaves no ``result.json`` in ``artifacts/<stage>``, so it is never taken for completed.
+    """
+    final = ws.artifacts / stage
+    (staging / "result.json").unlink(missing_ok=True)  # the stage's own save; the completed one is written below
+    moved = json.loads(json.dumps({"outputs": result.outputs, "info": result.info})
+                       .replace(json.dumps(str(staging))[1:-1], json.dumps(str(final))[1:-1])
+                       .replace(json.dumps(str(staging.relative_to(ws.root)))[1:-1], json.dumps(str(final.relative_to(ws.root)))[1:-1]))
+    result.outputs, result.info = moved["outputs"], moved["info"]
+    replaced = ws.artifacts / f".{stage}.replaced-{os.getpid()}"
+    if final.exists():
+        final.rename(replaced)  # its files live on in the kept versions (hard links)
+    staging.rename(final)
+    (final / RUNNING).unlink(missing_ok=True)
+    shutil.rmtree(replaced, ignore_errors=True)
+    return result
 
 
 __all__ = ["completed", "fingerprint", "keep", "recorded_fingerprint", "restore", "run_or_skip", "stage_code", "would_run"]

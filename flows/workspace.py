@@ -6,11 +6,16 @@ The stages themselves are listed in :mod:`flows.stage_table`.
 from __future__ import annotations
 
 import json
+import os
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
+
+_WRITING: dict[tuple[str, str], Path] = {}  # (project folder, stage) -> where the running stage writes
+_WRITING_LOCK = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -32,9 +37,28 @@ class Workspace:
         return self.root / "artifacts"
 
     def stage_dir(self, stage: str) -> Path:
-        path = self.artifacts / stage
+        """Where ``stage``'s outputs are: ``artifacts/<stage>``, or its staging folder while it runs (:meth:`writing`)."""
+        with _WRITING_LOCK:
+            path = _WRITING.get((os.path.abspath(self.root), stage), self.artifacts / stage)
         path.mkdir(parents=True, exist_ok=True)
         return path
+
+    def staging_dir(self, stage: str) -> Path:
+        """``artifacts/.staging/<stage>``: where a running stage writes until it completes."""
+        return self.artifacts / ".staging" / stage
+
+    @contextmanager
+    def writing(self, stage: str) -> Iterator[Path]:
+        """Send ``stage``'s writes (:meth:`stage_dir`, and through it every output path of its experiment) to its
+        staging folder for the block; yields that folder."""
+        key, folder = (os.path.abspath(self.root), stage), self.staging_dir(stage)
+        with _WRITING_LOCK:
+            _WRITING[key] = folder
+        try:
+            yield folder
+        finally:
+            with _WRITING_LOCK:
+                _WRITING.pop(key, None)
 
     def dataset(self, name: str) -> Path:
         return self.prepared / f"{name}.csv"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from flows.settings import load_settings, with_overrides
-from flows.stage_cache import KEPT_VERSIONS, recorded_fingerprint, run_or_skip, versions_dir
+from flows.stage_cache import KEPT_VERSIONS, fingerprint, recorded_fingerprint, run_or_skip, versions_dir
 from flows.stages import run_stage
 from flows.workspace import Workspace
 
@@ -34,15 +34,20 @@ def test_going_back_to_earlier_settings_restores_their_outputs(project):
     assert run("pretrain", b) == "restored" and model_bytes() == second
     assert run("features", b) == "skipped"  # pretraining settings are not the features' inputs
 
-    # a run killed after rewriting outputs leaves no result that claims them
+    # a run killed half-way wrote into its staging folder only: the last completed outputs stay in place, current
     def killed():
-        (ws.artifacts / "pretrain" / "model.safetensors").write_bytes(b"half-written")
+        (ws.stage_dir("pretrain") / "model.safetensors").write_bytes(b"half-written")
         raise Killed
 
     c = with_overrides(a, {"pretrain": {"learning_rate": 0.03}})
     with pytest.raises(Killed):
         run("pretrain", c, killed)
-    assert recorded_fingerprint(ws, "pretrain") == ""
+    assert (ws.staging_dir("pretrain") / "model.safetensors").read_bytes() == b"half-written"
+    assert model_bytes() == second and recorded_fingerprint(ws, "pretrain") == fingerprint("pretrain", b, ws)
+    assert run("pretrain", b) == "skipped" and model_bytes() == second
+    final = ws.artifacts / "pretrain" / "model.safetensors"
+    with pytest.raises(Killed):  # and even a stage that replaced a file of its final folder by mistake is not trusted
+        run("pretrain", c, lambda: (final.unlink(), final.write_bytes(b"half"), killed()))
     assert run("pretrain", b) == "restored" and model_bytes() == second
 
     for rate in (0.04, 0.05, 0.06):  # only the most recently used versions are kept

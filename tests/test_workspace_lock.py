@@ -97,10 +97,10 @@ def test_wait_limits_are_named_when_bad(monkeypatch):
 
 
 @pytest.mark.slow
-def test_pipeline_runs_in_one_workspace_wait_or_refuse_and_never_mix(project: Path):
-    """Three real pipeline runs (``flows.cli run``, each its own process) in one project: the second, started while
-    the first runs, refuses at once (wait 0) and changes nothing; the third waits for the first, then runs with
-    every stage skipped (the first run's outputs are complete and current), so neither run corrupted the other."""
+def test_a_pipeline_run_refuses_a_workspace_another_run_holds(project: Path):
+    """Two real pipeline runs (``flows.cli run``, each its own process) in one project: the second, started while
+    the first runs, refuses at once (wait 0), naming the first, and leaves no MLflow run; the first completes.
+    (Waiting for a real holder process is tested above.)"""
     params = str(project / "params.yaml")
     quick = ["--set", "evaluation.enabled=false", "--set", "evaluation.mislabel_fraction=0.0"]
     env = {**os.environ, "PYTHONPATH": str(project)}
@@ -111,18 +111,14 @@ def test_pipeline_runs_in_one_workspace_wait_or_refuse_and_never_mix(project: Pa
         assert first.poll() is None, first.stdout.read()
         assert time.monotonic() - began < 300, "the first run never took the workspace"
         time.sleep(0.2)
+    holder_pid = holder(project)["pid"]
     refused = subprocess.run(command, cwd=project, env={**env, waits.WORKSPACE_ENV: "0"}, capture_output=True, text=True,
                              timeout=600)
-    assert refused.returncode != 0
-    assert "WorkspaceBusyError" in refused.stdout + refused.stderr and "is held by" in refused.stdout + refused.stderr
-    third = subprocess.Popen(command, cwd=project, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    said = refused.stdout + refused.stderr
+    assert refused.returncode != 0 and "WorkspaceBusyError" in said
+    assert f"(process {holder_pid} " in said  # it met the first run's hold, whatever the machine's speed
     out_first, _ = first.communicate(timeout=1200)
-    out_third, _ = third.communicate(timeout=1200)
-    print(out_first[-3000:], out_third[-3000:], sep="\n----\n")
-    assert first.returncode == 0 and third.returncode == 0
-    assert "waiting up to 600 s for the workspace" in out_third
+    assert first.returncode == 0, out_first[-3000:]
     finished = re.compile(r"^MLflow run \w+; report ", re.MULTILINE)
-    assert len(finished.findall(out_first)) == 1 and len(finished.findall(out_third)) == 1
-    skipped = out_third[out_third.index("stages skipped:"):].split("\n")[0]
-    for stage in ("data", "pretrain", "finetune", "influence"):
-        assert stage in skipped, skipped
+    assert len(finished.findall(out_first)) == 1 and not finished.findall(said)
+    assert not is_held(project)
