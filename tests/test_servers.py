@@ -583,7 +583,10 @@ def test_run_form_cannot_reach_another_folder_or_flow(servers: Servers, tmp_path
         else:
             parameters[field] = value
         flow_run_id = _trigger_and_wait(servers, parameters, expected="FAILED")
-        logs = _flow_run_logs(servers, flow_run_id)
+        began, logs = time.monotonic(), ""
+        while said not in logs and time.monotonic() - began < 90:  # the run's last logs reach the server after its state
+            logs = _flow_run_logs(servers, flow_run_id)
+            time.sleep(1)
         assert said in logs, logs
         assert _children(servers, flow_run_id) == []
     assert list(outside.iterdir()) == []
