@@ -12,6 +12,8 @@ float32-output kernel is widened exactly to float32 first, since a float16 resul
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
@@ -32,12 +34,23 @@ def is_half(dtype: torch.dtype) -> bool:
     return dtype in GRADIENT_DTYPES
 
 
+@functools.lru_cache(maxsize=8)
+def _has_float32_output_mm(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether this torch has the float32-output half-precision ``torch.mm`` on ``device`` for ``dtype`` (probed once
+    on 2x2 operands, so an error of a real product, out of memory included, is never taken for a missing kernel)."""
+    probe = torch.ones(2, 2, dtype=dtype, device=device)
+    try:
+        torch.mm(probe, probe, out_dtype=torch.float32)
+    except (TypeError, RuntimeError, NotImplementedError):  # no out_dtype argument, or no kernel for this device/dtype
+        return False
+    return True
+
+
 def _float32_output_mm(left: Tensor, right: Tensor) -> Tensor | None:
     """``left @ right^T`` by torch's float32-output half-precision kernel, or ``None`` where this torch lacks it."""
-    try:
-        return torch.mm(left, right.T, out_dtype=torch.float32)
-    except (TypeError, RuntimeError, NotImplementedError):
+    if not _has_float32_output_mm(left.device, left.dtype):
         return None
+    return torch.mm(left, right.T, out_dtype=torch.float32)
 
 
 def product_t(left: Tensor, right: Tensor) -> Tensor:
