@@ -46,6 +46,7 @@ from flows.code_deps import files_digest, function_closure
 from flows.settings import PipelineSettings
 from flows.stage_table import stage as table_row
 from flows.workspace import StageResult, Workspace
+from influence.storage import file_digest
 
 NEVER_SKIPPED = ("report",)
 NOT_KEPT = ("data", "report")
@@ -110,14 +111,6 @@ MANIFEST = "files"  # key of result.info: {path relative to the stage folder: [s
 _NOT_IN_MANIFEST = ("result.json", RUNNING)
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def manifest(folder: Path) -> dict[str, list]:
     """``{relative path: [size, mtime_ns, sha256]}`` of every file under ``folder`` but its ``result.json`` and marker."""
     found = {}
@@ -125,7 +118,7 @@ def manifest(folder: Path) -> dict[str, list]:
         name = path.relative_to(folder).as_posix()
         if path.is_file() and name not in _NOT_IN_MANIFEST:
             info = path.stat()
-            found[name] = [info.st_size, info.st_mtime_ns, _sha256(path)]
+            found[name] = [info.st_size, info.st_mtime_ns, file_digest(path)]
     return found
 
 
@@ -141,7 +134,7 @@ def manifest_problems(folder: Path, recorded: dict[str, list]) -> list[str]:
         info = path.stat()
         if info.st_size != size:
             problems.append(f"{name} has {info.st_size} bytes, not {size}")
-        elif info.st_mtime_ns != mtime_ns and _sha256(path) != sha256:
+        elif info.st_mtime_ns != mtime_ns and file_digest(path) != sha256:
             problems.append(f"{name} has other bytes than the stage wrote")
     return problems
 
