@@ -22,8 +22,26 @@ DVC = str(Path(sys.executable).with_name("dvc"))
 os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
 
 
+# The longest files first (as measured on the 2-core machine), so that the test command's workers
+# (pytest-xdist, one file per worker at a time: scripts/run-tests) start them early and finish together.
+LONGEST_FIRST = ("test_servers.py", "test_model_families.py", "test_pipeline_e2e.py", "test_kills.py",
+                 "test_workspace_lock.py", "test_dvc_repro.py", "test_add_method.py", "test_user_data.py", "test_settings.py")
+
+
+def pytest_configure(config):
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # one of several test processes on a small machine
+        import torch
+
+        # the in-process tests of two workers would otherwise run 2 x (cores) torch threads that spin against
+        # each other; the pipelines the tests start as subprocesses keep torch's default
+        torch.set_num_threads(1)
+
+
 def pytest_collection_modifyitems(config, items):
     import torch
+
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
 
     if not torch.cuda.is_available():
         skip = pytest.mark.skip(reason="needs a CUDA device")

