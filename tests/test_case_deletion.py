@@ -191,3 +191,29 @@ def test_plan_refuses_bad_arguments_and_missing_measurements():
     with pytest.raises(InvalidArgumentError, match="shape"):
         plan.results(measured)
     assert Retraining((1, 2), 0).key == Retraining((1, 2), 0).key != Retraining((1, 2), 1).key
+
+
+def test_random_scores_fail_the_check_and_leave_one_out_scores_pass_it():
+    """Negative control: scores unrelated to the data pass no more often than the 95% interval allows
+    (10 draws, at most 2 passes), while the actual leave-one-out changes of the same problem pass."""
+    g = torch.Generator().manual_seed(11)
+    truth = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
+    x = torch.randn(60, 3, generator=g, dtype=torch.float64)
+    y = x @ truth + 0.5 * torch.randn(60, generator=g, dtype=torch.float64)
+    xq = torch.randn(12, 3, generator=g, dtype=torch.float64)
+    yq = xq @ truth
+
+    def measure(model):
+        return ((model(xq).squeeze(1) - yq) ** 2).detach()
+
+    def check(scores, seed):
+        return case_deletion({"s": scores}, retrain=lambda keep: _fit(x[keep], y[keep]), measure=measure, base=base,
+                             n_train=60, k=6, kinds=("proponents",), random_repeats=3, seed=seed)[0]
+
+    base = measure(_fit(x, y))
+    random_passes = [check(torch.randn(12, 60, generator=torch.Generator().manual_seed(100 + d), dtype=torch.float64), d).passed
+                     for d in range(10)]
+    assert sum(random_passes) <= 2, random_passes
+    loo = torch.stack([measure(_fit(x[[j for j in range(60) if j != i]], y[[j for j in range(60) if j != i]])) - base
+                       for i in range(60)], 1)
+    assert all(check(loo, seed).passed for seed in range(3))
