@@ -114,3 +114,40 @@ def test_a_finetuning_recipe_that_does_not_reproduce_the_model_is_refused(runs):
     with pytest.raises(InvalidArgumentError, match="finetuning"):
         multistage_magic_scores(task, runs["pretrained"], pretrain_data, task, finetuned, finetune_data, queries,
                                 pretraining=TrainingRecipe(initial_state=runs["initial"], **PRETRAIN), finetuning=wrong)
+
+
+def test_a_query_word_that_no_finetuning_example_holds_keeps_the_scores_finite(runs):
+    """Updated mode, Adam: a word of the queries that no finetuning sentence holds keeps its pretrained row
+    (its gradient is exactly 0 at every step: the proximity penalty of a row that never moved). The
+    replay's ``1/eps`` factors of such a row overflowed into NaN scores; its derivative is the identity."""
+    pretrain_data, finetune_data, queries = runs["data"]
+    unseen = 1
+    sentences = torch.stack([finetune_data[i]["tokens"] for i in range(len(finetune_data))])
+    labels = torch.stack([finetune_data[i]["label"] for i in range(len(finetune_data))])
+    sentences = torch.where(sentences == unseen, torch.full_like(sentences, 2), sentences)
+    finetune_data = examples(sentences, labels)
+    query_tokens = torch.stack([queries[i]["tokens"] for i in range(len(queries))])
+    query_tokens[:, 0] = unseen
+    queries = examples(query_tokens, torch.stack([queries[i]["label"] for i in range(len(queries))]))
+    pretrained = runs["pretrained"]
+    state, arguments = finetune_recipe("updated", runs["head"], pretrained, "adam")
+    finetuned = finetune(state, arguments, finetune_data)
+    assert torch.equal(finetuned.embedding.weight[unseen], pretrained.embedding.weight[unseen])  # the row never moved
+    task = ClassificationTask()
+    scores = multistage_magic_scores(
+        task, pretrained, pretrain_data, task, finetuned, finetune_data, queries,
+        pretraining=TrainingRecipe(initial_state=runs["initial"], **PRETRAIN),
+        finetuning=TrainingRecipe(initial_state=state, **arguments),
+    )
+    assert torch.isfinite(scores).all()
+    base = query_losses(finetuned, queries)
+    removals = REMOVALS[::2]
+    predicted = torch.stack([scores[:, removed].sum(dim=1) for removed in removals], dim=1)
+    actual = torch.zeros_like(predicted)
+    for column, removed in enumerate(removals):
+        again = pretrain(runs["initial"], pretrain_data, exclude=removed)
+        state_again, arguments_again = finetune_recipe("updated", runs["head"], again, "adam")
+        actual[:, column] = query_losses(finetune(state_again, arguments_again, finetune_data), queries) - base
+    correlation = pearson(predicted, actual)
+    print(f"multi-stage MAGIC with an unseen query word: Pearson {correlation:.4f}")
+    assert correlation >= 0.95

@@ -110,6 +110,20 @@ def _safe_sqrt(v: Tensor) -> Tensor:
     return torch.where(positive, torch.where(positive, v, torch.ones_like(v)).sqrt(), torch.zeros_like(v))
 
 
+def _adam_direction(m: Tensor, v: Tensor, correction2: float) -> Tensor:
+    """``m / (sqrt(v / correction2) + eps)``, Adam's step before the learning rate, with derivative 0 where ``v == 0``.
+
+    ``v == 0`` means every gradient of that coordinate so far was exactly 0 (a word no batch has held
+    yet), so ``m == 0`` and the step is 0. Its derivative in ``m`` would be ``1 / eps`` there, and for
+    an embedding row anchored by a proximity penalty to its own initial value (``updated`` mode) the
+    replay's adjoints through those ``1 / eps`` factors overflow and cancel to NaN, although along
+    every perturbation a retraining makes (initial value and anchor moved together, no example
+    holding the word) the coordinate's gradient stays exactly 0. Zero is that derivative.
+    """
+    touched = v > 0
+    return torch.where(touched, m / (_safe_sqrt(v) / math.sqrt(correction2) + ADAM_EPS), torch.zeros_like(m))
+
+
 class _Replay:
     """The training run as a function of the data weights: ``Phi_t`` and its vector-Jacobian products.
 
@@ -182,8 +196,7 @@ class _Replay:
         m = [beta1 * m + (1 - beta1) * g for m, g in zip(state[k:2 * k], grads)]
         v = [beta2 * v + (1 - beta2) * g * g for v, g in zip(state[2 * k:], grads)]
         correction1, correction2 = 1 - beta1 ** (t + 1), 1 - beta2 ** (t + 1)
-        theta_next = [p - (lr / correction1) * mi / (_safe_sqrt(vi) / math.sqrt(correction2) + ADAM_EPS)
-                      for p, mi, vi in zip(state[:k], m, v)]
+        theta_next = [p - (lr / correction1) * _adam_direction(mi, vi, correction2) for p, mi, vi in zip(state[:k], m, v)]
         return theta_next + m + v
 
 
