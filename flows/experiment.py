@@ -127,10 +127,17 @@ class Experiment:
 
         return load_state(self.path(stage, f"{mode}.safetensors"))["scores"]
 
-    def checked_scores(self, stage: str) -> torch.Tensor:
-        """``[evaluation.queries, n]``: the scores of ``stage`` for the checked queries of ``evaluation.mode``."""
+    def checked_scores(self, stage: str, mode: str | None = None) -> torch.Tensor:
+        """``[evaluation.queries, n]``: the scores of ``stage`` for the checked queries of ``mode`` (default
+        ``evaluation.mode``)."""
         e = self.settings.evaluation
-        return self.scores(stage, e.mode)[: e.queries]
+        return self.scores(stage, mode or e.mode)[: e.queries]
+
+    def pretrain_checked_modes(self) -> list[str]:
+        """The finetuned models the pretraining case deletion checks: ``evaluation.pretrain_modes``, or
+        ``[evaluation.mode]`` when that is empty."""
+        e = self.settings.evaluation
+        return list(e.pretrain_modes) or [e.mode]
 
     def write_json(self, name: str, obj: Any) -> str:
         """Write ``artifacts/<stage>/<name>`` as JSON (atomically); its path relative to the project."""

@@ -53,9 +53,9 @@ def _evidence_lines(ws: Workspace) -> list[str]:
     pretraining = deletion_verdicts(ws, "pretrain_deletion")
     if pretraining:
         lines += ["", "Pretraining data (multi-stage scores; pretraining and finetuning re-run):", ""]
-        lines += [f"- {c['kind']}, k={c['k']}: change beyond random {c['difference']:+.4f}, 95% interval "
-                  f"[{c['interval_low']:.4f}, {c['interval_high']:.4f}], {'**pass**' if c['passed'] else 'fail'}"
-                  for c in pretraining]
+        lines += [f"- {c['method']}, embedding {c.get('mode', '')}, {c['kind']}, k={c['k']}: change beyond random "
+                  f"{c['difference']:+.4f}, 95% interval [{c['interval_low']:.4f}, {c['interval_high']:.4f}], "
+                  f"{'**pass**' if c['passed'] else 'fail'}" for c in pretraining]
     for stage, render in (
         ("lds", lambda r: "LDS: " + ", ".join(f"{m} {v['lds']:.3f}" for m, v in r["methods"].items())),
         ("mislabel", lambda r: f"Mislabel detection ({r['method']} self-influence): AUC {r['curve']['auc']:.3f} "

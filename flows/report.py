@@ -134,7 +134,7 @@ def build_report(settings: PipelineSettings, ws: Workspace, extra_tags: dict[str
                 continue
             for c in x.read_json(stage, "deletion.json"):
                 deletion_rows.append({
-                    "data": data, "method": c["method"], "mode": settings.evaluation.mode, "removed": c["kind"],
+                    "data": data, "method": c["method"], "mode": c.get("mode", settings.evaluation.mode), "removed": c["kind"],
                     "k": f"{c['k']} ({100 * c['fraction']:.1f}%)", "mean_top": c["mean_top"], "mean_random": c["mean_random"],
                     "difference": c["difference"], "interval_95": f"[{c['interval_low']:.4g}, {c['interval_high']:.4g}]",
                     "probability_top": c.get("extra_mean_top", float("nan")),
@@ -278,7 +278,10 @@ def write_figures(x: Experiment, results: dict[str, StageResult], folder: Path,
     for stage, name, data in (("deletion", "deletion", "finetuning"), ("pretrain_deletion", "deletion_pretraining", "pretraining")):
         if _ran(results, stage):
             title, caption = FIGURE_CAPTIONS["deletion"]
-            written.append((f"{title} ({data} data)", caption, figures.deletion_curves(x.read_json(stage, "deletion.json"), folder / f"{name}.png")))
+            rows = x.read_json(stage, "deletion.json")
+            if len({row.get("mode") for row in rows}) > 1:  # the pretraining check of several modes: a line per method and mode
+                rows = [dict(row, method=f"{row['method']} ({row['mode']})") for row in rows]
+            written.append((f"{title} ({data} data)", caption, figures.deletion_curves(rows, folder / f"{name}.png")))
     if _ran(results, "mislabel"):
         found = x.read_json("mislabel", "mislabel.json")
         written.append((*FIGURE_CAPTIONS["mislabel"], figures.mislabel_curve(found["curve"], folder / "mislabel.png", label=found["method"])))

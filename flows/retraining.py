@@ -43,24 +43,45 @@ def runs_folder(x: Experiment, scope: str) -> Path:
     The folder belongs to no stage (every evidence stage reads and adds to it, and it survives their
     re-runs, so a stage re-run with more queries or seeds retrains only what is new).
 
-    The context digests the finetuned model's bytes (which change with the data, the pretrained
+    The context digests the finetuned models' bytes (which change with the data, the pretrained
     embedding, the code and the finetuning settings), the encoded training set and queries, the
     settings that enter the retraining, and the scope (``"finetune"``: removals from the finetuning
-    set, the finetuning retrained; ``"pretrain"``: removals from the pretraining set, both stages re-run).
+    set, the finetuning of ``evaluation.mode`` retrained; ``"pretrain"``: removals from the pretraining
+    set, pretraining re-run and then the finetuning of every mode of :func:`scope_modes`).
     """
     s, e = x.settings, x.settings.evaluation
     digest = hashlib.sha256(scope.encode())
-    files = [x.path("finetune", e.mode, "model.safetensors"), x.path("features", "train.safetensors"),
-             x.path("features", "queries.safetensors")]
+    modes = scope_modes(x, scope)
+    files = [x.path("finetune", mode, "model.safetensors") for mode in modes]
+    files += [x.path("features", "train.safetensors"), x.path("features", "queries.safetensors")]
     sections: list[Any] = [s.finetune.model_dump(mode="json")]
     if scope == "pretrain":
         files += [x.path("pretrain", "model.safetensors"), x.path("features", "pretrain.safetensors")]
         sections.append(s.pretrain.model_dump(mode="json"))
     for path in files:
         digest.update(path.read_bytes())
-    digest.update(json.dumps([sections, e.mode, e.queries, s.seed] + ([e.retrain_group] if e.retrain_group > 1 else []),
+    checked = e.mode if modes == [e.mode] else modes  # a one-mode context keeps the digest it always had
+    digest.update(json.dumps([sections, checked, e.queries, s.seed] + ([e.retrain_group] if e.retrain_group > 1 else []),
                              sort_keys=True).encode())
     return x.ws.artifacts / "retrainings" / digest.hexdigest()[:16]
+
+
+def scope_modes(x: Experiment, scope: str) -> list[str]:
+    """The finetuned models a retraining of ``scope`` trains and measures: ``[evaluation.mode]`` for
+    ``"finetune"``, :meth:`~flows.experiment.Experiment.pretrain_checked_modes` for ``"pretrain"``."""
+    return x.pretrain_checked_modes() if scope == "pretrain" else [x.settings.evaluation.mode]
+
+
+def _found(retraining: Any, measured: dict[str, torch.Tensor], scope: str) -> dict:
+    """A retraining's saved record. ``measured``: ``{mode: [Q, 2]}``; the finetuning scope keeps its one mode's
+    ``[Q][2]`` under ``measured``, the pretraining scope one per mode under ``measured_by_mode``."""
+    found = {"key": retraining.key, "seed": retraining.seed, "removed": len(retraining.removed)}
+    if scope == "pretrain":
+        found["measured_by_mode"] = {mode: value.tolist() for mode, value in measured.items()}
+    else:
+        (value,) = measured.values()
+        found["measured"] = value.tolist()
+    return found
 
 
 def retrain(x: Experiment, retraining: Any, scope: str = "finetune", num_threads: int | None = None,
@@ -69,7 +90,8 @@ def retrain(x: Experiment, retraining: Any, scope: str = "finetune", num_threads
 
     ``scope="finetune"``: the finetuning of ``evaluation.mode`` is re-run without the removed
     finetuning examples. ``scope="pretrain"``: pretraining is re-run without the removed pretraining
-    sentences, then the finetuning (on its whole train split) from that new embedding. A retraining
+    sentences, then the finetuning of each mode of :func:`scope_modes` (on its whole train split) from
+    that new embedding. A retraining
     keeps the data order of the full run of its seed and leaves the removed examples out of their
     batches, so it differs from that run by the removal alone. The baseline of the run's own seed is
     the finetuned model itself (its training is deterministic).
@@ -82,25 +104,26 @@ def retrain(x: Experiment, retraining: Any, scope: str = "finetune", num_threads
         runs: :func:`runs_folder` of ``scope``, when the caller has it already.
 
     Returns:
-        ``{"key", "seed", "removed", "measured": [Q][2]}``.
+        ``{"key", "seed", "removed", "measured": [Q][2]}`` (finetuning scope) or
+        ``{"key", "seed", "removed", "measured_by_mode": {mode: [Q][2]}}`` (pretraining scope).
     """
     from influence.storage import read_json, write_json
 
     path = (runs or runs_folder(x, scope)) / f"{retraining.key}.json"
     if path.is_file():
         return read_json(path)
-    mode, removed = x.settings.evaluation.mode, list(retraining.removed)
+    removed, modes = list(retraining.removed), scope_modes(x, scope)
     if not removed and retraining.seed == x.settings.seed:
-        model = x.finetuned(mode)
+        models = {mode: x.finetuned(mode) for mode in modes}
     elif scope == "pretrain":
         pretrained, _ = training.pretrain(x, x.split("pretrain"), seed=retraining.seed, num_threads=num_threads,
                                           exclude=removed)
-        model, _ = training.finetune(x, mode, x.split("train"), None, seed=retraining.seed, pretrained=pretrained,
-                                     num_threads=num_threads)
+        models = {mode: training.finetune(x, mode, x.split("train"), None, seed=retraining.seed, pretrained=pretrained,
+                                          num_threads=num_threads)[0] for mode in modes}
     else:
-        model, _ = training.finetune(x, mode, x.split("train"), None, seed=retraining.seed, num_threads=num_threads,
-                                     exclude=removed)
-    found = {"key": retraining.key, "seed": retraining.seed, "removed": len(removed), "measured": measure(x, model).tolist()}
+        models = {mode: training.finetune(x, mode, x.split("train"), None, seed=retraining.seed,
+                                          num_threads=num_threads, exclude=removed)[0] for mode in modes}
+    found = _found(retraining, {mode: measure(x, model) for mode, model in models.items()}, scope)
     write_json(path, found)
     return found
 
@@ -124,7 +147,7 @@ def groups(x: Experiment, retrainings: list, scope: str = "finetune") -> list[li
     on what is saved already, so a re-run after a kill recomputes an unfinished group with the same
     members (and the same bits).
     """
-    models = [x.finetuned(x.settings.evaluation.mode)] + ([x.pretrained()] if scope == "pretrain" else [])
+    models = [x.finetuned(mode) for mode in scope_modes(x, scope)] + ([x.pretrained()] if scope == "pretrain" else [])
     largest = max(sum(p.numel() for p in model.parameters()) for model in models)
     size, own = stacked_group_size(x.settings.evaluation.retrain_group, largest), x.settings.seed
     alone = [[r] for r in retrainings if not r.removed and r.seed == own]
@@ -186,11 +209,12 @@ def retrain_group(x: Experiment, group: list, scope: str = "finetune", num_threa
 
     ``scope="finetune"``: the finetuning of ``evaluation.mode`` without each member's examples, one batched
     run (:func:`finetune_without`). ``scope="pretrain"``: pretraining without each member's
-    sentences, batched, then the members' finetunings from their own pretrained embeddings, batched. Every member equals
-    :func:`retrain` of it up to floating-point rounding. A group of one is :func:`retrain`.
+    sentences, batched, then for each mode of :func:`scope_modes` the members' finetunings from their own
+    pretrained embeddings, batched. Every member equals :func:`retrain` of it up to floating-point
+    rounding. A group of one is :func:`retrain`.
 
     Returns:
-        ``[{"key", "seed", "removed", "measured": [Q][2]}]`` in the group's order.
+        :func:`retrain`'s records, in the group's order.
     """
     from influence.storage import read_json, write_json
 
@@ -203,36 +227,42 @@ def retrain_group(x: Experiment, group: list, scope: str = "finetune", num_threa
     seeds = {r.seed for r in group}
     if len(seeds) != 1:
         raise ValueError(f"a retraining group holds one seed, not {sorted(seeds)}")
-    seed, mode, removals = group[0].seed, x.settings.evaluation.mode, [list(r.removed) for r in group]
+    seed, removals = group[0].seed, [list(r.removed) for r in group]
+    models: dict[str, list[Any]] = {}
     if scope == "pretrain":
         pretrained = pretrain_without(x, x.split("pretrain"), removals, seed, num_threads=num_threads)
-        models = finetune_without(x, mode, x.split("train"), [[] for _ in group], seed, num_threads=num_threads,
-                                  pretrained=pretrained)
+        for mode in scope_modes(x, scope):
+            models[mode] = finetune_without(x, mode, x.split("train"), [[] for _ in group], seed,
+                                            num_threads=num_threads, pretrained=pretrained)
     else:
-        models = finetune_without(x, mode, x.split("train"), removals, seed, num_threads=num_threads)
+        mode = x.settings.evaluation.mode
+        models[mode] = finetune_without(x, mode, x.split("train"), removals, seed, num_threads=num_threads)
     found = []
-    for retraining, model, path in zip(group, models, paths):
-        found.append({"key": retraining.key, "seed": retraining.seed, "removed": len(retraining.removed),
-                      "measured": measure(x, model).tolist()})
+    for i, (retraining, path) in enumerate(zip(group, paths)):
+        found.append(_found(retraining, {mode: measure(x, members[i]) for mode, members in models.items()}, scope))
         if not path.is_file():
             write_json(path, found[-1])
     return found
 
 
-def measure_all(x: Experiment, retrainings: list, scope: str = "finetune") -> dict[str, torch.Tensor]:
-    """Run (or read back) every retraining, group after group (:func:`groups`): ``{key: [Q, 2]}``."""
+def measure_all(x: Experiment, retrainings: list, scope: str = "finetune") -> dict[str, dict[str, torch.Tensor]]:
+    """Run (or read back) every retraining, group after group (:func:`groups`): ``{mode: {key: [Q, 2]}}`` over
+    the modes of :func:`scope_modes`."""
     runs = runs_folder(x, scope)
-    measured, done = {}, 0
+    measured: dict[str, dict[str, torch.Tensor]] = {mode: {} for mode in scope_modes(x, scope)}
+    done = 0
     for group in groups(x, retrainings, scope):
         done += len(group)
         print(f"{x.stage}: retrainings {done - len(group) + 1}-{done}/{len(retrainings)} (seed {group[0].seed})")
         for found in retrain_group(x, group, scope, runs=runs):
-            measured[found["key"]] = torch.tensor(found["measured"])
+            by_mode = found.get("measured_by_mode") or {x.settings.evaluation.mode: found["measured"]}
+            for mode in measured:
+                measured[mode][found["key"]] = torch.tensor(by_mode[mode])
     return measured
 
 
 def deletion_plan(x: Experiment) -> Any:
-    """The case-deletion check's retrainings, from the checked methods' scores."""
+    """The case-deletion check's retrainings, from the checked methods' scores (``evaluation.mode``)."""
     from influence.evaluation.case_deletion import plan_deletion
 
     e = x.settings.evaluation
@@ -249,15 +279,24 @@ def pretraining_methods(x: Experiment) -> list[str]:
     return ["multistage"] + (["multistage_magic"] if x.settings.attribution.multistage_magic else [])
 
 
-def pretrain_deletion_plan(x: Experiment) -> Any:
-    """The pretraining-data case deletion's retrainings, from the multi-stage scores."""
+def pretrain_deletion_plan(x: Experiment, mode: str) -> Any:
+    """The pretraining-data case deletion's retrainings for the finetuned model of ``mode``, from its multi-stage
+    scores (the random removals are the same for every mode)."""
     from influence.evaluation.case_deletion import plan_deletion
 
     e = x.settings.evaluation
     n_pretrain = len(x.split("pretrain"))
     ks = sorted({max(1, round(f * n_pretrain)) for f in e.pretrain_k_fractions})
-    return plan_deletion({method: x.checked_scores(method) for method in pretraining_methods(x)}, n_train=n_pretrain, k=ks, kinds=e.kinds,
-                         random_repeats=e.random_repeats, seeds=retraining_seeds(x), seed=x.settings.seed)
+    return plan_deletion({method: x.checked_scores(method, mode) for method in pretraining_methods(x)}, n_train=n_pretrain,
+                         k=ks, kinds=e.kinds, random_repeats=e.random_repeats, seeds=retraining_seeds(x), seed=x.settings.seed)
+
+
+def evidence_plans(x: Experiment) -> dict[str, Any]:
+    """``{mode: plan}`` of the case-deletion stage ``x.stage``: ``deletion`` checks ``evaluation.mode``,
+    ``pretrain_deletion`` every mode of :func:`scope_modes`."""
+    if x.stage == "deletion":
+        return {x.settings.evaluation.mode: deletion_plan(x)}
+    return {mode: pretrain_deletion_plan(x, mode) for mode in scope_modes(x, "pretrain")}
 
 
 def lds_plan(x: Experiment) -> tuple[dict[str, torch.Tensor], list]:
@@ -284,18 +323,37 @@ def planned(x: Experiment) -> list:
     """The retrainings of the evidence stage ``x.stage`` (``deletion``, ``pretrain_deletion`` or ``lds``)."""
     if x.stage == "lds":
         return lds_plan(x)[1]
-    return (deletion_plan(x) if x.stage == "deletion" else pretrain_deletion_plan(x)).retrainings()
+    unique: dict[str, Any] = {}  # a removal set two modes share (the random ones, the baseline) is retrained once
+    for plan in evidence_plans(x).values():
+        unique.update({r.key: r for r in plan.retrainings() if r.key not in unique})
+    return list(unique.values())
 
 
-def deletion_results(x: Experiment, plan: Any, measured: dict[str, torch.Tensor]) -> StageResult:
-    """Verdicts of a case-deletion check from its retrainings' measurements ``{key: [Q, 2]}`` (``deletion.json``,
-    and the plan's sizes in ``plan.json``)."""
+def deletion_results(x: Experiment, plans: dict[str, Any], measured: dict[str, dict[str, torch.Tensor]]) -> StageResult:
+    """Verdicts of a case-deletion check from its plans ``{mode: plan}`` (:func:`evidence_plans`) and its
+    retrainings' measurements ``{mode: {key: [Q, 2]}}`` (``deletion.json``, each row with its mode, and the
+    plans' sizes in ``plan.json``). The pretraining check's metrics start with the mode
+    (``updated.multistage.proponents.k60.passed``); the finetuning check's do not (one mode, ``evaluation.mode``)."""
     methods = x.settings.evaluation.methods if x.stage == "deletion" else pretraining_methods(x)
     result = StageResult(x.stage)
-    checks = plan.results(measured, extra_name="probability")
-    report = [dict(check.to_dict(), fraction=check.k / plan.n_train) for check in checks]
-    for check, row in zip(checks, report):
-        name = f"{check.method}.{check.kind}.k{check.k}"
+    report, sizes = [], {}
+    for mode, plan in plans.items():
+        prefix = "" if x.stage == "deletion" else f"{mode}."
+        checks = plan.results(measured[mode], extra_name="probability")
+        rows = [dict(check.to_dict(), fraction=check.k / plan.n_train, mode=mode) for check in checks]
+        report += rows
+        _verdict_metrics(result, checks, rows, prefix, methods)
+        sizes = {"n_train": plan.n_train, "ks": plan.ks, "seeds": plan.seeds}
+    retrainings = len(next(iter(measured.values())))  # every mode measured every retraining
+    result.metrics["retrainings"] = float(retrainings)
+    result.outputs["deletion"] = x.write_json("deletion.json", report)
+    x.write_json("plan.json", {**sizes, "retrainings": retrainings, "modes": list(plans)})
+    return result
+
+
+def _verdict_metrics(result: StageResult, checks: list, rows: list[dict], prefix: str, methods: list[str]) -> None:
+    for check, row in zip(checks, rows):
+        name = f"{prefix}{check.method}.{check.kind}.k{check.k}"
         result.metrics.update({
             f"{name}.delta_top": row["mean_top"], f"{name}.delta_random": row["mean_random"],
             f"{name}.difference": row["mean_top"] - row["mean_random"],
@@ -305,14 +363,10 @@ def deletion_results(x: Experiment, plan: Any, measured: dict[str, torch.Tensor]
         })
     for method in methods:
         mine = [c for c in checks if c.method == method]
-        result.metrics[f"{method}.passed_fraction"] = sum(c.passed for c in mine) / len(mine)
-    result.metrics["retrainings"] = float(len(measured))
-    result.outputs["deletion"] = x.write_json("deletion.json", report)
-    x.write_json("plan.json", {"n_train": plan.n_train, "retrainings": len(plan.retrainings()), "ks": plan.ks, "seeds": plan.seeds})
-    return result
+        result.metrics[f"{prefix}{method}.passed_fraction"] = sum(c.passed for c in mine) / len(mine)
 
 
 __all__ = [
-    "MAX_STACKED_PARAMETERS", "deletion_plan", "deletion_results", "finetune_without", "groups", "stacked_group_size", "pretraining_methods", "lds_plan", "measure", "measure_all", "planned", "pretrain_deletion_plan",
+    "MAX_STACKED_PARAMETERS", "deletion_plan", "deletion_results", "evidence_plans", "finetune_without", "scope_modes", "groups", "stacked_group_size", "pretraining_methods", "lds_plan", "measure", "measure_all", "planned", "pretrain_deletion_plan",
     "pretrain_without", "retrain", "retrain_group", "retraining_seeds", "runs_folder",
 ]

@@ -203,6 +203,10 @@ class EvaluationSettings(_Section):
     random_repeats: int = Field(2, ge=1, le=20, title="Random repeats", description="Random removals of k examples per k, each retrained.")
     seeds: int = Field(1, ge=1, le=10, title="Retraining seeds", description="Every retraining (and the full-data baseline) is repeated with this many seeds (seed, seed+1, ...); each change is taken against the baseline of the same seed and averaged over seeds.")
     pretrain_deletion: bool = Field(False, title="Pretraining case deletion", description="Also check the multi-stage scores: re-run pretraining and finetuning without each query's top-k pretraining sentences, and without k random ones; off by default (each retraining re-runs pretraining), on in the nightly deployment.")
+    pretrain_modes: list[Literal["fixed", "updated"]] = Field(
+        [], max_length=2, title="Modes of the pretraining check",
+        description="Finetuned models the pretraining case deletion checks, each with its own multi-stage scores: every removal set is pretrained once, then finetuned in each mode listed (a mode's removals and the random ones measured in all); empty: evaluation.mode alone. The nightly deployment checks both.",
+    )
     pretrain_k_fractions: list[float] = Field(
         [0.01], min_length=1, title="Pretraining k (fractions)",
         description="Pretraining sentences removed per retraining of the pretraining case-deletion check, as fractions of the pretraining sample.",
@@ -283,6 +287,12 @@ class PipelineSettings(_Section):
                     modules = sorted({p.rsplit(".", 1)[0] for p in parameters})
                     raise ValueError(f"{field}={list(names)}: {unknown} name no module of the 'cnn' classifier; "
                                      f"its modules are {modules}")
+        missing = [m for m in self.evaluation.pretrain_modes if m not in self.finetune.modes]
+        if self.evaluation.pretrain_deletion and missing:
+            raise ValueError(f"evaluation.pretrain_modes={self.evaluation.pretrain_modes}: {missing} not among "
+                             f"finetune.modes={self.finetune.modes}")
+        if len(set(self.evaluation.pretrain_modes)) < len(self.evaluation.pretrain_modes):
+            raise ValueError(f"evaluation.pretrain_modes={self.evaluation.pretrain_modes} names a mode twice")
         if self.evaluation.queries > self.attribution.queries:
             raise ValueError(
                 f"evaluation.queries={self.evaluation.queries} exceeds attribution.queries={self.attribution.queries}"

@@ -273,8 +273,8 @@ def score_stage(name: str, settings, ws: Workspace) -> StageResult:
 
 def _evidence(x: Experiment, result: StageResult) -> None:
     """A case-deletion check (``deletion``, ``pretrain_deletion``): retrain (or read back), then the verdicts."""
-    plan = retraining.deletion_plan(x) if x.stage == "deletion" else retraining.pretrain_deletion_plan(x)
-    found = retraining.deletion_results(x, plan, retraining.measure_all(x, plan.retrainings(), table_row(x.stage).retrains))
+    plans = retraining.evidence_plans(x)
+    found = retraining.deletion_results(x, plans, retraining.measure_all(x, retraining.planned(x), table_row(x.stage).retrains))
     result.metrics.update(found.metrics)
     result.outputs.update(found.outputs)
 
@@ -303,7 +303,7 @@ def lds(x: Experiment, result: StageResult) -> None:
 
     e = x.settings.evaluation
     protocols, retrainings = retraining.lds_plan(x)
-    measured = retraining.measure_all(x, retrainings)
+    measured = retraining.measure_all(x, retrainings)[e.mode]
     losses = torch.stack([measured[r.key][:, 0] for r in retrainings]).reshape(-1, e.seeds, len(x.checked_queries())).mean(dim=1)
     outputs = dict(zip(protocols, losses.split([len(m) for m in protocols.values()])))  # protocol -> [M, Q]
     found = {"subsets": len(protocols["half"]), "fraction": e.lds_fraction, "seeds": e.seeds, "queries": int(losses.shape[1]),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import subprocess
 from pathlib import Path
 
@@ -29,7 +30,8 @@ def test_pipeline_end_to_end(project: Path, prefect_harness):
     from flows.pipeline import pipeline
 
     # the LDS and pretraining case-deletion stages, as the nightly deployment turns them on
-    overrides = {"evaluation": {"lds": True, "lds_subsets": 4, "lds_small_subsets": 4, "pretrain_deletion": True}}
+    overrides = {"evaluation": {"lds": True, "lds_subsets": 4, "lds_small_subsets": 4, "pretrain_deletion": True,
+                                "pretrain_modes": ["fixed", "updated"]}}
     settings = with_overrides(load_settings(project / "params.yaml"), overrides)
     outcome = pipeline(settings=load_settings(project / "params.yaml"), project_dir=str(project), overrides=overrides)
 
@@ -53,8 +55,15 @@ def test_pipeline_end_to_end(project: Path, prefect_harness):
     assert set(settings.evaluation.methods) == {"if", "tracin_we", "tracin_last", "grad_cos"}
     assert 0.0 <= metrics["mislabel.auc"] <= 1.0 and metrics["mislabel.flipped"] == round(0.1 * 240)
     assert run.data.params["evaluation.lds"] == "True"
-    assert 0.0 <= metrics["pretrain_deletion.multistage.passed_fraction"] <= 1.0
-    assert metrics["pretrain_deletion.retrainings"] == 1 + 1 + 2 * 2  # the baseline, 1 random, 2 kinds x 2 queries
+    for mode in ("fixed", "updated"):  # both finetuned models checked, each by its own multi-stage scores
+        assert 0.0 <= metrics[f"pretrain_deletion.{mode}.multistage.passed_fraction"] <= 1.0
+        assert f"pretrain_deletion.{mode}.multistage.opponents.k3.interval_low" in metrics  # 1% of 300 sentences
+    # the baseline and the random draw are retrained once for both modes, each mode's top removals once
+    checks = json.loads((project / "artifacts" / "pretrain_deletion" / "deletion.json").read_text())
+    assert {c["mode"] for c in checks} == {"fixed", "updated"}
+    top_sets = {tuple(sorted(removed)) for c in checks for removed in c["removed_top"]}
+    assert len(top_sets) >= 5  # 2 kinds x 2 queries x 2 modes, of which a few may coincide
+    assert metrics["pretrain_deletion.retrainings"] == 1 + 1 + len(top_sets)
     children = client.search_runs(
         [run.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{run.info.run_id}'"
     )
@@ -84,7 +93,7 @@ def test_pipeline_end_to_end(project: Path, prefect_harness):
     figures = {p.name for p in (local / "figures").iterdir()}
     assert figures == {"scores.png", "agreement_fixed.png", "agreement_updated.png", "deletion.png",
                        "deletion_pretraining.png", "mislabel.png"}
-    assert page.count("<td>pretraining</td>") == 2 and page.count("<td>multistage</td>") == 2  # one k, two kinds
+    assert page.count("<td>pretraining</td>") == 4 and page.count("<td>multistage</td>") == 4  # one k, two kinds, two modes
     for name in figures:
         data = (local / "figures" / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
@@ -196,7 +205,8 @@ def test_retraining_without_removals_reproduces_both_stages(project: Path, prefe
     quick = settings.model_copy(update={"evaluation": settings.evaluation.model_copy(update={"enabled": False, "mislabel_fraction": 0.0})})
     pipeline(settings=quick, project_dir=str(project))
     ws = Workspace(project)
-    x = Experiment.for_stage("pretrain_deletion", quick, ws)  # what a pretraining-data retraining sees
+    both = quick.model_copy(update={"evaluation": quick.evaluation.model_copy(update={"pretrain_modes": ["fixed", "updated"]})})
+    x = Experiment.for_stage("pretrain_deletion", both, ws)  # what a pretraining-data retraining of both modes sees
     pretrained, _ = training.pretrain(x, x.split("pretrain"))
     stored = load_state(ws.artifacts / "pretrain" / "model.safetensors")
     assert all(torch.equal(pretrained.state_dict()[n], v) for n, v in stored.items())
@@ -205,10 +215,15 @@ def test_retraining_without_removals_reproduces_both_stages(project: Path, prefe
     stored = load_state(ws.artifacts / "finetune" / mode / "model.safetensors")
     assert all(torch.equal(model.state_dict()[n], v) for n, v in stored.items())
     # and the measurement a retraining records is that of the model: the baseline of another seed differs
-    base = retraining.retrain(x, Retraining((), settings.seed), "pretrain")["measured"]
-    assert base == retraining.measure(x, x.finetuned(mode)).tolist()
-    other = retraining.retrain(x, Retraining((), settings.seed + 1), "pretrain")["measured"]
-    assert other != base
+    base = retraining.retrain(x, Retraining((), settings.seed), "pretrain")["measured_by_mode"]
+    assert base == {m: retraining.measure(x, x.finetuned(m)).tolist() for m in ("fixed", "updated")}
+    other = retraining.retrain(x, Retraining((), settings.seed + 1), "pretrain")["measured_by_mode"]
+    assert other["fixed"] != base["fixed"] and other["updated"] != base["updated"]
+
+    def measured(found: dict) -> torch.Tensor:  # [modes, Q, 2]: a pretraining retraining measures each checked mode
+        by_mode = found.get("measured_by_mode") or {mode: found["measured"]}
+        return torch.tensor([by_mode[m] for m in sorted(by_mode)])
+
     # retrainings trained together equal the same retrainings one at a time, up to rounding (both scopes),
     # and a group of one seed is grouped apart from the baseline of the run's own seed
     for scope in ("finetune", "pretrain"):
@@ -217,8 +232,9 @@ def test_retraining_without_removals_reproduces_both_stages(project: Path, prefe
         alone = [retraining.retrain(x, r, scope, runs=ws.root / f"alone-{scope}") for r in group]
         for a, b in zip(together, alone):
             assert a["key"] == b["key"]
-            torch.testing.assert_close(torch.tensor(a["measured"]), torch.tensor(b["measured"]), rtol=1e-4, atol=1e-5)
-        assert together[0]["measured"] != together[2]["measured"]  # the removal changes the run
+            torch.testing.assert_close(measured(a), measured(b), rtol=1e-4, atol=1e-5)
+            assert measured(a).shape[0] == (2 if scope == "pretrain" else 1)
+        assert not torch.equal(measured(together[0]), measured(together[2]))  # the removal changes the run
         assert sorted(p.name for p in (ws.root / f"grouped-{scope}").iterdir()) == sorted(f"{r.key}.json" for r in group)
     # retrainings on parallel threads (as the retrainings flow runs them), while another thread keeps re-seeding
     # and drawing from torch's global generator, equal the same retrainings run alone, bit for bit
@@ -233,7 +249,7 @@ def test_retraining_without_removals_reproduces_both_stages(project: Path, prefe
             ((6, 7, 8, 9), settings.seed + 2), ((), settings.seed + 3)]
     alone_states = [finetuned_state(*job) for job in jobs]
     pretrain_jobs = [Retraining((0, 1), settings.seed + 1), Retraining((2,), settings.seed + 2)]
-    alone_pretrain = [retraining.retrain(x, r, "pretrain", num_threads=1, runs=ws.root / "alone-threads")["measured"]
+    alone_pretrain = [retraining.retrain(x, r, "pretrain", num_threads=1, runs=ws.root / "alone-threads")["measured_by_mode"]
                       for r in pretrain_jobs]
     stop = threading.Event()
 
@@ -248,7 +264,7 @@ def test_retraining_without_removals_reproduces_both_stages(project: Path, prefe
         with ThreadPoolExecutor(max_workers=3) as pool:
             threaded_states = list(pool.map(lambda job: finetuned_state(*job), jobs))
             threaded_pretrain = list(pool.map(
-                lambda r: retraining.retrain(x, r, "pretrain", num_threads=1, runs=ws.root / "threaded")["measured"],
+                lambda r: retraining.retrain(x, r, "pretrain", num_threads=1, runs=ws.root / "threaded")["measured_by_mode"],
                 pretrain_jobs))
     finally:
         stop.set()

@@ -48,6 +48,12 @@ def test_cross_field_rules():
         validate_settings({"finetune": {"modes": ["fixed"]}, "evaluation": {"mode": "updated"}})
     with pytest.raises(SettingsError, match="train_fraction \\+ validation_fraction"):
         validate_settings({"data": {"train_fraction": 0.9, "validation_fraction": 0.2}})
+    only_updated = {"finetune": {"modes": ["updated"]}, "evaluation": {"pretrain_deletion": True, "pretrain_modes": ["fixed", "updated"]}}
+    with pytest.raises(SettingsError, match=r"pretrain_modes=\['fixed', 'updated'\]: \['fixed'\] not among finetune.modes"):
+        validate_settings(only_updated)
+    with pytest.raises(SettingsError, match="names a mode twice"):
+        validate_settings({"evaluation": {"pretrain_modes": ["fixed", "fixed"]}})
+    assert validate_settings({"evaluation": {"pretrain_modes": ["fixed", "updated"]}}).evaluation.pretrain_modes == ["fixed", "updated"]
 
 
 def test_missing_and_malformed_file(tmp_path):
