@@ -323,8 +323,14 @@ def planned(x: Experiment) -> list:
     """The retrainings of the evidence stage ``x.stage`` (``deletion``, ``pretrain_deletion`` or ``lds``)."""
     if x.stage == "lds":
         return lds_plan(x)[1]
-    unique: dict[str, Any] = {}  # a removal set two modes share (the random ones, the baseline) is retrained once
-    for plan in evidence_plans(x).values():
+    return plans_retrainings(evidence_plans(x))
+
+
+def plans_retrainings(plans: dict[str, Any]) -> list:
+    """The distinct retrainings of ``{mode: plan}``, in plan order: a removal set two modes share (the random
+    ones, the baseline) is retrained once."""
+    unique: dict[str, Any] = {}
+    for plan in plans.values():
         unique.update({r.key: r for r in plan.retrainings() if r.key not in unique})
     return list(unique.values())
 
@@ -367,6 +373,6 @@ def _verdict_metrics(result: StageResult, checks: list, rows: list[dict], prefix
 
 
 __all__ = [
-    "MAX_STACKED_PARAMETERS", "deletion_plan", "deletion_results", "evidence_plans", "finetune_without", "scope_modes", "groups", "stacked_group_size", "pretraining_methods", "lds_plan", "measure", "measure_all", "planned", "pretrain_deletion_plan",
+    "MAX_STACKED_PARAMETERS", "deletion_plan", "deletion_results", "evidence_plans", "finetune_without", "plans_retrainings", "scope_modes", "groups", "stacked_group_size", "pretraining_methods", "lds_plan", "measure", "measure_all", "planned", "pretrain_deletion_plan",
     "pretrain_without", "retrain", "retrain_group", "retraining_seeds", "runs_folder",
 ]

@@ -274,7 +274,7 @@ def score_stage(name: str, settings, ws: Workspace) -> StageResult:
 def _evidence(x: Experiment, result: StageResult) -> None:
     """A case-deletion check (``deletion``, ``pretrain_deletion``): retrain (or read back), then the verdicts."""
     plans = retraining.evidence_plans(x)
-    found = retraining.deletion_results(x, plans, retraining.measure_all(x, retraining.planned(x), table_row(x.stage).retrains))
+    found = retraining.deletion_results(x, plans, retraining.measure_all(x, retraining.plans_retrainings(plans), table_row(x.stage).retrains))
     result.metrics.update(found.metrics)
     result.outputs.update(found.outputs)
 
