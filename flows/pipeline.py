@@ -12,7 +12,7 @@ records every stage in ``dvc.lock`` (:func:`flows.dvc_file.record_stages`), so `
 agrees with what ran.
 
 The retrainings of the evidence stages (case deletion, LDS) are independent: a ``retrainings``
-subflow runs them as parallel tasks (``evaluation.workers`` threads), one per group of retrainings
+subflow runs them as parallel tasks (``evaluation.workers`` threads, or a Dask cluster: ``cluster``), one per group of retrainings
 trained together (``evaluation.retrain_group``), each group saved as it finishes, before the stage
 itself reads them back (``dvc repro`` runs the same stage functions, which do the groups one after
 another).
@@ -33,9 +33,8 @@ from typing import Any, Iterator
 from prefect import flow, get_run_logger, task, unmapped
 from prefect.runtime import flow_run
 from prefect.states import Completed
-from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows import dvc_file, publish, report, retraining, stage_cache, waits
+from flows import dvc_file, publish, report, retraining, runners, stage_cache, waits
 from flows.experiment import Experiment
 from flows.reach import check_gpu_deployment, check_tracking_uri, project_root
 from flows.settings import PARAMS_FILE, PipelineSettings, load_settings, validate_settings, with_overrides
@@ -103,7 +102,7 @@ def plan_task(stage: str, settings: PipelineSettings, root: Path) -> tuple[list[
 
 
 @task(task_run_name="retrain-{stage}-{group[0].key}")
-def retrain_task(stage: str, settings: PipelineSettings, root: Path, group: list, num_threads: int, runs: Path) -> list[str]:
+def retrain_task(stage: str, settings: PipelineSettings, root: Path, group: list, num_threads: int | None, runs: Path) -> list[str]:
     x = Experiment.for_stage(stage, settings, Workspace(root))
     return [r["key"] for r in retraining.retrain_group(x, group, RETRAINING_STAGES[stage], num_threads=num_threads, runs=runs)]
 
@@ -113,15 +112,13 @@ def retrainings(stage: str, settings: PipelineSettings, project_dir: str) -> int
     """Every retraining of the ``deletion``, ``pretrain_deletion`` or ``lds`` stage, as parallel tasks: one per group
     of retrainings trained together (``evaluation.retrain_group``; each group saved as it finishes).
 
-    Run with a thread pool of ``evaluation.workers``; each group gets its share of the cores
-    as torch intra-op threads (set in the thread that trains). Returns how many retrainings the
-    stage has.
+    Run with the task runner of ``cluster`` (:mod:`flows.runners`): a thread pool of ``evaluation.workers``, or a
+    Dask cluster; each group gets its share of the machine's cores as torch intra-op threads (set in the thread
+    that trains). Returns how many retrainings the stage has.
     """
-    import os
-
     root = Path(project_dir)
     grouped, runs = plan_task(stage, settings, root)
-    threads = max(1, (os.cpu_count() or 1) // settings.evaluation.workers)
+    threads = runners.choose(settings).num_threads
     futures = retrain_task.map(unmapped(stage), unmapped(settings), unmapped(root), grouped, unmapped(threads), unmapped(runs))
     for future in futures:
         future.result()
@@ -283,10 +280,10 @@ def _stages(settings: PipelineSettings, root: Path, data_rev: str, gpu_deploymen
         skipped += _skipped_in(child.id)
     else:
         skipped += attribution(settings, str(root), force, workspace_token=token)
-    ws, e = Workspace(root), settings.evaluation
+    ws = Workspace(root)
     for stage in CPU_STAGES[CPU_STAGES.index("finetune") + 1:]:
         if stage in RETRAINING_STAGES and table_row(stage).is_enabled(settings) and (force or stage_cache.would_run(stage, settings, ws)):
-            retrainings.with_options(task_runner=ThreadPoolTaskRunner(max_workers=e.workers))(stage, settings, str(root))
+            retrainings.with_options(task_runner=runners.task_runner(runners.choose(settings)))(stage, settings, str(root))
         _run(stage, settings, root, force, skipped)  # reads the retrainings back, or is skipped
     tags = {"prefect_flow_run_id": str(flow_run.get_id() or ""), "run_name": str(flow_run.get_name() or "pipeline"),
             "stages_skipped": ",".join(skipped) or "none"}

@@ -220,7 +220,7 @@ class EvaluationSettings(_Section):
     mislabel_params: list[str] = Field(["all"], min_length=1, title="Self-influence parameters", description="Parameters of TracIn self-influence: ['all'] or module names of the classifier (MiniLM on a CPU: ['head']).")
     mislabel_method: Literal["tracin", "if"] = Field("tracin", title="Self-influence", description="Self-influence that ranks the suspects: 'tracin' (Σ_c η_c ||∇ℓ_c(z)||² over the checkpoints, Pruthi et al. 2020) or 'if' ((1/n) ∇ℓ(z)ᵀ H⁻¹ ∇ℓ(z) with the Arnoldi solver).")
     retrain_group: int = Field(8, ge=1, le=64, title="Retrainings trained together", description="Retrainings of one seed trained as one batched computation over their shared data order (each member without its own examples; bench/batched_retraining.py: about 1.8x faster than one after another at 16); 1 trains them one at a time, and so does a large model (above 8 million stacked parameters in all, e.g. MiniLM). A group is saved whole, so a re-run after a kill recomputes it with the same members.")
-    workers: int = Field(2, ge=1, le=64, title="Parallel retrainings", description="Retrainings the Prefect flow runs at once (threads of this worker); dvc repro runs them one after another.")
+    workers: int = Field(2, ge=1, le=64, title="Parallel retrainings", description="Retrainings the Prefect flow runs at once (threads of this worker, or the worker processes of a local Dask cluster: cluster.runner); dvc repro runs them one after another.")
 
     @model_validator(mode="after")
     def _fractions(self) -> "EvaluationSettings":
@@ -259,6 +259,28 @@ class TrackingSettings(_Section):
         return self
 
 
+class ClusterSettings(_Section):
+    """Where the parallel work runs (the retrainings of the evidence stages); never what it computes."""
+
+    runner: Literal["threads", "dask"] = Field("threads", title="Parallel work on", description="'threads': the retrainings of the evidence stages run as evaluation.workers threads of this worker. 'dask': as tasks on a Dask cluster through prefect-dask's task runner: the scheduler at dask_address, else a LocalCluster of evaluation.workers processes (one thread each) started for the stage. The results are the same either way.")
+    dask_address: str = Field("", max_length=500, title="Dask scheduler", description="With runner 'dask': the address of a running distributed scheduler (tcp://host:8786 or tls://host:8786); empty: $DASK_SCHEDULER_ADDRESS when set, else a LocalCluster on this machine. A remote worker sets its torch threads with OMP_NUM_THREADS.")
+
+    @model_validator(mode="after")
+    def _address(self) -> "ClusterSettings":
+        from urllib.parse import urlsplit
+
+        if self.dask_address:
+            try:
+                parts = urlsplit(self.dask_address)
+                port = parts.port
+            except ValueError as error:
+                raise ValueError(f"dask_address={self.dask_address!r} is not an address ({error})") from None
+            if parts.scheme not in ("tcp", "tls") or not parts.hostname or port is None:
+                raise ValueError(f"dask_address={self.dask_address!r}: a distributed scheduler's address is "
+                                 "tcp://host:port or tls://host:port (empty: a LocalCluster)")
+        return self
+
+
 class PipelineSettings(_Section):
     """Every setting of the pipeline (the sections of ``params.yaml``)."""
 
@@ -270,6 +292,7 @@ class PipelineSettings(_Section):
     attribution: AttributionSettings = Field(default_factory=AttributionSettings, title="Attribution")
     evaluation: EvaluationSettings = Field(default_factory=EvaluationSettings, title="Evaluation")
     tracking: TrackingSettings = Field(default_factory=TrackingSettings, title="Tracking")
+    cluster: ClusterSettings = Field(default_factory=ClusterSettings, title="Cluster")
 
     @model_validator(mode="after")
     def _evaluation_mode(self) -> "PipelineSettings":

@@ -25,7 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
-ALL_SECTIONS = ("seed", "data", "model", "pretrain", "finetune", "attribution", "evaluation", "tracking")
+ALL_SECTIONS = ("seed", "data", "model", "pretrain", "finetune", "attribution", "evaluation", "tracking", "cluster")
 DATA_STAGE_PARAMS = (  # the data stage's settings (flows.versioning records them in params.yaml)
     "finetune_source", "finetune_file", "text_column", "label_column", "group_column", "pretrain_source",
     "pretrain_file", "pretrain_text_column", "pretrain_unit", "chunk_words", "split_seed", "train_fraction",
@@ -170,7 +170,7 @@ STAGES: tuple[Stage, ...] = (
                               "evaluation.mislabel_method", "evaluation.mislabel_params", "attribution"),
           inputs=("features", "pretrain"),
           enabled=lambda s: s.evaluation.mislabel_fraction > 0),
-    Stage("report", params=ALL_SECTIONS, data=("pretrain", "finetune"), run="flows.report:build_report",
+    Stage("report", params=tuple(n for n in ALL_SECTIONS if n != "cluster"), data=("pretrain", "finetune"), run="flows.report:build_report",
           inputs=("features", "pretrain", "finetune", SCORED, "deletion", "pretrain_deletion", "lds", "mislabel")),
 )
 
