@@ -1,0 +1,86 @@
+"""Local server mode on PostgreSQL (``SERVERS_DATABASE=postgresql scripts/servers start``): Debian's PostgreSQL
+with its data folder inside the project holds the Prefect server's and MLflow's stores, survives a restart, and
+stops with the servers; nothing is written to the SQLite stores."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import make_project
+from tests.test_servers import _free_port
+
+pytestmark = pytest.mark.slow
+PSQL = sorted(Path("/usr/lib/postgresql").glob("*/bin/psql"))
+
+
+def _credentials(root: Path) -> dict[str, str]:
+    lines = (root / ".prefect" / "auth" / "credentials").read_text().splitlines()
+    return dict(line.split("=", 1) for line in lines if "=" in line)
+
+
+def _sql(root: Path, port: str, database: str, query: str) -> list[str]:
+    done = subprocess.run([str(PSQL[-1]), "-h", "127.0.0.1", "-p", port, "-U", "influence", "-d", database, "-tAc", query],
+                          env={**os.environ, "PGPASSWORD": _credentials(root)["POSTGRES_PASSWORD"]},
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.split()
+
+
+@pytest.mark.skipif(not PSQL, reason="Debian's postgresql package is not installed")
+def test_servers_keep_their_stores_in_postgresql(tmp_path, raw_wheels):
+    for parent in [tmp_path, *tmp_path.parents]:  # run as root, PostgreSQL's user must pass through the test's folders
+        if os.geteuid() == 0 and parent != Path("/"):
+            os.chmod(parent, os.stat(parent).st_mode | 0o001)
+    root = make_project(tmp_path / "project", tmp_path / "remote", raw_wheels,
+                        extra=("scripts", "prefect.yaml", "requirements.lock", "pyproject.toml", "infra"))
+    (root / ".venv").symlink_to(Path(sys.executable).parents[1])
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_API_", "MLFLOW_TRACKING_"))}
+    env.update(PREFECT_PORT=str(_free_port()), MLFLOW_PORT=str(_free_port()), POSTGRES_PORT=str(_free_port()),
+               PREFECT_HOME=str(root / ".prefect"), SERVERS_DATABASE="postgresql")
+    script = [str(root / "scripts" / "servers")]
+    pg = env["POSTGRES_PORT"]
+
+    def servers(command: str) -> subprocess.CompletedProcess:
+        return subprocess.run(script + [command], cwd=root, env=env, capture_output=True, text=True, timeout=400)
+
+    try:
+        started = servers("start")
+        assert started.returncode == 0, started.stdout + started.stderr
+        assert f"PostgreSQL answers on 127.0.0.1:{pg}" in started.stdout
+        assert _sql(root, pg, "prefect", "SELECT name FROM deployment ORDER BY name") == ["gpu", "nightly", "on-demand", "text"]
+        credentials = _credentials(root)
+        # a flow run and an MLflow run through the servers, as a worker makes them
+        client_env = {"PREFECT_API_URL": f"http://127.0.0.1:{env['PREFECT_PORT']}/api",
+                      "PREFECT_API_AUTH_STRING": credentials["PREFECT_AUTH_STRING"],
+                      "MLFLOW_TRACKING_USERNAME": credentials["MLFLOW_USERNAME"],
+                      "MLFLOW_TRACKING_PASSWORD": credentials["MLFLOW_PASSWORD"]}
+        script_text = (
+            "import mlflow\nfrom prefect import flow\n"
+            "@flow(name='stored-in-postgres')\ndef hello():\n    return 1\n"
+            "hello()\n"
+            f"mlflow.set_tracking_uri('http://127.0.0.1:{env['MLFLOW_PORT']}')\n"
+            "mlflow.set_experiment('postgres-check')\n"
+            "with mlflow.start_run(run_name='stored'):\n    mlflow.log_metric('m', 1.5)\n")
+        done = subprocess.run([sys.executable, "-c", script_text], cwd=root, env={**env, **client_env},
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        assert _sql(root, pg, "prefect", "SELECT name FROM flow WHERE name = 'stored-in-postgres'") == ["stored-in-postgres"]
+        assert _sql(root, pg, "mlflow", "SELECT name FROM runs WHERE name = 'stored'") == ["stored"]
+        assert _sql(root, pg, "mlflow_auth", "SELECT username FROM users") == [credentials["MLFLOW_USERNAME"]]
+        assert not (root / ".prefect" / "prefect.db").exists() and not (root / "mlruns.db").exists()
+
+        stopped = servers("stop")
+        assert stopped.returncode == 0 and "postgres stopped" in stopped.stdout, stopped.stdout + stopped.stderr
+        assert subprocess.run(["pgrep", "-f", f"-p {pg}"], capture_output=True).returncode != 0  # no PostgreSQL left
+        # a restart finds the same stores (the choice of store is not remembered after stop: given again here)
+        again = servers("start")
+        assert again.returncode == 0, again.stdout + again.stderr
+        assert _sql(root, pg, "prefect", "SELECT count(*) FROM flow_run") != ["0"]
+        assert _sql(root, pg, "mlflow", "SELECT name FROM runs WHERE name = 'stored'") == ["stored"]
+    finally:
+        servers("stop")
