@@ -265,8 +265,14 @@ class ClusterSettings(_Section):
     runner: Literal["threads", "dask"] = Field("threads", title="Parallel work on", description="'threads': the retrainings of the evidence stages run as evaluation.workers threads of this worker. 'dask': as tasks on a Dask cluster through prefect-dask's task runner: the scheduler at dask_address, else a LocalCluster of evaluation.workers processes (one thread each) started for the stage. The results are the same either way.")
     dask_address: str = Field("", max_length=500, title="Dask scheduler", description="With runner 'dask': the address of a running distributed scheduler (tcp://host:8786 or tls://host:8786); empty: $DASK_SCHEDULER_ADDRESS when set, else a LocalCluster on this machine. A remote worker sets its torch threads with OMP_NUM_THREADS.")
 
+    store: str = Field("", max_length=500, title="Object store", description="Where completed stages are handed between machines, addressed by content: s3://bucket/prefix on an S3-compatible server (its endpoint from $AWS_ENDPOINT_URL, its keys from $AWS_ACCESS_KEY_ID and $AWS_SECRET_ACCESS_KEY) or file:///folder; a machine that lacks a stage's outputs fetches them and keeps them in its artifacts/.stages. Empty: none (every stage in the project folder).")
+
     @model_validator(mode="after")
     def _address(self) -> "ClusterSettings":
+        if self.store:
+            from flows.object_store import check_url
+
+            check_url(self.store)
         from urllib.parse import urlsplit
 
         if self.dask_address:
@@ -393,20 +399,22 @@ def settings_table() -> str:
     return "\n".join(lines)
 
 
-def deployment_parameters(params_file: str = PARAMS_FILE) -> dict[str, Any]:
+def deployment_parameters(params_file: str = PARAMS_FILE, project_dir: str | None = None) -> dict[str, Any]:
     """A Prefect deploy step (``prefect.yaml``): the ``pipeline`` flow's parameters from ``params.yaml``.
 
     Args:
         params_file: the settings file, relative to the folder ``prefect deploy`` runs in.
+        project_dir: the runs' project folder; default the folder holding the file (``"."``: the folder a
+            run's pull step leaves it in, e.g. a git clone: :mod:`flows.git_deployments`).
 
     Returns:
-        ``{"settings": <every setting, validated>, "project_dir": <the folder holding the file>}``.
+        ``{"settings": <every setting, validated>, "project_dir": ...}``.
 
     Raises:
         SettingsError: the file holds an invalid value (the deployment is not made).
     """
     path = Path(params_file).resolve()
-    return {"settings": load_settings(path).model_dump(mode="json"), "project_dir": str(path.parent)}
+    return {"settings": load_settings(path).model_dump(mode="json"), "project_dir": project_dir or str(path.parent)}
 
 
 PROFILES = "profiles"

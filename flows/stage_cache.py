@@ -29,6 +29,11 @@ version, that version is linked back into ``artifacts/<stage>`` instead of recom
 from settings A to B and back to A recomputes nothing the second time. The ``data`` stage (whose
 versions DVC keeps) and the ``report`` stage (never skipped: each run gets its own MLflow run) are
 not kept.
+
+With an object store (``cluster.store``, :mod:`flows.object_store`), every kept stage is also sent there
+under its fingerprint, and a stage that is neither current nor kept here is fetched from there when the
+store has it (into the kept versions, then linked into place): a pipeline on another machine, or in a
+fresh clone, restores what any machine computed with the same inputs instead of recomputing it.
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from flows.code_deps import files_digest, function_closure
+from flows.object_store import ObjectStore, store_of
 from flows.settings import PipelineSettings
 from flows.stage_table import stage as table_row
 from flows.workspace import StageResult, Workspace
@@ -206,12 +212,30 @@ def keep(ws: Workspace, stage: str, fp: str) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def restore(ws: Workspace, stage: str, fp: str) -> StageResult | None:
-    """Link the kept version of ``stage`` with fingerprint ``fp`` back into ``artifacts/<stage>``; its result."""
+def fetch(ws: Workspace, stage: str, fp: str, store: ObjectStore | None) -> bool:
+    """Bring the version of ``stage`` with fingerprint ``fp`` from ``store`` into the kept versions; whether it is there now."""
+    source = versions_dir(ws, stage) / fp[:32]
+    if (source / "result.json").is_file():
+        return True
+    if store is None or stage in NOT_KEPT or not fp:
+        return False
+    partial = versions_dir(ws, stage) / f".{fp[:32]}.fetching-{os.getpid()}"
+    shutil.rmtree(partial, ignore_errors=True)
+    if not store.pull_stage(stage, fp, partial):
+        return False
+    shutil.rmtree(source, ignore_errors=True)
+    partial.rename(source)
+    log.info("stage %s: fetched the outputs of fingerprint %s from %s", stage, fp[:12], store.url)
+    return True
+
+
+def restore(ws: Workspace, stage: str, fp: str, store: ObjectStore | None = None) -> StageResult | None:
+    """Link the kept version of ``stage`` with fingerprint ``fp`` (fetched from ``store`` when only it has it) back
+    into ``artifacts/<stage>``; its result."""
     if not fp or stage in NOT_KEPT:
         return None
     source = versions_dir(ws, stage) / fp[:32]
-    if not (source / "result.json").is_file():
+    if not fetch(ws, stage, fp, store):
         return None
     current = ws.artifacts / stage
     shutil.rmtree(current, ignore_errors=True)
@@ -225,11 +249,31 @@ def restore(ws: Workspace, stage: str, fp: str) -> StageResult | None:
     return result
 
 
+def collect(stage: str, settings: PipelineSettings, ws: Workspace) -> StageResult:
+    """The result of ``stage``, which another flow run completed (the GPU stages): in place when it ran in this
+    workspace, else fetched from the object store (it ran on another machine).
+
+    Raises:
+        RuntimeError: neither this workspace nor the store holds it with the fingerprint of its inputs here.
+    """
+    fp = fingerprint(stage, settings, ws)
+    store = store_of(settings)
+    found = completed(ws, stage, fp) or restore(ws, stage, fp, store)
+    if found is None:
+        where = f"nor in the object store {store.url}" if store is not None else "and cluster.store is empty"
+        raise RuntimeError(f"stage {stage} (fingerprint {fp[:12]}) completed in another flow run, but is neither in "
+                           f"{ws.root} {where}: did that run see the same inputs?")
+    return found
+
+
 def would_run(stage: str, settings: PipelineSettings, ws: Workspace) -> bool:
     """Whether :func:`run_or_skip` would run ``stage``: its outputs are neither current nor kept."""
     fp = fingerprint(stage, settings, ws)
     kept = versions_dir(ws, stage) / fp[:32] / "result.json"
-    return completed(ws, stage, fp) is None and not (fp and kept.is_file())
+    if completed(ws, stage, fp) is not None or (fp and kept.is_file()):
+        return False
+    store = store_of(settings)
+    return not (store is not None and stage not in NOT_KEPT and store.has_stage(stage, fp))
 
 
 def run_or_skip(
@@ -255,11 +299,13 @@ def run_or_skip(
         ``"restored"`` (a kept version linked back); a run's result is saved with its fingerprint.
     """
     fp = fingerprint(stage, settings, ws)
+    store = store_of(settings)
     if not force:
         done = completed(ws, stage, fp, valid)
         if done is not None:
+            _push(store, ws, stage, fp, done)
             return done, "skipped"
-        kept = restore(ws, stage, fp) if valid is None else None
+        kept = restore(ws, stage, fp, store) if valid is None else None
         if kept is not None:
             return kept, "restored"
     staging = _start(ws, stage, fp)
@@ -270,7 +316,16 @@ def run_or_skip(
     result.info[MANIFEST] = manifest(ws.artifacts / stage)
     result.save(ws)
     keep(ws, stage, fp)
+    _push(store, ws, stage, fp, result)
     return result, "ran"
+
+
+def _push(store: ObjectStore | None, ws: Workspace, stage: str, fp: str, result: StageResult) -> None:
+    """Send a completed stage to the object store, unless it is there already (or is never kept)."""
+    if store is None or stage in NOT_KEPT or not fp or store.has_stage(stage, fp):
+        return
+    count = store.push_stage(stage, fp, ws.artifacts / stage, result.info[MANIFEST])
+    log.info("stage %s: sent %d files of fingerprint %s to %s", stage, count, fp[:12], store.url)
 
 
 def _start(ws: Workspace, stage: str, fp: str) -> Path:
@@ -310,4 +365,4 @@ def _move_into_place(ws: Workspace, stage: str, staging: Path, result: StageResu
     return result
 
 
-__all__ = ["completed", "fingerprint", "keep", "recorded_fingerprint", "restore", "run_or_skip", "stage_code", "would_run"]
+__all__ = ["collect", "completed", "fetch", "fingerprint", "keep", "recorded_fingerprint", "restore", "run_or_skip", "stage_code", "would_run"]

@@ -1,0 +1,147 @@
+"""Stage outputs through an object store (moto's S3 server on loopback, and a folder): sent once per content, fetched
+with their bytes checked, restored by a pipeline in another folder instead of recomputed, and read by a retraining
+on a machine that does not see the flow's folder."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from flows.settings import load_settings, with_overrides
+from tests.s3_server import s3_server
+
+
+@pytest.fixture(scope="module")
+def s3():
+    with s3_server(buckets=("stages",)) as env:
+        saved = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
+        try:
+            yield env
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+
+
+def _stage_folder(folder: Path, files: dict[str, bytes]) -> dict[str, list]:
+    from flows.stage_cache import manifest
+
+    for name, data in files.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes(data)
+    (folder / "result.json").write_text(json.dumps({"stage": "x", "outputs": {}, "info": {"fingerprint": "f"}}))
+    return manifest(folder)
+
+
+@pytest.mark.parametrize("kind", ["s3", "file"])
+def test_a_stage_goes_there_and_back_once_per_content(kind, s3, tmp_path):
+    from flows.object_store import ObjectStore
+
+    url = "s3://stages/team-a" if kind == "s3" else f"file://{tmp_path / 'store'}"
+    store = ObjectStore(url)
+    first = _stage_folder(tmp_path / "one", {"model.safetensors": b"weights" * 1000, "sub/ids.json": b"[1, 2]"})
+    assert not store.has_stage("finetune", "fp1")
+    assert store.push_stage("finetune", "fp1", tmp_path / "one", first) == 2
+    assert store.has_stage("finetune", "fp1")
+    back = tmp_path / "back"
+    assert store.pull_stage("finetune", "fp1", back)
+    for name, (size, mtime_ns, _) in first.items():
+        assert (back / name).read_bytes() == (tmp_path / "one" / name).read_bytes()
+        assert (back / name).stat().st_mtime_ns == mtime_ns and (back / name).stat().st_size == size
+    assert json.loads((back / "result.json").read_text()) == json.loads((tmp_path / "one" / "result.json").read_text())
+    assert not store.pull_stage("finetune", "other", tmp_path / "none") and not (tmp_path / "none").exists()
+
+    # a second stage sharing a file sends only its new content
+    sent = []
+    put = store._backend.put_file
+    store._backend.put_file = lambda key, path: (sent.append(key), put(key, path))
+    second = _stage_folder(tmp_path / "two", {"model.safetensors": b"weights" * 1000, "new.json": b"{}"})
+    store.push_stage("finetune", "fp2", tmp_path / "two", second)
+    assert sent == [ObjectStore.object_key(second["new.json"][2])]
+
+
+def test_an_object_with_other_bytes_is_refused(tmp_path):
+    from flows.object_store import ObjectStore
+
+    store = ObjectStore(f"file://{tmp_path / 'store'}")
+    files = _stage_folder(tmp_path / "one", {"a.bin": b"right"})
+    store.push_stage("pretrain", "fp", tmp_path / "one", files)
+    (tmp_path / "store" / ObjectStore.object_key(files["a.bin"][2])).write_bytes(b"wrong")
+    with pytest.raises(ValueError, match="came back with sha256"):
+        store.pull_stage("pretrain", "fp", tmp_path / "back")
+
+
+def test_store_addresses_are_checked():
+    from flows.settings import PipelineSettings, SettingsError
+
+    base = PipelineSettings()
+    assert with_overrides(base, {"cluster": {"store": "s3://bucket/prefix"}}).cluster.store == "s3://bucket/prefix"
+    assert with_overrides(base, {"cluster": {"store": "file:///srv/store"}}).cluster.store == "file:///srv/store"
+    for bad in ("bucket/prefix", "s3:///prefix", "file://relative/folder", "http://minio:9000/bucket"):
+        with pytest.raises(SettingsError, match="s3://bucket/prefix"):
+            with_overrides(base, {"cluster": {"store": bad}})
+
+
+@pytest.fixture(scope="module")
+def prefect_harness():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=180):
+        yield
+
+
+@pytest.mark.slow
+def test_a_pipeline_in_another_folder_restores_every_stage_from_the_store(s3, tmp_path, raw_wheels, prefect_harness,
+                                                                          monkeypatch):
+    from flows import retraining
+    from flows.experiment import Experiment
+    from flows.fetched_workspace import input_fingerprints, receive_records, send_records, workspace_for
+    from flows.pipeline import pipeline
+    from flows.stage_table import NAMES
+    from flows.workspace import StageResult, Workspace
+    from tests.conftest import make_project
+
+    first = make_project(tmp_path / "first", tmp_path / "remote-1", raw_wheels)
+    second = make_project(tmp_path / "second", tmp_path / "remote-2", raw_wheels)
+    settings = with_overrides(load_settings(first / "params.yaml"),
+                              {"evaluation": {"mislabel_fraction": 0.0, "methods": ["grad_cos"]},
+                               "cluster": {"store": "s3://stages/pipeline"}})
+    ran = pipeline(settings=settings, project_dir=str(first))
+    assert "features" not in ran["skipped"]
+    again = pipeline(settings=settings, project_dir=str(second))  # the same code, settings and data, elsewhere
+    kept = [n for n in NAMES if n not in ("data", "report") and (first / "artifacts" / n / "result.json").is_file()]
+    assert {"features", "pretrain", "finetune", "gradients", "influence", "deletion"} <= set(kept)
+    assert set(kept) <= set(again["skipped"]), f"recomputed in the second folder: {set(kept) - set(again['skipped'])}"
+    for name in kept:
+        a, b = StageResult.load(Workspace(first), name), StageResult.load(Workspace(second), name)
+        assert a.info["fingerprint"] == b.info["fingerprint"]
+        assert {k: v[2] for k, v in a.info["files"].items()} == {k: v[2] for k, v in b.info["files"].items()}, name
+        assert (second / "artifacts" / ".stages" / name).is_dir()  # the local cache of what was fetched
+
+    # a retraining on a machine that does not see the flow's folder: its inputs fetched, its records sent back
+    monkeypatch.setenv("INFLUENCE_WORK_DIR", str(tmp_path / "elsewhere"))
+    x = Experiment.for_stage("deletion", settings, Workspace(first))
+    runs = retraining.runs_folder(x, "finetune")
+    group = retraining.groups(x, retraining.planned(x), "finetune")[1]
+    inputs = input_fingerprints(Workspace(first))
+    remote = workspace_for(settings, tmp_path / "not-here", inputs)
+    assert remote.root.parent == tmp_path / "elsewhere"
+    far = Experiment.for_stage("deletion", settings, remote)
+    assert retraining.runs_folder(far, "finetune").name == runs.name  # the same context on both machines
+    made = retraining.retrain_group(far, group, "finetune")
+    assert made == [json.loads((runs / f"{r.key}.json").read_text()) for r in group]  # the flow's own records
+    send_records(settings, runs.name, made)
+    shutil.rmtree(runs)
+    runs.mkdir()
+    assert receive_records(settings, runs, group) == len(group)
+    assert [json.loads((runs / f"{r.key}.json").read_text()) for r in group] == made
+    assert workspace_for(settings, first, inputs).root == first  # a machine that sees the folder works in it
+    with pytest.raises(RuntimeError, match="cluster.store is empty"):
+        workspace_for(with_overrides(settings, {"cluster": {"store": ""}}), tmp_path / "not-here", inputs)
