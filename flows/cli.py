@@ -66,7 +66,11 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("texts", nargs="+", help="the sentences to explain")
     explain.add_argument("--mode", choices=("fixed", "updated"), default="updated", help="embedding mode (default: updated)")
     explain.add_argument("--k", type=int, default=5, help="proponents and opponents per sentence and source (default: 5)")
-    for p in (run, stage, check, dvc, explain):
+    git = sub.add_parser("deploy-git", help="deploy prefect.yaml's deployments to run from a git clone at one revision")
+    git.add_argument("--repository", required=True, help="the URL a worker clones the project from")
+    git.add_argument("--revision", default="HEAD", help="branch, tag or sha (default: HEAD), fixed as its commit sha")
+    git.add_argument("--write-only", action="store_true", help="write .prefect/prefect.git.yaml and do not deploy")
+    for p in (run, stage, check, dvc, explain, git):
         p.add_argument("--params", default="params.yaml", help="settings file (default: params.yaml)")
         p.add_argument("--profile", metavar="NAME", help="apply profiles/NAME.yaml over the settings (e.g. minilm-cpu)")
         p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE", help="override one setting")
@@ -98,6 +102,20 @@ def main(argv: list[str] | None = None) -> int:
         check_table()
         print(f"{args.params}: valid (digest {settings.digest()}); stage table consistent ({len(NAMES)} stages)")
         return 0
+    if args.command == "deploy-git":
+        import subprocess
+
+        from flows.git_deployments import write_git_prefect_file
+
+        try:
+            path = write_git_prefect_file(root, args.repository, args.revision)
+        except ValueError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        print(f"wrote {path}")
+        if args.write_only:
+            return 0
+        return subprocess.run(["prefect", "--no-prompt", "deploy", "--all", "--prefect-file", str(path)], cwd=root).returncode
     if args.command == "dvc-yaml":
         from flows.dvc_file import write_dvc_yaml
 

@@ -36,6 +36,7 @@ from prefect.states import Completed
 
 from flows import dvc_file, publish, report, retraining, runners, stage_cache, waits
 from flows.experiment import Experiment
+from flows.fetched_workspace import GPU_INPUTS, fetch_into, input_fingerprints, receive_records, send_records, workspace_for
 from flows.reach import check_gpu_deployment, check_tracking_uri, project_root
 from flows.settings import PARAMS_FILE, PipelineSettings, load_settings, validate_settings, with_overrides
 from flows.stage_table import GPU_STAGES, NAMES, RETRAINING_STAGES
@@ -102,9 +103,16 @@ def plan_task(stage: str, settings: PipelineSettings, root: Path) -> tuple[list[
 
 
 @task(task_run_name="retrain-{stage}-{group[0].key}")
-def retrain_task(stage: str, settings: PipelineSettings, root: Path, group: list, num_threads: int | None, runs: Path) -> list[str]:
-    x = Experiment.for_stage(stage, settings, Workspace(root))
-    return [r["key"] for r in retraining.retrain_group(x, group, RETRAINING_STAGES[stage], num_threads=num_threads, runs=runs)]
+def retrain_task(stage: str, settings: PipelineSettings, root: Path, group: list, num_threads: int | None, runs: Path,
+                 inputs: dict[str, str]) -> list[str]:
+    """One group of retrainings, in the flow's folder or (on a machine that does not see it) in a workspace fetched
+    from the object store; with a store, its records are also sent there."""
+    ws = workspace_for(settings, root, inputs)
+    x = Experiment.for_stage(stage, settings, ws)
+    scope = RETRAINING_STAGES[stage]
+    found = retraining.retrain_group(x, group, scope, num_threads=num_threads, runs=runs if ws.root == Path(root) else None)
+    send_records(settings, runs.name, found)
+    return [r["key"] for r in found]
 
 
 @flow(name="retrainings", flow_run_name="{stage}-retrainings")
@@ -119,10 +127,18 @@ def retrainings(stage: str, settings: PipelineSettings, project_dir: str) -> int
     root = Path(project_dir)
     grouped, runs = plan_task(stage, settings, root)
     threads = runners.choose(settings).num_threads
-    futures = retrain_task.map(unmapped(stage), unmapped(settings), unmapped(root), grouped, unmapped(threads), unmapped(runs))
+    inputs = input_fingerprints(Workspace(root))
+    futures = retrain_task.map(unmapped(stage), unmapped(settings), unmapped(root), grouped, unmapped(threads), unmapped(runs),
+                               unmapped(inputs))
     for future in futures:
         future.result()
+    receive_records(settings, runs, [r for group in grouped for r in group])  # those made on other machines
     return sum(len(group) for group in grouped)
+
+
+@task(task_run_name="collect-{stage}", **IO_RETRIES)
+def collect_task(stage: str, settings: PipelineSettings, root: Path) -> StageResult:
+    return stage_cache.collect(stage, settings, Workspace(root))
 
 
 @task(name="report", **IO_RETRIES)
@@ -177,6 +193,7 @@ def attribution(
     force: bool = False,
     on_gpu_pool: bool = False,
     workspace_token: str = "",
+    inputs: dict[str, str] | None = None,
 ) -> list[str]:
     """The GPU stages: cache per-example gradients, solve, and score (influence, multi-stage, TracIn-WE).
 
@@ -187,6 +204,8 @@ def attribution(
         on_gpu_pool: set by the ``gpu`` deployment: warn when this worker has no CUDA device.
         workspace_token: set by the pipeline that started this run: it runs under that pipeline's hold of
             the workspace (:mod:`flows.workspace_lock`); empty: this run takes the workspace itself.
+        inputs: set by the pipeline that started this run: ``{stage: fingerprint}`` of the stages the GPU stages
+            read; a worker on another machine fetches them from the object store (``cluster.store``).
 
     Returns:
         the stages that were skipped because their inputs were unchanged.
@@ -201,6 +220,9 @@ def attribution(
     logger.info("GPU stages on device %s", Experiment(settings, Workspace(root)).device)
     skipped: list[str] = []
     with hold_workspace(root, str(flow_run.get_name() or "attribution"), parent_token=workspace_token, say=logger.info):
+        fetched = fetch_into(settings, Workspace(root), inputs or {})
+        if fetched:
+            logger.info("fetched %s from the object store %s", fetched, settings.cluster.store)
         for stage in GPU_STAGES:
             _run(stage, settings, root, force, skipped)
     return skipped
@@ -266,8 +288,10 @@ def _stages(settings: PipelineSettings, root: Path, data_rev: str, gpu_deploymen
         limit = waits.seconds(waits.GPU_STAGES_ENV, waits.GPU_STAGES_SECONDS)
         child = run_deployment(
             gpu_deployment, timeout=limit, poll_interval=2, flow_run_name=f"{flow_run.get_name() or 'pipeline'}-gpu-stages",
-            parameters={"settings": settings.model_dump(mode="json"), "project_dir": str(root), "force": force,
-                        "on_gpu_pool": True, "workspace_token": token},
+            # the deployment's own folder: this project folder on this machine, its clone on another one
+            parameters={"settings": settings.model_dump(mode="json"), "project_dir": ".", "force": force,
+                        "on_gpu_pool": True, "workspace_token": token,
+                        "inputs": input_fingerprints(Workspace(root), GPU_INPUTS)},
         )
         if child.state is None or not child.state.is_final():
             waits.cancel_flow_run(child.id)
@@ -278,6 +302,8 @@ def _stages(settings: PipelineSettings, root: Path, data_rev: str, gpu_deploymen
         if not child.state.is_completed():
             raise RuntimeError(f"the GPU stages ({gpu_deployment}, flow run {child.name}) ended {child.state.name}: see that flow run's logs")
         skipped += _skipped_in(child.id)
+        for stage in GPU_STAGES:  # in place when the child ran here; fetched from the object store when elsewhere
+            collect_task(stage, settings, root)
     else:
         skipped += attribution(settings, str(root), force, workspace_token=token)
     ws = Workspace(root)
