@@ -4,7 +4,8 @@ Each host is a network namespace with its own loopback and one address on a priv
 (``10.213.<n>.<i>/24``; the machine itself is ``.254`` on it, so the test can watch); a host reaches
 another only through that bridge, and nothing on the bridge reaches beyond the machine. A host's
 processes get their own working folder (no folder is shared between hosts: what one host hands another
-goes through the services). Needs root (``ip netns``).
+goes through the services): with ``folders``, each host's processes run in a mount namespace of their own
+where the other hosts' folders are hidden under an empty tmpfs. Needs root (``ip netns``, ``unshare``).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ class Hosts:
     """Hosts named ``names`` (addresses ``10.213.<net>.1``, ``.2``, ... in that order) and their processes."""
 
     names: tuple[str, ...]
+    folders: dict[str, Path] = field(default_factory=dict)  # each host's own folder, all in one parent: the others hidden
     net: int = field(default_factory=lambda: 20 + os.getpid() % 200)
     processes: list[subprocess.Popen] = field(default_factory=list)
 
@@ -56,20 +58,33 @@ class Hosts:
             self.close()
             raise
 
+    def _command(self, host: str, argv: list[str], user: str | None) -> list[str]:
+        """``argv`` on ``host``: in its network namespace and, with ``folders``, in a mount namespace where the
+        folder of every host but its own is hidden (an empty tmpfs over their parent, its own bound back)."""
+        command = (["runuser", "-u", user, "--"] if user else []) + argv
+        if self.folders:
+            parent, own = Path(self.folders[host]).parent, Path(self.folders[host])
+            stash = Path(f"/tmp/.host-{self.namespace[host]}")
+            stash.mkdir(exist_ok=True)
+            script = ('mount --bind "$1" "$2" && mount -t tmpfs -o mode=0755 hosts "$3" && mkdir -p "$1" '
+                      '&& mount --move "$2" "$1" && shift 3 && cd "$1" 2>/dev/null; exec "$@"')
+            command = ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c", script, "sh",
+                       str(own), str(stash), str(parent), *command]
+        return ["ip", "netns", "exec", self.namespace[host], *command]
+
     def start(self, host: str, argv: list[str], cwd: Path, env: dict[str, str], log: Path,
               user: str | None = None) -> subprocess.Popen:
         """Start ``argv`` on ``host`` in its own session (as ``user`` when given), output to ``log``."""
-        prefix = ["ip", "netns", "exec", self.namespace[host]] + (["runuser", "-u", user, "--"] if user else [])
         with open(log, "ab") as out:
-            process = subprocess.Popen(prefix + argv, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                       stdin=subprocess.DEVNULL, start_new_session=True)
+            process = subprocess.Popen(self._command(host, argv, user), cwd=cwd, env=env, stdout=out,
+                                       stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
         self.processes.append(process)
         return process
 
     def run(self, host: str, argv: list[str], cwd: Path, env: dict[str, str], timeout: float = 300,
             user: str | None = None) -> subprocess.CompletedProcess:
-        prefix = ["ip", "netns", "exec", self.namespace[host]] + (["runuser", "-u", user, "--"] if user else [])
-        return subprocess.run(prefix + argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+        return subprocess.run(self._command(host, argv, user), cwd=cwd, env=env, capture_output=True, text=True,
+                              timeout=timeout)
 
     @staticmethod
     def kill(process: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
@@ -98,4 +113,5 @@ class Hosts:
                 except ProcessLookupError:
                     pass
             subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+            Path(f"/tmp/.host-{ns}").rmdir() if Path(f"/tmp/.host-{ns}").is_dir() else None
         subprocess.run(["ip", "link", "del", getattr(self, "bridge", "none")], capture_output=True)

@@ -8,6 +8,8 @@ reverse-over-reverse double backward, central finite differences).
 from __future__ import annotations
 
 import json
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -452,3 +454,26 @@ def test_training_on_cuda_matches_cpu_and_checkpoints_load_on_cpu(tmp_path):
     back.load_state_dict(load_state(result.checkpoints[-1].path))
     for name, value in on_cpu.state_dict().items():  # CUDA kernels may round differently
         torch.testing.assert_close(back.state_dict()[name], value, rtol=1e-4, atol=1e-5)
+
+
+def test_the_same_state_and_metadata_give_the_same_bytes():
+    """safetensors writes its metadata from a hash map (an order that changes from call to call): the header is
+    rewritten with sorted keys, so a checkpoint's sha256 (in its manifest, in the object store) is stable."""
+    import hashlib
+
+    import safetensors.torch
+
+    from influence.models.checkpoints import load_metadata, state_bytes
+
+    state = {"w": torch.arange(6.0).reshape(2, 3), "b": torch.ones(2)}
+    metadata = {"step": "4", "learning_rate": "0.01", "note": "é"}
+    digests = {hashlib.sha256(state_bytes(state, metadata)).hexdigest() for _ in range(40)}
+    assert len(digests) == 1
+    raw = state_bytes(state, metadata)
+    loaded = safetensors.torch.load(raw)
+    assert torch.equal(loaded["w"], state["w"]) and torch.equal(loaded["b"], state["b"])
+    headers = {safetensors.torch.save(state, metadata=metadata)[8:100] for _ in range(40)}
+    assert len(headers) > 1  # what safetensors alone does (the reason for the rewrite)
+    path = Path(tempfile.mkdtemp()) / "state.safetensors"
+    path.write_bytes(raw)
+    assert load_metadata(path) == metadata

@@ -71,7 +71,27 @@ def state_bytes(
     for key, value in meta.items():
         if not isinstance(key, str) or not isinstance(value, str):
             raise invalid(f"metadata[{key!r}]", value, "string keys and string values")
-    return safetensors.torch.save(tensors, metadata=meta or None)
+    return _canonical_header(safetensors.torch.save(tensors, metadata=meta or None))
+
+
+def _canonical_header(raw: bytes) -> bytes:
+    """``raw`` (a safetensors file) with its header's metadata in sorted key order.
+
+    safetensors writes the metadata from a hash map whose order changes from call to call, so the same
+    tensors and metadata gave files with other bytes (and other sha256) about half the time. The header is
+    rewritten in the same compact JSON, same length, keys sorted: equal content, equal bytes.
+    """
+    import json
+
+    size = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + size])
+    if len(header.get("__metadata__") or {}) < 2:
+        return raw
+    header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    if len(text) > size:  # (never: the same keys and values; keep what safetensors wrote)
+        return raw
+    return raw[:8] + text + b" " * (size - len(text)) + raw[8 + size:]
 
 
 def save_state(
