@@ -18,6 +18,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 
+def wait_for_port(host: str, port: int, process: subprocess.Popen, what: str, log: Path | None = None,
+                  timeout: float = 180) -> None:
+    """Return once ``host:port`` accepts a connection; raise naming ``what`` (and the end of ``log``) if ``process``
+    exits or ``timeout`` passes first."""
+    import socket
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            socket.create_connection((host, port), timeout=1).close()
+            return
+        except OSError:
+            if process.poll() is not None or time.monotonic() > deadline:
+                tail = log.read_text()[-3000:] if log is not None and log.is_file() else ""
+                raise AssertionError(f"{what} did not listen on {host}:{port}\n{tail}") from None
+            time.sleep(0.2)
+
+
 def can_make_hosts() -> bool:
     """Whether this process may create network namespaces (root, with ``ip``)."""
     return os.geteuid() == 0 and subprocess.run(["ip", "netns", "list"], capture_output=True).returncode == 0

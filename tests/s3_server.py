@@ -11,10 +11,11 @@ import os
 import socket
 import subprocess
 import sys
-import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
+
+from tests.hosts import wait_for_port
 
 KEYS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
 
@@ -35,15 +36,7 @@ def s3_server(buckets: tuple[str, ...] = ("stages",), host: str = "127.0.0.1") -
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     env = {**KEYS, "AWS_ENDPOINT_URL": f"http://{host}:{port}"}
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                socket.create_connection((host, port), timeout=1).close()
-                break
-            except OSError:
-                if server.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"moto_server did not start on {host}:{port}") from None
-                time.sleep(0.2)
+        wait_for_port(host, port, server, "moto_server", timeout=60)
         client = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], aws_access_key_id=KEYS["AWS_ACCESS_KEY_ID"],
                               aws_secret_access_key=KEYS["AWS_SECRET_ACCESS_KEY"], region_name=KEYS["AWS_DEFAULT_REGION"])
         for bucket in buckets:

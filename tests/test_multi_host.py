@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -26,24 +25,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.hosts import Hosts, can_make_hosts
+from tests.hosts import Hosts, can_make_hosts, wait_for_port
 from tests.s3_server import KEYS
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not can_make_hosts(), reason="needs root and ip netns")]
 PG_BIN = sorted(Path("/usr/lib/postgresql").glob("*/bin"))
 RUN_TIMEOUT = 1500
-
-
-def _wait_port(host: str, port: int, what: str, process, log: Path, timeout: float = 180) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            socket.create_connection((host, port), timeout=1).close()
-            return
-        except OSError:
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(f"{what} did not listen on {host}:{port}:\n{log.read_text()[-3000:]}") from None
-            time.sleep(0.3)
 
 
 def _wait_http(url: str, what: str, log: Path, timeout: float = 180) -> None:
@@ -127,7 +114,7 @@ def test_the_pipeline_runs_across_three_hosts_and_survives_a_lost_dask_worker(tm
             hba.write(f"host all all 10.213.{hosts.net}.0/24 scram-sha-256\n")
         postgres = hosts.start("a", [str(PG_BIN[-1] / "postgres"), "-D", str(pg / "data"), "-h", a, "-p", "5432", "-k", ""],
                                cwd=pg, env=env_of("a"), log=log("a", "postgres"), user="postgres")
-        _wait_port(a, 5432, "PostgreSQL", postgres, log("a", "postgres"))
+        wait_for_port(a, 5432, postgres, "PostgreSQL", log("a", "postgres"))
         for db in ("prefect", "mlflow"):
             made = subprocess.run([str(PG_BIN[-1] / "createdb"), "-h", a, "-U", "influence", db], env={**base, "PGPASSWORD": password},
                                   capture_output=True, text=True, timeout=60)
@@ -137,7 +124,7 @@ def test_the_pipeline_runs_across_three_hosts_and_survives_a_lost_dask_worker(tm
         # host a: the S3 server and its buckets
         s3 = hosts.start("a", [str(venv / "moto_server"), "-H", a, "-p", "9000"], cwd=folders["a"], env=env_of("a"),
                          log=log("a", "s3"))
-        _wait_port(a, 9000, "the S3 server", s3, log("a", "s3"))
+        wait_for_port(a, 9000, s3, "the S3 server", log("a", "s3"))
         endpoint = f"http://{a}:9000"
         client = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id=KEYS["AWS_ACCESS_KEY_ID"],
                               aws_secret_access_key=KEYS["AWS_SECRET_ACCESS_KEY"], region_name=KEYS["AWS_DEFAULT_REGION"])
@@ -167,8 +154,8 @@ def test_the_pipeline_runs_across_three_hosts_and_survives_a_lost_dask_worker(tm
         git(project, "commit", "-qm", "the multi-host settings")
         daemon = hosts.start("a", ["git", "daemon", "--reuseaddr", "--export-all", f"--base-path={folders['a']}", f"--listen={a}",
                                    "--port=9418", str(folders["a"])], cwd=folders["a"], env=env_of("a"), log=log("a", "git"))
-        _wait_port(a, 9418, "the git daemon", daemon, log("a", "git"))
-        _wait_port(a, 8786, "the Dask scheduler", scheduler, log("a", "dask-scheduler"))
+        wait_for_port(a, 9418, daemon, "the git daemon", log("a", "git"))
+        wait_for_port(a, 8786, scheduler, "the Dask scheduler", log("a", "dask-scheduler"))
         api = f"http://{a}:4200/api"
         _wait_http(f"{api}/health", "the Prefect server", log("a", "prefect"))
         _wait_http(f"http://{a}:5000/health", "the MLflow server", log("a", "mlflow"))
