@@ -1,22 +1,12 @@
-"""The retrainings of the evidence stages on a Dask cluster (prefect-dask's task runner) give the same records
-as on threads, and the cluster settings are checked."""
+"""The cluster settings choose the task runner of the evidence stages' retrainings (threads, a local Dask cluster,
+or a Dask scheduler's address). That the records on Dask equal those on threads is checked by
+tests/test_object_store.py (a local cluster) and tests/test_multi_host.py (a scheduler on another host)."""
 
 from __future__ import annotations
 
-import shutil
-from pathlib import Path
-
 import pytest
 
-from flows.settings import load_settings, with_overrides
-
-
-@pytest.fixture(scope="module")
-def prefect_harness():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=180):
-        yield
+from flows.settings import with_overrides
 
 
 def test_the_runner_follows_the_cluster_settings(monkeypatch):
@@ -46,26 +36,3 @@ def test_the_runner_follows_the_cluster_settings(monkeypatch):
     for bad in ("10.0.0.1:8786", "http://10.0.0.1:8786", "tcp://10.0.0.1"):
         with pytest.raises(ValueError, match="tcp://host:port"):
             with_overrides(base, {"cluster": {"runner": "dask", "dask_address": bad}})
-
-
-@pytest.mark.slow
-def test_retrainings_on_a_local_dask_cluster_equal_those_on_threads(project: Path, prefect_harness):
-    from flows import retraining, runners
-    from flows.experiment import Experiment
-    from flows.pipeline import pipeline, retrainings
-    from flows.workspace import Workspace
-
-    settings = with_overrides(load_settings(project / "params.yaml"),
-                              {"evaluation": {"enabled": True, "mislabel_fraction": 0.0, "methods": ["grad_cos", "if"]}})
-    pipeline(settings=settings, project_dir=str(project))  # the case deletion's retrainings on threads
-    runs = retraining.runs_folder(Experiment.for_stage("deletion", settings, Workspace(project)), "finetune")
-    on_threads = {path.name: path.read_bytes() for path in runs.iterdir()}
-    assert len(on_threads) > 4
-    shutil.rmtree(runs)
-
-    on_dask = with_overrides(settings, {"cluster": {"runner": "dask"}})
-    assert retraining.runs_folder(Experiment.for_stage("deletion", on_dask, Workspace(project)), "finetune") == runs
-    runner = runners.task_runner(runners.choose(on_dask))
-    count = retrainings.with_options(task_runner=runner)("deletion", on_dask, str(project))
-    assert count == len(on_threads)
-    assert {path.name: path.read_bytes() for path in runs.iterdir()} == on_threads  # the same records, bit for bit

@@ -1,6 +1,7 @@
 """Stage outputs through an object store (moto's S3 server on loopback, and a folder): sent once per content, fetched
 with their bytes checked, restored by a pipeline in another folder instead of recomputed, and read by a retraining
-on a machine that does not see the flow's folder."""
+on a machine that does not see the flow's folder. The pipeline's retrainings on a local Dask cluster equal those on
+threads."""
 
 from __future__ import annotations
 
@@ -100,10 +101,12 @@ def prefect_harness():
 @pytest.mark.slow
 def test_a_pipeline_in_another_folder_restores_every_stage_from_the_store(s3, tmp_path, raw_wheels, prefect_harness,
                                                                           monkeypatch):
-    from flows import retraining
+    """The first folder's run trains its retrainings on a local Dask cluster (``cluster.runner: dask``); the second
+    folder restores every stage, and its retrainings on threads equal the Dask ones bit for bit."""
+    from flows import retraining, runners
     from flows.experiment import Experiment
     from flows.fetched_workspace import input_fingerprints, receive_records, send_records, workspace_for
-    from flows.pipeline import pipeline
+    from flows.pipeline import pipeline, retrainings
     from flows.stage_table import NAMES
     from flows.workspace import StageResult, Workspace
     from tests.conftest import make_project
@@ -112,7 +115,7 @@ def test_a_pipeline_in_another_folder_restores_every_stage_from_the_store(s3, tm
     second = make_project(tmp_path / "second", tmp_path / "remote-2", raw_wheels)
     settings = with_overrides(load_settings(first / "params.yaml"),
                               {"evaluation": {"mislabel_fraction": 0.0, "methods": ["grad_cos"]},
-                               "cluster": {"store": "s3://stages/pipeline"}})
+                               "cluster": {"store": "s3://stages/pipeline", "runner": "dask"}})
     ran = pipeline(settings=settings, project_dir=str(first))
     assert "features" not in ran["skipped"]
     again = pipeline(settings=settings, project_dir=str(second))  # the same code, settings and data, elsewhere
@@ -124,6 +127,17 @@ def test_a_pipeline_in_another_folder_restores_every_stage_from_the_store(s3, tm
         assert a.info["fingerprint"] == b.info["fingerprint"]
         assert {k: v[2] for k, v in a.info["files"].items()} == {k: v[2] for k, v in b.info["files"].items()}, name
         assert (second / "artifacts" / ".stages" / name).is_dir()  # the local cache of what was fetched
+
+    # the case deletion's retrainings again, on threads in the second folder: the records the Dask cluster made
+    on_dask = retraining.runs_folder(Experiment.for_stage("deletion", settings, Workspace(first)), "finetune")
+    made_on_dask = {path.name: path.read_bytes() for path in on_dask.iterdir()}
+    assert len(made_on_dask) > 4
+    threads = with_overrides(settings, {"cluster": {"runner": "threads"}})
+    on_threads = retraining.runs_folder(Experiment.for_stage("deletion", threads, Workspace(second)), "finetune")
+    assert on_threads.name == on_dask.name and not on_threads.exists()
+    runner = runners.task_runner(runners.choose(threads))
+    assert retrainings.with_options(task_runner=runner)("deletion", threads, str(second)) == len(made_on_dask)
+    assert {path.name: path.read_bytes() for path in on_threads.iterdir()} == made_on_dask
 
     # a retraining on a machine that does not see the flow's folder: its inputs fetched, its records sent back
     monkeypatch.setenv("INFLUENCE_WORK_DIR", str(tmp_path / "elsewhere"))
