@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from influence.storage import atomic_write, file_digest
+from influence.storage import atomic_write, file_digest, sha256_bytes
 
 STORE_SCHEMES = ("s3", "file")
 
@@ -164,6 +164,27 @@ class ObjectStore:
             partial.unlink()
             raise ValueError(f"{self.url}: object {sha256} came back with sha256 {got}")
         partial.rename(path)
+
+    def put_object_bytes(self, data: bytes) -> str:
+        """Send ``data`` as an object unless its content is there already; its sha256."""
+        sha256 = sha256_bytes(data)
+        if not self._backend.exists(self.object_key(sha256)):
+            self._backend.put_bytes(self.object_key(sha256), data)
+        return sha256
+
+    def get_object_bytes(self, sha256: str) -> bytes:
+        """The bytes of the object ``sha256``, their content checked.
+
+        Raises:
+            FileNotFoundError: the store has no such object.
+            ValueError: what came back has another sha256.
+        """
+        data = self._backend.get_bytes(self.object_key(sha256))
+        if data is None:
+            raise FileNotFoundError(f"{self.url}: no object {sha256}")
+        if sha256_bytes(data) != sha256:
+            raise ValueError(f"{self.url}: object {sha256} came back with sha256 {sha256_bytes(data)}")
+        return data
 
     def put_json(self, key: str, value: Any) -> None:
         self._backend.put_bytes(key, json.dumps(value, sort_keys=True).encode())

@@ -18,7 +18,8 @@ itself reads them back (``dvc repro`` runs the same stage functions, which do th
 another).
 
 The GPU stages (gradient caching, inverse-Hessian solves, scoring) form the ``attribution``
-flow. With ``gpu_deployment`` set (the deployments of ``prefect.yaml`` set it) the pipeline runs it
+flow. With ``cluster.runner: dask``, a ``shards`` subflow first computes the shards of a stage's gradient caches
+and index rows as tasks on the Dask cluster (:mod:`flows.shards`). With ``gpu_deployment`` set (the deployments of ``prefect.yaml`` set it) the pipeline runs it
 as that deployment, on the ``gpu`` work pool; otherwise in its own process. With no
 ``PREFECT_API_URL`` the flows run on Prefect's temporary local server.
 """
@@ -34,7 +35,7 @@ from prefect import flow, get_run_logger, task, unmapped
 from prefect.runtime import flow_run
 from prefect.states import Completed
 
-from flows import dvc_file, publish, report, retraining, runners, stage_cache, waits
+from flows import dvc_file, publish, report, retraining, runners, shards, stage_cache, waits
 from flows.experiment import Experiment
 from flows.fetched_workspace import GPU_INPUTS, fetch_into, input_fingerprints, receive_records, send_records, workspace_for
 from flows.reach import check_gpu_deployment, check_tracking_uri, project_root
@@ -136,6 +137,44 @@ def retrainings(stage: str, settings: PipelineSettings, project_dir: str) -> int
     return sum(len(group) for group in grouped)
 
 
+@task(task_run_name="begin-{stage}")
+def begin_shards_task(stage: str, settings: PipelineSettings, root: Path) -> str:
+    return str(shards.begin(stage, settings, root))
+
+
+@task(task_run_name="prepare-{stage}-{target}")
+def prepare_shards_task(stage: str, settings: PipelineSettings, root: Path, target: str) -> dict[str, Any]:
+    return shards.prepare(stage, settings, root, target)
+
+
+@task(task_run_name="shard-{stage}-{target}-{shard}")
+def shard_task(stage: str, settings: PipelineSettings, root: Path, target: str, shard: int, inputs: dict[str, str],
+               state: dict[str, str], num_threads: int | None) -> dict[str, Any]:
+    return shards.compute(stage, settings, root, target, shard, inputs, state, num_threads)
+
+
+@task(task_run_name="receive-{stage}-{target}")
+def receive_shards_task(stage: str, settings: PipelineSettings, root: Path, target: str, results: list[dict]) -> int:
+    return shards.receive(stage, settings, root, target, results)
+
+
+@flow(name="shards", flow_run_name="{stage}-shards")
+def shards_flow(stage: str, settings: PipelineSettings, project_dir: str) -> int:
+    """The shards of ``stage``'s gradient caches or index rows as parallel tasks on the Dask cluster of ``cluster``
+    (:mod:`flows.shards`), before the stage itself runs and finds them in place. Returns how many were computed."""
+    root = Path(project_dir)
+    begin_shards_task(stage, settings, root)
+    threads = runners.choose(settings).num_threads
+    inputs = input_fingerprints(Workspace(root), GPU_INPUTS)
+    done = 0
+    for target in shards.targets(stage, settings):
+        plan = prepare_shards_task(stage, settings, root, target)
+        futures = shard_task.map(unmapped(stage), unmapped(settings), unmapped(root), unmapped(target), plan["missing"],
+                                 unmapped(inputs), unmapped(plan["state"]), unmapped(threads))
+        done += receive_shards_task(stage, settings, root, target, [future.result() for future in futures])
+    return done
+
+
 @task(task_run_name="collect-{stage}", **IO_RETRIES)
 def collect_task(stage: str, settings: PipelineSettings, root: Path) -> StageResult:
     return stage_cache.collect(stage, settings, Workspace(root))
@@ -224,6 +263,9 @@ def attribution(
         if fetched:
             logger.info("fetched %s from the object store %s", fetched, settings.cluster.store)
         for stage in GPU_STAGES:
+            if (settings.cluster.runner == "dask" and shards.targets(stage, settings)
+                    and (force or stage_cache.would_run(stage, settings, Workspace(root)))):
+                shards_flow.with_options(task_runner=runners.task_runner(runners.choose(settings)))(stage, settings, str(root))
             _run(stage, settings, root, force, skipped)
     return skipped
 

@@ -320,6 +320,12 @@ def run_or_skip(
     return result, "ran"
 
 
+def begin(stage: str, settings: PipelineSettings, ws: Workspace) -> Path:
+    """Open ``stage``'s staging folder for the fingerprint of its inputs before the stage runs (work done there
+    ahead of it, e.g. its shards on a cluster: :mod:`flows.shards`); the stage's own run resumes in it."""
+    return _start(ws, stage, fingerprint(stage, settings, ws))
+
+
 def _push(store: ObjectStore | None, ws: Workspace, stage: str, fp: str, result: StageResult) -> None:
     """Send a completed stage to the object store, unless it is there already (or is never kept)."""
     if store is None or stage in NOT_KEPT or not fp or store.has_stage(stage, fp):
@@ -365,4 +371,4 @@ def _move_into_place(ws: Workspace, stage: str, staging: Path, result: StageResu
     return result
 
 
-__all__ = ["collect", "completed", "fetch", "fingerprint", "keep", "recorded_fingerprint", "restore", "run_or_skip", "stage_code", "would_run"]
+__all__ = ["begin", "collect", "completed", "fetch", "fingerprint", "keep", "recorded_fingerprint", "restore", "run_or_skip", "stage_code", "would_run"]

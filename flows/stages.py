@@ -140,21 +140,44 @@ def finetune(x: Experiment, result: StageResult) -> None:
         result.outputs[mode] = x.relative(x.out_dir(mode))
 
 
+def gradient_cache_arguments(x: Experiment, mode: str) -> dict:
+    """The arguments of the ``gradients`` stage's cache of ``mode`` (``GradientCache.build``, ``open``, ``gradient_shard``)."""
+    from influence.gradients.layout import select_parameters
+
+    model = x.finetuned(mode)
+    return {"task": x.query_task, "model": model, "data": x.split("train"),
+            "names": select_parameters(model, x.settings.attribution.if_params), "kind": "train_loss",
+            "batch_size": x.batch(256), "device": x.device}
+
+
 @stage
 def gradients(x: Experiment, result: StageResult) -> None:
     """Cache per-example training gradients (influence-function parameters) on disk, per mode."""
     from influence.gradients.cache import GradientCache
-    from influence.gradients.layout import select_parameters
 
     for mode in x.settings.finetune.modes:
-        model = x.finetuned(mode)
-        cache = training.resume_or_replace(
-            GradientCache(x.out_dir(mode)).build, task=x.query_task, model=model, data=x.split("train"),
-            names=select_parameters(model, x.settings.attribution.if_params), kind="train_loss", batch_size=x.batch(256),
-            device=x.device,
-        )
+        cache = training.resume_or_replace(GradientCache(x.out_dir(mode)).build, **gradient_cache_arguments(x, mode))
         result.metrics[f"{mode}.parameters"] = float(cache.manifest["n_parameters"])
         result.outputs[mode] = x.relative(x.out_dir(mode))
+
+
+def _influence_options(x: Experiment, mode: str, model) -> dict:
+    a, train = x.settings.attribution, x.split("train")
+    return {"params": a.if_params, **x.solver("finetune"), "regularizer": x.regularizer(mode, model),
+            "hessian_data": x.hessian_sample(train, a.hessian_examples), "batch_size": x.batch(256), "device": x.device}
+
+
+def _half(x: Experiment) -> torch.dtype | None:
+    dtype = x.settings.attribution.gradient_dtype
+    return None if dtype == "float32" else getattr(torch, dtype)
+
+
+def influence_index_arguments(x: Experiment, mode: str) -> dict:
+    """The arguments of the ``influence`` stage's attribution index of ``mode`` but its folder
+    (``AttributionIndex.fit``; a solver that keeps its state only)."""
+    model = x.finetuned(mode)
+    return {"task": x.query_task, "model": model, "train_data": x.split("train"), "storage_dtype": _half(x) or torch.float32,
+            **_influence_options(x, mode, model)}
 
 
 @stage
@@ -167,18 +190,15 @@ def influence(x: Experiment, result: StageResult) -> None:
 
     a, train, queries = x.settings.attribution, x.split("train"), x.split("queries")
     for mode in x.settings.finetune.modes:
-        model = x.finetuned(mode)
-        options = {"params": a.if_params, **x.solver("finetune"), "regularizer": x.regularizer(mode, model),
-                   "hessian_data": x.hessian_sample(train, a.hessian_examples), "batch_size": x.batch(256), "device": x.device}
-        half = None if a.gradient_dtype == "float32" else getattr(torch, a.gradient_dtype)
         if a.solver in STATEFUL_SOLVERS:
-            index = AttributionIndex.fit(x.out_dir(mode, "index"), x.query_task, model, train, overwrite=True,
-                                         storage_dtype=half or torch.float32, **options)
-            scores = index.scores(x.query_task, model, queries, device=x.device)
+            arguments = influence_index_arguments(x, mode)
+            index = training.resume_or_replace(AttributionIndex.fit, directory=x.out_dir(mode, "index"), **arguments)
+            scores = index.scores(x.query_task, arguments["model"], queries, device=x.device)
             result.metrics[f"{mode}.index_dim"] = float(index.dim)
         else:
+            model = x.finetuned(mode)
             scores = attribute(x.query_task, model, train, queries, method="if", cache_dir=x.path("gradients", mode),
-                               gradient_dtype=half, **options)
+                               gradient_dtype=_half(x), **_influence_options(x, mode, model))
         result.outputs[mode] = x.write_scores(mode, scores)
 
 
@@ -201,6 +221,20 @@ def multistage_sensitivity(x: Experiment, mode: str, model, queries) -> torch.Te
     )
 
 
+def _pretrain_names(x: Experiment, shared: dict[str, str]) -> str | list[str]:
+    return "all" if x.settings.attribution.pretrain_hessian_params == "all" else list(shared.values())
+
+
+def pretrain_index_arguments(x: Experiment) -> dict:
+    """The arguments of the ``multistage`` stage's index of the pretraining sentences but its folder
+    (``AttributionIndex.fit``; a pretraining solver that keeps its state only)."""
+    a, pretrained, sentences = x.settings.attribution, x.pretrained(), x.split("pretrain")
+    shared = x.multistage_shared(x.finetuned(x.settings.finetune.modes[-1]))
+    return {"task": x.pretrain_task, "model": pretrained, "train_data": sentences, "params": _pretrain_names(x, shared),
+            **x.solver("pretrain"), "hessian_data": x.hessian_sample(sentences, a.pretrain_hessian_examples),
+            "regularizer": x.pretrain_regularizer(), "batch_size": x.batch(128), "device": x.device}
+
+
 @stage
 def multistage(x: Experiment, result: StageResult) -> None:
     """Multi-stage influence of pretraining sentences on the finetuned queries, per mode: [n_query, n_pretrain].
@@ -217,21 +251,17 @@ def multistage(x: Experiment, result: StageResult) -> None:
         result.info["parameters"][mode] = {"shared": list(shared), "finetune": x.multistage_theta(mode, model, shared)}
         sensitivities.append(multistage_sensitivity(x, mode, model, x.split("queries")))
     pt, shared_names = x.solver("pretrain"), list(shared.values())
-    pretrain_names = "all" if a.pretrain_hessian_params == "all" else shared_names
-    hessian_data = x.hessian_sample(sentences, a.pretrain_hessian_examples)
     if pt["solver"] in STATEFUL_SOLVERS:
-        index = AttributionIndex.fit(
-            x.out_dir("pretrain_index"), x.pretrain_task, pretrained, sentences, params=pretrain_names, **pt,
-            hessian_data=hessian_data, regularizer=x.pretrain_regularizer(), batch_size=x.batch(128), device=x.device,
-            overwrite=True,
-        )
+        index = training.resume_or_replace(AttributionIndex.fit, directory=x.out_dir("pretrain_index"),
+                                           **pretrain_index_arguments(x))
         scores = index.score_vectors(torch.cat(sensitivities), names=shared_names)
         result.metrics["pretrain_index_dim"] = float(index.dim)
     else:
         scores = pretraining_scores(
             x.pretrain_task, pretrained, sentences, torch.cat(sensitivities), shared_names=shared_names,
             pretrain_solver=pt["solver"], pretrain_damping=pt["damping"], pretrain_solver_options=pt["solver_options"],
-            pretrain_hessian_data=hessian_data, pretrain_names=pretrain_names, pretrain_regularizer=x.pretrain_regularizer(),
+            pretrain_hessian_data=x.hessian_sample(sentences, a.pretrain_hessian_examples),
+            pretrain_names=_pretrain_names(x, shared), pretrain_regularizer=x.pretrain_regularizer(),
             batch_size=x.batch(128), device=x.device,
         )
     for mode, block in zip(x.settings.finetune.modes, scores.split(len(x.split("queries")))):

@@ -293,6 +293,30 @@ def test_cache_matches_direct_gradients(tmp_path, cache_problem):
     assert GradientCache(tmp_path).exists()
 
 
+def test_shards_computed_elsewhere_make_the_same_cache(tmp_path, cache_problem):
+    """``open`` + ``gradient_shard`` (another process or machine, in any order) + ``put_shard`` + ``finish``: the cache
+    ``build`` makes, byte for byte; a shard of another shape is refused, an unfinished cache cannot be finished."""
+    from influence.gradients import gradient_shard
+
+    task, model, data, names = cache_problem
+    options = {"shard_size": 3, "batch_size": 2, "dtype_storage": torch.float64}
+    whole = build(tmp_path / "whole", cache_problem)
+    parts = GradientCache(tmp_path / "parts")
+    assert parts.open(task, model, data, names, **options) == [0, 1, 2, 3]
+    for index in (2, 0, 3):
+        parts.put_shard(index, gradient_shard(task, model, data, names, index, **options))
+    with pytest.raises(InvalidArgumentError, match="missing shards"):
+        parts.finish()
+    assert GradientCache(tmp_path / "parts").open(task, model, data, names, **options) == [1]  # resumable
+    with pytest.raises(InvalidArgumentError, match=r"\[3, "):
+        parts.put_shard(1, gradient_shard(task, model, data, names, 3, **options))
+    parts.put_shard(1, gradient_shard(task, model, data, names, 1, **options))
+    assert parts.finish().exists()
+    for name in [f"shard_0000{i}.safetensors" for i in range(4)]:
+        assert (tmp_path / "parts" / name).read_bytes() == (tmp_path / "whole" / name).read_bytes()
+    assert {k: v for k, v in parts.manifest.items() if k != "created"} == {k: v for k, v in whole.manifest.items() if k != "created"}
+
+
 def temporaries(directory):
     return sorted(p.name for p in directory.glob(".*.tmp-*"))
 

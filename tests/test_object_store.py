@@ -101,8 +101,9 @@ def prefect_harness():
 @pytest.mark.slow
 def test_a_pipeline_in_another_folder_restores_every_stage_from_the_store(s3, tmp_path, raw_wheels, prefect_harness,
                                                                           monkeypatch):
-    """The first folder's run trains its retrainings on a local Dask cluster (``cluster.runner: dask``); the second
-    folder restores every stage, and its retrainings on threads equal the Dask ones bit for bit."""
+    """The first folder's run computes its gradient-cache shards, index rows and retrainings on a local Dask cluster
+    (``cluster.runner: dask``); the second folder restores every stage, and its retrainings on threads and its GPU
+    stages in one process equal the Dask ones bit for bit."""
     from flows import retraining, runners
     from flows.experiment import Experiment
     from flows.fetched_workspace import input_fingerprints, receive_records, send_records, workspace_for
@@ -114,10 +115,18 @@ def test_a_pipeline_in_another_folder_restores_every_stage_from_the_store(s3, tm
     first = make_project(tmp_path / "first", tmp_path / "remote-1", raw_wheels)
     second = make_project(tmp_path / "second", tmp_path / "remote-2", raw_wheels)
     settings = with_overrides(load_settings(first / "params.yaml"),
-                              {"evaluation": {"mislabel_fraction": 0.0, "methods": ["grad_cos"]},
+                              {"evaluation": {"mislabel_fraction": 0.0, "methods": ["grad_cos"]}, "attribution": {"solver": "arnoldi"},
                                "cluster": {"store": "s3://stages/pipeline", "runner": "dask"}})
     ran = pipeline(settings=settings, project_dir=str(first))
     assert "features" not in ran["skipped"]
+    from prefect import get_client
+    from prefect.client.schemas.filters import FlowFilter, FlowFilterName
+
+    with get_client(sync_client=True) as client:
+        subflows = client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=["shards"])))
+        tasks = [t.name for t in client.read_task_runs() if t.name.startswith("shard-")]
+    assert sorted(r.name for r in subflows) == ["gradients-shards", "influence-shards", "multistage-shards"]
+    assert all(r.state.is_completed() for r in subflows) and len(tasks) >= 3, tasks
     again = pipeline(settings=settings, project_dir=str(second))  # the same code, settings and data, elsewhere
     kept = [n for n in NAMES if n not in ("data", "report") and (first / "artifacts" / n / "result.json").is_file()]
     assert {"features", "pretrain", "finetune", "gradients", "influence", "deletion"} <= set(kept)
@@ -138,6 +147,16 @@ def test_a_pipeline_in_another_folder_restores_every_stage_from_the_store(s3, tm
     runner = runners.task_runner(runners.choose(threads))
     assert retrainings.with_options(task_runner=runner)("deletion", threads, str(second)) == len(made_on_dask)
     assert {path.name: path.read_bytes() for path in on_threads.iterdir()} == made_on_dask
+
+    # the GPU stages again, in one process: the gradient caches and index rows the Dask tasks made, the same files
+    from flows.pipeline import attribution
+    from flows.shards import SHARDED_STAGES
+
+    attribution(threads, str(second), force=True)
+    for name in SHARDED_STAGES:
+        dask_files = {k: v[2] for k, v in StageResult.load(Workspace(first), name).info["files"].items() if k.endswith(".safetensors")}
+        serial = {k: v[2] for k, v in StageResult.load(Workspace(second), name).info["files"].items() if k.endswith(".safetensors")}
+        assert any("shard_" in k for k in dask_files) and dask_files == serial, name
 
     # a retraining on a machine that does not see the flow's folder: its inputs fetched, its records sent back
     monkeypatch.setenv("INFLUENCE_WORK_DIR", str(tmp_path / "elsewhere"))

@@ -1,6 +1,6 @@
 """Gradients over selected parameters: per-example gradients, projection, on-disk cache, objective."""
 
-from influence.gradients.cache import GradientCache
+from influence.gradients.cache import GradientCache, gradient_shard
 from influence.gradients.layout import ParameterLayout, select_parameters
 from influence.gradients.objective import Objective
 from influence.gradients.per_example import (
@@ -17,6 +17,7 @@ __all__ = [
     "ParameterLayout",
     "RandomProjector",
     "gradient_matrix",
+    "gradient_shard",
     "iter_gradients",
     "measurement_sign",
     "per_example_gradients",

@@ -136,6 +136,46 @@ class GradientCache:
         Returns:
             ``self``.
         """
+        options = {"kind": kind, "shard_size": shard_size, "batch_size": batch_size, "dtype_storage": dtype_storage,
+                   "projector": projector, "device": device, "dtype": dtype}
+        missing = set(self.open(task, model, data, names, overwrite=overwrite, **options))
+        total = self.folder.manifest["n_shards"]
+        for index in range(total):
+            if index in missing:
+                self.put_shard(index, gradient_shard(task, model, data, names, index,
+                                                     memory_budget_bytes=memory_budget_bytes, **options))
+            else:
+                self._read_shard(index)
+            if on_shard is not None:
+                on_shard(index + 1, total)
+        return self.finish()
+
+    def open(
+        self,
+        task: Task,
+        model: nn.Module,
+        data: Dataset | DataLoader,
+        names: str | Sequence[str],
+        *,
+        kind: str = "train_loss",
+        shard_size: int = 1024,
+        batch_size: int = 64,
+        dtype_storage: torch.dtype = torch.float32,
+        projector: Any = None,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype | None = None,
+        overwrite: bool = False,
+    ) -> list[int]:
+        """Start the cache (its manifest) or resume the one made with the same arguments, without computing:
+        the shards that are missing, which :func:`gradient_shard` computes (anywhere: another process or
+        machine) and :meth:`put_shard` stores. The arguments are those of :meth:`build`.
+
+        Returns:
+            The indices of the missing shards, in order.
+
+        Raises:
+            CacheMismatchError: the folder holds a cache made with other arguments (and not ``overwrite``).
+        """
         names = resolve_names(model, names)
         check_positive_int("shard_size", shard_size)
         check_batch_size(batch_size)
@@ -143,7 +183,6 @@ class GradientCache:
         if storage_name not in _STORAGE_DTYPES:
             raise invalid("dtype_storage", dtype_storage, "one of torch.float64, float32, float16, bfloat16")
         dataset = data.dataset if isinstance(data, DataLoader) else data
-        collate = data.collate_fn if isinstance(data, DataLoader) else None
         p = ParameterLayout.of(model, names).numel
         n = len(dataset)
         compute_dtype = dtype or dict(model.named_parameters())[names[0]].dtype
@@ -167,25 +206,35 @@ class GradientCache:
             "n_shards": -(-n // shard_size),
         }
         self.folder.open(fields, overwrite=overwrite)
-        total = fields["n_shards"]
-        for index in range(total):
-            if self.folder.has(self.shard_name(index)):
-                self._read_shard(index)
-            else:
-                start, stop = index * shard_size, min(n, (index + 1) * shard_size)
-                subset = Subset(dataset, range(start, stop))
-                options = {"batch_size": batch_size, "shuffle": False}
-                if collate is not None:
-                    options["collate_fn"] = collate
-                blocks = list(iter_gradients(
-                    task, model, DataLoader(subset, **options), names, kind=kind, device=device,
-                    dtype=dtype, projector=projector, memory_budget_bytes=memory_budget_bytes,
-                ))
-                shard = torch.cat(blocks, dim=0).to(device="cpu", dtype=dtype_storage).contiguous()
-                self.folder.put(self.shard_name(index), save_safetensors({TENSOR_KEY: shard}), rows=int(shard.shape[0]))
-            if on_shard is not None:
-                on_shard(index + 1, total)
-        if not self.folder.manifest.get("complete"):
+        return [i for i in range(fields["n_shards"]) if not self.folder.has(self.shard_name(i))]
+
+    def put_shard(self, index: int, shard: Tensor) -> None:
+        """Store shard ``index`` of the opened cache (:meth:`open`): ``[n_i, D]`` in its storage dtype, with ``n_i``
+        the shard's examples.
+
+        Raises:
+            InvalidArgumentError: the index, shape or dtype is not the shard's.
+        """
+        manifest = self.folder.manifest
+        if not 0 <= index < manifest["n_shards"]:
+            raise invalid("shard index", index, f"0 to {manifest['n_shards'] - 1}")
+        rows = min(manifest["n_examples"], (index + 1) * manifest["arguments"]["shard_size"]) - index * manifest["arguments"]["shard_size"]
+        if tuple(shard.shape) != (rows, manifest["dim"]) or _dtype_name(shard.dtype) != manifest["dtype_storage"]:
+            raise invalid(f"shard {index}", f"{tuple(shard.shape)} {_dtype_name(shard.dtype)}",
+                          f"[{rows}, {manifest['dim']}] {manifest['dtype_storage']}")
+        self.folder.put(self.shard_name(index), save_safetensors({TENSOR_KEY: shard.contiguous()}), rows=rows)
+
+    def finish(self) -> "GradientCache":
+        """Mark the cache complete once every shard is stored.
+
+        Raises:
+            InvalidArgumentError: shards are missing.
+        """
+        manifest = self.folder.manifest
+        missing = [i for i in range(manifest["n_shards"]) if not self.folder.has(self.shard_name(i))]
+        if missing:
+            raise invalid("gradient cache", f"{len(missing)} missing shards (first {missing[0]})", "every shard stored")
+        if not manifest.get("complete"):
             self.folder.finish()
         return self
 
@@ -222,3 +271,41 @@ class GradientCache:
         if not blocks:
             return torch.empty(0, manifest["dim"], dtype=_STORAGE_DTYPES[manifest["dtype_storage"]])
         return torch.cat(blocks, dim=0)
+
+
+def gradient_shard(
+    task: Task,
+    model: nn.Module,
+    data: Dataset | DataLoader,
+    names: str | Sequence[str],
+    index: int,
+    *,
+    kind: str = "train_loss",
+    shard_size: int = 1024,
+    batch_size: int = 64,
+    dtype_storage: torch.dtype = torch.float32,
+    projector: Any = None,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype | None = None,
+    memory_budget_bytes: int = 256 * 2**20,
+) -> Tensor:
+    """Shard ``index`` of a :class:`GradientCache` made with the same arguments: the gradients of examples
+    ``index * shard_size`` to ``(index + 1) * shard_size - 1`` (in the same batches as :meth:`GradientCache.build`,
+    so the same numbers wherever it runs, given the same device type and threads).
+
+    Returns:
+        Tensor ``[n_i, D]`` on the CPU in ``dtype_storage``.
+    """
+    names = resolve_names(model, names)
+    dataset = data.dataset if isinstance(data, DataLoader) else data
+    collate = data.collate_fn if isinstance(data, DataLoader) else None
+    n = len(dataset)
+    if not 0 <= index * shard_size < max(n, 1):
+        raise invalid("shard index", index, f"0 to {max(0, -(-n // shard_size) - 1)} ({n} examples, {shard_size} per shard)")
+    subset = Subset(dataset, range(index * shard_size, min(n, (index + 1) * shard_size)))
+    options = {"batch_size": batch_size, "shuffle": False, **({"collate_fn": collate} if collate is not None else {})}
+    blocks = list(iter_gradients(
+        task, model, DataLoader(subset, **options), names, kind=kind, device=device,
+        dtype=dtype, projector=projector, memory_budget_bytes=memory_budget_bytes,
+    ))
+    return torch.cat(blocks, dim=0).to(device="cpu", dtype=dtype_storage).contiguous()

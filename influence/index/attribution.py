@@ -124,6 +124,7 @@ class AttributionIndex:
         device: torch.device | str = "cpu",
         dtype: torch.dtype | None = None,
         overwrite: bool = False,
+        shards: bool = True,
     ) -> "AttributionIndex":
         """Fit the solver and store every training example's representation (resuming an interrupted fit).
 
@@ -154,9 +155,13 @@ class AttributionIndex:
             device: device of the computation.
             dtype: floating dtype of the computation (default: the model's).
             overwrite: replace an index made with other arguments instead of refusing it.
+            shards: compute the training rows here; ``False``: only fit the solver (its state saved) and return the
+                incomplete index, whose :meth:`missing_shards` are computed elsewhere with
+                :meth:`representation_shard` (on a Dask cluster, say), stored with ``store.put_shard``, and closed
+                with :meth:`complete`.
 
         Returns:
-            The complete index.
+            The complete index (with ``shards=False``: the fitted, incomplete one).
         """
         names = select_parameters(model, params)
         layout = ParameterLayout.of(model, names)
@@ -209,39 +214,80 @@ class AttributionIndex:
                 store.manifest["solver_state"] = built.state_info()
                 store.put_extra(SOLVER_STATE, built.state_dict())
         index = cls(store, built, projector, list(names))
-        # EK-FAC over nn.Linear layers, freshly fitted: rows straight from layer inputs and output gradients
-        rotated = isinstance(built, EkfacSolver) and built.rotates_gradients
-        for shard in store.missing_shards():
-            subset = Subset(dataset, store.shard_rows(shard))
-            loader = DataLoader(subset, batch_size=batch, shuffle=False, **({"collate_fn": collate} if collate else {}))
-            if rotated:
-                objective = built.objective
-                blocks = [built.rotated_gradients(to_device(b, objective.device, objective.dtype), "train_loss")
-                          for b in loader]
-                blocks = blocks if projector is None else [projector.project(b) for b in blocks]
-            else:
-                blocks = [index.represent(g, "train") for g in iter_gradients(
-                    task, model, loader, names, kind="train_loss", batch_size=batch, device=device, dtype=dtype)]
-            store.put_shard(shard, torch.cat(blocks) if blocks else torch.zeros(0, index.row_dim()))
-        if built is not None:
-            built.objective = None  # the index keeps the state, not the model and data
-        if not store.manifest.get("complete"):
-            store.finish()
+        if shards:
+            for shard in store.missing_shards():
+                store.put_shard(shard, index.representation_shard(task, model, train_data, shard, device=device, dtype=dtype))
+            index.complete()
         return index
 
+    def missing_shards(self) -> list[int]:
+        """The shards of training rows not stored yet (all of them after :meth:`fit` with ``shards=False``)."""
+        return self.store.missing_shards()
+
+    def representation_shard(self, task: Task, model: nn.Module, train_data: Dataset | DataLoader, shard: int, *,
+                             device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> Tensor:
+        """The rows ``[n_s, D]`` of shard ``shard`` of the training data (the examples of ``store.shard_rows(shard)``),
+        in the index's batches: what :meth:`fit` stores there. Another process or machine can compute it from an
+        index reopened with :meth:`load` ``(complete=False)`` and the same model and data; ``store.put_shard`` stores it.
+
+        Args:
+            task, model, train_data: those of the fit (the model is checked by its fingerprint).
+            shard: the shard's number.
+            device: device of the computation.
+            dtype: floating dtype of the computation (default: the model's).
+        """
+        manifest = self.manifest
+        if model_fingerprint(model) != manifest["model_fingerprint"]:
+            raise InvalidArgumentError(f"the model differs from the one the attribution index at {self.store.directory} "
+                                       "was fitted on; a shard's rows need the fitted model")
+        if not 0 <= shard < manifest["n_shards"]:
+            raise invalid("shard", shard, f"0 to {manifest['n_shards'] - 1}")
+        dataset, collate = _dataset(train_data)
+        batch = manifest["batch_size"]
+        loader = DataLoader(Subset(dataset, self.store.shard_rows(shard)), batch_size=batch, shuffle=False,
+                            **({"collate_fn": collate} if collate else {}))
+        # EK-FAC over nn.Linear layers, freshly fitted in this process: rows straight from layer inputs and output gradients
+        if isinstance(self.solver, EkfacSolver) and self.solver.rotates_gradients:
+            objective = self.solver.objective
+            blocks = [self.solver.rotated_gradients(to_device(b, objective.device, objective.dtype), "train_loss") for b in loader]
+            blocks = blocks if self.projector is None else [self.projector.project(b) for b in blocks]
+        else:
+            blocks = [self.represent(g, "train") for g in iter_gradients(
+                task, model, loader, self.names, kind="train_loss", batch_size=batch, device=device, dtype=dtype)]
+        dtype_storage = getattr(torch, manifest["storage_dtype"])
+        rows = torch.cat(blocks) if blocks else torch.zeros(0, self.row_dim())
+        return rows.to(device="cpu", dtype=dtype_storage).contiguous()
+
+    def complete(self) -> "AttributionIndex":
+        """Mark the index complete once every shard is stored; the solver lets go of the model and data."""
+        if self.solver is not None:
+            self.solver.objective = None  # the index keeps the state, not the model and data
+        if not self.store.manifest.get("complete"):
+            self.store.finish()
+        return self
+
     @classmethod
-    def load(cls, directory: str | os.PathLike[str], *, device: torch.device | str = "cpu", verify: bool = False) -> "AttributionIndex":
+    def load(cls, directory: str | os.PathLike[str], *, device: torch.device | str = "cpu", verify: bool = False,
+             complete: bool = True) -> "AttributionIndex":
         """Reopen a complete index.
 
         Args:
             directory: the index's folder.
             device: device of the queries' products.
             verify: check every shard's sha256 now (reads every byte once).
+            complete: require a complete index; ``False``: also one whose solver is fitted but whose shards are not
+                all stored (:meth:`fit` with ``shards=False``), to compute them (:meth:`representation_shard`).
 
         Returns:
-            The index, ready for :meth:`query`.
+            The index, ready for :meth:`query` (with ``complete=False``: for :meth:`representation_shard`).
         """
-        store = RepresentationStore(directory).load()
+        store = RepresentationStore(directory)
+        if complete:
+            store.load()
+        else:
+            store.folder.manifest = store.folder.read_manifest()
+            if store.manifest.get("solver") is not None and not store.has(SOLVER_STATE):
+                raise CorruptedArtifactError(f"the attribution index at {directory} has no fitted solver yet: fit it first")
         manifest = store.manifest
         if verify:
             store.verify()
