@@ -24,7 +24,7 @@ os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get(
 
 # The longest files first (as measured on the 2-core machine), so that the test command's workers
 # (pytest-xdist, one file per worker at a time: scripts/run-tests) start them early and finish together.
-LONGEST_FIRST = ("test_servers.py", "test_multi_host.py", "test_servers_postgres.py", "test_model_families.py", "test_pipeline_e2e.py", "test_kills.py",
+LONGEST_FIRST = ("test_servers.py", "test_multi_host.py", "test_model_families.py", "test_pipeline_e2e.py", "test_kills.py",
                  "test_workspace_lock.py", "test_dvc_repro.py", "test_add_method.py", "test_user_data.py", "test_settings.py")
 
 

@@ -14,7 +14,9 @@ import pytest
 from tests.conftest import make_project
 from tests.test_servers import _free_port
 
-pytestmark = pytest.mark.slow
+# the nightly checks (scripts/run-tests -m nightly): PostgreSQL under the Prefect and MLflow servers is in the test
+# command's multi-host test; this one checks the local scripts' PostgreSQL mode
+pytestmark = [pytest.mark.slow, pytest.mark.nightly]
 PSQL = sorted(Path("/usr/lib/postgresql").glob("*/bin/psql"))
 
 
