@@ -216,7 +216,7 @@ class AttributionIndex:
         index = cls(store, built, projector, list(names))
         if shards:
             for shard in store.missing_shards():
-                store.put_shard(shard, index.representation_shard(task, model, train_data, shard, device=device, dtype=dtype))
+                store.put_shard(shard, index._shard_rows(task, model, train_data, shard, device=device, dtype=dtype))
             index.complete()
         return index
 
@@ -242,6 +242,12 @@ class AttributionIndex:
                                        "was fitted on; a shard's rows need the fitted model")
         if not 0 <= shard < manifest["n_shards"]:
             raise invalid("shard", shard, f"0 to {manifest['n_shards'] - 1}")
+        return self._shard_rows(task, model, train_data, shard, device=device, dtype=dtype)
+
+    def _shard_rows(self, task: Task, model: nn.Module, train_data: Dataset | DataLoader, shard: int, *,
+                    device: torch.device | str, dtype: torch.dtype | None) -> Tensor:
+        """:meth:`representation_shard` without its checks (``fit`` made the index from this very model)."""
+        manifest = self.manifest
         dataset, collate = _dataset(train_data)
         batch = manifest["batch_size"]
         loader = DataLoader(Subset(dataset, self.store.shard_rows(shard)), batch_size=batch, shuffle=False,
