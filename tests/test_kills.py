@@ -25,7 +25,7 @@ pytestmark = pytest.mark.slow
 
 # stages long enough on this machine to be caught inside (a few seconds each), the rest as small as the tiny settings;
 # one finetuning mode (the one the case-deletion check retrains): the other adds time to every run, not kill points
-SETTINGS = ["--set", "data.pretrain_sentences=2000", "--set", "pretrain.epochs=4", "--set", "pretrain.batch_size=32",
+SETTINGS = ["--set", "data.pretrain_sentences=2000", "--set", "pretrain.epochs=6", "--set", "pretrain.batch_size=32",
             "--set", "data.finetune_train_examples=600", "--set", "finetune.hidden_dim=24",
             "--set", "finetune.modes=[updated]", "--set", "evaluation.mislabel_fraction=0.0"]
 STOP_SECONDS = 20  # SIGTERM to exit, the temporary Prefect server included
