@@ -86,7 +86,7 @@ def _record_data_params(root: Path, settings: "PipelineSettings") -> None:
 
 
 def _lock_hashes(text: str, where: str) -> dict[str, str]:
-    # dvc.lock lists every stage's dependencies (about 100 kB): libyaml's parser reads it 20x faster than pure Python
+    # dvc.lock lists every stage's dependencies (about 100 kB): libyaml's parser reads it about 8x faster than pure Python (measured)
     loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
     stages = (yaml.load(text, Loader=loader) or {}).get("stages", {})
     outs = stages.get(DATA_STAGE, {}).get("outs", [])
