@@ -291,11 +291,22 @@ def tracin_we(x: Experiment, result: StageResult) -> None:
 
 
 def score_stage(name: str, settings, ws: Workspace) -> StageResult:
-    """A score stage whose row gives ``score(experiment, mode) -> [Q, N]``: scores per mode, written."""
+    """A score stage whose row gives ``score(experiment, mode) -> [Q, N]``: scores per mode, written.
+
+    A run killed after some modes resumes with the next one: a mode's scores already in the staging folder (kept
+    only for a run of the same inputs, :mod:`flows.stage_cache`; written whole or not at all) are read back, not
+    computed again (multi-stage MAGIC takes about an hour per mode on the nightly settings)."""
+    from influence.exceptions import CorruptedArtifactError
 
     def body(x: Experiment, result: StageResult) -> None:
         for mode in x.settings.finetune.modes:
-            result.outputs[mode] = x.write_scores(mode, table_row(name).score(x, mode))
+            try:
+                x.scores(name, mode)
+            except CorruptedArtifactError:  # not there yet (or unreadable): compute it
+                result.outputs[mode] = x.write_scores(mode, table_row(name).score(x, mode))
+            else:
+                result.outputs[mode] = x.relative(x.path(name, f"{mode}.safetensors"))
+                result.info.setdefault("resumed_modes", []).append(mode)
 
     body.__name__ = name
     return stage(body)(settings, ws)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 
 from flows.settings import load_settings, with_overrides
@@ -93,3 +95,49 @@ def test_a_skip_checks_the_bytes_the_stage_wrote(project):
     (folder / "result.json").write_text(json.dumps(record))
     assert run("pretrain") in ("restored", "ran") and model.read_bytes() == original
     assert run("pretrain") == "skipped"
+
+
+
+
+def test_a_score_stage_killed_after_one_mode_resumes_with_the_next(project, monkeypatch):
+    """A score stage computes one mode after the other; killed after the first, it computes only the second when
+    it runs again with the same inputs, and its outputs equal an uninterrupted run's."""
+    from flows.experiment import Experiment
+
+    ws = Workspace(project)
+    a = load_settings(project / "params.yaml")
+    modes = list(a.finetune.modes)
+    assert len(modes) == 2
+    for stage in ("data", "features", "pretrain", "finetune"):
+        run_or_skip(stage, lambda stage=stage: run_stage(stage, a, ws), a, ws)
+    computed, kill_at = [], [2]
+    write_scores = Experiment.write_scores
+
+    def counted(x, mode, scores):  # the stage writes a mode's scores once it has computed them
+        computed.append(mode)
+        if len(computed) == kill_at[0]:
+            raise Killed
+        return write_scores(x, mode, scores)
+
+    monkeypatch.setattr(Experiment, "write_scores", counted)
+
+    def run(settings):
+        return run_or_skip("grad_cos", lambda: run_stage("grad_cos", settings, ws), settings, ws)
+
+    with pytest.raises(Killed):
+        run(a)
+    assert computed == modes
+    kill_at[0] = 0
+    computed.clear()
+    result, status = run(a)
+    assert status == "ran" and computed == modes[1:]  # the first mode's scores were read back
+    assert result.info["resumed_modes"] == modes[:1]
+    resumed = {m: (ws.artifacts / "grad_cos" / f"{m}.safetensors").read_bytes() for m in modes}
+
+    computed.clear()
+    other = with_overrides(a, {"attribution": {"measurement": "margin"}})
+    assert run(other)[1] == "ran" and computed == modes  # other inputs: nothing of theirs to resume from
+    computed.clear()
+    shutil.rmtree(versions_dir(ws, "grad_cos"))  # no kept version of the first inputs either: computed again, whole
+    assert run(a)[1] == "ran" and computed == modes
+    assert {m: (ws.artifacts / "grad_cos" / f"{m}.safetensors").read_bytes() for m in modes} == resumed
