@@ -94,6 +94,12 @@ class Experiment:
         path.mkdir(parents=True, exist_ok=True)
         return path
 
+    def partial_dir(self, mode: str) -> Path:
+        """``artifacts/<this stage>/.partial/<mode>``, created: where a score stage keeps the finished pieces of one
+        mode's scores while it computes them (a killed run of the same inputs finds them in its staging folder);
+        removed once the mode's scores are written (:func:`flows.stages.score_stage`)."""
+        return self.out_dir(".partial", mode)
+
     def path(self, stage: str, *parts: str) -> Path:
         """``artifacts/<stage>/<parts>``: an output of ``stage``, which must be an input of this stage (or this
         stage's own output, in its staging folder while it runs)."""

@@ -115,16 +115,40 @@ def _finetune_recipe(x: Any, mode: str) -> Any:
     return TrainingRecipe(**finetune_recipe(x, mode))
 
 
+MAGIC_QUERY_GROUP = 8  # queries per multi-stage MAGIC call: the library's query batch (DEFAULT_BATCHED_QUERIES)
+
+
 def _multistage_magic(x: Any, mode: str) -> Any:
-    """Multi-stage MAGIC of the queries over the pretraining sentences, through both recorded runs of ``mode``."""
+    """Multi-stage MAGIC of the queries over the pretraining sentences, through both recorded runs of ``mode``.
+
+    The queries go in groups of :data:`MAGIC_QUERY_GROUP`, the query batch the library's reverse pass takes
+    anyway; each group's rows are saved as they complete (``x.partial_dir(mode)``), so a run killed within a
+    mode resumes at its first missing group. Each group replays both runs forward once more (a small part of its
+    cost: the reverse passes dominate)."""
+    import torch
+
     from flows.training import finetune_recipe, pretrain_recipe
+    from influence.exceptions import CorruptedArtifactError
     from influence.methods.magic import TrainingRecipe
     from influence.methods.multistage_magic import multistage_magic_scores
+    from influence.models.checkpoints import load_state, save_state
 
-    return multistage_magic_scores(
-        x.pretrain_task, x.pretrained(), x.split("pretrain"), x.query_task, x.finetuned(mode), x.split("train"),
-        x.split("queries"), pretraining=TrainingRecipe(**pretrain_recipe(x)),
-        finetuning=TrainingRecipe(**finetune_recipe(x, mode)), shared=x.shared(), device=x.device, batch_size=x.batch(256))
+    queries, rows = x.split("queries"), []
+    for start in range(0, len(queries), MAGIC_QUERY_GROUP):
+        part = x.partial_dir(mode) / f"queries-{start:06d}.safetensors"
+        try:
+            rows.append(load_state(part)["scores"])
+            continue
+        except CorruptedArtifactError:  # not computed yet (or unreadable)
+            pass
+        group = queries if len(queries) <= MAGIC_QUERY_GROUP else queries.subset(list(range(start, min(start + MAGIC_QUERY_GROUP, len(queries)))))
+        scores = multistage_magic_scores(
+            x.pretrain_task, x.pretrained(), x.split("pretrain"), x.query_task, x.finetuned(mode), x.split("train"),
+            group, pretraining=TrainingRecipe(**pretrain_recipe(x)), finetuning=TrainingRecipe(**finetune_recipe(x, mode)),
+            shared=x.shared(), device=x.device, batch_size=x.batch(256)).cpu()
+        save_state({"scores": scores}, part)
+        rows.append(scores)
+    return torch.cat(rows)
 
 
 STAGES: tuple[Stage, ...] = (

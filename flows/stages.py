@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import importlib
 import random
+import shutil
 from collections.abc import Callable
 
 import torch
@@ -307,6 +308,8 @@ def score_stage(name: str, settings, ws: Workspace) -> StageResult:
             else:
                 result.outputs[mode] = x.relative(x.path(name, f"{mode}.safetensors"))
                 result.info.setdefault("resumed_modes", []).append(mode)
+            shutil.rmtree(x.partial_dir(mode))  # the pieces of the mode's scores, now written whole
+        shutil.rmtree(x.out_dir(".partial"))
 
     body.__name__ = name
     return stage(body)(settings, ws)

@@ -141,3 +141,57 @@ def test_a_score_stage_killed_after_one_mode_resumes_with_the_next(project, monk
     shutil.rmtree(versions_dir(ws, "grad_cos"))  # no kept version of the first inputs either: computed again, whole
     assert run(a)[1] == "ran" and computed == modes
     assert {m: (ws.artifacts / "grad_cos" / f"{m}.safetensors").read_bytes() for m in modes} == resumed
+
+
+def test_multistage_magic_killed_within_a_mode_resumes_at_its_first_missing_query_group(project, monkeypatch):
+    """Multi-stage MAGIC saves each group of queries as it completes: killed after the first group, the rerun
+    computes only the groups left (no group twice), the pieces are gone from the completed stage, and the scores
+    equal one call over every query."""
+    import torch
+
+    from flows import stage_table
+    from flows.experiment import Experiment
+    from influence.methods import multistage_magic
+
+    ws = Workspace(project)
+    a = with_overrides(load_settings(project / "params.yaml"), {"attribution": {"multistage_magic": True}})
+    modes = list(a.finetune.modes)
+    for stage in ("data", "features", "pretrain", "finetune"):
+        run_or_skip(stage, lambda stage=stage: run_stage(stage, a, ws), a, ws)
+    monkeypatch.setattr(stage_table, "MAGIC_QUERY_GROUP", 2)
+    calls, kill_at, library = [], [2], multistage_magic.multistage_magic_scores
+
+    def counted(*args, **kwargs):
+        calls.append([str(i) for i in args[6].ids])
+        if len(calls) == kill_at[0]:
+            raise Killed
+        return library(*args, **kwargs)
+
+    monkeypatch.setattr(multistage_magic, "multistage_magic_scores", counted)
+
+    def run():
+        return run_or_skip("multistage_magic", lambda: run_stage("multistage_magic", a, ws), a, ws)
+
+    with pytest.raises(Killed):
+        run()
+    x = Experiment.for_stage("multistage_magic", a, ws)
+    queries = x.split("queries")
+    assert len(queries) == 3 and calls == [list(queries.ids[:2]), list(queries.ids[2:])]
+    kill_at[0] = 0
+    calls.clear()
+    result, status = run()
+    assert status == "ran"
+    assert calls == [list(queries.ids[2:])] + [list(queries.ids[:2]), list(queries.ids[2:])] * (len(modes) - 1)
+    assert not (ws.artifacts / "multistage_magic" / ".partial").exists()
+    assert not any(".partial" in name for name in result.info["files"])
+
+    from flows.training import finetune_recipe, pretrain_recipe
+    from influence.methods.magic import TrainingRecipe
+
+    for mode in modes:
+        whole = library(x.pretrain_task, x.pretrained(), x.split("pretrain"), x.query_task, x.finetuned(mode), x.split("train"),
+                        queries, pretraining=TrainingRecipe(**pretrain_recipe(x)),
+                        finetuning=TrainingRecipe(**finetune_recipe(x, mode)), shared=x.shared(), device="cpu",
+                        batch_size=x.batch(256)).float()
+        stored = x.scores("multistage_magic", mode)
+        torch.testing.assert_close(stored, whole, rtol=1e-5, atol=1e-6 * float(whole.abs().max()))
