@@ -141,7 +141,8 @@ def _multistage_magic(x: Any, mode: str) -> Any:
             continue
         except CorruptedArtifactError:  # not computed yet (or unreadable)
             pass
-        group = queries if len(queries) <= MAGIC_QUERY_GROUP else queries.subset(list(range(start, min(start + MAGIC_QUERY_GROUP, len(queries)))))
+        end = min(start + MAGIC_QUERY_GROUP, len(queries))
+        group = queries if (start, end) == (0, len(queries)) else queries.subset(list(range(start, end)))
         scores = multistage_magic_scores(
             x.pretrain_task, x.pretrained(), x.split("pretrain"), x.query_task, x.finetuned(mode), x.split("train"),
             group, pretraining=TrainingRecipe(**pretrain_recipe(x)), finetuning=TrainingRecipe(**finetune_recipe(x, mode)),
