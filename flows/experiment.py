@@ -53,6 +53,9 @@ def _built(build, seed: int | None = None):
     return build_seeded(build, 0 if seed is None else seed)
 
 
+PARTIAL = ".partial"  # in a score stage's folder: the pieces of a mode's scores while it computes them
+
+
 class Experiment:
     """Everything a stage needs to know about the experiment, built from settings and workspace.
 
@@ -97,8 +100,8 @@ class Experiment:
     def partial_dir(self, mode: str) -> Path:
         """``artifacts/<this stage>/.partial/<mode>``, created: where a score stage keeps the finished pieces of one
         mode's scores while it computes them (a killed run of the same inputs finds them in its staging folder);
-        removed once the mode's scores are written (:func:`flows.stages.score_stage`)."""
-        return self.out_dir(".partial", mode)
+        removed once every mode's scores are written (:func:`flows.stages.score_stage`)."""
+        return self.out_dir(PARTIAL, mode)
 
     def path(self, stage: str, *parts: str) -> Path:
         """``artifacts/<stage>/<parts>``: an output of ``stage``, which must be an input of this stage (or this

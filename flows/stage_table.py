@@ -133,7 +133,7 @@ def _multistage_magic(x: Any, mode: str) -> Any:
     from influence.methods.multistage_magic import multistage_magic_scores
     from influence.models.checkpoints import load_state, save_state
 
-    queries, rows = x.split("queries"), []
+    queries, rows, runs = x.split("queries"), [], None
     for start in range(0, len(queries), MAGIC_QUERY_GROUP):
         part = x.partial_dir(mode) / f"queries-{start:06d}.safetensors"
         try:
@@ -141,12 +141,15 @@ def _multistage_magic(x: Any, mode: str) -> Any:
             continue
         except CorruptedArtifactError:  # not computed yet (or unreadable)
             pass
+        if runs is None:  # both recorded runs, read once for every group left
+            runs = (x.pretrained(), x.split("pretrain"), x.finetuned(mode), x.split("train"),
+                    TrainingRecipe(**pretrain_recipe(x)), TrainingRecipe(**finetune_recipe(x, mode)))
+        pretrained, pretrain_data, finetuned, train_data, pretraining, finetuning = runs
         end = min(start + MAGIC_QUERY_GROUP, len(queries))
         group = queries if (start, end) == (0, len(queries)) else queries.subset(list(range(start, end)))
         scores = multistage_magic_scores(
-            x.pretrain_task, x.pretrained(), x.split("pretrain"), x.query_task, x.finetuned(mode), x.split("train"),
-            group, pretraining=TrainingRecipe(**pretrain_recipe(x)), finetuning=TrainingRecipe(**finetune_recipe(x, mode)),
-            shared=x.shared(), device=x.device, batch_size=x.batch(256)).cpu()
+            x.pretrain_task, pretrained, pretrain_data, x.query_task, finetuned, train_data, group,
+            pretraining=pretraining, finetuning=finetuning, shared=x.shared(), device=x.device, batch_size=x.batch(256)).cpu()
         save_state({"scores": scores}, part)
         rows.append(scores)
     return torch.cat(rows)

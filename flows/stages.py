@@ -16,7 +16,7 @@ from collections.abc import Callable
 import torch
 
 from flows import retraining, training
-from flows.experiment import Experiment
+from flows.experiment import PARTIAL, Experiment
 from flows.stage_table import METHOD_STAGES
 from flows.stage_table import stage as table_row
 from flows.versioning import data_revision_marker, md5_file, verify_datasets
@@ -298,18 +298,19 @@ def score_stage(name: str, settings, ws: Workspace) -> StageResult:
     only for a run of the same inputs, :mod:`flows.stage_cache`; written whole or not at all) are read back, not
     computed again (multi-stage MAGIC takes about an hour per mode on the nightly settings)."""
     from influence.exceptions import CorruptedArtifactError
+    from influence.models.checkpoints import load_metadata
 
     def body(x: Experiment, result: StageResult) -> None:
         for mode in x.settings.finetune.modes:
+            written = x.path(name, f"{mode}.safetensors")
             try:
-                x.scores(name, mode)
-            except CorruptedArtifactError:  # not there yet (or unreadable): compute it
+                load_metadata(written)  # its header: write_scores writes a file whole or not at all
+            except CorruptedArtifactError:  # not there yet: compute it
                 result.outputs[mode] = x.write_scores(mode, table_row(name).score(x, mode))
             else:
-                result.outputs[mode] = x.relative(x.path(name, f"{mode}.safetensors"))
+                result.outputs[mode] = x.relative(written)
                 result.info.setdefault("resumed_modes", []).append(mode)
-            shutil.rmtree(x.partial_dir(mode))  # the pieces of the mode's scores, now written whole
-        shutil.rmtree(x.out_dir(".partial"))
+        shutil.rmtree(x.path(name, PARTIAL), ignore_errors=True)  # the modes' pieces, now written whole
 
     body.__name__ = name
     return stage(body)(settings, ws)
