@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -86,6 +87,11 @@ def build_report(settings: PipelineSettings, ws: Workspace, extra_tags: dict[str
     with timed(result):
         verify_datasets(ws.root, ws.prepared, names=("pretrain", "finetune"))
         out = x.out_dir()
+        for old in out.iterdir():  # the last report's files: a method turned off since then leaves no table behind
+            if old.is_dir():
+                shutil.rmtree(old)
+            else:
+                old.unlink()
         k = settings.attribution.top_k
         label = x.label_names
         pretrain_text = {r["id"]: {"text": r["text"], "label": ""} for r in read_table(x.dataset_path("pretrain"))}

@@ -150,6 +150,7 @@ class AttributionSettings(_Section):
     queries: int = Field(8, ge=1, le=200, title="Queries", description="Test examples explained (a seeded sample of the test split).")
     measurement: Literal["loss", "margin"] = Field("loss", title="Measurement", description="What is explained for each query: its loss or its margin.")
     solver: Literal["exact", "cg", "arnoldi", "ekfac"] = Field("cg", title="Finetuning solver", description="Inverse-Hessian solver for the finetuning stage: 'exact' (dense Hessian, Cholesky; up to 20,000 parameters), 'arnoldi' or 'ekfac' (nn.Linear and nn.Embedding parameters only) fit an attribution index that the explain flow asks again; 'cg' solves per query.")
+    magic: bool = Field(True, title="MAGIC", description="Score the finetuning examples by exact metagradients through the recorded finetuning run (MAGIC, Ilyas & Engstrom 2025: the run replayed, then one reverse pass per group of queries; the most faithful scorer of the pipeline, and on a transformer the slowest, about half of the minilm-cpu run); off leaves it out of the run and the report, and evaluation.methods may then not name 'magic'.")
     multistage_magic: bool = Field(False, title="Multi-stage MAGIC", description="Also score the pretraining sentences by exact metagradients through the recorded pretraining and finetuning runs (both replayed; about two pretraining runs and one finetuning run per mode, plus the backward passes); checked by the pretraining case deletion beside the multi-stage influence function; off by default, on in the nightly deployment.")
     multistage_solver: Literal["cg", "exact", "arnoldi"] = Field("cg", title="Multi-stage finetuning solver", description="Inverse-Hessian solver of the finetuning half of multi-stage influence; in 'updated' mode its Hessian also covers the carried parameters (the CNN's whole embedding), beyond what 'exact' builds.")
     pretrain_solver: Literal["arnoldi", "cg", "ekfac"] = Field("arnoldi", title="Pretraining solver", description="Inverse-Hessian solver for the pretraining stage (too large for 'exact'): 'arnoldi' (top eigenpairs of the Hessian, Schioppa et al. 2022), 'cg', or 'ekfac' (eigenvalue-corrected Kronecker factors of the Fisher, per layer; nn.Linear and nn.Embedding parameters only, as Bao et al. 2025 use it for multi-stage influence on language models).")
@@ -317,6 +318,9 @@ class PipelineSettings(_Section):
                     modules = sorted({p.rsplit(".", 1)[0] for p in parameters})
                     raise ValueError(f"{field}={list(names)}: {unknown} name no module of the 'cnn' classifier; "
                                      f"its modules are {modules}")
+        if "magic" in self.evaluation.methods and not self.attribution.magic:
+            raise ValueError(f"evaluation.methods={self.evaluation.methods} names 'magic', whose stage attribution.magic=false "
+                             "turns off: turn it on, or leave 'magic' out of the methods checked")
         missing = [m for m in self.evaluation.pretrain_modes if m not in self.finetune.modes]
         if self.evaluation.pretrain_deletion and missing:
             raise ValueError(f"evaluation.pretrain_modes={self.evaluation.pretrain_modes}: {missing} not among "

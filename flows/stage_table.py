@@ -36,6 +36,15 @@ CHECKED = "<every finetuning score stage>"  # in inputs: the score stages whose 
 SCORED = "<every score stage>"  # in inputs: every score stage
 SCORE_INPUTS = ("features", "pretrain", "finetune")
 SCORE_PARAMS = ("seed", "finetune.modes", "attribution.measurement", "attribution.device", "attribution.tf32")
+# the attribution settings that only turn a score stage on; the stages that read the rest of the section
+# (the influence function's, multi-stage influence's, mislabel detection's) do not depend on them
+ATTRIBUTION_SWITCHES = ("magic", "multistage_magic")
+ATTRIBUTION_PARAMS = tuple(f"attribution.{name}" for name in (  # every other attribution setting (check_table)
+    "queries", "measurement", "solver", "multistage_solver", "pretrain_solver", "damping", "pretrain_damping",
+    "gauss_newton", "pretrain_gauss_newton", "cg_iterations", "hessian_examples", "pretrain_hessian_examples",
+    "arnoldi_iterations", "arnoldi_rank", "arnoldi_complement", "if_params", "shared_params", "pretrain_hessian_params",
+    "top_k", "tf32", "gradient_dtype", "device",
+))
 
 
 @dataclass(frozen=True)
@@ -165,10 +174,10 @@ STAGES: tuple[Stage, ...] = (
     Stage("pretrain", params=("seed", "pretrain"), inputs=("features",)),
     Stage("finetune", params=("seed", "finetune"), inputs=("features", "pretrain")),
     Stage("gradients", params=(*SCORE_PARAMS, "attribution.if_params"), inputs=SCORE_INPUTS, pool="gpu"),
-    Stage("influence", params=(*SCORE_PARAMS, "finetune.l2", "finetune.alpha", "attribution"),
+    Stage("influence", params=(*SCORE_PARAMS, "finetune.l2", "finetune.alpha", *ATTRIBUTION_PARAMS),
           inputs=(*SCORE_INPUTS, "gradients"), pool="gpu", method="if", source="finetuning",
           title="influence function", in_page=True),
-    Stage("multistage", params=(*SCORE_PARAMS, "finetune.l2", "finetune.alpha", "pretrain.l2", "attribution"),
+    Stage("multistage", params=(*SCORE_PARAMS, "finetune.l2", "finetune.alpha", "pretrain.l2", *ATTRIBUTION_PARAMS),
           inputs=SCORE_INPUTS, pool="gpu", method="multistage", source="pretraining",
           title="multi-stage influence", in_page=True),
     Stage("tracin_we", params=(*SCORE_PARAMS, "attribution.top_k"), inputs=SCORE_INPUTS, pool="gpu",
@@ -181,8 +190,8 @@ STAGES: tuple[Stage, ...] = (
           method="grad_cos", source="finetuning", title="gradient cosine",
           score=lambda x, mode: _attribute(x, mode, method="grad_cos", params=list(x.settings.attribution.if_params),
                                            batch_size=x.batch(512))),
-    Stage("magic", params=(*SCORE_PARAMS, "finetune", "model"), inputs=SCORE_INPUTS, pool="gpu", method="magic",
-          source="finetuning", title="MAGIC",
+    Stage("magic", params=(*SCORE_PARAMS, "finetune", "model", "attribution.magic"), inputs=SCORE_INPUTS, pool="gpu",
+          method="magic", source="finetuning", title="MAGIC", enabled=lambda s: s.attribution.magic,
           score=lambda x, mode: _attribute(x, mode, method="magic", training=_finetune_recipe(x, mode), batch_size=x.batch(256))),
     Stage("multistage_magic", params=(*SCORE_PARAMS, "pretrain", "finetune", "model", "attribution.multistage_magic"),
           inputs=SCORE_INPUTS, pool="gpu", method="multistage_magic", source="pretraining", title="multi-stage MAGIC",
@@ -195,7 +204,7 @@ STAGES: tuple[Stage, ...] = (
     Stage("lds", params=("seed", "finetune", "evaluation"), inputs=("features", "pretrain", "finetune", CHECKED),
           retrains="finetune", enabled=lambda s: s.evaluation.lds),
     Stage("mislabel", params=("seed", "finetune", "evaluation.mode", "evaluation.mislabel_fraction",
-                              "evaluation.mislabel_method", "evaluation.mislabel_params", "attribution"),
+                              "evaluation.mislabel_method", "evaluation.mislabel_params", *ATTRIBUTION_PARAMS),
           inputs=("features", "pretrain"),
           enabled=lambda s: s.evaluation.mislabel_fraction > 0),
     Stage("report", params=tuple(n for n in ALL_SECTIONS if n != "cluster"), data=("pretrain", "finetune"), run="flows.report:build_report",
@@ -251,6 +260,13 @@ def check_table() -> None:
             problems.append(f"{row.name}: method, source and title go together")
         if row.score is not None and row.method is None:
             problems.append(f"{row.name}: a score stage needs a method name")
+    from flows.settings import AttributionSettings
+
+    fields = {f"attribution.{name}" for name in AttributionSettings.model_fields}
+    covered = set(ATTRIBUTION_PARAMS) | {f"attribution.{name}" for name in ATTRIBUTION_SWITCHES}
+    if covered != fields or len(covered) != len(ATTRIBUTION_PARAMS) + len(ATTRIBUTION_SWITCHES):
+        problems.append(f"ATTRIBUTION_PARAMS and ATTRIBUTION_SWITCHES must split the attribution settings: "
+                        f"missing {sorted(fields - covered)}, unknown {sorted(covered - fields)}")
     if len(set(NAMES)) != len(NAMES) or len(set(METHOD_STAGES)) != len(SCORE_STAGES):
         problems.append("stage and method names must be distinct")
     if problems:

@@ -160,8 +160,11 @@ def test_unchanged_stages_are_skipped_and_data_rev_reads_a_committed_version(pro
 
     changed = settings.model_dump(mode="json")
     changed["evaluation"]["random_repeats"] = 2  # an evaluation setting: only deletion and lds read them all
+    changed["attribution"]["magic"] = False  # and MAGIC turned off: its stage records that it did not run
     third = pipeline(settings=validate_settings(changed), project_dir=str(project))
-    assert third["skipped"] == [s for s in STAGES if s not in ("deletion", "pretrain_deletion", "lds", "report")]
+    assert third["skipped"] == [s for s in STAGES if s not in ("magic", "deletion", "pretrain_deletion", "lds", "report")]
+    assert json.loads((project / "artifacts" / "magic" / "result.json").read_text())["info"]["disabled"] is True
+    assert not list((project / "artifacts" / "report").glob("magic_*.csv"))  # the report leaves it out
     status = subprocess.run([DVC, "status"], cwd=project, capture_output=True, text=True).stdout
     assert "deletion" in status and "pretrain:" not in status  # run with other settings than params.yaml: truly changed
     fourth = pipeline(settings=settings, project_dir=str(project))  # back to params.yaml: the kept versions return

@@ -51,6 +51,9 @@ def test_cross_field_rules():
     only_updated = {"finetune": {"modes": ["updated"]}, "evaluation": {"pretrain_deletion": True, "pretrain_modes": ["fixed", "updated"]}}
     with pytest.raises(SettingsError, match=r"pretrain_modes=\['fixed', 'updated'\]: \['fixed'\] not among finetune.modes"):
         validate_settings(only_updated)
+    with pytest.raises(SettingsError, match=r"names 'magic', whose stage attribution.magic=false turns off"):
+        validate_settings({"attribution": {"magic": False}, "evaluation": {"methods": ["if", "magic"]}})
+    assert not validate_settings({"attribution": {"magic": False}}).attribution.magic  # the default methods leave it out
     with pytest.raises(SettingsError, match="names a mode twice"):
         validate_settings({"evaluation": {"pretrain_modes": ["fixed", "fixed"]}})
     assert validate_settings({"evaluation": {"pretrain_modes": ["fixed", "updated"]}}).evaluation.pretrain_modes == ["fixed", "updated"]

@@ -31,6 +31,18 @@ def test_table_is_consistent_and_every_list_is_derived_from_it():
         assert set(row.inputs) <= set(NAMES[: NAMES.index(row.name)])
 
 
+def test_the_switches_of_score_stages_are_no_parameter_of_the_stages_that_read_the_rest_of_attribution(monkeypatch):
+    """Turning MAGIC or multi-stage MAGIC on or off must not re-run the influence function: those stages
+    declare every attribution setting but the switches, and a setting added to neither list is refused."""
+    for name in ("influence", "multistage", "mislabel"):
+        params = BY_NAME[name].params
+        assert "attribution" not in params and "attribution.magic" not in params and "attribution.multistage_magic" not in params
+    assert "attribution.magic" in BY_NAME["magic"].params and "attribution.multistage_magic" in BY_NAME["multistage_magic"].params
+    monkeypatch.setattr(stage_table, "ATTRIBUTION_PARAMS", stage_table.ATTRIBUTION_PARAMS[:-1])
+    with pytest.raises(ValueError, match=r"must split the attribution settings: missing \['attribution.device'\]"):
+        stage_table.check_table()
+
+
 def test_dvc_yaml_is_the_rendered_table():
     from flows.dvc_file import dvc_yaml
 
