@@ -242,3 +242,15 @@ def test_random_accepted_data_settings_run_the_first_stages(tmp_path, raw_wheels
             assert result.outputs and all((root / path).exists() for path in result.outputs.values())
 
     check()
+
+
+def test_every_profile_applies_over_params_yaml():
+    """A profile names only settings that exist, with values they accept (what `--profile NAME` checks at start)."""
+    from flows.settings import load_profile
+
+    names = sorted(p.stem for p in (REPO / "profiles").glob("*.yaml"))
+    assert {"minilm-cpu", "minilm-gpu", "multistage-converged"} <= set(names)
+    for name in names:
+        load_profile(load_settings(REPO / "params.yaml"), name, REPO)
+    converged = load_profile(load_settings(REPO / "params.yaml"), "multistage-converged", REPO)
+    assert converged.evaluation.pretrain_deletion and converged.evaluation.pretrain_modes == ["fixed", "updated"]
