@@ -39,7 +39,7 @@ from flows import dvc_file, publish, report, retraining, runners, shards, stage_
 from flows.experiment import Experiment
 from flows.fetched_workspace import GPU_INPUTS, fetch_into, input_fingerprints, receive_records, send_records, workspace_for
 from flows.reach import check_gpu_deployment, check_tracking_uri, project_root
-from flows.settings import PARAMS_FILE, PipelineSettings, load_settings, validate_settings, with_overrides
+from flows.settings import PARAMS_FILE, PipelineSettings, load_profile, load_settings, validate_settings, with_overrides
 from flows.stage_table import GPU_STAGES, NAMES, RETRAINING_STAGES
 from flows.stage_table import stage as table_row
 from flows.stages import run_stage
@@ -277,6 +277,7 @@ def pipeline(
     data_rev: str = "",
     gpu_deployment: str = "",
     force: bool = False,
+    profile: str = "",
     overrides: dict[str, Any] | None = None,
 ) -> dict[str, object]:
     """Run the whole attribution pipeline and leave its report in MLflow.
@@ -290,6 +291,9 @@ def pipeline(
         gpu_deployment: run the GPU stages as this deployment (e.g. ``attribution/gpu``, on the
             ``gpu`` work pool); empty to run them in this flow run's process.
         force: re-run every stage, even those whose inputs are unchanged since their last run.
+        profile: the name of a file of ``<project_dir>/profiles/`` (without ``.yaml``) whose settings are put
+            over ``settings`` first, as ``--profile`` does on the command line (e.g. ``minilm-cpu``,
+            ``multistage-converged``); empty for none.
         overrides: settings put over ``settings`` (or ``params.yaml``), nested by section, e.g.
             ``{"evaluation": {"lds": true}}`` (the nightly deployment turns the LDS stage on so).
 
@@ -299,6 +303,8 @@ def pipeline(
     root = project_root(project_dir)
     check_gpu_deployment(gpu_deployment)
     settings = validate_settings(settings, "flow parameter 'settings'") if settings is not None else load_settings(root / PARAMS_FILE)
+    if profile:
+        settings = load_profile(settings, profile, root)
     settings = with_overrides(settings, overrides, "flow parameter 'overrides'")
     check_tracking_uri(settings.tracking.tracking_uri, root)
     logger = get_run_logger()

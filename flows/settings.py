@@ -423,6 +423,7 @@ def deployment_parameters(params_file: str = PARAMS_FILE, project_dir: str | Non
 
 
 PROFILES = "profiles"
+PROFILE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 
 
 def load_profile(settings: PipelineSettings, name: str, root: str | Path = ".") -> PipelineSettings:
@@ -432,9 +433,12 @@ def load_profile(settings: PipelineSettings, name: str, root: str | Path = ".") 
         SettingsError: no such profile (the message lists those present), or it holds a bad value.
     """
     folder = Path(root) / PROFILES
+    found = sorted(p.stem for p in folder.glob("*.yaml")) if folder.is_dir() else []
+    if not isinstance(name, str) or not PROFILE_NAME.fullmatch(name):  # a form field: never a path out of profiles/
+        raise SettingsError(f"profile {name!r}: expected the name of a file of {folder} without '.yaml' "
+                            f"(letters, digits, '-', '_' and '.'), one of {found}")
     path = folder / f"{name}.yaml"
     if not path.is_file():
-        found = sorted(p.stem for p in folder.glob("*.yaml")) if folder.is_dir() else []
         raise SettingsError(f"profile {name!r}: {path} not found; the profiles are {found}")
     try:
         overrides = yaml.safe_load(path.read_text()) or {}

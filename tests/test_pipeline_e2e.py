@@ -147,7 +147,6 @@ def test_unchanged_stages_are_skipped_and_data_rev_reads_a_committed_version(pro
     from mlflow.tracking import MlflowClient
 
     from flows.pipeline import pipeline
-    from flows.settings import validate_settings
     from flows.stage_table import NAMES as STAGES
     from influence.exceptions import DataError
     from tests.conftest import DVC, git
@@ -158,10 +157,11 @@ def test_unchanged_stages_are_skipped_and_data_rev_reads_a_committed_version(pro
     status = subprocess.run([DVC, "status"], cwd=project, capture_output=True, text=True)
     assert status.returncode == 0 and "up to date" in status.stdout, status.stdout  # one bookkeeping: the flow's
 
-    changed = settings.model_dump(mode="json")
-    changed["evaluation"]["random_repeats"] = 2  # an evaluation setting: only deletion and lds read them all
-    changed["attribution"]["magic"] = False  # and MAGIC turned off: its stage records that it did not run
-    third = pipeline(settings=validate_settings(changed), project_dir=str(project))
+    # a profile, as the run form's `profile` field names it: an evaluation setting (only deletion and lds read them
+    # all) and MAGIC turned off (its stage records that it did not run)
+    (project / "profiles").mkdir()
+    (project / "profiles" / "fewer-checks.yaml").write_text("evaluation:\n  random_repeats: 2\nattribution:\n  magic: false\n")
+    third = pipeline(settings=settings, project_dir=str(project), profile="fewer-checks")
     assert third["skipped"] == [s for s in STAGES if s not in ("magic", "deletion", "pretrain_deletion", "lds", "report")]
     assert json.loads((project / "artifacts" / "magic" / "result.json").read_text())["info"]["disabled"] is True
     assert not list((project / "artifacts" / "report").glob("magic_*.csv"))  # the report leaves it out

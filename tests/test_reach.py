@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -117,5 +118,8 @@ def test_pipeline_flow_refuses_before_any_work(tmp_path, monkeypatch):
     monkeypatch.delenv(TRACKING_URIS_ENV, raising=False)
     with pytest.raises(ReachError, match="tracking_uri"):
         pipeline.fn(settings=settings, project_dir=str(own))
+    for name in ("../params", "/etc/x", "no-such-profile", ".hidden"):  # the form's profile: a file of profiles/ or nothing
+        with pytest.raises(SettingsError, match=f"profile '{re.escape(name)}'"):
+            pipeline.fn(settings=PipelineSettings().model_dump(mode="json"), project_dir=str(own), profile=name)
     assert list(own.iterdir()) == [] and list(other.iterdir()) == []
     assert isinstance(ReachError("x"), SettingsError) and Path(own).is_dir()

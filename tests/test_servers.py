@@ -230,6 +230,8 @@ def test_deployment_form_defaults_come_from_params_yaml(servers: Servers):
     queries = schema["definitions"]["AttributionSettings"]["properties"]["queries"]
     assert queries["title"] == "Queries" and queries["description"] and queries["minimum"] == 1
     assert schema["definitions"]["AttributionSettings"]["properties"]["measurement"]["enum"] == ["loss", "margin"]
+    profile = schema["properties"]["profile"]  # a field of the form: none by default
+    assert deployment["parameters"]["profile"] == "" and profile["type"] == "string" and "profiles/" in profile["description"]
 
 
 def _trigger_and_wait(servers: Servers, parameters: dict, expected: str = "COMPLETED") -> str:
