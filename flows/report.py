@@ -69,6 +69,25 @@ def _model_summary(x: Experiment, results: dict) -> dict[str, str]:
     return found
 
 
+CONVERGED_CHANGE = 0.01  # a pretraining loss still moving by more than 1% in its last epoch is no optimum
+
+
+def pretraining_convergence(pretrain: StageResult | None) -> dict[str, str]:
+    """The report's line on how near pretraining ended to an optimum: the relative change of its training loss
+    over the last epoch (``pretrain`` records ``loss_epoch_<i>``). The multi-stage influence function's
+    pretraining half assumes an optimum (docs/multistage.md); multi-stage MAGIC assumes none. ``{}`` with fewer
+    than two epochs."""
+    epochs = sorted((int(k.rsplit("_", 1)[1]), v) for k, v in (pretrain.metrics if pretrain else {}).items()
+                    if k.startswith("loss_epoch_"))
+    if len(epochs) < 2 or not epochs[-2][1]:
+        return {}
+    change = (epochs[-1][1] - epochs[-2][1]) / abs(epochs[-2][1])
+    verdict = ("near an optimum, as the multi-stage influence function assumes" if abs(change) <= CONVERGED_CHANGE else
+               "far from an optimum: the multi-stage influence function's premise does not hold here, "
+               "multi-stage MAGIC (attribution.multistage_magic) assumes none")
+    return {"pretraining loss change in its last epoch": f"{100 * change:+.2f}% ({verdict})"}
+
+
 def build_report(settings: PipelineSettings, ws: Workspace, extra_tags: dict[str, str] | None = None) -> StageResult:
     """Write ranked tables and the HTML report, and log the whole run to MLflow.
 
@@ -159,6 +178,8 @@ def build_report(settings: PipelineSettings, ws: Workspace, extra_tags: dict[str
             summary[f"{name} data"] = f"{source['path']} (md5 {source['md5']})"
         summary["classes"] = ", ".join(label)
         summary.update(_model_summary(x, results))
+        if _ran(results, "multistage"):
+            summary.update(pretraining_convergence(results.get("pretrain")))
         for mode in settings.finetune.modes:
             summary[f"test accuracy ({mode})"] = results["finetune"].metrics.get(f"{mode}.accuracy_test", float("nan"))
         summary.update({f"{s} seconds": r.seconds for s, r in results.items()})

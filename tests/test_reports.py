@@ -78,3 +78,20 @@ def test_dataset_text_is_inert_in_the_markdown_summary_and_in_csv_cells(tmp_path
     with open(path, newline="") as handle:
         back = next(csv.DictReader(handle))
     assert back["text"] == "'=1+1" and back["score"] == "-0.125" and back["query_text"] == "'@bad"
+
+
+def test_the_report_says_how_near_pretraining_ended_to_an_optimum():
+    from flows.report import pretraining_convergence
+    from flows.workspace import StageResult
+
+    def pretrain(*losses):
+        return StageResult("pretrain", metrics={**{f"loss_epoch_{i}": v for i, v in enumerate(losses)}, "final_loss": losses[-1]})
+
+    # the default settings' pretraining (3 epochs of Adam, 6.25 -> 5.85 in the last) against a converged one;
+    # epochs sort by number, not as text (epoch 10 after epoch 9)
+    far = pretraining_convergence(pretrain(7.1, 6.25, 5.85))
+    assert list(far.values()) == ["-6.40% (far from an optimum: the multi-stage influence function's premise does not hold "
+                                  "here, multi-stage MAGIC (attribution.multistage_magic) assumes none)"]
+    near = pretraining_convergence(pretrain(*[3.0] * 9, 2.5, 2.495))
+    assert list(near.values())[0].startswith("-0.20% (near an optimum")
+    assert pretraining_convergence(pretrain(4.0)) == {} and pretraining_convergence(None) == {}
