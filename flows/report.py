@@ -105,12 +105,8 @@ def build_report(settings: PipelineSettings, ws: Workspace, extra_tags: dict[str
     x = Experiment.for_stage("report", settings, ws)
     with timed(result):
         verify_datasets(ws.root, ws.prepared, names=("pretrain", "finetune"))
+        shutil.rmtree(ws.stage_dir("report"), ignore_errors=True)  # a method turned off since the last report leaves no table
         out = x.out_dir()
-        for old in out.iterdir():  # the last report's files: a method turned off since then leaves no table behind
-            if old.is_dir():
-                shutil.rmtree(old)
-            else:
-                old.unlink()
         k = settings.attribution.top_k
         label = x.label_names
         pretrain_text = {r["id"]: {"text": r["text"], "label": ""} for r in read_table(x.dataset_path("pretrain"))}

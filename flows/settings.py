@@ -433,13 +433,16 @@ def load_profile(settings: PipelineSettings, name: str, root: str | Path = ".") 
         SettingsError: no such profile (the message lists those present), or it holds a bad value.
     """
     folder = Path(root) / PROFILES
-    found = sorted(p.stem for p in folder.glob("*.yaml")) if folder.is_dir() else []
+
+    def found() -> list[str]:  # for the error messages
+        return sorted(p.stem for p in folder.glob("*.yaml")) if folder.is_dir() else []
+
     if not isinstance(name, str) or not PROFILE_NAME.fullmatch(name):  # a form field: never a path out of profiles/
         raise SettingsError(f"profile {name!r}: expected the name of a file of {folder} without '.yaml' "
-                            f"(letters, digits, '-', '_' and '.'), one of {found}")
+                            f"(letters, digits, '-', '_' and '.'), one of {found()}")
     path = folder / f"{name}.yaml"
     if not path.is_file():
-        raise SettingsError(f"profile {name!r}: {path} not found; the profiles are {found}")
+        raise SettingsError(f"profile {name!r}: {path} not found; the profiles are {found()}")
     try:
         overrides = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
