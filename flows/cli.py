@@ -84,12 +84,16 @@ def main(argv: list[str] | None = None) -> int:
 
     from flows.settings import SettingsError
 
+    root = Path(args.params).resolve().parent
     try:
         settings, _ = _settings(args)
+        if args.command in ("run", "stage", "explain", "check"):
+            from flows.reach import check_reach
+
+            check_reach(settings, root)  # what the settings name outside themselves: before any work
     except SettingsError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    root = Path(args.params).resolve().parent
     if args.command in ("run", "stage", "explain"):
         from flows import stopping
 

@@ -215,13 +215,16 @@ class Experiment:
     def user_data(self) -> dict[str, Any]:
         """The user's files the data stage reads instead of the built-in data: ``{"finetune": LabelledTable,
         "pretrain": Corpus}``, each only when its ``data.*_source`` is ``"file"`` (paths from the project folder)."""
+        from flows.reach import check_user_file
         from influence.data.user_files import Corpus, LabelledTable
 
         d, root, found = self.settings.data, self.ws.root, {}
-        if d.finetune_source == "file":
-            found["finetune"] = LabelledTable(root / d.finetune_file, d.text_column, d.label_column, d.group_column)
+        if d.finetune_source == "file":  # checked again here: dvc repro and the library calls come this way too
+            path = check_user_file("data.finetune_file", d.finetune_file, root)
+            found["finetune"] = LabelledTable(path, d.text_column, d.label_column, d.group_column)
         if d.pretrain_source == "file":
-            found["pretrain"] = Corpus(root / d.pretrain_file, d.pretrain_text_column, d.pretrain_unit, d.chunk_words)
+            path = check_user_file("data.pretrain_file", d.pretrain_file, root)
+            found["pretrain"] = Corpus(path, d.pretrain_text_column, d.pretrain_unit, d.chunk_words)
         return found
 
     def checked_queries(self) -> Any:
@@ -443,18 +446,28 @@ def _make_family(spec: dict[str, Any], ws: Workspace, data: Any = None) -> Any:
         from influence.models.minilm import MiniLMFamily
 
         return MiniLMFamily(extract_minilm(ws.raw), mask_every=int(spec["mask_every"]))
+    from flows.reach import ReachError, check_factory
     from influence.models.family import load_factory
 
-    with _project_on_path(ws.root):
-        return load_factory(spec["factory"])
+    factory = str(spec["factory"])
+    file = check_factory(factory, ws.root)  # a family.json may come from the object store: checked before any import
+    if file is None:  # a module the operator lists: imported from the environment
+        return load_factory(factory)
+    module = factory.partition(":")[0]
+    loaded = sys.modules.get(module)
+    if loaded is not None and Path(getattr(loaded, "__file__", "") or "/").resolve() != file:
+        raise ReachError(f"model.factory={factory!r}: a module {module!r} from elsewhere ({getattr(loaded, '__file__', None)}) "
+                         f"is imported already in this process, so {file} would not be; rename the module")
+    with _user_data_on_path(ws.root):
+        return load_factory(factory)
 
 
 @contextlib.contextmanager
-def _project_on_path(root: Path):
-    """``data/user`` and the project folder first on ``sys.path`` for a while (a factory module may live there)."""
+def _user_data_on_path(root: Path):
+    """``data/user`` first on ``sys.path`` for a while (a factory module lives there, :func:`flows.reach.check_factory`)."""
     from flows.stage_table import USER_DATA
 
-    added = [str(p) for p in (root / USER_DATA, root) if str(p) not in sys.path]
+    added = [str(p) for p in (root / USER_DATA,) if str(p) not in sys.path]
     sys.path[:0] = added
     try:
         yield

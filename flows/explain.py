@@ -11,15 +11,18 @@ page, the table, the sentences and the timings).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from prefect import flow, get_run_logger, task
+from pydantic import Field
+from prefect.runtime import flow_run
 
 from flows import explaining
 from flows.experiment import Experiment
-from flows.reach import check_tracking_uri, project_root
+from flows.reach import check_reach, project_root
 from flows.settings import PARAMS_FILE, PipelineSettings, load_settings, validate_settings
 from flows.workspace import Workspace
+from flows.workspace_lock import hold_workspace
 
 TABLE_COLUMNS = ("query_id", "query", "source", "kind", "rank", "id", "label", "score", "text")
 
@@ -27,8 +30,12 @@ TABLE_COLUMNS = ("query_id", "query", "source", "kind", "rank", "id", "label", "
 @task(name="explain-texts")
 def explain_task(settings: PipelineSettings, project_dir: str, texts: list[str], model: str, mode: str, k: int) -> dict:
     ws = Workspace(Path(project_dir))
-    run_id = explaining.resolve_model(ws, model)
-    return {**explaining.explain_texts(Experiment(settings, ws), texts, mode, k), "run_id": run_id}
+    # the workspace is held while the indexes are read and fitted: a pipeline run (or another explanation) never
+    # replaces them under this one
+    with hold_workspace(ws.root, str(flow_run.get_name() or "explain"), say=get_run_logger().info,
+                        flow_run_id=str(flow_run.get_id() or "")):
+        run_id = explaining.resolve_model(ws, model)
+        return {**explaining.explain_texts(Experiment(settings, ws), texts, mode, k), "run_id": run_id}
 
 
 @task(name="log-explanation")
@@ -44,7 +51,7 @@ def explain(
     texts: str,
     model: str = "latest",
     mode: Literal["fixed", "updated"] = "updated",
-    k: int = 5,
+    k: Annotated[int, Field(ge=1, le=explaining.MAX_K)] = 5,
     project_dir: str = ".",
     settings: PipelineSettings | None = None,
 ) -> dict:
@@ -54,7 +61,7 @@ def explain(
         texts: the sentences, one per line (at most 50).
         model: ``latest`` or the MLflow run id of the workspace's last pipeline run.
         mode: the embedding mode whose finetuned model and indexes are used.
-        k: proponents and opponents per sentence and source.
+        k: proponents and opponents per sentence and source (1 to 100).
         project_dir: the project folder whose workspace holds the models and indexes.
         settings: the settings the models were made with; when omitted, ``<project_dir>/params.yaml``.
 
@@ -63,13 +70,11 @@ def explain(
     """
     from prefect.artifacts import create_table_artifact
 
-    from influence.validation import check_positive_int
-
-    check_positive_int("k", k)
+    explaining.check_k(k)
     lines = explaining.parse_texts(texts)
     root = str(project_root(project_dir))
     settings = validate_settings(settings, "flow parameter 'settings'") if settings is not None else load_settings(Path(root) / PARAMS_FILE)
-    check_tracking_uri(settings.tracking.tracking_uri, Path(root))
+    check_reach(settings, Path(root))
     found = explain_task(settings, root, lines, model, mode, k)
     run_id = log_task(settings, root, found, mode)
     create_table_artifact([{c: r[c] for c in TABLE_COLUMNS} for r in found["rows"]], key="explanation",

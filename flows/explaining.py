@@ -6,7 +6,11 @@ finetuning examples (``artifacts/influence/<mode>/index``, with a solver that ke
 pretraining sentences (``artifacts/multistage/pretrain_index``, with ``attribution.pretrain_solver``
 arnoldi or ekfac). Where a run's solver keeps no state (conjugate gradient, the default of the
 finetuning side), the first explanation fits an Arnoldi index into ``artifacts/explain/`` (the
-Arnoldi settings of ``attribution``) and later ones reuse it while the models are the same. A new sentence is tokenised with the run's tokenizer and labelled with the
+Arnoldi settings of ``attribution``) and later ones reuse it only while every argument of the fit is the
+same (the model, the data, the solver's settings, the regulariser's settings: ``fit.json`` beside it,
+and the index's own manifest); any difference refits it. Every index is checked against its shards'
+sha256 once when it is loaded. The explain flow holds the workspace while it reads and writes
+(:mod:`flows.workspace_lock`). A new sentence is tokenised with the run's tokenizer and labelled with the
 finetuned model's own prediction (what is explained is why the model said that: the measurement
 of ``attribution.measurement`` at the predicted class). Its finetuning attribution is one gradient
 and one pass over the stored rows; its pretraining attribution adds the finetuning half of
@@ -25,6 +29,8 @@ from flows.experiment import Experiment
 from flows.workspace import StageResult, Workspace
 
 MAX_TEXTS = 50
+MAX_K = 100  # proponents and opponents per sentence and source (attribution.top_k's bound)
+FIT_ARGUMENTS = "fit.json"
 
 
 def parse_texts(texts: str) -> list[str]:
@@ -54,17 +60,46 @@ def resolve_model(ws: Workspace, model: str) -> str:
     return latest
 
 
-def _reused_or_fitted(folder: Path, model: Any, fit: Any) -> Any:
-    """The complete index in ``folder`` when it was fitted on ``model`` (a cheap check), else ``fit()``."""
-    from influence.exceptions import CorruptedArtifactError
-    from influence.fingerprints import model_fingerprint
-    from influence.index import AttributionIndex
+def check_k(k: Any) -> int:
+    """``k`` when it is an integer from 1 to :data:`MAX_K`; raise naming it otherwise."""
+    from influence.exceptions import invalid
 
-    try:
-        index = AttributionIndex.load(folder)
-    except CorruptedArtifactError:
-        return fit()
-    return index if index.manifest.get("model_fingerprint") == model_fingerprint(model) else fit()
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_K:
+        raise invalid("k", k, f"an integer from 1 to {MAX_K} (proponents and opponents per sentence and source)")
+    return k
+
+
+def _reused_or_fitted(folder: Path, arguments: dict[str, Any], fit: Any) -> Any:
+    """The complete index in ``folder`` when it was fitted with ``arguments`` (``fit.json``) and its own manifest's
+    fields (model, data, solver) equal those of this fit, its shards verified; else ``fit(overwrite)`` anew."""
+    import json
+
+    from influence.exceptions import CacheMismatchError, CorruptedArtifactError
+    from influence.index import AttributionIndex
+    from influence.storage import write_json
+
+    recorded = folder.parent / f"{folder.name}.{FIT_ARGUMENTS}"
+    same = recorded.is_file() and json.loads(recorded.read_text()) == json.loads(json.dumps(arguments))
+    index = None
+    if same:
+        try:  # the library compares every field it records; an index with all its shards is reopened, not refitted
+            index = fit(False)
+            index.store.verify()
+        except (CacheMismatchError, CorruptedArtifactError):
+            index = None
+    if index is None:
+        recorded.unlink(missing_ok=True)
+        index = fit(True)
+        write_json(recorded, arguments)
+    return index
+
+
+def _fit_arguments(x: Experiment, mode: str | None) -> dict[str, Any]:
+    """What an index of ``artifacts/explain`` depends on beyond its own manifest: the settings of the solver, the
+    Hessian sample, the regularisers and the parameters (for ``mode``'s finetuned model; None: the pretraining)."""
+    s = x.settings
+    return {"mode": mode, "seed": s.seed, "attribution": s.attribution.model_dump(mode="json"),
+            "finetune": s.finetune.model_dump(mode="json"), "pretrain": s.pretrain.model_dump(mode="json")}
 
 
 def indexes(x: Experiment, mode: str) -> dict[str, Any]:
@@ -76,18 +111,18 @@ def indexes(x: Experiment, mode: str) -> dict[str, Any]:
     a, found = x.settings.attribution, {}
     stage_index = x.path("influence", mode, "index")
     if a.solver in STATEFUL_SOLVERS and (stage_index / "manifest.json").is_file():
-        found["finetuning"] = AttributionIndex.load(stage_index, device=x.device)
+        found["finetuning"] = AttributionIndex.load(stage_index, device=x.device, verify=True)
     else:
         model, train = x.finetuned(mode), x.split("train")
         solver = x.solver("finetune") if a.solver in STATEFUL_SOLVERS else x.solver("self_influence")
         folder = x.ws.artifacts / "explain" / mode / "index"
-        found["finetuning"] = _reused_or_fitted(folder, model, lambda: AttributionIndex.fit(
+        found["finetuning"] = _reused_or_fitted(folder, _fit_arguments(x, mode), lambda overwrite: AttributionIndex.fit(
             folder, x.query_task, model, train, params=a.if_params, **solver, regularizer=x.regularizer(mode, model),
             hessian_data=x.hessian_sample(train, a.hessian_examples), batch_size=x.batch(256), device=x.device,
-            overwrite=True))
+            overwrite=overwrite))
     stage_index = x.path("multistage", "pretrain_index")
     if a.pretrain_solver in STATEFUL_SOLVERS and (stage_index / "manifest.json").is_file():
-        found["pretraining"] = AttributionIndex.load(stage_index, device=x.device)
+        found["pretraining"] = AttributionIndex.load(stage_index, device=x.device, verify=True)
     else:
         pretrained, sentences = x.pretrained(), x.split("pretrain")
         shared = list(x.multistage_shared(x.finetuned(mode)).values())
@@ -97,10 +132,10 @@ def indexes(x: Experiment, mode: str) -> dict[str, Any]:
                                                                  "seed": x.settings.seed, "gauss_newton": a.pretrain_gauss_newton,
                                                                  "complement": a.arnoldi_complement}}
         folder = x.ws.artifacts / "explain" / "pretrain_index"
-        found["pretraining"] = _reused_or_fitted(folder, pretrained, lambda: AttributionIndex.fit(
+        found["pretraining"] = _reused_or_fitted(folder, _fit_arguments(x, None), lambda overwrite: AttributionIndex.fit(
             folder, x.pretrain_task, pretrained, sentences, params="all" if a.pretrain_hessian_params == "all" else shared,
             **pt, regularizer=x.pretrain_regularizer(), hessian_data=x.hessian_sample(sentences, a.pretrain_hessian_examples),
-            batch_size=x.batch(128), device=x.device, overwrite=True))
+            batch_size=x.batch(128), device=x.device, overwrite=overwrite))
     return found
 
 
@@ -130,6 +165,7 @@ def explain_texts(x: Experiment, texts: list[str], mode: str, k: int) -> dict[st
     from influence.data.prepare import read_table
     from influence.exceptions import invalid
 
+    check_k(k)
     if mode not in x.settings.finetune.modes:
         raise invalid("mode", mode, f"one of the run's embedding modes {list(x.settings.finetune.modes)} (finetune.modes)")
     timings: dict[str, float] = {}
@@ -181,4 +217,4 @@ def explanation_page(found: dict[str, Any], mode: str, run_id: str) -> str:
     return render_report({"title": "Explanation of new sentences", "summary": summary, "queries": queries})
 
 
-__all__ = ["MAX_TEXTS", "indexes", "explain_texts", "explanation_page", "parse_texts", "queries_of", "resolve_model"]
+__all__ = ["MAX_K", "MAX_TEXTS", "check_k", "indexes", "explain_texts", "explanation_page", "parse_texts", "queries_of", "resolve_model"]

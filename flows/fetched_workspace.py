@@ -15,12 +15,13 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
 from flows.object_store import store_of
-from flows.stage_cache import recorded_fingerprint, restore
+from flows.stage_cache import check_stage, recorded_fingerprint, restore
 from flows.workspace import Workspace
 
 WORK_DIR_ENV = "INFLUENCE_WORK_DIR"
@@ -36,6 +37,52 @@ def work_dir() -> Path:
 def input_fingerprints(ws: Workspace, stages: tuple[str, ...] = RETRAINING_INPUTS) -> dict[str, str]:
     """``{stage: fingerprint}`` of the completed ``stages`` of ``ws`` (what a task on another machine must fetch)."""
     return {stage: recorded_fingerprint(ws, stage) for stage in stages}
+
+
+HANDOVER = "handovers/{parent}.json"  # the fingerprints a pipeline run hands its GPU stages (in the object store)
+FLOW_RUN_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+
+
+def check_inputs(inputs: Any) -> dict[str, str]:
+    """``inputs`` (``{stage: fingerprint}``, from a task's or flow's parameters or the object store) when every stage
+    is one of the stage table and every fingerprint 64 hex digits (or empty: not completed); raise otherwise.
+
+    Raises:
+        StoreIntegrityError: naming the bad entry.
+    """
+    from flows.object_store import StoreIntegrityError
+
+    if not isinstance(inputs, dict):
+        raise StoreIntegrityError(f"inputs={inputs!r}: expected {{stage: fingerprint}}")
+    for stage, fp in inputs.items():
+        check_stage(stage, fp) if fp else check_stage(stage, "0" * 64)
+    return dict(inputs)
+
+
+def hand_over(settings: Any, parent_flow_run_id: str, inputs: dict[str, str]) -> None:
+    """Send the fingerprints the GPU stages of the pipeline run ``parent_flow_run_id`` read to the object store
+    (signed), where its child on another machine finds them (:func:`handed_over`)."""
+    store = store_of(settings)
+    if store is not None:
+        store.put_json(HANDOVER.format(parent=_flow_run_id(parent_flow_run_id)), check_inputs(inputs))
+
+
+def handed_over(settings: Any, parent_flow_run_id: str) -> dict[str, str]:
+    """The fingerprints the pipeline run ``parent_flow_run_id`` handed its GPU stages (:func:`hand_over`), checked;
+    ``{}`` without an object store (the child then runs in its parent's folder) or when it handed none."""
+    store = store_of(settings)
+    if store is None:
+        return {}
+    found = store.get_json(HANDOVER.format(parent=_flow_run_id(parent_flow_run_id)))
+    return check_inputs(found) if found is not None else {}
+
+
+def _flow_run_id(value: str) -> str:
+    from flows.object_store import StoreIntegrityError
+
+    if not FLOW_RUN_ID.fullmatch(str(value)):
+        raise StoreIntegrityError(f"flow run id {value!r} is not a UUID")
+    return str(value)
 
 
 def _holds(ws: Workspace, inputs: dict[str, str]) -> bool:
@@ -60,6 +107,7 @@ def workspace_for(settings: Any, root: Path, inputs: dict[str, str]) -> Workspac
     Raises:
         RuntimeError: ``root`` is not here (or holds other versions) and no store is set, or the store lacks a stage.
     """
+    inputs = check_inputs(inputs)
     own = Workspace(Path(root))
     if _holds(own, inputs):
         return own
@@ -82,6 +130,7 @@ def fetch_into(settings: Any, ws: Workspace, inputs: dict[str, str]) -> list[str
     Raises:
         RuntimeError: a stage is missing here and there is no store, or the store lacks it.
     """
+    inputs = check_inputs(inputs)  # names from a parameter or the store: checked before any file operation
     missing = [stage for stage, fp in inputs.items() if recorded_fingerprint(ws, stage) != fp]
     store = store_of(settings)
     if missing and store is None:
@@ -94,28 +143,44 @@ def fetch_into(settings: Any, ws: Workspace, inputs: dict[str, str]) -> list[str
     return missing
 
 
+def _record_key(context: str, key: str) -> str:
+    from flows.object_store import RECORD_NAME, StoreIntegrityError
+
+    if not RECORD_NAME.fullmatch(str(context)) or not RECORD_NAME.fullmatch(str(key)):
+        raise StoreIntegrityError(f"retraining record {context!r}/{key!r}: names are 16 hex digits")
+    return f"retrainings/{context}/{key}.json"
+
+
 def send_records(settings: Any, context: str, found: list[dict]) -> None:
-    """Send retraining records to the object store (``retrainings/<context>/<key>.json``); nothing without a store."""
+    """Send retraining records to the object store (``retrainings/<context>/<key>.json``, signed); nothing without a store."""
     store = store_of(settings)
     for record in found if store is not None else []:
-        store.put_json(f"retrainings/{context}/{record['key']}.json", record)
+        store.put_json(_record_key(context, record["key"]), record)
 
 
 def receive_records(settings: Any, runs: Path, retrainings: list) -> int:
-    """Fetch into ``runs`` the records of ``retrainings`` that are not there (made on other machines); how many."""
-    from influence.storage import write_json
+    """Fetch into ``runs`` the records of ``retrainings`` that are not there (made on other machines); how many.
+
+    Raises:
+        RuntimeError: a record is neither here nor in the store.
+        StoreIntegrityError: a record's signature is not the platform's, or it is another retraining's.
+    """
+    from flows.object_store import StoreIntegrityError
+    from flows.retraining import save_record
 
     store, fetched = store_of(settings), 0
     for r in retrainings if store is not None else []:
         path = runs / f"{r.key}.json"
         if not path.is_file():
-            record = store.get_json(f"retrainings/{runs.name}/{r.key}.json")
+            record = store.get_json(_record_key(runs.name, r.key))
             if record is None:
                 raise RuntimeError(f"retraining {r.key} of {runs.name} is neither in {runs} nor in {store.url}")
-            write_json(path, record)
+            if not isinstance(record, dict) or record.get("key") != r.key:
+                raise StoreIntegrityError(f"{store.url}: the record {runs.name}/{r.key} is another retraining's")
+            save_record(runs, record)
             fetched += 1
     return fetched
 
 
-__all__ = ["RETRAINING_INPUTS", "WORK_DIR_ENV", "fetch_into", "input_fingerprints", "receive_records", "send_records", "work_dir",
-           "workspace_for"]
+__all__ = ["GPU_INPUTS", "RETRAINING_INPUTS", "WORK_DIR_ENV", "check_inputs", "fetch_into", "hand_over", "handed_over",
+           "input_fingerprints", "receive_records", "send_records", "work_dir", "workspace_for"]

@@ -26,6 +26,7 @@ as that deployment, on the ``gpu`` work pool; otherwise in its own process. With
 
 from __future__ import annotations
 
+import contextvars
 import hashlib
 from contextlib import contextmanager
 from pathlib import Path
@@ -37,15 +38,16 @@ from prefect.states import Completed
 
 from flows import dvc_file, publish, report, retraining, runners, shards, stage_cache, waits
 from flows.experiment import Experiment
-from flows.fetched_workspace import GPU_INPUTS, fetch_into, input_fingerprints, receive_records, send_records, workspace_for
-from flows.reach import check_gpu_deployment, check_tracking_uri, project_root
+from flows.fetched_workspace import (GPU_INPUTS, fetch_into, hand_over, handed_over, input_fingerprints, receive_records,
+                                     send_records, workspace_for)
+from flows.reach import check_gpu_deployment, check_reach, project_root
 from flows.settings import PARAMS_FILE, PipelineSettings, load_profile, load_settings, validate_settings, with_overrides
 from flows.stage_table import GPU_STAGES, NAMES, RETRAINING_STAGES
 from flows.stage_table import stage as table_row
 from flows.stages import run_stage
 from flows.versioning import checkout_data_revision, commit_data, dataset_hashes, resolve_revision, workspace_data_is_current
 from flows.workspace import StageResult, Workspace
-from flows.workspace_lock import hold_workspace
+from flows.workspace_lock import Hold, hold_workspace
 
 CPU_STAGES = tuple(n for n in NAMES if n not in GPU_STAGES and n not in ("data", "report"))
 IO_RETRIES = {"retries": 2, "retry_delay_seconds": [5, 30]}
@@ -72,11 +74,21 @@ def dvc_slot(root: Path) -> Iterator[None]:
                            f"workspace held it all that time; ${waits.DVC_SLOT_ENV} sets the limit") from None
 
 
+# the hold the GPU stages run under when their parent, a pipeline run in another process, holds the workspace (set by
+# the attribution flow for its stages; a context variable, not a task parameter: a hold holds an open file)
+_PARENT_HOLD: contextvars.ContextVar[Hold | None] = contextvars.ContextVar("influence_parent_hold", default=None)
+
+
 @task(task_run_name="{stage}")
 def stage_task(stage: str, settings: PipelineSettings, root: Path, force: bool = False):
     ws = Workspace(root)
     valid = (lambda: workspace_data_is_current(root, ws.prepared)) if stage == "data" else None
-    result, how = stage_cache.run_or_skip(stage, lambda: run_stage(stage, settings, ws), settings, ws, force=force, valid=valid)
+    guard, hold = None, _PARENT_HOLD.get()
+    if hold is not None:  # the GPU stages under their parent's hold: it must last
+        hold.check(f"before stage {stage}")
+        guard = lambda: hold.check(f"before saving the outputs of stage {stage}")  # noqa: E731
+    result, how = stage_cache.run_or_skip(stage, lambda: run_stage(stage, settings, ws), settings, ws, force=force, valid=valid,
+                                          guard=guard)
     if how != "ran":
         where = "outputs in place" if how == "skipped" else "a kept version restored"
         return Completed(name="Skipped", message=f"inputs unchanged, {where} (fingerprint {result.info['fingerprint'][:12]})",
@@ -231,20 +243,20 @@ def attribution(
     project_dir: str = ".",
     force: bool = False,
     on_gpu_pool: bool = False,
-    workspace_token: str = "",
-    inputs: dict[str, str] | None = None,
 ) -> list[str]:
     """The GPU stages: cache per-example gradients, solve, and score (influence, multi-stage, TracIn-WE).
+
+    Started by the pipeline (a subflow in its process, or its deployment ``attribution/gpu`` on the ``gpu``
+    pool) it runs under the pipeline's hold of the workspace (:mod:`flows.workspace_lock`: the parent is found
+    through the Prefect API, never a parameter) and, on another machine, fetches the stages it reads from the
+    object store as the pipeline hands them over there (signed, :mod:`flows.object_store`); started on its own,
+    it takes the workspace itself.
 
     Args:
         settings: every setting; when omitted, read from ``<project_dir>/params.yaml``.
         project_dir: the project folder whose workspace holds the finetuned models.
         force: re-run stages whose inputs are unchanged.
         on_gpu_pool: set by the ``gpu`` deployment: warn when this worker has no CUDA device.
-        workspace_token: set by the pipeline that started this run: it runs under that pipeline's hold of
-            the workspace (:mod:`flows.workspace_lock`); empty: this run takes the workspace itself.
-        inputs: set by the pipeline that started this run: ``{stage: fingerprint}`` of the stages the GPU stages
-            read; a worker on another machine fetches them from the object store (``cluster.store``).
 
     Returns:
         the stages that were skipped because their inputs were unchanged.
@@ -253,21 +265,41 @@ def attribution(
 
     root = project_root(project_dir)
     settings = validate_settings(settings, "flow parameter 'settings'") if settings is not None else load_settings(root / PARAMS_FILE)
+    check_reach(settings, root)
     logger = get_run_logger()
     if on_gpu_pool and not torch.cuda.is_available():
         logger.warning("this gpu worker has no CUDA device: the GPU stages fall back to the CPU")
     logger.info("GPU stages on device %s", Experiment(settings, Workspace(root)).device)
     skipped: list[str] = []
-    with hold_workspace(root, str(flow_run.get_name() or "attribution"), parent_token=workspace_token, say=logger.info):
-        fetched = fetch_into(settings, Workspace(root), inputs or {})
+    own, parent = str(flow_run.get_id() or ""), _parent_flow_run_id()
+    with hold_workspace(root, str(flow_run.get_name() or "attribution"), say=logger.info, flow_run_id=own,
+                        parent_flow_run_id=parent) as hold:
+        inputs = handed_over(settings, parent) if parent else {}
+        fetched = fetch_into(settings, Workspace(root), inputs)
         if fetched:
             logger.info("fetched %s from the object store %s", fetched, settings.cluster.store)
-        for stage in GPU_STAGES:
-            if (settings.cluster.runner == "dask" and shards.targets(stage, settings)
-                    and (force or stage_cache.would_run(stage, settings, Workspace(root)))):
-                shards_flow.with_options(task_runner=runners.task_runner(runners.choose(settings)))(stage, settings, str(root))
-            _run(stage, settings, root, force, skipped)
+        reset = _PARENT_HOLD.set(hold if hold.parent_flow_run_id else None)
+        try:
+            for stage in GPU_STAGES:
+                if (settings.cluster.runner == "dask" and shards.targets(stage, settings)
+                        and (force or stage_cache.would_run(stage, settings, Workspace(root)))):
+                    hold.check(f"before the shards of stage {stage}")
+                    shards_flow.with_options(task_runner=runners.task_runner(runners.choose(settings)))(stage, settings, str(root))
+                _run(stage, settings, root, force, skipped)
+        finally:
+            _PARENT_HOLD.reset(reset)
     return skipped
+
+
+def _parent_flow_run_id() -> str:
+    """The id of the flow run that started this one as a deployment (``run_deployment`` links it as a subflow), from
+    the Prefect API; ``""`` for a run started on its own or called in the parent's process."""
+    from prefect.context import FlowRunContext
+
+    context = FlowRunContext.get()
+    if context is None or context.flow_run.parent_task_run_id is None:
+        return ""
+    return str(flow_run.get_parent_flow_run_id() or "")
 
 
 @flow(name="pipeline", log_prints=True)
@@ -306,14 +338,56 @@ def pipeline(
     if profile:
         settings = load_profile(settings, profile, root)
     settings = with_overrides(settings, overrides, "flow parameter 'overrides'")
-    check_tracking_uri(settings.tracking.tracking_uri, root)
+    check_reach(settings, root)
     logger = get_run_logger()
-    with hold_workspace(root, str(flow_run.get_name() or "pipeline"), say=logger.info) as token:
-        return _stages(settings, root, data_rev, gpu_deployment, force, token)
+    with hold_workspace(root, str(flow_run.get_name() or "pipeline"), say=logger.info,
+                        flow_run_id=str(flow_run.get_id() or "")) as hold:
+        return _stages(settings, root, data_rev, gpu_deployment, force, hold)
 
 
-def _stages(settings: PipelineSettings, root: Path, data_rev: str, gpu_deployment: str, force: bool, token: str) -> dict[str, object]:
-    """The body of :func:`pipeline`, run while it holds the workspace (``token``: its hold, handed to the GPU stages)."""
+def _gpu_child(gpu_deployment: str, settings: PipelineSettings, root: Path, force: bool, hold: Hold) -> Any:
+    """Run the GPU stages as the deployment ``gpu_deployment`` and wait for it: the child is admitted to this run's
+    hold of the workspace while it runs, handed the fingerprints of what it reads through the object store (when
+    one is set), and cancelled when this run stops waiting for it, however that happens (an error, a stop signal,
+    the time limit). Returns the child's flow run, ended."""
+    import time
+
+    from prefect import get_client
+    from prefect.deployments import run_deployment
+
+    parent = str(flow_run.get_id() or "")
+    if settings.cluster.store:  # a worker on another machine fetches what the GPU stages read: say which versions
+        hand_over(settings, parent, input_fingerprints(Workspace(root), GPU_INPUTS))
+    limit = waits.seconds(waits.GPU_STAGES_ENV, waits.GPU_STAGES_SECONDS)
+    began = time.monotonic()
+    child = run_deployment(
+        gpu_deployment, timeout=0, flow_run_name=f"{flow_run.get_name() or 'pipeline'}-gpu-stages",
+        # the deployment's own folder: this project folder on this machine, its clone on another one
+        parameters={"settings": settings.model_dump(mode="json"), "project_dir": ".", "force": force, "on_gpu_pool": True},
+    )
+    hold.admit(str(child.id))
+    ended = False
+    try:
+        with get_client(sync_client=True) as client:
+            while True:
+                child = client.read_flow_run(child.id)
+                if child.state is not None and child.state.is_final():
+                    ended = True
+                    return child
+                if time.monotonic() - began > limit:
+                    raise TimeoutError(
+                        f"the GPU stages ({gpu_deployment}, flow run {child.name}) did not end within {limit:.0f} s (state "
+                        f"{child.state.name if child.state else 'unknown'}; cancelled): is a worker of its pool running "
+                        f"(`scripts/servers status`)? ${waits.GPU_STAGES_ENV} sets the limit")
+                time.sleep(2)
+    finally:
+        if not ended:
+            waits.cancel_flow_run(child.id)
+        hold.dismiss()
+
+
+def _stages(settings: PipelineSettings, root: Path, data_rev: str, gpu_deployment: str, force: bool, hold: Hold) -> dict[str, object]:
+    """The body of :func:`pipeline`, run while it holds the workspace (``hold``: its hold, which the GPU stages run under)."""
     logger = get_run_logger()
     skipped: list[str] = []
     if data_rev:
@@ -331,29 +405,14 @@ def _stages(settings: PipelineSettings, root: Path, data_rev: str, gpu_deploymen
     for stage in CPU_STAGES[:CPU_STAGES.index("finetune") + 1]:  # everything before the GPU stages
         _run(stage, settings, root, force, skipped)
     if gpu_deployment:
-        from prefect.deployments import run_deployment
-
-        limit = waits.seconds(waits.GPU_STAGES_ENV, waits.GPU_STAGES_SECONDS)
-        child = run_deployment(
-            gpu_deployment, timeout=limit, poll_interval=2, flow_run_name=f"{flow_run.get_name() or 'pipeline'}-gpu-stages",
-            # the deployment's own folder: this project folder on this machine, its clone on another one
-            parameters={"settings": settings.model_dump(mode="json"), "project_dir": ".", "force": force,
-                        "on_gpu_pool": True, "workspace_token": token,
-                        "inputs": input_fingerprints(Workspace(root), GPU_INPUTS)},
-        )
-        if child.state is None or not child.state.is_final():
-            waits.cancel_flow_run(child.id)
-            raise TimeoutError(
-                f"the GPU stages ({gpu_deployment}, flow run {child.name}) did not end within {limit:.0f} s (state "
-                f"{child.state.name if child.state else 'unknown'}; cancelled): is a worker of its pool running "
-                f"(`scripts/servers status`)? ${waits.GPU_STAGES_ENV} sets the limit")
+        child = _gpu_child(gpu_deployment, settings, root, force, hold)
         if not child.state.is_completed():
             raise RuntimeError(f"the GPU stages ({gpu_deployment}, flow run {child.name}) ended {child.state.name}: see that flow run's logs")
         skipped += _skipped_in(child.id)
         for stage in GPU_STAGES:  # in place when the child ran here; fetched from the object store when elsewhere
             collect_task(stage, settings, root)
     else:
-        skipped += attribution(settings, str(root), force, workspace_token=token)
+        skipped += attribution(settings, str(root), force)
     ws = Workspace(root)
     for stage in CPU_STAGES[CPU_STAGES.index("finetune") + 1:]:
         if stage in RETRAINING_STAGES and table_row(stage).is_enabled(settings) and (force or stage_cache.would_run(stage, settings, ws)):

@@ -60,10 +60,52 @@ def runs_folder(x: Experiment, scope: str) -> Path:
         sections.append(s.pretrain.model_dump(mode="json"))
     for path in files:
         digest.update(path.read_bytes())
+    digest.update(json.dumps(retraining_code(), sort_keys=True).encode())  # a fix of the retraining code: new records
     checked = e.mode if modes == [e.mode] else modes  # a one-mode context keeps the digest it always had
     digest.update(json.dumps([sections, checked, e.queries, s.seed] + ([e.retrain_group] if e.retrain_group > 1 else []),
                              sort_keys=True).encode())
     return x.ws.artifacts / "retrainings" / digest.hexdigest()[:16]
+
+
+def retraining_code() -> dict[str, str]:
+    """``{function or file: sha256}`` of the code a retraining runs and measures with (:func:`retrain_group` and what
+    it calls: this module's functions, the training recipes, the library's batched training), part of the context."""
+    from flows.code_deps import files_digest, function_closure
+
+    functions, modules = function_closure([retrain_group, retrain, measure])
+    return {**functions, **files_digest(modules)}
+
+
+def save_record(runs: Path, record: dict) -> Path:
+    """Write a retraining's record as ``<runs>/<key>.json`` with the sha256 of its content (``sha256``)."""
+    from influence.storage import sha256_bytes, write_json
+
+    body = {k: v for k, v in record.items() if k != "sha256"}
+    return write_json(runs / f"{record['key']}.json", {**body, "sha256": sha256_bytes(_canonical(body))})
+
+
+def read_record(path: Path) -> dict | None:
+    """The record saved at ``path`` (:func:`save_record`), or None when there is none or its content does not match
+    its sha256 (it is then computed again)."""
+    import logging
+
+    from influence.storage import read_json, sha256_bytes
+
+    if not path.is_file():
+        return None
+    try:
+        record = read_json(path)
+    except (OSError, ValueError):
+        record = None
+    body = {k: v for k, v in record.items() if k != "sha256"} if isinstance(record, dict) else None
+    if body is None or record.get("sha256") != sha256_bytes(_canonical(body)) or body.get("key") != path.stem:
+        logging.getLogger(__name__).warning("retraining record %s is damaged (its sha256 does not match): computing it again", path)
+        return None
+    return body
+
+
+def _canonical(value: Any) -> bytes:
+    return json.dumps(value, sort_keys=True, separators=(",", ":")).encode()
 
 
 def scope_modes(x: Experiment, scope: str) -> list[str]:
@@ -107,11 +149,10 @@ def retrain(x: Experiment, retraining: Any, scope: str = "finetune", num_threads
         ``{"key", "seed", "removed", "measured": [Q][2]}`` (finetuning scope) or
         ``{"key", "seed", "removed", "measured_by_mode": {mode: [Q][2]}}`` (pretraining scope).
     """
-    from influence.storage import read_json, write_json
-
-    path = (runs or runs_folder(x, scope)) / f"{retraining.key}.json"
-    if path.is_file():
-        return read_json(path)
+    runs = runs or runs_folder(x, scope)
+    saved = read_record(runs / f"{retraining.key}.json")
+    if saved is not None:
+        return saved
     removed, modes = list(retraining.removed), scope_modes(x, scope)
     if not removed and retraining.seed == x.settings.seed:
         models = {mode: x.finetuned(mode) for mode in modes}
@@ -124,7 +165,7 @@ def retrain(x: Experiment, retraining: Any, scope: str = "finetune", num_threads
         models = {mode: training.finetune(x, mode, x.split("train"), None, seed=retraining.seed,
                                           num_threads=num_threads, exclude=removed)[0] for mode in modes}
     found = _found(retraining, {mode: measure(x, model) for mode, model in models.items()}, scope)
-    write_json(path, found)
+    save_record(runs, found)
     return found
 
 
@@ -216,12 +257,11 @@ def retrain_group(x: Experiment, group: list, scope: str = "finetune", num_threa
     Returns:
         :func:`retrain`'s records, in the group's order.
     """
-    from influence.storage import read_json, write_json
-
     runs = runs or runs_folder(x, scope)
     paths = [runs / f"{r.key}.json" for r in group]
-    if all(path.is_file() for path in paths):
-        return [read_json(path) for path in paths]
+    saved = [read_record(path) for path in paths]
+    if all(record is not None for record in saved):
+        return saved
     if len(group) == 1:
         return [retrain(x, group[0], scope, num_threads=num_threads, runs=runs)]
     seeds = {r.seed for r in group}
@@ -238,10 +278,10 @@ def retrain_group(x: Experiment, group: list, scope: str = "finetune", num_threa
         mode = x.settings.evaluation.mode
         models[mode] = finetune_without(x, mode, x.split("train"), removals, seed, num_threads=num_threads)
     found = []
-    for i, (retraining, path) in enumerate(zip(group, paths)):
+    for i, (retraining, record) in enumerate(zip(group, saved)):
         found.append(_found(retraining, {mode: measure(x, members[i]) for mode, members in models.items()}, scope))
-        if not path.is_file():
-            write_json(path, found[-1])
+        if record is None:
+            save_record(runs, found[-1])
     return found
 
 

@@ -6,6 +6,13 @@ process. ``"dask"``: prefect-dask's ``DaskTaskRunner`` on the distributed schedu
 ``evaluation.workers`` worker processes with one thread each, started for the subflow and closed after
 it. Dask reschedules the task of a worker that dies on another worker; a retraining group writes its
 record only when it is complete, so a rescheduled group starts again from nothing.
+
+Dask's protocol carries pickled payloads, so whoever reaches a scheduler runs code on its workers and in the
+flow run: the address comes only from the operator (:func:`flows.reach.check_dask_address`), a running
+scheduler is reached with the TLS certificates of Dask's own configuration (``distributed.comm.tls.*``, e.g.
+``DASK_DISTRIBUTED__COMM__TLS__CA_FILE`` and ``DASK_DISTRIBUTED__COMM__TLS__CLIENT__CERT``/``__KEY``: mutual TLS),
+and a LocalCluster talks TLS on loopback with certificates made for it (``security=True``), so another user
+of the machine cannot submit work to it.
 """
 
 from __future__ import annotations
@@ -59,8 +66,26 @@ def task_runner(choice: RunnerChoice) -> Any:
         raise RuntimeError(f"cluster.runner='dask' needs prefect-dask and distributed (pip install "
                            f"'influence-platform[cluster]'): {error}") from None
     if choice.kind == "dask":
-        return DaskTaskRunner(address=choice.address)
-    # one process per worker, one Dask thread each (torch's own threads: num_threads); no dashboard port to bind
+        return DaskTaskRunner(address=choice.address, client_kwargs={"security": security(choice.address)})
+    # one process per worker, one Dask thread each (torch's own threads: num_threads); no dashboard port to bind;
+    # TLS with certificates made for this cluster (security=True): no other local user can submit work to it
     return DaskTaskRunner(cluster_class="distributed.LocalCluster",
                           cluster_kwargs={"n_workers": choice.workers, "threads_per_worker": 1, "processes": True,
-                                          "dashboard_address": None, "host": "127.0.0.1"})
+                                          "dashboard_address": None, "host": "127.0.0.1", "security": True})
+
+
+def security(address: str) -> Any:
+    """The ``distributed.security.Security`` that reaches the scheduler ``address``: Dask's configuration's TLS
+    certificates (mutual TLS when a client certificate is configured).
+
+    Raises:
+        RuntimeError: a ``tls://`` address without a CA file in Dask's configuration.
+    """
+    from distributed.security import Security
+
+    found = Security()  # reads distributed.comm.tls.* (files the operator holds, e.g. from a mounted Secret)
+    if address.startswith("tls://") and not found.tls_ca_file:
+        raise RuntimeError(f"cluster.dask_address={address!r} uses TLS but Dask's configuration names no CA file: set "
+                           "DASK_DISTRIBUTED__COMM__TLS__CA_FILE, DASK_DISTRIBUTED__COMM__TLS__CLIENT__CERT and "
+                           "DASK_DISTRIBUTED__COMM__TLS__CLIENT__KEY where the flow runs (infra/README.md)")
+    return found

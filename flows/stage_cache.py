@@ -9,7 +9,10 @@ A stage's *fingerprint* is the sha256 of what it reads, all of it from its row o
 - its data: the md5 of each prepared dataset it declares, and of the user's files it reads (the
   data stage: your finetuning table and pretraining corpus);
 - the fingerprints of the stages whose outputs it reads (its ``inputs``), so a change anywhere
-  upstream reaches every stage below it.
+  upstream reaches every stage below it;
+- its environment: the versions of torch and numpy, a digest of the installed packages' versions, and for a stage that
+  declares ``attribution.device`` the device type it computes on (``cpu`` or ``cuda``), so an upgrade or a move
+  between a CPU and a GPU machine never reuses outputs made by another stack.
 
 A stage runs in a staging folder, ``artifacts/.staging/<stage>``, which is moved into place when it
 completes: until then ``artifacts/<stage>`` holds the outputs of its last completed run, untouched.
@@ -38,6 +41,7 @@ fresh clone, restores what any machine computed with the same inputs instead of 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -52,7 +56,7 @@ from flows.object_store import ObjectStore, store_of
 from flows.settings import PipelineSettings
 from flows.stage_table import stage as table_row
 from flows.workspace import StageResult, Workspace
-from influence.storage import file_digest
+from influence.storage import file_digest, fsync_folder
 
 NEVER_SKIPPED = ("report",)
 NOT_KEPT = ("data", "report")
@@ -76,8 +80,40 @@ def stage_code(stage: str) -> dict[str, str]:
     return {**functions, **files_digest(modules)}
 
 
-def fingerprint(stage: str, settings: PipelineSettings, ws: Workspace) -> str:
+DEVICE_TYPES = ("cpu", "cuda")
+
+
+@functools.lru_cache(maxsize=1)
+def environment() -> dict[str, str]:
+    """The software a stage's outputs depend on besides the code: torch's and numpy's versions and a digest of every
+    installed distribution's name and version (what ``requirements.lock`` pins, as this environment has it; the GPU
+    build of torch that ``scripts/bootstrap`` installs beside a GPU differs from the CPU one)."""
+    import importlib.metadata
+
+    import numpy
+    import torch
+
+    installed = sorted({f"{(d.metadata['Name'] or '').lower()}=={d.version}" for d in importlib.metadata.distributions()})
+    return {"torch": torch.__version__, "numpy": numpy.__version__,
+            "packages": hashlib.sha256("\n".join(installed).encode()).hexdigest()}
+
+
+def device_type(settings: PipelineSettings) -> str:
+    """The device type the stages that declare ``attribution.device`` compute on here (as
+    :attr:`flows.experiment.Experiment.device` resolves it)."""
+    import torch
+
+    if settings.attribution.device == "cpu":
+        return "cpu"
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def fingerprint(stage: str, settings: PipelineSettings, ws: Workspace, device: str | None = None) -> str:
     """The fingerprint of ``stage``'s inputs (see the module docstring).
+
+    Args:
+        device: the device type the stage computes on (only read by stages that declare ``attribution.device``);
+            default this machine's (:func:`device_type`).
 
     Returns:
         a 64-character hex digest; ``""`` when an input stage has no recorded fingerprint (the stage then runs).
@@ -93,7 +129,10 @@ def fingerprint(stage: str, settings: PipelineSettings, ws: Workspace) -> str:
         "data": {name: md5_file(ws.dataset(name)) if ws.dataset(name).is_file() else "" for name in row.data},
         "files": {f: md5_file(ws.root / f) if (ws.root / f).is_file() else "missing" for f in (row.files(settings) if row.files else [])},
         "upstream": {},
+        "environment": environment(),
     }
+    if "attribution.device" in row.params:
+        inputs["environment"] = {**inputs["environment"], "device": device or device_type(settings)}
     for dep in row.inputs:
         upstream = recorded_fingerprint(ws, dep)
         if not upstream:
@@ -195,10 +234,26 @@ def _link_tree(source: Path, target: Path) -> None:
             shutil.copy2(path, dest)
 
 
+def check_stage(stage: str, fp: str) -> None:
+    """Refuse a stage name that is not a row of the stage table, or a fingerprint that is not 64 hex digits (names
+    that come from a flow parameter or the object store become folder names here).
+
+    Raises:
+        StoreIntegrityError: naming the bad value.
+    """
+    from flows.object_store import StoreIntegrityError, check_stage_key
+    from flows.stage_table import BY_NAME
+
+    if stage not in BY_NAME:
+        raise StoreIntegrityError(f"stage {stage!r} is not a stage of the pipeline: one of {sorted(BY_NAME)}")
+    check_stage_key(stage, fp)
+
+
 def keep(ws: Workspace, stage: str, fp: str) -> None:
     """Keep the outputs of ``stage`` (completed with fingerprint ``fp``) as a past version; drop the oldest."""
     if stage in NOT_KEPT or not fp:
         return
+    check_stage(stage, fp)
     versions = versions_dir(ws, stage)
     target = versions / fp[:32]
     partial = versions / f".{fp[:32]}.partial-{os.getpid()}"
@@ -206,6 +261,7 @@ def keep(ws: Workspace, stage: str, fp: str) -> None:
     _link_tree(ws.artifacts / stage, partial)
     shutil.rmtree(target, ignore_errors=True)
     partial.rename(target)
+    fsync_folder(versions)
     old = sorted((p for p in versions.iterdir() if p.is_dir() and not p.name.startswith(".")),
                  key=lambda p: p.stat().st_mtime, reverse=True)
     for path in old[KEPT_VERSIONS:]:
@@ -214,17 +270,25 @@ def keep(ws: Workspace, stage: str, fp: str) -> None:
 
 def fetch(ws: Workspace, stage: str, fp: str, store: ObjectStore | None) -> bool:
     """Bring the version of ``stage`` with fingerprint ``fp`` from ``store`` into the kept versions; whether it is there now."""
+    if stage in NOT_KEPT or not fp:
+        return False
+    check_stage(stage, fp)
     source = versions_dir(ws, stage) / fp[:32]
     if (source / "result.json").is_file():
         return True
-    if store is None or stage in NOT_KEPT or not fp:
+    if store is None:
         return False
     partial = versions_dir(ws, stage) / f".{fp[:32]}.fetching-{os.getpid()}"
     shutil.rmtree(partial, ignore_errors=True)
-    if not store.pull_stage(stage, fp, partial):
-        return False
+    try:
+        if not store.pull_stage(stage, fp, partial):
+            return False
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
     shutil.rmtree(source, ignore_errors=True)
     partial.rename(source)
+    fsync_folder(source.parent)
     log.info("stage %s: fetched the outputs of fingerprint %s from %s", stage, fp[:12], store.url)
     return True
 
@@ -234,12 +298,15 @@ def restore(ws: Workspace, stage: str, fp: str, store: ObjectStore | None = None
     into ``artifacts/<stage>``; its result."""
     if not fp or stage in NOT_KEPT:
         return None
+    check_stage(stage, fp)
     source = versions_dir(ws, stage) / fp[:32]
     if not fetch(ws, stage, fp, store):
         return None
     current = ws.artifacts / stage
     shutil.rmtree(current, ignore_errors=True)
     _link_tree(source, current)
+    fsync_folder(current)
+    fsync_folder(ws.artifacts)
     now = time.time()
     os.utime(source, (now, now))  # most recently used
     result = StageResult.load(ws, stage)
@@ -256,9 +323,15 @@ def collect(stage: str, settings: PipelineSettings, ws: Workspace) -> StageResul
     Raises:
         RuntimeError: neither this workspace nor the store holds it with the fingerprint of its inputs here.
     """
+    store, found = store_of(settings), None
     fp = fingerprint(stage, settings, ws)
-    store = store_of(settings)
-    found = completed(ws, stage, fp) or restore(ws, stage, fp, store)
+    # the stage ran where the GPU stages run: its fingerprint names that machine's device type, maybe not this one's
+    devices = [device_type(settings)] + [d for d in DEVICE_TYPES if d != device_type(settings)]
+    for device in devices if "attribution.device" in table_row(stage).params else [None]:
+        fp = fingerprint(stage, settings, ws, device=device)
+        found = completed(ws, stage, fp) or restore(ws, stage, fp, store)
+        if found is not None:
+            break
     if found is None:
         where = f"nor in the object store {store.url}" if store is not None else "and cluster.store is empty"
         raise RuntimeError(f"stage {stage} (fingerprint {fp[:12]}) completed in another flow run, but is neither in "
@@ -283,6 +356,7 @@ def run_or_skip(
     ws: Workspace,
     force: bool = False,
     valid: Callable[[], bool] | None = None,
+    guard: Callable[[], None] | None = None,
 ) -> tuple[StageResult, str]:
     """Run ``stage`` unless a completed run with the same inputs is on disk or kept.
 
@@ -293,6 +367,8 @@ def run_or_skip(
         ws: the workspace.
         force: run even when the inputs are unchanged.
         valid: a further check that the stored outputs are still those the stage wrote.
+        guard: called before the outputs of a run are moved into place; raises to keep them out (the run that
+            started this one has ended, say).
 
     Returns:
         ``(result, how)`` with ``how`` one of ``"ran"``, ``"skipped"`` (outputs in place) and
@@ -311,6 +387,12 @@ def run_or_skip(
     staging = _start(ws, stage, fp)
     with ws.writing(stage):
         result = run()
+    if guard is not None:
+        guard()  # e.g. the GPU stages' parent still holds the workspace
+    after = fingerprint(stage, settings, ws)
+    if after != fp:  # an input changed under the stage (a concurrent writer): its outputs belong to neither
+        raise RuntimeError(f"stage {stage}: its inputs changed while it ran (fingerprint {fp[:12]} at its start, "
+                           f"{after[:12]} at its end); its outputs were not saved: run it again")
     result = _move_into_place(ws, stage, staging, result)
     result.info["fingerprint"] = fp
     result.info[MANIFEST] = manifest(ws.artifacts / stage)
@@ -366,9 +448,11 @@ def _move_into_place(ws: Workspace, stage: str, staging: Path, result: StageResu
     if final.exists():
         final.rename(replaced)  # its files live on in the kept versions (hard links)
     staging.rename(final)
+    fsync_folder(ws.artifacts)
+    fsync_folder(staging.parent)
     (final / RUNNING).unlink(missing_ok=True)
     shutil.rmtree(replaced, ignore_errors=True)
     return result
 
 
-__all__ = ["begin", "collect", "completed", "fetch", "fingerprint", "keep", "recorded_fingerprint", "restore", "run_or_skip", "stage_code", "would_run"]
+__all__ = ["begin", "check_stage", "collect", "completed", "device_type", "environment", "fetch", "fingerprint", "keep", "recorded_fingerprint", "restore", "run_or_skip", "stage_code", "would_run"]

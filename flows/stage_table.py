@@ -103,10 +103,11 @@ class Stage:
 
 
 def factory_files(factory: str) -> list[str]:
-    """Where a custom family's module may live in the project: ``data/user/<module>.py`` (watched by
-    ``dvc.yaml``) or ``<module>.py`` in the project folder; their md5 enter the features stage's fingerprint."""
+    """Where a custom family's module lives in the project: ``data/user/<module>.py`` or its package's
+    ``__init__.py`` (watched by ``dvc.yaml``; :func:`flows.reach.check_factory`); their md5 enter the features
+    stage's fingerprint."""
     module = factory.partition(":")[0].replace(".", "/")
-    return [f"{USER_DATA}/{module}.py", f"{module}.py"]
+    return [f"{USER_DATA}/{module}.py", f"{USER_DATA}/{module}/__init__.py"]
 
 
 def _attribute(x: Any, mode: str, **options: Any) -> Any:

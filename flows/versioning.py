@@ -54,35 +54,37 @@ def commit_data(root: Path, settings: "PipelineSettings | None" = None, push: bo
 
     Args:
         root: the project folder (a DVC repository).
-        settings: the settings the data stage ran with; when its parameters (``DATA_PARAMS``)
-            differ from ``params.yaml``, those values are written there first, so that
-            ``dvc.lock`` records the parameters actually used (other settings are left alone).
+        settings: the settings the data stage ran with; ``dvc.lock`` records its parameters (``DATA_PARAMS``) with
+            these values, those the data were made with. ``params.yaml`` is never written: a value from a run form
+            or ``--set`` stays out of the project's settings file (``dvc status`` then rightly reports the data
+            stage's parameters as changed from ``params.yaml``, which ``dvc repro`` would build the data from).
         push: also ``dvc push`` the data to the default remote.
     """
     from flows.dvc_file import commit_stages
 
+    commit_stages(root, [DATA_STAGE])
     if settings is not None:
         _record_data_params(root, settings)
-    commit_stages(root, [DATA_STAGE])
     if push:
         run_dvc(root, "push", DATA_STAGE)
     return dataset_hashes(root)
 
 
-
-
 def _record_data_params(root: Path, settings: "PipelineSettings") -> None:
+    """Write the data parameters ``settings`` holds into the data stage's entry of ``dvc.lock`` (not ``params.yaml``)."""
     from flows.settings import PARAMS_FILE
 
-    path = root / PARAMS_FILE
-    raw = (yaml.safe_load(path.read_text()) if path.is_file() else None) or {}
-    section = raw.setdefault("data", {})
-    used = {name: getattr(settings.data, name) for name in DATA_PARAMS}
-    if all(section.get(name) == value for name, value in used.items()):
+    path = root / "dvc.lock"
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+    lock = yaml.load(path.read_text(), Loader=loader) or {}
+    recorded = lock.get("stages", {}).get(DATA_STAGE, {}).setdefault("params", {}).setdefault(PARAMS_FILE, {})
+    used = {f"data.{name}": getattr(settings.data, name) for name in DATA_PARAMS}
+    if all(recorded.get(name) == value for name, value in used.items()):
         return
-    logging.getLogger(__name__).warning("recording the data parameters of this run in %s: %s", path, used)
-    section.update(used)
-    atomic_write(path, yaml.safe_dump(raw, sort_keys=False))
+    logging.getLogger(__name__).info("dvc.lock records the data parameters of this run (params.yaml differs): %s",
+                                     {k: v for k, v in used.items() if recorded.get(k) != v})
+    recorded.update(used)
+    atomic_write(path, yaml.safe_dump(lock, sort_keys=False, width=120))
 
 
 def _lock_hashes(text: str, where: str) -> dict[str, str]:
@@ -125,9 +127,11 @@ def resolve_revision(root: Path, rev: str) -> str:
     Raises:
         DataError: ``rev`` names no commit of the repository at ``root``.
     """
-    proc = subprocess.run(["git", "rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}"], cwd=root,
-                          capture_output=True, text=True)
-    if proc.returncode != 0 or not rev.strip():
+    bad = not isinstance(rev, str) or not rev.strip() or rev.startswith("-") or any(c in rev for c in "\0\n\r")
+    proc = None if bad else subprocess.run(  # --end-of-options: a revision is never read as an option of git
+        ["git", "rev-parse", "--verify", "--quiet", "--end-of-options", f"{rev}^{{commit}}"], cwd=root,
+        capture_output=True, text=True)
+    if proc is None or proc.returncode != 0:
         raise DataError(
             f"data_rev {rev!r} is not a git revision of {root}; accepted: a commit sha, a branch or a tag "
             f"(`git log --oneline -- dvc.lock` lists the commits that changed the data version), or '' for the "

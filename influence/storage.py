@@ -65,17 +65,22 @@ def atomic_write(path: str | os.PathLike[str], data: bytes | str) -> Path:
     except BaseException:  # interrupted (KeyboardInterrupt included): leave no partial file
         tmp.unlink(missing_ok=True)
         raise
-    try:  # make the rename itself durable
-        fd = os.open(path.parent, os.O_RDONLY)
+    fsync_folder(path.parent)  # make the rename itself durable
+    return path
+
+
+def fsync_folder(folder: str | os.PathLike[str]) -> None:
+    """Flush a folder's entries to disk (after a rename into it or out of it); a no-op where folders cannot be opened."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
     except OSError:
-        return path
+        return
     try:
         os.fsync(fd)
     except OSError:
         pass
     finally:
         os.close(fd)
-    return path
 
 
 def write_json(path: str | os.PathLike[str], obj: Any, indent: int | None = 1) -> Path:
@@ -261,6 +266,7 @@ __all__ = [
     "atomic_write",
     "differences",
     "file_digest",
+    "fsync_folder",
     "read_json",
     "sha256_bytes",
     "write_json",

@@ -31,6 +31,16 @@ def s3():
                     os.environ[k] = v
 
 
+STORE_KEY = "k" * 16 + "test-signing-key-of-the-store" + "k" * 16
+FP = "ab" * 32  # a fingerprint: 64 hex digits
+
+
+@pytest.fixture(autouse=True)
+def store_key(monkeypatch):
+    """The operator's signing key of the store's documents, as every machine that uses the store has it."""
+    monkeypatch.setenv("INFLUENCE_STORE_KEY", STORE_KEY)
+
+
 def _stage_folder(folder: Path, files: dict[str, bytes]) -> dict[str, list]:
     from flows.stage_cache import manifest
 
@@ -48,23 +58,23 @@ def test_a_stage_goes_there_and_back_once_per_content(kind, s3, tmp_path):
     url = "s3://stages/team-a" if kind == "s3" else f"file://{tmp_path / 'store'}"
     store = ObjectStore(url)
     first = _stage_folder(tmp_path / "one", {"model.safetensors": b"weights" * 1000, "sub/ids.json": b"[1, 2]"})
-    assert not store.has_stage("finetune", "fp1")
-    assert store.push_stage("finetune", "fp1", tmp_path / "one", first) == 2
-    assert store.has_stage("finetune", "fp1")
+    assert not store.has_stage("finetune", FP)
+    assert store.push_stage("finetune", FP, tmp_path / "one", first) == 2
+    assert store.has_stage("finetune", FP)
     back = tmp_path / "back"
-    assert store.pull_stage("finetune", "fp1", back)
+    assert store.pull_stage("finetune", FP, back)
     for name, (size, mtime_ns, _) in first.items():
         assert (back / name).read_bytes() == (tmp_path / "one" / name).read_bytes()
         assert (back / name).stat().st_mtime_ns == mtime_ns and (back / name).stat().st_size == size
     assert json.loads((back / "result.json").read_text()) == json.loads((tmp_path / "one" / "result.json").read_text())
-    assert not store.pull_stage("finetune", "other", tmp_path / "none") and not (tmp_path / "none").exists()
+    assert not store.pull_stage("finetune", "cd" * 32, tmp_path / "none") and not (tmp_path / "none").exists()
 
     # a second stage sharing a file sends only its new content
     sent = []
     put = store._backend.put_file
     store._backend.put_file = lambda key, path: (sent.append(key), put(key, path))
     second = _stage_folder(tmp_path / "two", {"model.safetensors": b"weights" * 1000, "new.json": b"{}"})
-    store.push_stage("finetune", "fp2", tmp_path / "two", second)
+    store.push_stage("finetune", "ef" * 32, tmp_path / "two", second)
     assert sent == [ObjectStore.object_key(second["new.json"][2])]
 
 
@@ -73,10 +83,87 @@ def test_an_object_with_other_bytes_is_refused(tmp_path):
 
     store = ObjectStore(f"file://{tmp_path / 'store'}")
     files = _stage_folder(tmp_path / "one", {"a.bin": b"right"})
-    store.push_stage("pretrain", "fp", tmp_path / "one", files)
+    store.push_stage("pretrain", FP, tmp_path / "one", files)
     (tmp_path / "store" / ObjectStore.object_key(files["a.bin"][2])).write_bytes(b"wrong")
     with pytest.raises(ValueError, match="came back with sha256"):
-        store.pull_stage("pretrain", "fp", tmp_path / "back")
+        store.pull_stage("pretrain", FP, tmp_path / "back")
+    assert not any(p.name.startswith(".") for p in (tmp_path / "back").iterdir())  # no partial file left
+
+
+def _tree(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_object_store_refuses_escaping_names(tmp_path, monkeypatch):
+    """Whoever writes to the bucket writes manifests: an entry named /abs/x, ../x, a/../../x or one under a linked
+    parent, and a stage or fingerprint such as ../x or /x, are refused by every pull path (pull_stage, fetch, restore,
+    fetch_into, workspace_for), and nothing outside the target changes. A manifest the platform did not sign is
+    refused too, so a forged one never gets that far."""
+    from flows import stage_cache
+    from flows.fetched_workspace import fetch_into, workspace_for
+    from flows.object_store import ObjectStore, StoreIntegrityError
+    from flows.settings import PipelineSettings
+    from flows.workspace import Workspace
+
+    root = tmp_path / "store"
+    store = ObjectStore(f"file://{root}")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "keep.txt").write_text("precious")
+    ws = Workspace(tmp_path / "project")
+    (ws.artifacts / "features").mkdir(parents=True)
+    (ws.artifacts / "features" / "own.txt").write_text("mine")
+    sha = store.put_object_bytes(b"planted")
+    target = ws.artifacts / ".stages" / "features" / "target"
+    target.mkdir(parents=True)
+    (target / "link").symlink_to(outside)
+    before = _tree(tmp_path)
+    bad_names = [str(outside / "x"), "../x", "a/../../x", "../../outside/x", "./x", "", "a//b", "link/x", "..", "a\\..\\x",
+                 "result.json"]
+    key = ObjectStore.stage_key("features", FP)
+    for name in bad_names:
+        store.put_json(key, {"result": {"stage": "features", "outputs": {}, "info": {"fingerprint": FP}},
+                             "files": {"fine.bin": [7, 0, sha], name: [7, 0, sha]}})
+        with pytest.raises(StoreIntegrityError, match="manifest"):
+            store.pull_stage("features", FP, target)
+        if name != "link/x":  # restore pulls into a fresh folder of its own, where no link lies
+            with pytest.raises(StoreIntegrityError, match="manifest"):
+                stage_cache.restore(ws, "features", FP, store)
+        assert not (target / "fine.bin").exists()  # every name is checked before the first file is written
+    settings = PipelineSettings()
+    monkeypatch.setattr("flows.fetched_workspace.store_of", lambda _: store)
+    for stage, fp in (("../flows", FP), ("/x", FP), ("features/../../x", FP), ("no_such_stage", FP), ("features", "../x"),
+                      ("features", "/x"), ("features", "ab" * 31 + "/."), ("features", FP.upper())):
+        if stage != "no_such_stage":  # the store checks the form of a name; the stage table, its stage
+            with pytest.raises(StoreIntegrityError):
+                store.pull_stage(stage, fp, tmp_path / "project" / "pulled")
+        with pytest.raises(StoreIntegrityError):
+            stage_cache.fetch(ws, stage, fp, store)
+        with pytest.raises(StoreIntegrityError):
+            stage_cache.restore(ws, stage, fp, store)
+        with pytest.raises(StoreIntegrityError):
+            fetch_into(settings, ws, {stage: fp})
+        with pytest.raises(StoreIntegrityError):
+            workspace_for(settings, tmp_path / "elsewhere", {stage: fp})
+    after = _tree(tmp_path)
+    assert {k: v for k, v in after.items() if not k.startswith("store/")} == {k: v for k, v in before.items() if not k.startswith("store/")}
+    assert (ws.artifacts / "features" / "own.txt").read_text() == "mine" and (outside / "keep.txt").read_text() == "precious"
+
+    # a manifest (or any document) written without the platform's key: refused before a name is read
+    good = {"result": {"stage": "features", "outputs": {}, "info": {"fingerprint": FP}}, "files": {"a.bin": [7, 0, sha]}}
+    (root / key).write_text(json.dumps(good))  # unsigned
+    with pytest.raises(StoreIntegrityError, match="not a signed document"):
+        store.pull_stage("features", FP, tmp_path / "one")
+    monkeypatch.setenv("INFLUENCE_STORE_KEY", "another-key-" + "x" * 40)
+    ObjectStore(f"file://{root}").put_json(key, good)  # signed with another key
+    monkeypatch.setenv("INFLUENCE_STORE_KEY", STORE_KEY)
+    with pytest.raises(StoreIntegrityError, match="wrong signature"):
+        store.pull_stage("features", FP, tmp_path / "two")
+    store.put_json(key, good)
+    assert store.pull_stage("features", FP, tmp_path / "three") and (tmp_path / "three" / "a.bin").read_bytes() == b"planted"
+    monkeypatch.delenv("INFLUENCE_STORE_KEY")
+    with pytest.raises(StoreIntegrityError, match="INFLUENCE_STORE_KEY"):
+        ObjectStore(f"file://{root}")
 
 
 def test_store_addresses_are_checked():

@@ -46,16 +46,23 @@ def test_stage_before_data_names_the_missing_file(project):
         run_stage("features", load_settings(project / "params.yaml"), Workspace(project))
 
 
-def test_only_changed_data_parameters_are_recorded_in_params_yaml(project):
+def test_data_parameters_of_a_run_go_to_dvc_lock_never_to_params_yaml(project):
+    """A run whose data settings differ from params.yaml (a run form, --set) records them in dvc.lock's data stage;
+    params.yaml, the project's own settings file, is never written (a form value must not reach the nightly)."""
+    import yaml
+
     from flows.settings import validate_settings
     from flows.versioning import _record_data_params
 
-    params = project / "params.yaml"
-    before = params.read_text()
+    params, lock = project / "params.yaml", project / "dvc.lock"
+    lock.write_text("schema: '2.0'\nstages:\n  data:\n    cmd: python -m flows.cli stage data\n")  # as dvc commit leaves it
+    _record_data_params(project, load_settings(params))
+    before, lock_before = params.read_text(), lock.read_text()
     settings = load_settings(params)
     _record_data_params(project, settings.model_copy(update={"seed": 7}))
-    assert params.read_text() == before  # a non-data override leaves the file alone
+    assert params.read_text() == before and lock.read_text() == lock_before  # a non-data override changes nothing
     changed = validate_settings({**settings.model_dump(), "data": {**settings.data.model_dump(), "split_seed": 99}})
     _record_data_params(project, changed)
-    after = load_settings(params)
-    assert after.data.split_seed == 99 and after.seed == settings.seed and after.data.pretrain_sentences == settings.data.pretrain_sentences
+    assert params.read_text() == before
+    recorded = yaml.safe_load(lock.read_text())["stages"]["data"]["params"]["params.yaml"]
+    assert recorded["data.split_seed"] == 99 and recorded["data.train_fraction"] == settings.data.train_fraction

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from flows import waits
-from flows.workspace_lock import WorkspaceBusyError, hold_workspace, holder, is_held, lock_path
+from flows.workspace_lock import ParentGoneError, WorkspaceBusyError, hold_workspace, holder, is_held, lock_path, token_digest
 
 REPO = Path(__file__).resolve().parents[1]
 HOLDER = """
@@ -47,8 +47,10 @@ def test_second_holder_is_refused_naming_the_first_and_a_killed_holder_frees_it(
         os.kill(process.pid, signal.SIGKILL)  # no clean-up runs: the kernel drops the lock with the process
         process.wait()
     assert not is_held(tmp_path)
-    with hold_workspace(tmp_path, "third", wait=0) as token:
-        assert holder(tmp_path)["token"] == token and holder(tmp_path)["name"] == "third"
+    with hold_workspace(tmp_path, "third", wait=0) as hold:
+        assert holder(tmp_path)["token_sha256"] == token_digest(hold.token) and holder(tmp_path)["name"] == "third"
+        assert hold.token not in lock_path(tmp_path).read_text()  # a bearer secret: only its hash is on disk
+        assert lock_path(tmp_path).stat().st_mode & 0o077 == 0
     assert holder(tmp_path) == {} and not is_held(tmp_path)
 
 
@@ -65,7 +67,10 @@ def test_a_run_waits_for_the_holder_then_proceeds(tmp_path):
 
 
 def test_children_run_under_their_parents_token_only(tmp_path):
-    with hold_workspace(tmp_path, "parent", wait=0) as token:
+    with hold_workspace(tmp_path, "parent", wait=0) as hold:
+        token = hold.token
+        with hold_workspace(tmp_path, "same process", wait=0) as nested:  # code of the holding process (a subflow)
+            assert nested.token == token
         child = subprocess.run(
             [sys.executable, "-c", "import sys; from pathlib import Path; from flows.workspace_lock import hold_workspace\n"
              "with hold_workspace(Path(sys.argv[1]), 'child', wait=0, parent_token=sys.argv[2]): print('ran')",
@@ -78,6 +83,73 @@ def test_children_run_under_their_parents_token_only(tmp_path):
         assert stranger.returncode != 0 and "WorkspaceBusyError" in stranger.stderr and "held by parent" in stranger.stderr
         assert holder(tmp_path)["name"] == "parent"  # the child did not take it over
     assert json.loads(lock_path(tmp_path).read_text() or "{}") == {}
+
+
+CHILD = """
+import sys, time
+from pathlib import Path
+from flows import workspace_lock
+workspace_lock.ADMISSION_WAIT_SECONDS = 2.0
+from flows.workspace_lock import hold_workspace
+with hold_workspace(Path(sys.argv[1]), "child", wait=0, flow_run_id=sys.argv[2], parent_flow_run_id=sys.argv[3]) as hold:
+    print("ran under", "parent" if hold.parent_flow_run_id else "its own hold", flush=True)
+    for _ in range(200):
+        hold.check("before the next stage")
+        time.sleep(0.05)
+"""
+
+
+PARENT = """
+import sys, time
+from pathlib import Path
+from flows.workspace_lock import hold_workspace
+with hold_workspace(Path(sys.argv[1]), "parent-run", wait=0, flow_run_id=sys.argv[2]) as hold:
+    hold.admit(sys.argv[3])
+    print("held", flush=True)
+    time.sleep(60)
+"""
+
+
+def _child(root: Path, own: str, parent: str, wait: bool = True) -> subprocess.CompletedProcess | subprocess.Popen:
+    command = [sys.executable, "-c", CHILD, str(root), own, parent]
+    if wait:
+        return subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=120)
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+
+
+def test_a_child_runs_under_its_parent_only_while_admitted_and_stops_when_the_parent_is_gone(tmp_path):
+    """The GPU stages started as a deployment: admitted by id while the parent waits for them; a child not admitted
+    (a retried old child, a run from the form) takes the lock itself and so is refused; a child whose parent was killed
+    stops at its next check."""
+    parent_id, child_id, other_id = "p" * 8, "c" * 8, "o" * 8
+    with hold_workspace(tmp_path, "parent", wait=0, flow_run_id=parent_id) as hold:
+        assert holder(tmp_path)["flow_run_id"] == parent_id
+        stranger = _child(tmp_path, other_id, parent_id)  # never admitted
+        assert stranger.returncode != 0 and "WorkspaceBusyError" in stranger.stderr, stranger.stderr
+        hold.admit(child_id)
+        admitted = _child(tmp_path, child_id, parent_id)
+        assert admitted.returncode == 0 and admitted.stdout.startswith("ran under parent"), admitted.stderr
+        forged = _child(tmp_path, child_id, other_id)  # claims another parent: not the holder
+        assert forged.returncode != 0 and "WorkspaceBusyError" in forged.stderr
+        hold.dismiss()
+        late = _child(tmp_path, child_id, parent_id)  # its parent no longer waits for it (a retry of an old child)
+        assert late.returncode != 0 and "WorkspaceBusyError" in late.stderr
+    # the parent is killed while its child runs: the child stops at its next check
+    parent = subprocess.Popen([sys.executable, "-c", PARENT, str(tmp_path), parent_id, child_id], stdout=subprocess.PIPE,
+                              text=True, cwd=REPO)
+    assert parent.stdout.readline().strip() == "held"
+    child = _child(tmp_path, child_id, parent_id, wait=False)
+    try:
+        assert child.stdout.readline().startswith("ran under parent")
+        os.kill(parent.pid, signal.SIGKILL)
+        parent.wait()
+        _, err = child.communicate(timeout=60)
+        assert child.returncode != 0 and "ParentGoneError" in err and "before the next stage" in err
+    finally:
+        for process in (parent, child):
+            if process.poll() is None:
+                process.kill()
+    assert issubclass(ParentGoneError, RuntimeError)
 
 
 def test_wait_limits_are_named_when_bad(monkeypatch):
