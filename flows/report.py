@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import io
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -105,7 +104,8 @@ def build_report(settings: PipelineSettings, ws: Workspace, extra_tags: dict[str
     x = Experiment.for_stage("report", settings, ws)
     with timed(result):
         verify_datasets(ws.root, ws.prepared, names=("pretrain", "finetune"))
-        shutil.rmtree(ws.stage_dir("report"), ignore_errors=True)  # a method turned off since the last report leaves no table
+        # run as every stage is (flows.stage_cache): in a fresh staging folder, so a method turned off since the last report
+        # leaves no table, and the last complete report stays in place until this one is (MLflow down, disk full)
         out = x.out_dir()
         k = settings.attribution.top_k
         label = x.label_names

@@ -424,7 +424,8 @@ def _start(ws: Workspace, stage: str, fp: str) -> Path:
 
     folder = ws.staging_dir(stage)
     marker = folder / RUNNING
-    resuming = bool(fp) and marker.is_file() and marker.read_text() == fp
+    # a stage that is never skipped (the report: its own MLflow run each time) starts afresh, never from a killed run's files
+    resuming = bool(fp) and stage not in NEVER_SKIPPED and marker.is_file() and marker.read_text() == fp
     if not resuming and folder.is_dir():
         shutil.rmtree(folder)
     for old in ws.artifacts.glob(f".{stage}.replaced-*"):  # left by a run killed while moving its outputs

@@ -103,8 +103,12 @@ def _features(root: Path, model: dict):
 
 
 def test_bad_factories_stop_the_features_stage_before_any_training(prepared):
-    with pytest.raises(InvalidArgumentError, match="'missing_module:make'.*a module that imports"):
+    from flows.reach import ReachError
+
+    with pytest.raises(ReachError, match=r"model.factory='missing_module:make': a factory's module must be a file under data/user/"):
         _features(prepared, {"family": "custom", "factory": "missing_module:make"})
+    with pytest.raises(ReachError, match="tests.families.hashed_words:make"):  # importable, but not the user's file
+        _features(prepared, {"family": "custom", "factory": "tests.families.hashed_words:make"})
     with pytest.raises(InvalidArgumentError, match="my_family:make_wrong.*MeanPool"):
         _features(prepared, {"family": "custom", "factory": "my_family:make_wrong"})
     with pytest.raises(DataError, match=r"data/prepared/pretrain.csv, the pretrain split: the 'hashed-words' family's tokenizer "

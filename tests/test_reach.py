@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -123,3 +124,148 @@ def test_pipeline_flow_refuses_before_any_work(tmp_path, monkeypatch):
             pipeline.fn(settings=PipelineSettings().model_dump(mode="json"), project_dir=str(own), profile=name)
     assert list(own.iterdir()) == [] and list(other.iterdir()) == []
     assert isinstance(ReachError("x"), SettingsError) and Path(own).is_dir()
+
+
+def test_user_files_are_read_from_data_user_or_an_operator_folder_only(tmp_path, monkeypatch):
+    from flows.reach import DATA_DIRS_ENV, check_user_file
+
+    root, outside = tmp_path / "project", tmp_path / "outside"
+    (root / "data" / "user").mkdir(parents=True)
+    outside.mkdir()
+    for folder in (root / "data" / "user", outside):
+        (folder / "table.csv").write_text("text,label\na,x\nb,y\n")
+    (root / "data" / "user" / "linked.csv").symlink_to(outside / "table.csv")
+    monkeypatch.delenv(DATA_DIRS_ENV, raising=False)
+    assert check_user_file("data.finetune_file", "data/user/table.csv", root) == (root / "data/user/table.csv").resolve()
+    assert check_user_file("data.finetune_file", str(root / "data/user/table.csv"), root).is_file()
+    for bad in (str(outside / "table.csv"), "../outside/table.csv", "data/user/../../outside/table.csv",
+                "data/user/linked.csv", "params.yaml", "/etc/hosts"):
+        with pytest.raises(ReachError, match=r"data.finetune_file=.*outside the folders user files are read from.*INFLUENCE_DATA_DIRS"):
+            check_user_file("data.finetune_file", bad, root)
+    monkeypatch.setenv(DATA_DIRS_ENV, f"{outside}:relative/ignored")
+    assert check_user_file("data.pretrain_file", str(outside / "table.csv"), root) == outside / "table.csv"
+
+
+def test_factory_restricted_to_data_user_or_the_operator_list_without_importing(tmp_path, monkeypatch):
+    import sys
+
+    from flows.reach import FACTORIES_ENV, check_factory
+
+    root = tmp_path / "project"
+    (root / "data" / "user" / "pkg").mkdir(parents=True)
+    (root / "data" / "user" / "my_family.py").write_text("raise SystemExit('imported')\n")
+    (root / "data" / "user" / "pkg" / "__init__.py").write_text("")
+    (root / "data" / "user" / "pkg" / "fam.py").write_text("")
+    (root / "data" / "user" / "json.py").write_text("")
+    monkeypatch.delenv(FACTORIES_ENV, raising=False)
+    assert check_factory("my_family:make", root) == (root / "data/user/my_family.py").resolve()
+    assert check_factory("pkg.fam:make", root) == (root / "data/user/pkg/fam.py").resolve()
+    for bad in ("os:getcwd", "test.autotest:x", "tests.families.hashed_words:make", "my_family", "my_family:",
+                "my_family:make:x", "../my_family:make", "json:loads", "pkg:x.y", "missing:make"):
+        before = set(sys.modules)
+        with pytest.raises(ReachError, match=r"model.factory=.*data/user"):
+            check_factory(bad, root)
+        assert set(sys.modules) == before  # nothing was imported to decide
+    monkeypatch.setenv(FACTORIES_ENV, "tests.families.hashed_words:make, team.models")
+    assert check_factory("tests.families.hashed_words:make", root) is None
+    assert check_factory("team.models:build", root) is None
+    with pytest.raises(ReachError, match="tests.families.hashed_words:make"):  # the message lists the operator's list
+        check_factory("tests.families.hashed_words:make_wrong", root)
+
+
+def test_dask_address_and_store_from_operator_only(monkeypatch):
+    from distributed.security import Security
+
+    from flows import runners
+    from flows.reach import DASK_ADDRESSES_ENV, STORES_ENV, check_dask_address, check_store
+
+    for variable in (DASK_ADDRESSES_ENV, STORES_ENV, "DASK_SCHEDULER_ADDRESS"):
+        monkeypatch.delenv(variable, raising=False)
+    assert check_dask_address("") == "" and check_store("") == ""
+    with pytest.raises(ReachError, match=r"cluster.dask_address='tcp://10.0.0.1:8786' is not a scheduler the operator allows"):
+        check_dask_address("tcp://10.0.0.1:8786")
+    with pytest.raises(ReachError, match=r"cluster.store='file:///srv/elsewhere' is not an object store the operator allows"):
+        check_store("file:///srv/elsewhere")
+    monkeypatch.setenv("DASK_SCHEDULER_ADDRESS", "tls://scheduler:8786")
+    monkeypatch.setenv(DASK_ADDRESSES_ENV, "tls://other:8786")
+    monkeypatch.setenv(STORES_ENV, "s3://stages/team, file:///srv/store")
+    assert check_dask_address("tls://scheduler:8786") and check_dask_address("tls://other:8786")
+    assert check_store("s3://stages/team") and check_store("file:///srv/store")
+    with pytest.raises(ReachError, match="tls://other:8786"):
+        check_dask_address("tcp://10.0.0.1:8786")
+    # a running scheduler is reached with the certificates of Dask's configuration (mutual TLS)
+    import dask
+
+    with pytest.raises(RuntimeError, match="DASK_DISTRIBUTED__COMM__TLS__CA_FILE"):
+        runners.security("tls://scheduler:8786")
+    with dask.config.set({"distributed.comm.tls.ca-file": "/certs/ca.pem", "distributed.comm.tls.client.cert": "/certs/c.pem",
+                          "distributed.comm.tls.client.key": "/certs/c.key"}):
+        found = runners.security("tls://scheduler:8786")
+        assert isinstance(found, Security) and found.tls_ca_file == "/certs/ca.pem" and found.tls_client_cert == "/certs/c.pem"
+        runner = runners.task_runner(runners.RunnerChoice("dask", 0, address="tls://scheduler:8786"))
+        assert runner.client_kwargs["security"].tls_client_key == "/certs/c.key"
+    local = runners.task_runner(runners.RunnerChoice("local-dask", 2, num_threads=1))
+    assert local.cluster_kwargs["security"] is True and local.cluster_kwargs["host"] == "127.0.0.1"
+
+
+def test_tracking_uri_refuses_server_stores(tmp_path, monkeypatch):
+    root = tmp_path / "project"
+    root.mkdir()
+    monkeypatch.delenv(TRACKING_URIS_ENV, raising=False)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert check_tracking_uri(f"sqlite:///{root}/mlruns.db", root)  # the command line's own store
+    for bad in (f"sqlite:///{root}/.prefect/prefect.db", f"sqlite:///{root}/.prefect/auth/mlflow-auth.db",
+                f"sqlite:///{root}/sub/prefect.db", f"sqlite:///{root}/.prefect/other.db"):
+        with pytest.raises(ReachError, match="not allowed"):
+            check_tracking_uri(bad, root)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5001")  # the servers are configured (scripts/servers)
+    with pytest.raises(ReachError, match="not allowed"):
+        check_tracking_uri(f"sqlite:///{root}/mlruns.db", root)  # the MLflow server's own store: round its permissions
+    assert check_tracking_uri(f"sqlite:///{root}/mlruns-scratch.db", root)
+
+
+@pytest.mark.slow
+def test_cli_and_flow_refuse_what_reaches_outside_before_any_work(project: Path, tmp_path, monkeypatch):
+    """The issue's bar: a readable, well-formed table outside the project (by absolute path and by ../), a working
+    factory outside data/user, a store and a scheduler the operator did not list: the CLI and the run form's flow each
+    refuse within seconds, naming the field, before any work; params.yaml and the workspace are unchanged."""
+    import subprocess
+    import sys
+    import time
+
+    from flows.pipeline import pipeline
+
+    table = tmp_path / "outside.csv"
+    table.write_text("text,label,movie\n" + "".join(f"sentence {i},{'ab'[i % 2]},m{i % 7}\n" for i in range(60)))
+    relative = os.path.relpath(table, project)
+    cases = [
+        ({"data": {"finetune_source": "file", "finetune_file": str(table)}}, "data.finetune_file"),
+        ({"data": {"finetune_source": "file", "finetune_file": relative}}, "data.finetune_file"),
+        ({"data": {"pretrain_source": "file", "pretrain_file": relative}}, "data.pretrain_file"),
+        ({"model": {"family": "custom", "factory": "tests.families.hashed_words:make"}}, "model.factory"),
+        ({"cluster": {"store": "file:///srv/elsewhere"}}, "cluster.store"),
+        ({"cluster": {"runner": "dask", "dask_address": "tcp://10.0.0.1:8786"}}, "cluster.dask_address"),
+    ]
+    for variable in ("INFLUENCE_DATA_DIRS", "INFLUENCE_FACTORIES", "INFLUENCE_STORES", "INFLUENCE_DASK_ADDRESSES",
+                     "DASK_SCHEDULER_ADDRESS", PROJECT_DIR_ENV):
+        monkeypatch.delenv(variable, raising=False)
+    params = project / "params.yaml"
+    before = {p.relative_to(project).as_posix(): p.read_bytes() for p in project.rglob("*") if p.is_file() and ".git/" not in p.as_posix()}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("INFLUENCE_")}
+    for overrides, field in cases:
+        flags = [f"--set={section}.{name}={value}" for section, values in overrides.items() for name, value in values.items()]
+        began = time.monotonic()
+        refused = subprocess.run([sys.executable, "-m", "flows.cli", "run", "--params", str(params), *flags], cwd=project,
+                                 env=env, capture_output=True, text=True, timeout=120)
+        took = time.monotonic() - began
+        assert refused.returncode == 2 and field in refused.stderr and "Traceback" not in refused.stderr, refused.stderr
+        assert took < 30, f"{field}: refused after {took:.1f} s"
+        settings = PipelineSettings().model_dump(mode="json")
+        for section, values in overrides.items():
+            settings[section].update(values)
+        began = time.monotonic()
+        with pytest.raises(ReachError, match=re.escape(field)):
+            pipeline.fn(settings=settings, project_dir=str(project))  # what a run from the form executes
+        assert time.monotonic() - began < 10
+    after = {p.relative_to(project).as_posix(): p.read_bytes() for p in project.rglob("*") if p.is_file() and ".git/" not in p.as_posix()}
+    assert after == before and not (project / "artifacts").exists()
