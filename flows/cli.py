@@ -13,6 +13,7 @@ Heavy imports (torch, Prefect, MLflow) happen only inside the command that needs
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 from pathlib import Path
@@ -100,6 +101,12 @@ def main(argv: list[str] | None = None) -> int:
         stopping.install()  # SIGTERM / SIGINT: one line, then the process ends within seconds
         try:
             return _work(args, settings, root)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            print(f"error: the disk is full ({exc}). Free some space, then run the same command again: completed stages "
+                  "are kept, and the stage that stopped resumes from what it saved", file=sys.stderr)
+            return 1
         finally:
             stopping.finish_if_stopped()
     if args.command == "check":

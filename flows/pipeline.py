@@ -50,7 +50,23 @@ from flows.workspace import StageResult, Workspace
 from flows.workspace_lock import Hold, hold_workspace
 
 CPU_STAGES = tuple(n for n in NAMES if n not in GPU_STAGES and n not in ("data", "report"))
-IO_RETRIES = {"retries": 2, "retry_delay_seconds": [5, 30]}
+
+
+def _worth_retrying(task: Any, task_run: Any, state: Any) -> bool:
+    """Whether an I/O task's failure may pass by waiting: not a full disk (ENOSPC, EDQUOT), whose retries would only
+    fail again after their delays."""
+    import errno
+
+    try:
+        state.result()
+    except OSError as error:
+        return error.errno not in (errno.ENOSPC, errno.EDQUOT)
+    except BaseException:  # noqa: BLE001 - any other failure is retried as before
+        return True
+    return True
+
+
+IO_RETRIES = {"retries": 2, "retry_delay_seconds": [5, 30], "retry_condition_fn": _worth_retrying}
 
 
 @contextmanager

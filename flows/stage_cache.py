@@ -118,6 +118,12 @@ def fingerprint(stage: str, settings: PipelineSettings, ws: Workspace, device: s
     Returns:
         a 64-character hex digest; ``""`` when an input stage has no recorded fingerprint (the stage then runs).
     """
+    found = fingerprint_inputs(stage, settings, ws, device)
+    return "" if found is None else hashlib.sha256(json.dumps(found, sort_keys=True).encode()).hexdigest()
+
+
+def fingerprint_inputs(stage: str, settings: PipelineSettings, ws: Workspace, device: str | None = None) -> dict | None:
+    """What :func:`fingerprint` digests (see the module docstring); None when an input stage has no recorded fingerprint."""
     from flows.versioning import md5_file
 
     row = table_row(stage)
@@ -136,9 +142,23 @@ def fingerprint(stage: str, settings: PipelineSettings, ws: Workspace, device: s
     for dep in row.inputs:
         upstream = recorded_fingerprint(ws, dep)
         if not upstream:
-            return ""
+            return None
         inputs["upstream"][dep] = upstream
-    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
+    return inputs
+
+
+def _changed(before: dict | None, after: dict | None) -> list[str]:
+    """The entries of two :func:`fingerprint_inputs` that differ (``code/flows.x:f``, ``upstream/features``...)."""
+    if before is None or after is None:
+        return ["the upstream stages"]
+    found = []
+    for key in sorted(set(before) | set(after)):
+        a, b = before.get(key), after.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            found += [f"{key}/{k}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+        elif a != b:
+            found.append(key)
+    return found
 
 
 def recorded_fingerprint(ws: Workspace, stage: str) -> str:
@@ -256,8 +276,9 @@ def keep(ws: Workspace, stage: str, fp: str) -> None:
     check_stage(stage, fp)
     versions = versions_dir(ws, stage)
     target = versions / fp[:32]
+    for left in versions.glob(".*.partial-*") if versions.is_dir() else []:  # left by a run killed while keeping
+        shutil.rmtree(left, ignore_errors=True)
     partial = versions / f".{fp[:32]}.partial-{os.getpid()}"
-    shutil.rmtree(partial, ignore_errors=True)
     _link_tree(ws.artifacts / stage, partial)
     shutil.rmtree(target, ignore_errors=True)
     partial.rename(target)
@@ -384,15 +405,16 @@ def run_or_skip(
         kept = restore(ws, stage, fp, store) if valid is None else None
         if kept is not None:
             return kept, "restored"
+    inputs = fingerprint_inputs(stage, settings, ws)
     staging = _start(ws, stage, fp)
     with ws.writing(stage):
         result = run()
     if guard is not None:
         guard()  # e.g. the GPU stages' parent still holds the workspace
-    after = fingerprint(stage, settings, ws)
-    if after != fp:  # an input changed under the stage (a concurrent writer): its outputs belong to neither
-        raise RuntimeError(f"stage {stage}: its inputs changed while it ran (fingerprint {fp[:12]} at its start, "
-                           f"{after[:12]} at its end); its outputs were not saved: run it again")
+    after = fingerprint_inputs(stage, settings, ws)
+    if after != inputs:  # an input changed under the stage (a concurrent writer): its outputs belong to neither
+        raise RuntimeError(f"stage {stage}: its inputs changed while it ran ({', '.join(_changed(inputs, after)[:8])}); "
+                           "its outputs were not saved: run it again")
     result = _move_into_place(ws, stage, staging, result)
     result.info["fingerprint"] = fp
     result.info[MANIFEST] = manifest(ws.artifacts / stage)

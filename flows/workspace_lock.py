@@ -7,8 +7,8 @@ at once would overwrite each other's stage outputs and temporary files. The pipe
 
 The lock is an ``fcntl.flock`` on an open file: the kernel releases it when the holder's process
 ends, however it ends (SIGKILL included), so a killed run never leaves a stale lock on a local file
-system (on a network file system ``flock`` holds across hosts only on NFSv4 or NFSv3 with lockd: mounts
-with ``nolock`` or ``local_lock`` make it host-local). The holder writes into the file (mode 600) its
+system (on a network file system ``flock`` holds across hosts only on NFSv4 or NFSv3 with lockd: a mount with
+``nolock`` or ``local_lock`` makes it host-local, and is refused: :func:`check_lock_filesystem`). The holder writes into the file (mode 600) its
 process id, its name, its flow run's id, the time and the sha256 of a random token, never the token.
 
 Who runs under a holder's lock without taking it again:
@@ -151,6 +151,55 @@ class Hold:
                 f"the next pipeline run starts them again")
 
 
+LOCAL_LOCK_ENV = "INFLUENCE_ALLOW_HOST_LOCAL_LOCK"
+
+
+class UnsafeLockError(RuntimeError):
+    """The workspace's file system makes ``flock`` hold on one host only, while other hosts may share the folder."""
+
+
+def host_local_lock(path: Path, mounts: str | None = None) -> str:
+    """Why ``flock`` on ``path`` would hold on this host only (its mount is NFS with ``nolock`` or ``local_lock=flock``
+    or ``=all``), or ``""`` when it holds wherever the folder is mounted.
+
+    Args:
+        path: a file or folder.
+        mounts: the text of ``/proc/mounts`` (default: read it; ``""`` where there is none).
+    """
+    if mounts is None:
+        try:
+            mounts = Path("/proc/mounts").read_text()
+        except OSError:
+            return ""
+    target, best = str(Path(path).resolve()), None
+    for line in mounts.splitlines():
+        fields = line.split()
+        if len(fields) < 4:
+            continue
+        point = fields[1].replace("\\040", " ")
+        if (target == point or target.startswith(point.rstrip("/") + "/")) and (best is None or len(point) > len(best[1])):
+            best = fields[:4]
+    if best is None or not best[2].startswith("nfs"):
+        return ""
+    options = best[3].split(",")
+    local = [o for o in options if o == "nolock" or o in ("local_lock=flock", "local_lock=all")]
+    return f"{best[1]} is an {best[2]} mount with {','.join(local)}" if local else ""
+
+
+def check_lock_filesystem(root: Path, mounts: str | None = None) -> None:
+    """Refuse a workspace whose lock would hold on this host only (:func:`host_local_lock`), unless the operator says
+    that one host uses it (``$INFLUENCE_ALLOW_HOST_LOCAL_LOCK=1``).
+
+    Raises:
+        UnsafeLockError: naming the mount and what to do.
+    """
+    why = host_local_lock(Path(root), mounts)
+    if why and os.environ.get(LOCAL_LOCK_ENV, "") != "1":
+        raise UnsafeLockError(f"the workspace {root} lies where a lock holds on this host only ({why}): two hosts could "
+                              f"run in it at once. Mount it with locking (NFSv4, or NFSv3 with lockd, without nolock or "
+                              f"local_lock), or, when only this host uses the folder, set ${LOCAL_LOCK_ENV}=1")
+
+
 def _admitted(root: Path, parent_flow_run_id: str, flow_run_id: str, wait: float) -> dict | None:
     """The parent's record when the lock is held by the flow run ``parent_flow_run_id`` and admits ``flow_run_id``
     (waiting up to ``wait`` seconds for the admission while that parent holds it), else None."""
@@ -201,6 +250,7 @@ def hold_workspace(root: Path, name: str, wait: float | None = None, parent_toke
     wait = waits.seconds(waits.WORKSPACE_ENV, waits.WORKSPACE_SECONDS) if wait is None else wait
     path = lock_path(root)
     path.parent.mkdir(parents=True, exist_ok=True)
+    check_lock_filesystem(path.parent)
     handle = os.fdopen(os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600), "a+")
     try:
         deadline, told = time.monotonic() + wait, False
@@ -238,5 +288,5 @@ def hold_workspace(root: Path, name: str, wait: float | None = None, parent_toke
         handle.close()
 
 
-__all__ = ["Hold", "LOCK_NAME", "ParentGoneError", "WorkspaceBusyError", "hold_workspace", "holder", "is_held", "lock_path",
+__all__ = ["Hold", "LOCK_NAME", "ParentGoneError", "UnsafeLockError", "WorkspaceBusyError", "check_lock_filesystem", "host_local_lock", "hold_workspace", "holder", "is_held", "lock_path",
            "token_digest"]

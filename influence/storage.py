@@ -62,6 +62,11 @@ def atomic_write(path: str | os.PathLike[str], data: bytes | str) -> Path:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
+    except OSError as error:  # a full disk (ENOSPC), say: no partial file, and the error names the file
+        tmp.unlink(missing_ok=True)
+        if error.filename is None:
+            raise OSError(error.errno, error.strerror, str(path)) from error
+        raise
     except BaseException:  # interrupted (KeyboardInterrupt included): leave no partial file
         tmp.unlink(missing_ok=True)
         raise

@@ -38,3 +38,10 @@ def test_mode_must_be_one_of_the_runs(tmp_path):
     settings = PipelineSettings().model_copy(update={"finetune": PipelineSettings().finetune.model_copy(update={"modes": ["fixed"]})})
     with pytest.raises(InvalidArgumentError, match=r"finetune.modes"):
         explaining.explain_texts(Experiment(settings, Workspace(tmp_path)), ["a sentence"], "updated", 2)
+
+
+def test_k_is_capped():
+    assert explaining.check_k(1) == 1 and explaining.check_k(explaining.MAX_K) == explaining.MAX_K
+    for bad in (0, -3, explaining.MAX_K + 1, 10**9, 2.5, True, "5"):
+        with pytest.raises(InvalidArgumentError, match=r"k.*an integer from 1 to 100"):
+            explaining.check_k(bad)

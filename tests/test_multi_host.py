@@ -28,10 +28,12 @@ import pytest
 
 from tests.hosts import Hosts, can_make_hosts, wait_for_port
 from tests.s3_server import KEYS
+from tests.tls import dask_tls_env, make_certificates
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not can_make_hosts(), reason="needs root and ip netns")]
 PG_BIN = sorted(Path("/usr/lib/postgresql").glob("*/bin"))
 RUN_TIMEOUT = 1500
+STORE_KEY = "multi-host-" + "0123456789abcdef" * 3  # the operator's signing key of the store's documents
 THREADS = max(1, (os.cpu_count() or 1) // 2)  # torch threads of every computing process, here and on the hosts
 
 
@@ -91,9 +93,11 @@ def test_the_pipeline_runs_across_three_hosts_and_survives_a_lost_dask_worker(tm
             if parent != Path("/"):
                 os.chmod(parent, os.stat(parent).st_mode | 0o001)
         venv = Path(sys.executable).parent
+        certificates = make_certificates(tmp_path / "certs")  # Dask with mutual TLS: scheduler, workers and flows
         base = {"PATH": f"{venv}:{os.environ['PATH']}", "LANG": "C.UTF-8", "DO_NOT_TRACK": "true",
                 "MLFLOW_DISABLE_TELEMETRY": "true", "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DVC_NO_ANALYTICS": "1",
-                "GIT_PYTHON_REFRESH": "quiet", "TOKENIZERS_PARALLELISM": "false", "PREFECT_LOGGING_LEVEL": "INFO"}
+                "GIT_PYTHON_REFRESH": "quiet", "TOKENIZERS_PARALLELISM": "false", "PREFECT_LOGGING_LEVEL": "INFO",
+                **dask_tls_env(certificates)}
 
         def env_of(host: str, **extra: str) -> dict[str, str]:
             folder = folders[host]
@@ -140,7 +144,7 @@ def test_the_pipeline_runs_across_three_hosts_and_survives_a_lost_dask_worker(tm
         mlflow_server = hosts.start("a", ["mlflow", "server", "--host", a, "--port", "5000", "--workers", "1",
                                           "--backend-store-uri", f"postgresql://{pg_url}/mlflow", "--artifacts-destination", "s3://mlflow"],
                                     cwd=folders["a"], env=env_of("a", MLFLOW_S3_ENDPOINT_URL=endpoint, **KEYS), log=log("a", "mlflow"))
-        scheduler = hosts.start("a", ["dask", "scheduler", "--host", a, "--port", "8786", "--no-dashboard"], cwd=folders["a"],
+        scheduler = hosts.start("a", ["dask", "scheduler", "--protocol", "tls", "--host", a, "--port", "8786", "--no-dashboard"], cwd=folders["a"],
                                 env=env_of("a"), log=log("a", "dask-scheduler"))
 
         # host a: the project, committed, served by a git daemon
@@ -148,7 +152,7 @@ def test_the_pipeline_runs_across_three_hosts_and_survives_a_lost_dask_worker(tm
                                extra=("prefect.yaml", "infra", "requirements.lock", "pyproject.toml"))
         settings = with_overrides(load_settings(project / "params.yaml"), {
             "evaluation": {"mislabel_fraction": 0.0, "methods": ["grad_cos"], "workers": 2},
-            "cluster": {"runner": "dask", "dask_address": f"tcp://{a}:8786", "store": "s3://stages/pipeline"}})
+            "cluster": {"runner": "dask", "dask_address": f"tls://{a}:8786", "store": "s3://stages/pipeline"}})
         write_settings(settings, project / "params.yaml")
         for command in (["remote", "add", "-f", "-d", "store", "s3://dvc"], ["remote", "modify", "store", "endpointurl", endpoint]):
             subprocess.run([DVC, *command], cwd=project, check=True)
@@ -183,14 +187,17 @@ def test_the_pipeline_runs_across_three_hosts_and_survives_a_lost_dask_worker(tm
             # as does the single-machine run below: the same numbers, bit for bit
             return env_of(host, OMP_NUM_THREADS=str(THREADS), PREFECT_API_URL=api, MLFLOW_TRACKING_URI=f"http://{a}:5000", AWS_ENDPOINT_URL=endpoint,
                           INFLUENCE_WORK_DIR=str(folders[host] / "fetched"), PREFECT_WORKER_QUERY_SECONDS="2",
-                          PIP_NO_INDEX="1", PIP_FIND_LINKS=str(folders[host] / "wheels"), **KEYS)
+                          PIP_NO_INDEX="1", PIP_FIND_LINKS=str(folders[host] / "wheels"), **KEYS,
+                          # what the operator allows a run to name, and the key that signs the store's documents
+                          INFLUENCE_STORES="s3://stages/pipeline", INFLUENCE_DASK_ADDRESSES=f"tls://{a}:8786",
+                          INFLUENCE_STORE_KEY=STORE_KEY)
 
         hosts.start("b", ["prefect", "worker", "start", "--pool", "cpu", "--type", "process", "--limit", "1"],
                     cwd=folders["b"], env=worker_env("b"), log=log("b", "worker"))
         hosts.start("b", ["prefect", "worker", "start", "--pool", "gpu", "--type", "process", "--limit", "1"],
                     cwd=folders["b"], env=worker_env("b"), log=log("b", "gpu-worker"))
         dask_env = worker_env("c")
-        dask_workers = {name: hosts.start("c", ["dask", "worker", f"tcp://{a}:8786", "--nthreads", "1", "--name", name,
+        dask_workers = {name: hosts.start("c", ["dask", "worker", f"tls://{a}:8786", "--nthreads", "1", "--name", name,
                                                  "--no-dashboard", "--no-nanny", "--local-directory", str(folders["c"] / "dask")],
                                           cwd=folders["c"], env=dask_env, log=log("c", name))
                         for name in ("c-1", "c-2")}
@@ -199,9 +206,12 @@ def test_the_pipeline_runs_across_three_hosts_and_survives_a_lost_dask_worker(tm
         deployment = httpx.get(f"{api}/deployments/name/pipeline/on-demand", timeout=30).raise_for_status().json()
         run = httpx.post(f"{api}/deployments/{deployment['id']}/create_flow_run", json={}, timeout=30).raise_for_status().json()
         from distributed import Client
+        from distributed.security import Security
 
         killed, deadline, state = "", time.monotonic() + RUN_TIMEOUT, {}
-        with Client(f"tcp://{a}:8786", timeout=60) as dask:
+        security = Security(tls_ca_file=str(certificates["ca"]), tls_client_cert=str(certificates["cert"]),
+                            tls_client_key=str(certificates["key"]), require_encryption=True)
+        with Client(f"tls://{a}:8786", timeout=60, security=security) as dask:
             while time.monotonic() < deadline:
                 state = httpx.get(f"{api}/flow_runs/{run['id']}", timeout=30).raise_for_status().json()["state"]
                 if state["type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
@@ -240,7 +250,8 @@ def test_the_pipeline_runs_across_three_hosts_and_survives_a_lost_dask_worker(tm
                 key = item["Key"].removeprefix("pipeline/")
                 if key.startswith(("stages/", "retrainings/")):
                     body = client.get_object(Bucket="stages", Key=item["Key"])["Body"].read()
-                    store["stages" if key.startswith("stages/") else "records"][key] = json.loads(body)
+                    signed = json.loads(body)  # {"value": ..., "hmac": ...} (flows.object_store)
+                    store["stages" if key.startswith("stages/") else "records"][key] = signed["value"]
     finally:
         hosts.close()
 
@@ -272,5 +283,6 @@ def test_the_pipeline_runs_across_three_hosts_and_survives_a_lost_dask_worker(tm
         assert {n: across[n] for n in compared} == {n: files[n] for n in compared}, f"stage {stage} differs"
     records = sorted((alone / "artifacts" / "retrainings").rglob("*.json"))
     assert records
-    for path in records:
-        assert store["records"][f"retrainings/{path.parent.name}/{path.name}"] == json.loads(path.read_text())
+    for path in records:  # the same records (a local one also holds its checksum)
+        saved = {k: v for k, v in json.loads(path.read_text()).items() if k != "sha256"}
+        assert store["records"][f"retrainings/{path.parent.name}/{path.name}"] == saved

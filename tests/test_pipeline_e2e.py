@@ -24,7 +24,7 @@ def prefect_harness():
 
 
 @pytest.mark.slow
-def test_pipeline_end_to_end(project: Path, prefect_harness):
+def test_pipeline_end_to_end(project: Path, prefect_harness, monkeypatch):
     from mlflow.tracking import MlflowClient
 
     from flows.pipeline import pipeline
@@ -140,6 +140,55 @@ def test_pipeline_end_to_end(project: Path, prefect_harness):
     assert ids(again["rows"]) == ids(first["rows"])
     with pytest.raises(InvalidArgumentError, match="'latest' or the MLflow run id"):
         explain("a sentence", model="0123abc", project_dir=str(project))
+
+    # any argument of the fit that differs refits the index: one the library's manifest records (the Arnoldi rank) and
+    # one only the explain flow's record holds (the regulariser's strength); the workspace is held, so two explanations
+    # at once both succeed, one after the other, and leave an index whose shards verify
+    import threading
+
+    from influence.index import AttributionIndex
+
+    record = manifest.parent.parent / "index.fit.json"
+    for overrides in ({"attribution": {"arnoldi_rank": 4}}, {"finetune": {"l2": 2e-4}}):
+        changed = with_overrides(load_settings(project / "params.yaml"), overrides)
+        before = manifest.stat().st_mtime_ns
+        explain("a gripping, beautifully acted film", project_dir=str(project), k=2, settings=changed)
+        assert manifest.stat().st_mtime_ns != before, f"{overrides}: the index was reused"
+        section, values = next(iter(overrides.items()))
+        assert json.loads(record.read_text())[section] == changed.model_dump(mode="json")[section]
+    outcomes, errors = [], []
+
+    def one(text: str) -> None:
+        try:
+            outcomes.append(explain(text, project_dir=str(project), k=2))
+        except Exception as error:  # noqa: BLE001 - reported below
+            errors.append(error)
+
+    threads = [threading.Thread(target=one, args=(text,)) for text in ("a gripping film", "the plot is a mess")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=600)
+    assert not errors and len(outcomes) == 2, errors
+    AttributionIndex.load(manifest.parent, verify=True)  # every shard's sha256 as listed
+
+    # the retraining records: checksummed (a damaged one is computed again, never read), and keyed by the code that
+    # retrains and measures (a fix there makes new records; the evidence stage's own re-run would read old ones otherwise)
+    from flows import retraining
+    from flows.experiment import Experiment
+    from flows.workspace import Workspace
+
+    x = Experiment.for_stage("deletion", settings, Workspace(project))
+    runs = retraining.runs_folder(x, "finetune")
+    saved = sorted(runs.glob("*.json"))
+    assert saved and all(retraining.read_record(path) is not None for path in saved)
+    damaged = json.loads(saved[0].read_text())
+    damaged["measured"][0][0] += 1.0
+    saved[0].write_text(json.dumps(damaged))
+    assert retraining.read_record(saved[0]) is None
+    measure = retraining.measure
+    monkeypatch.setattr(retraining, "measure", lambda x, model: measure(x, model).clone())  # a change of the measurement
+    assert retraining.runs_folder(x, "finetune") != runs
 
 
 @pytest.mark.slow

@@ -194,3 +194,27 @@ def test_a_pipeline_run_refuses_a_workspace_another_run_holds(project: Path):
     finished = re.compile(r"^MLflow run \w+; report ", re.MULTILINE)
     assert len(finished.findall(out_first)) == 1 and not finished.findall(said)
     assert not is_held(project)
+
+
+def test_lock_on_a_host_local_nfs_mount_is_refused(tmp_path, monkeypatch):
+    """flock on NFS holds across hosts only with real locking: a workspace on a ``nolock`` or ``local_lock`` mount is
+    refused (unless the operator says one host uses it); local file systems and locking NFS mounts are fine."""
+    from flows.workspace_lock import LOCAL_LOCK_ENV, UnsafeLockError, check_lock_filesystem, host_local_lock
+
+    mounts = "\n".join([
+        "/dev/sda1 / ext4 rw,relatime 0 0",
+        "server:/export /mnt/shared nfs rw,vers=3,nolock,proto=tcp 0 0",
+        "server:/export2 /mnt/four nfs4 rw,vers=4.2,local_lock=none 0 0",
+        "server:/export3 /mnt/flock nfs4 rw,vers=4.2,local_lock=flock 0 0",
+        "tmpfs /mnt/shared/tmp tmpfs rw 0 0",
+    ])
+    assert host_local_lock(Path("/mnt/shared/project"), mounts) == "/mnt/shared is an nfs mount with nolock"
+    assert host_local_lock(Path("/mnt/flock/p"), mounts) == "/mnt/flock is an nfs4 mount with local_lock=flock"
+    assert host_local_lock(Path("/mnt/four/p"), mounts) == "" and host_local_lock(Path("/home/u/p"), mounts) == ""
+    assert host_local_lock(Path("/mnt/shared/tmp/p"), mounts) == ""  # the longest mount point decides
+    monkeypatch.delenv(LOCAL_LOCK_ENV, raising=False)
+    with pytest.raises(UnsafeLockError, match=r"nolock.*INFLUENCE_ALLOW_HOST_LOCAL_LOCK=1"):
+        check_lock_filesystem(Path("/mnt/shared/project"), mounts)
+    monkeypatch.setenv(LOCAL_LOCK_ENV, "1")
+    check_lock_filesystem(Path("/mnt/shared/project"), mounts)
+    check_lock_filesystem(tmp_path)  # this machine's own mounts, as a real run checks them
