@@ -269,3 +269,17 @@ def test_cli_and_flow_refuse_what_reaches_outside_before_any_work(project: Path,
         assert time.monotonic() - began < 10
     after = {p.relative_to(project).as_posix(): p.read_bytes() for p in project.rglob("*") if p.is_file() and ".git/" not in p.as_posix()}
     assert after == before and not (project / "artifacts").exists()
+
+
+def test_internal_parameters_are_not_form_fields():
+    """The run forms hold only what a form user may set: the attribution flow's parent and inputs reach it through the
+    Prefect API and the object store, never as parameters (a form could forge them)."""
+    from prefect.utilities.callables import parameter_schema
+
+    from flows.explain import explain
+    from flows.pipeline import attribution, pipeline
+
+    assert set(parameter_schema(attribution).properties) == {"settings", "project_dir", "force", "on_gpu_pool"}
+    assert "workspace_token" not in parameter_schema(pipeline).properties
+    k = parameter_schema(explain).properties["k"]
+    assert (k["minimum"], k["maximum"]) == (1, 100)
