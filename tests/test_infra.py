@@ -76,8 +76,8 @@ def test_compose_file_asks_for_every_secret_and_binds_its_ports_to_loopback():
     data = yaml.safe_load(text)
     required = set(re.findall(r"\$\{(\w+):\?", text))
     assert {"POSTGRES_PASSWORD", "PREFECT_DB_PASSWORD", "MLFLOW_DB_PASSWORD", "MINIO_ROOT_PASSWORD", "S3_MLFLOW_SECRET",
-            "S3_PIPELINE_SECRET", "S3_DASK_SECRET", "PREFECT_AUTH_STRING", "MLFLOW_ADMIN_PASSWORD", "MLFLOW_PIPELINE_PASSWORD",
-            "INFLUENCE_STORE_KEY"} <= required
+            "S3_PIPELINE_SECRET", "S3_DASK_SECRET", "PREFECT_AUTH_STRING", "MLFLOW_ADMIN_PASSWORD",
+            "MLFLOW_PIPELINE_PASSWORD", "INFLUENCE_STORE_KEY"} <= required
     readme = (INFRA / "README.md").read_text()
     assert not [name for name in required if name not in readme], "infra/README.md lists every variable compose asks for"
     assert {"postgres", "minio", "prefect-server", "mlflow", "dask-scheduler", "dask-worker", "worker-cpu", "worker-gpu"} <= set(data["services"])
@@ -232,8 +232,8 @@ def _docker_excludes(path: str, rules: list[tuple[bool, re.Pattern]]) -> bool:
 
 SECRETS = ["infra/.env", ".env", "infra/kubernetes/job.env", "infra/kubernetes/prefect-server.env",
            "infra/kubernetes/mlflow-auth.ini", "infra/certs/dask/client.key", "infra/certs/dask/ca.pem",
-           "flows/.env", "profiles/local.env", "influence/mlflow-auth.ini", "infra/compose/certs/a.crt", "flows/tls.key",
-           "infra/compose/server.pem"]
+           "flows/.env", "profiles/local.env", "influence/mlflow-auth.ini", "infra/compose/certs/a.crt",
+           "flows/tls.key", "infra/compose/server.pem"]
 
 
 def test_build_context_has_no_secrets(tmp_path):
@@ -317,14 +317,15 @@ def test_k8s_hardening():
     assert {"prefect-server", "mlflow", "dask-scheduler", "dask-worker", "prefect-worker"} <= set(pods)
     assert {name: _pod_problems(pod) for name, pod in pods.items() if _pod_problems(pod)} == {}
     # only the worker talks to the Kubernetes API
-    assert [name for name, pod in pods.items() if pod.get("automountServiceAccountToken") is not False] == ["prefect-worker"]
+    with_token = [name for name, pod in pods.items() if pod.get("automountServiceAccountToken") is not False]
+    assert with_token == ["prefect-worker"]
 
     namespace = next(doc for doc in documents if doc["kind"] == "Namespace")
     assert namespace["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "restricted"
 
     policies = [doc for doc in documents if doc["kind"] == "NetworkPolicy"]
-    assert any(p["spec"]["podSelector"] == {} and p["spec"]["policyTypes"] == ["Ingress"] and not p["spec"].get("ingress")
-               for p in policies), "no default deny of ingress"
+    assert any(p["spec"]["podSelector"] == {} and p["spec"]["policyTypes"] == ["Ingress"]
+               and not p["spec"].get("ingress") for p in policies), "no default deny of ingress"
     selected = {}
     for policy in policies:
         name = policy["spec"]["podSelector"].get("matchLabels", {}).get("app.kubernetes.io/name")
@@ -486,7 +487,8 @@ def _start_mlflow(folder: Path, port: int, environment: dict[str, str]) -> subpr
                                      "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "AWS_"))}
     env.update(MLFLOW_AUTH_CONFIG_PATH=str(folder / "auth.ini"), MLFLOW_FLASK_SERVER_SECRET_KEY="x" * 32,
-               MLFLOW_BACKEND_STORE_URI=f"sqlite:///{folder}/mlflow.db", MLFLOW_ARTIFACTS_DESTINATION=str(folder / "artifacts"),
+               MLFLOW_BACKEND_STORE_URI=f"sqlite:///{folder}/mlflow.db",
+               MLFLOW_ARTIFACTS_DESTINATION=str(folder / "artifacts"),
                MLFLOW_DISABLE_TELEMETRY="true", MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false", **environment)
     with open(folder / "server.log", "wb") as log:
         return subprocess.Popen([tool("mlflow"), "server", "--app-name", "basic-auth", "--host", "127.0.0.1",
@@ -515,7 +517,8 @@ def mlflow_server(tmp_path_factory):
     import yaml
 
     environment = yaml.safe_load((INFRA / "compose.yaml").read_text())["services"]["mlflow"]["environment"]
-    compose = {name: environment[name] for name in ("MLFLOW_SERVER_ALLOWED_HOSTS", "MLFLOW_SERVER_CORS_ALLOWED_ORIGINS")}
+    compose = {name: environment[name]
+               for name in ("MLFLOW_SERVER_ALLOWED_HOSTS", "MLFLOW_SERVER_CORS_ALLOWED_ORIGINS")}
     folder, port = tmp_path_factory.mktemp("mlflow"), _free_port()
     process = _start_mlflow(folder, port, {**compose, "MLFLOW_SERVER_ALLOWED_HOSTS":
                                            f"{compose['MLFLOW_SERVER_ALLOWED_HOSTS']},127.0.0.1:{port}"})
@@ -542,7 +545,8 @@ def test_mlflow_allowed_hosts_by_service_name(mlflow_server):
     create = "/api/2.0/mlflow/experiments/create"
     json_body = {"Content-Type": "application/json", "Host": "mlflow:5000", **admin}
     origin = settings["MLFLOW_SERVER_CORS_ALLOWED_ORIGINS"].split(",")[0]
-    assert _http(port, "POST", create, {**json_body, "Origin": "http://evil.example"}, '{"name": "from-evil"}')[0] == 403
+    evil = {**json_body, "Origin": "http://evil.example"}
+    assert _http(port, "POST", create, evil, '{"name": "from-evil"}')[0] == 403
     assert _http(port, "POST", create, {**json_body, "Origin": origin}, '{"name": "from-the-ui"}')[0] == 200
 
 
@@ -616,8 +620,8 @@ def test_dask_scheduler_admits_only_certificates_of_make_certs(tmp_path):
         scheduler = subprocess.Popen([str(BIN / "dask"), "scheduler", "--protocol", "tls", "--host", "127.0.0.1",
                                       "--port", str(port), "--no-dashboard"], env=environment("dask-scheduler", certs),
                                      stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    connect = ("import sys\nfrom distributed import Client\n"
-               "with Client(sys.argv[1], timeout=20) as client:\n    print('connected', client.scheduler_info()['id'])\n")
+    connect = ("import sys\nfrom distributed import Client\nwith Client(sys.argv[1], timeout=20) as client:\n"
+               "    print('connected', client.scheduler_info()['id'])\n")
     try:
         deadline = time.monotonic() + 60
         while b"Scheduler at:" not in log.read_bytes():
