@@ -27,7 +27,6 @@ as that deployment, on the ``gpu`` work pool; otherwise in its own process. With
 from __future__ import annotations
 
 import contextvars
-import hashlib
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -71,28 +70,33 @@ IO_RETRIES = {"retries": 2, "retry_delay_seconds": [5, 30], "retry_condition_fn"
 
 @contextmanager
 def dvc_slot(root: Path) -> Iterator[None]:
-    """Hold the workspace's DVC concurrency slot (a Prefect global concurrency limit of 1)."""
-    from prefect import get_client
-    from prefect.concurrency.sync import concurrency
+    """Hold the workspace's DVC slot: one DVC command at a time in ``root``, waiting up to ``$INFLUENCE_DVC_SLOT_SECONDS``.
 
-    name = f"dvc-{hashlib.sha256(str(root).encode()).hexdigest()[:12]}"
-    with get_client(sync_client=True) as client:
-        client.upsert_global_concurrency_limit_by_name(name, limit=1)
-    limit, entered = waits.seconds(waits.DVC_SLOT_ENV, waits.DVC_SLOT_SECONDS), False
-    try:
-        with concurrency(name, occupy=1, strict=True, timeout_seconds=limit):
-            entered = True
+    An ``flock`` on ``.dvc/tmp/influence-dvc.lock`` (DVC's own lock refuses a second command at once instead of waiting):
+    the kernel frees it when its holder dies, however it dies. (A Prefect global concurrency slot, used before, stays
+    taken when its holder is killed: with the temporary server of a command-line run its lease is never revoked.)
+    """
+    import fcntl
+    import time
+
+    path = root / ".dvc" / "tmp" / "influence-dvc.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    limit = waits.seconds(waits.DVC_SLOT_ENV, waits.DVC_SLOT_SECONDS)
+    deadline = time.monotonic() + limit
+    with open(path, "a+") as handle:
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise TimeoutError(f"waited {limit:.0f} s for the DVC slot of {root} ({path}): another DVC command of "
+                                       f"this workspace held it all that time; ${waits.DVC_SLOT_ENV} sets the limit") from None
+                time.sleep(0.2)
+        try:
             yield
-    except TimeoutError:
-        if entered:  # raised inside the block: not ours to rename
-            raise
-        raise TimeoutError(f"waited {limit:.0f} s for the DVC slot of {root} ({name}): another DVC command of this "
-                           f"workspace held it all that time; ${waits.DVC_SLOT_ENV} sets the limit") from None
-
-
-# the hold the GPU stages run under when their parent, a pipeline run in another process, holds the workspace (set by
-# the attribution flow for its stages; a context variable, not a task parameter: a hold holds an open file)
-_PARENT_HOLD: contextvars.ContextVar[Hold | None] = contextvars.ContextVar("influence_parent_hold", default=None)
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 @task(task_run_name="{stage}")

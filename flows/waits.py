@@ -1,7 +1,7 @@
 """Every wait of a run has an end: the limits, from the environment, and what happens when one is reached.
 
 - the workspace (:mod:`flows.workspace_lock`): ``$INFLUENCE_WORKSPACE_WAIT_SECONDS``, default 600 s;
-- the DVC slot of a workspace (a Prefect global concurrency limit): ``$INFLUENCE_DVC_SLOT_SECONDS``,
+- the DVC slot of a workspace (an ``flock`` in ``.dvc/tmp``): ``$INFLUENCE_DVC_SLOT_SECONDS``,
   default 900 s;
 - the GPU stages run as another deployment (``gpu_deployment``), queueing included:
   ``$INFLUENCE_GPU_STAGES_SECONDS``, default 6 hours; past it the child run is cancelled.

@@ -81,8 +81,8 @@ def install(point: str) -> None:
     elif point == "enospc:mlflow":
         from mlflow.store.artifact.local_artifact_repo import LocalArtifactRepository
 
-        def full(self, local_dir, artifact_path=None):
-            raise _full(str(local_dir))
+        def full(self, local_dir, artifact_path=None):  # the disk of the artifact store is full: its folder is named
+            raise _full(os.path.join(self.artifact_dir, artifact_path or ""))
 
         LocalArtifactRepository.log_artifacts = full
     elif kind == "enospc":
