@@ -75,7 +75,6 @@ def _reused_or_fitted(folder: Path, arguments: dict[str, Any], fit: Any) -> Any:
     import json
 
     from influence.exceptions import CacheMismatchError, CorruptedArtifactError
-    from influence.index import AttributionIndex
     from influence.storage import write_json
 
     recorded = folder.parent / f"{folder.name}.{FIT_ARGUMENTS}"

@@ -99,6 +99,11 @@ def dvc_slot(root: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+# the hold the GPU stages run under when their parent, a pipeline run in another process, holds the workspace (set by
+# the attribution flow for its stages; a context variable, not a task parameter: a hold holds an open file)
+_PARENT_HOLD: contextvars.ContextVar[Hold | None] = contextvars.ContextVar("influence_parent_hold", default=None)
+
+
 @task(task_run_name="{stage}")
 def stage_task(stage: str, settings: PipelineSettings, root: Path, force: bool = False):
     ws = Workspace(root)

@@ -731,25 +731,105 @@ def _flow_run_logs(servers: Servers, flow_run_id: str) -> str:
 
 def test_run_form_cannot_reach_another_folder_or_flow(servers: Servers, tmp_path):
     """The form's free-text fields are checked against what the operator fixed: another project folder, another
-    flow as the GPU deployment, an unlisted tracking server: each run fails at once, saying why, and starts nothing."""
+    flow as the GPU deployment, an unlisted tracking server, a readable table outside data/user (by absolute path
+    and by ../), a working factory outside data/user, an object store and a scheduler the operator did not list:
+    each run fails at once, naming the field, starts nothing and leaves params.yaml as it was."""
     outside = tmp_path / "outside"
     outside.mkdir()
-    for field, value, said in (("project_dir", str(outside), "not this worker's project folder"),
-                               ("gpu_deployment", "pipeline/nightly", "not a deployment of the attribution flow"),
-                               ("tracking_uri", "http://evil.example:5000", "is not allowed here")):
+    table = tmp_path / "table.csv"
+    table.write_text("text,label,movie\n" + "".join(f"sentence {i},{'ab'[i % 2]},m{i % 7}\n" for i in range(60)))
+    params = (servers.root / "params.yaml").read_bytes()
+    file_source = {"finetune_source": "file"}
+    for field, value, said in (
+            ("project_dir", str(outside), "not this worker's project folder"),
+            ("gpu_deployment", "pipeline/nightly", "not a deployment of the attribution flow"),
+            ("tracking.tracking_uri", "http://evil.example:5000", "is not allowed here"),
+            ("data.finetune_file", str(table), "data.finetune_file="),
+            ("data.finetune_file", os.path.relpath(table, servers.root), "data.finetune_file="),
+            ("model.factory", "tests.families.hashed_words:make", "model.factory="),
+            ("cluster.store", "file:///srv/elsewhere", "cluster.store="),
+            ("cluster.dask_address", "tcp://10.0.0.1:8786", "cluster.dask_address=")):
         parameters = _custom_parameters(servers)
-        if field == "tracking_uri":
-            parameters["settings"]["tracking"]["tracking_uri"] = value
+        if "." in field:
+            section, name = field.split(".")
+            parameters["settings"][section][name] = value
+            if field == "data.finetune_file":
+                parameters["settings"]["data"].update(file_source)
+            if field == "model.factory":
+                parameters["settings"]["model"]["family"] = "custom"
+            if field == "cluster.dask_address":
+                parameters["settings"]["cluster"]["runner"] = "dask"
         else:
             parameters[field] = value
+        began = time.monotonic()
         flow_run_id = _trigger_and_wait(servers, parameters, expected="FAILED")
-        began, logs = time.monotonic(), ""
+        took = time.monotonic() - began
+        logs = ""
         while said not in logs and time.monotonic() - began < 90:  # the run's last logs reach the server after its state
             logs = _flow_run_logs(servers, flow_run_id)
             time.sleep(1)
         assert said in logs, logs
         assert _children(servers, flow_run_id) == []
+        print(f"{field}={value!r}: refused after {took:.1f} s")
     assert list(outside.iterdir()) == []
+    assert (servers.root / "params.yaml").read_bytes() == params
+
+
+def _flow_run_process(flow_run_id: str) -> int | None:
+    """The process id of the flow run a process worker started (its environment names the flow run)."""
+    needle = f"PREFECT__FLOW_RUN_ID={flow_run_id}".encode()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if needle in (entry / "environ").read_bytes().split(b"\0"):
+                    return int(entry.name)
+            except OSError:
+                continue
+    return None
+
+
+def test_gpu_stages_stop_when_their_pipeline_is_killed(servers: Servers):
+    """The pipeline runs its GPU stages as attribution/gpu (another flow run, on the gpu pool's worker); killed with
+    SIGKILL while they run (the kernel frees its hold of the workspace, no clean-up runs), the GPU stages stop before
+    their next stage or before saving the one they are in, instead of writing on in a workspace no run holds."""
+    import signal
+
+    from flows.workspace_lock import is_held
+
+    parameters = {**_custom_parameters(servers), "force": True}  # every stage computes again: the child runs a while
+    deployment = _deployment(servers)
+    response = _api("POST", f"{servers.prefect_url}/api/deployments/{deployment['id']}/create_flow_run",
+                    json={"parameters": parameters}, timeout=30)
+    assert response.status_code == 201, response.text
+    parent = response.json()["id"]
+    began, child = time.monotonic(), None
+    while time.monotonic() - began < RUN_TIMEOUT_SECONDS:
+        running = [c for c in _children(servers, parent) if c["state_type"] == "RUNNING"]
+        if running:
+            child = running[0]
+            break
+        state = _api("GET", f"{servers.prefect_url}/api/flow_runs/{parent}", timeout=HTTP_TIMEOUT).json()["state_type"]
+        assert state not in TERMINAL, f"the pipeline ended {state} before its GPU stages ran:\n{servers.log('worker')}"
+        time.sleep(0.5)
+    assert child is not None, "the GPU stages never ran"
+    pid = _flow_run_process(parent)
+    assert pid is not None, "the pipeline's process was not found"
+    os.kill(pid, signal.SIGKILL)
+    began, state = time.monotonic(), None
+    while time.monotonic() - began < 600:
+        state = _api("GET", f"{servers.prefect_url}/api/flow_runs/{child['id']}", timeout=HTTP_TIMEOUT).json()["state_type"]
+        if state in TERMINAL:
+            break
+        time.sleep(1)
+    logs = _flow_run_logs(servers, child["id"])
+    print(f"GPU stages after their pipeline was killed: {state} after {time.monotonic() - began:.1f} s")
+    assert state in ("FAILED", "CRASHED", "CANCELLED"), f"{state}:\n{logs[-3000:]}"
+    deadline = time.monotonic() + 60
+    while "no longer holds the workspace" not in logs and time.monotonic() < deadline:
+        time.sleep(1)
+        logs = _flow_run_logs(servers, child["id"])
+    assert "no longer holds the workspace" in logs, logs[-3000:]
+    assert not is_held(servers.root)
 
 
 def test_restart_skips_nightly_runs_missed_while_stopped(servers: Servers):
