@@ -400,6 +400,8 @@ def run_or_skip(
     if not force:
         done = completed(ws, stage, fp, valid)
         if done is not None:
+            if stage not in NOT_KEPT and not (versions_dir(ws, stage) / fp[:32] / "result.json").is_file():
+                keep(ws, stage, fp)  # a run killed while keeping it: keep it now (and clear what that run left)
             _push(store, ws, stage, fp, done)
             return done, "skipped"
         kept = restore(ws, stage, fp, store) if valid is None else None

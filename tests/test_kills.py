@@ -67,7 +67,8 @@ def _inside(project: Path, stage: str) -> bool:
     artifacts = project / "artifacts"
     if stage == "retrainings":
         saved = any(folder.is_dir() and any(folder.glob("*.json")) for folder in (artifacts / "retrainings").glob("*"))
-        return saved and not (artifacts / ".staging" / "deletion" / ".running").is_file()
+        deletion = (artifacts / ".staging" / "deletion" / ".running").is_file() or (artifacts / "deletion" / "result.json").is_file()
+        return saved and not deletion
     return (artifacts / ".staging" / stage / ".running").is_file() and not (artifacts / stage / "result.json").is_file()
 
 

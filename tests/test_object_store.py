@@ -199,6 +199,7 @@ def test_a_pipeline_in_another_folder_restores_every_stage_from_the_store(s3, tm
     from flows.workspace import StageResult, Workspace
     from tests.conftest import make_project
 
+    monkeypatch.setenv("INFLUENCE_STORES", "s3://stages/pipeline")  # the operator allows this store
     first = make_project(tmp_path / "first", tmp_path / "remote-1", raw_wheels)
     second = make_project(tmp_path / "second", tmp_path / "remote-2", raw_wheels)
     settings = with_overrides(load_settings(first / "params.yaml"),
@@ -246,12 +247,19 @@ def test_a_pipeline_in_another_folder_restores_every_stage_from_the_store(s3, tm
     far = Experiment.for_stage("deletion", settings, remote)
     assert retraining.runs_folder(far, "finetune").name == runs.name  # the same context on both machines
     made = retraining.retrain_group(far, group, "finetune")
-    assert made == [json.loads((runs / f"{r.key}.json").read_text()) for r in group]  # the flow's own records
+    assert made == [retraining.read_record(runs / f"{r.key}.json") for r in group]  # the flow's own records
     send_records(settings, runs.name, made)
     shutil.rmtree(runs)
     runs.mkdir()
     assert receive_records(settings, runs, group) == len(group)
-    assert [json.loads((runs / f"{r.key}.json").read_text()) for r in group] == made
+    assert [retraining.read_record(runs / f"{r.key}.json") for r in group] == made
+    from flows.object_store import StoreIntegrityError, store_of
+
+    forged = {**made[0], "measured": [[0.0, 1.0] for _ in made[0]["measured"]]}  # whoever writes the bucket, no key
+    store_of(settings)._backend.put_bytes(f"retrainings/{runs.name}/{group[0].key}.json", json.dumps(forged).encode())
+    (runs / f"{group[0].key}.json").unlink()
+    with pytest.raises(StoreIntegrityError, match="not a signed document"):
+        receive_records(settings, runs, group)
     assert workspace_for(settings, first, inputs).root == first  # a machine that sees the folder works in it
     with pytest.raises(RuntimeError, match="cluster.store is empty"):
         workspace_for(with_overrides(settings, {"cluster": {"store": ""}}), tmp_path / "not-here", inputs)
