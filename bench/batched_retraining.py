@@ -19,6 +19,7 @@ import platform
 import time
 
 import torch
+from recording import add_json_option, write
 
 from influence.data.datasets import TextClassificationDataset
 from influence.models.batched_training import train_without
@@ -34,6 +35,7 @@ def main() -> None:
     parser.add_argument("--examples", type=int, default=5100)
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    add_json_option(parser, __file__)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -68,6 +70,13 @@ def main() -> None:
     print(f"one after another: {baseline:.1f} s ({baseline / args.retrainings:.2f} s each)")
     print(f"{args.group} at a time (train_without): {ours:.1f} s ({ours / args.retrainings:.2f} s each)")
     print(f"speed-up: {baseline / ours:.2f}x; largest relative weight difference: {difference:.1e}")
+    write(args.json, {"retrainings": args.retrainings, "group": args.group, "examples": args.examples, "epochs": args.epochs,
+                      "torch_threads": torch.get_num_threads(), "sequential_seconds": baseline, "batched_seconds": ours,
+                      "speedup": baseline / ours, "largest_relative_difference": difference},
+          [{"what": f"{args.retrainings} retrainings x {args.epochs} epochs of the pipeline's classifier, {args.group} "
+                    f"trained together (train_without) vs one after another",
+            "figure": f"{ours:.1f} s vs {baseline:.1f} s ({baseline / ours:.2f}x), largest relative weight "
+                      f"difference {difference:.0e}"}])
 
 
 if __name__ == "__main__":

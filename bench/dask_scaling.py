@@ -20,12 +20,15 @@ import tempfile
 import time
 from pathlib import Path
 
+from recording import add_json_option, write
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--project", default=".", help="a project folder where the pipeline has run")
     parser.add_argument("--groups", type=int, default=8, help="retraining groups timed (the stage's first ones)")
     parser.add_argument("--workers", default="1,2,4")
+    add_json_option(parser, __file__)
     args = parser.parse_args()
 
     from prefect import flow, task, unmapped
@@ -84,7 +87,16 @@ def main() -> None:
     for workers, wall, started, overhead, compute in rows:
         print(f"| {workers} | {wall:.1f} | {base / wall:.2f}x | {started:.1f} | {compute:.1f} | {overhead:.2f} |")
     first = next(iter(records.values()))
-    print(f"the same records from every cluster: {all(r == first for r in records.values())} ({len(first)} records)")
+    same = all(r == first for r in records.values())
+    print(f"the same records from every cluster: {same} ({len(first)} records)")
+    write(args.json, {"groups": len(grouped), "retrainings": n_retrainings, "same_records": same,
+                      "rows": [{"workers": w, "wall_seconds": wall, "speedup": base / wall, "cluster_start_seconds": started,
+                                "task_compute_seconds": compute, "overhead_per_task_seconds": overhead}
+                               for w, wall, started, overhead, compute in rows]},
+          [{"what": f"the case deletion's first {len(grouped)} retraining groups ({n_retrainings} retrainings) on {w} Dask "
+                    f"worker(s), one thread each",
+            "figure": f"{wall:.1f} s ({base / wall:.2f}x), overhead per task {overhead:.1f} s"}
+           for w, wall, started, overhead, compute in rows])
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 
 import torch
+from recording import add_json_option, write
 
 from influence.index.store import RepresentationStore
 
@@ -112,6 +113,7 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=100, help="query rows m")
     parser.add_argument("--k", type=int, default=10)
     parser.add_argument("--dir", default=None, help="where the temporary stores go (default: the system's temp folder)")
+    add_json_option(parser, __file__)
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--matmul", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -154,6 +156,18 @@ def main() -> None:
     print(f"n = {sizes[-1]:,}, measured in turn: top_k {large['paired_seconds']:.3f} s = {ours:.1f} GFLOP/s, bare matmul "
           f"of the same shapes {large['matmul_seconds']:.3f} s = {bare:.1f} GFLOP/s: fraction {ours / bare:.2f} (target >= 0.6)")
     print(f"load average at the end: {os.getloadavg()[0]:.2f}")
+    times = ", ".join(f"{n:,} rows {results[n]['seconds']:.3f} s" for n in sizes)
+    peaks = ", ".join(f"{results[n]['peak']:.1f}" for n in sizes)
+    write(args.json, {"dim": args.dim, "shard_size": args.shard_size, "queries": args.queries, "k": args.k,
+                      "sizes": {str(n): results[n] for n in sizes}, "gflops": ours, "matmul_gflops": bare,
+                      "load_average_end": os.getloadavg()[0]},
+          [{"what": f"attribution index, streamed top-{args.k} of {args.queries} queries over rows of {args.dim} float32 "
+                    f"numbers",
+            "figure": times + (f" ({large['seconds'] / small['seconds']:.0f}x the time for "
+                               f"{sizes[-1] / sizes[0]:.0f}x the rows)" if len(sizes) > 1 else "")},
+           {"what": "attribution index, peak resident memory of the query process", "figure": f"{peaks} MiB"},
+           {"what": f"attribution index at {sizes[-1]:,} rows against a bare in-memory matmul of the same shapes",
+            "figure": f"{ours:.1f} vs {bare:.1f} GFLOP/s ({ours / bare:.2f} of the machine's rate)"}])
 
 
 if __name__ == "__main__":

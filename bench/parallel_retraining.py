@@ -19,6 +19,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
+from recording import add_json_option, write
 
 from influence.data.datasets import TextClassificationDataset
 from influence.models.text import TextClassifier
@@ -32,6 +33,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--examples", type=int, default=5100)
     parser.add_argument("--epochs", type=int, default=5)
+    add_json_option(parser, __file__)
     args = parser.parse_args()
     g = torch.Generator().manual_seed(0)
     vocab, length = 5000, 32
@@ -66,6 +68,13 @@ def main() -> None:
     print(f"one after another (default threads): {baseline:.1f} s ({baseline / args.retrainings:.2f} s each)")
     print(f"{args.workers} workers x {max(1, (os.cpu_count() or 1) // args.workers)} thread(s): {ours:.1f} s")
     print(f"speed-up: {baseline / ours:.2f}x; identical weights: {same}")
+    threads = max(1, (os.cpu_count() or 1) // args.workers)
+    write(args.json, {"retrainings": args.retrainings, "examples": args.examples, "epochs": args.epochs,
+                      "workers": args.workers, "threads_per_worker": threads, "sequential_seconds": baseline,
+                      "parallel_seconds": ours, "speedup": baseline / ours, "identical_weights": same},
+          [{"what": f"{args.retrainings} retrainings of {args.examples:,} examples x {args.epochs} epochs, {args.workers} "
+                    f"threads of {threads} core(s) each vs one after another",
+            "figure": f"{ours:.1f} s vs {baseline:.1f} s ({baseline / ours:.1f}x), identical weights: {same}"}])
 
 
 if __name__ == "__main__":

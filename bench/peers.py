@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import sys
 import tempfile
@@ -29,7 +28,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from solver_lds import ground_truth, mnist, train  # noqa: E402
+from recording import add_json_option, write  # noqa: E402
+from solver_lds import MODELS, ground_truth, mnist, train  # noqa: E402
 
 from influence.api import attribute  # noqa: E402
 from influence.evaluation.lds import lds  # noqa: E402
@@ -162,11 +162,12 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=500)
     parser.add_argument("--subsets", type=int, default=40)
     parser.add_argument("--epochs", type=int, default=10)
-    parser.add_argument("--json", default=None)
+    add_json_option(parser, __file__)
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
     train_set, queries = mnist(args.train, args.queries, args.data)
     found: dict[str, dict] = {}
+    claims: list[dict] = []
     for kind in args.models.split(","):
         began = time.perf_counter()
         model = train(kind, *train_set.tensors, args.epochs)
@@ -193,6 +194,9 @@ def main() -> None:
             value = lds(scores.reshape(len(queries), len(train_set)), masks, losses)
             found[f"{kind}/{name}"] = {"seconds": seconds, "lds": value}
             print(f"{kind:7s} {name:24s} {seconds:8.1f} s   LDS {value:.3f}", flush=True)
+            claims.append({"what": f"{name} on the {MODELS[kind]} ({args.data}, {args.train:,} training and "
+                                   f"{args.queries} query images, {args.subsets} retrainings)",
+                           "figure": f"{seconds:.1f} s, LDS {value:.3f}"})
         peers = {k: v for k, v in found.items() if k.startswith(f"{kind}/") and not k.split("/")[1].startswith("ours")}
         mine = {k: v for k, v in found.items() if k.startswith(f"{kind}/ours")}
         if peers and mine:
@@ -208,8 +212,11 @@ def main() -> None:
                       f"{ours_best.split('/')[1]} LDS {o['lds']:.3f} in {o['seconds']:.1f} s; time ratio "
                       f"{o['seconds'] / peers[peer]['seconds']:.2f}, LDS difference {o['lds'] - peers[peer]['lds']:+.3f}",
                       flush=True)
-    if args.json:
-        Path(args.json).write_text(json.dumps(found, indent=1))
+                claims.append({"what": f"ours against the {label} on the {MODELS[kind]}: {ours_best.split('/')[1]} vs "
+                                       f"{peer.split('/')[1]}",
+                               "figure": f"{o['seconds'] / peers[peer]['seconds']:.2f}x its time, LDS "
+                                         f"{o['lds'] - peers[peer]['lds']:+.3f}"})
+    write(args.json, found, claims)
 
 
 if __name__ == "__main__":

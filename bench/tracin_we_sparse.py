@@ -14,6 +14,7 @@ import platform
 import time
 
 import torch
+from recording import add_json_option, write
 
 from influence.data.datasets import TextClassificationDataset
 from influence.methods.tracin import tracin_scores
@@ -28,6 +29,7 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=8)
     parser.add_argument("--vocab", type=int, default=6000)
     parser.add_argument("--checkpoints", type=int, default=3)
+    add_json_option(parser, __file__)
     args = parser.parse_args()
     torch.manual_seed(0)
     model = TextClassifier(args.vocab, embed_dim=32, hidden_dim=32)
@@ -53,7 +55,15 @@ def main() -> None:
     print(f"work: {args.queries} queries x {args.train} train, vocab {args.vocab}, {args.checkpoints} checkpoints")
     print(f"sparse TracIn-WE (ours): {ours_seconds:.3f} s   dense embedding TracIn: {dense_seconds:.3f} s")
     print(f"speed-up ratio (dense / ours): {dense_seconds / ours_seconds:.1f}x")
-    print(f"max abs difference: {(ours - dense).abs().max().item():.2e} (scale {dense.abs().max().item():.2e})")
+    difference, scale = (ours - dense).abs().max().item(), dense.abs().max().item()
+    print(f"max abs difference: {difference:.2e} (scale {scale:.2e})")
+    write(args.json, {"queries": args.queries, "train": args.train, "vocab": args.vocab, "checkpoints": args.checkpoints,
+                      "ours_seconds": ours_seconds, "dense_seconds": dense_seconds, "speedup": dense_seconds / ours_seconds,
+                      "max_abs_difference": difference, "scale": scale},
+          [{"what": f"sparse TracIn-WE vs dense embedding TracIn ({args.queries} queries x {args.train:,} examples, "
+                    f"vocabulary {args.vocab:,}, {args.checkpoints} checkpoints)",
+            "figure": f"{ours_seconds:.3f} s vs {dense_seconds:.3f} s ({dense_seconds / ours_seconds:.0f}x), "
+                      f"largest difference {difference:.0e} of {scale:.0e}"}])
 
 
 if __name__ == "__main__":
