@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch import Tensor, nn
@@ -114,6 +115,33 @@ def test_random_scores_give_auc_one_half():
     print(f"random rankings: mean AUC {mean:.4f} over {len(aucs)} seeds")
     assert mean == pytest.approx(0.5, abs=0.015)
     assert random_aucs[0] == pytest.approx(0.5, abs=1e-12)
+
+
+def _former_trapezoid(x, y):
+    """The hand-written sum that the AUC used before ``numpy.trapezoid`` (left to right)."""
+    return float(sum((x[i + 1] - x[i]) * (y[i + 1] + y[i]) / 2 for i in range(len(x) - 1)))
+
+
+def test_auc_is_numpys_trapezoid_and_equals_the_former_sum():
+    numpy_trapezoid = getattr(np, "trapezoid", None) or np.trapz  # numpy 2 / numpy 1.26
+    g = torch.Generator().manual_seed(0)
+    curves = [detection_curve(torch.tensor([0.1, 0.5, 0.9, 0.3, 0.5, 0.0, 0.2, 0.8, 0.5, 0.4], dtype=DTYPE),
+                              torch.tensor([9, 2, 8]), fractions=[i / 10 for i in range(11)])]
+    for _ in range(300):
+        n = int(torch.randint(10, 3000, (1,), generator=g))
+        flipped = torch.randperm(n, generator=g)[: max(1, n // 10)]
+        curves.append(detection_curve(torch.randn(n, generator=g, dtype=DTYPE), flipped))
+    exact = 0
+    for curve in curves:
+        for y, area in ((curve.found, curve.auc), (curve.random_found, curve.to_dict()["random_auc"])):
+            assert area == float(numpy_trapezoid(y, curve.inspected))
+            # the same terms; numpy adds them pairwise, the former code left to right: equal up to the
+            # last bits of the sum (measured: at most 7.8e-16 over 4,000 curves, equal for about 40%)
+            former = _former_trapezoid(curve.inspected, y)
+            assert abs(area - former) <= 1e-15
+            exact += area == former
+    assert curves[0].auc == _former_trapezoid(curves[0].inspected, curves[0].found) == pytest.approx(0.65, abs=1e-15)
+    assert exact > 0
 
 
 def test_found_at_outside_the_grid_is_refused():
