@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from influence.evaluation.case_deletion import case_deletion, random_removals, top_k_indices
+from influence.evaluation.case_deletion import case_deletion, random_removals, t_quantile_95, top_k_indices
 from influence.exceptions import InvalidArgumentError
 
 
@@ -82,9 +82,46 @@ def test_interval_is_the_student_t_interval_of_per_query_differences():
     assert result.differences() == [1.0, 1.0, 2.0]
     low, high = result.interval()
     mean, sd = 4 / 3, (((1 - 4 / 3) ** 2 * 2 + (2 - 4 / 3) ** 2) / 2) ** 0.5
-    assert low == pytest.approx(mean - 4.303 * sd / 3 ** 0.5) and high == pytest.approx(mean + 4.303 * sd / 3 ** 0.5)
+    t2 = 4.302652729749462  # Student's t, 0.975 quantile, 2 degrees of freedom (tables: 4.303)
+    assert low == pytest.approx(mean - t2 * sd / 3 ** 0.5, rel=1e-12)
+    assert high == pytest.approx(mean + t2 * sd / 3 ** 0.5, rel=1e-12)
     assert result.passed == (low > 0)
     assert DeletionResult("m", 3, [1.0], [[0.0]]).interval() == (float("-inf"), float("inf"))
+
+
+@pytest.mark.parametrize("df", [1, 7, 30, 31, 100])
+def test_t_quantile_is_scipys_student_t(df):
+    from scipy.stats import t
+
+    assert t_quantile_95(df) == float(t.ppf(0.975, df))
+
+
+def test_t_quantile_rounds_to_the_printed_tables_and_refuses_bad_degrees_of_freedom():
+    # the printed 95% tables (3 decimals) that the code used before, up to 30 degrees of freedom; beyond,
+    # it used the normal 1.96, which made the interval of 32 queries about 4% too narrow
+    table = {1: 12.706, 2: 4.303, 7: 2.365, 15: 2.131, 29: 2.045, 30: 2.042, 31: 2.040, 100: 1.984}
+    assert {df: round(t_quantile_95(df), 3) for df in table} == table
+    assert t_quantile_95(31) / 1.96 == pytest.approx(1.0406, abs=1e-4)
+    assert t_quantile_95(10**6) == pytest.approx(1.959966, abs=1e-5)
+    for bad in (0, -1, 1.5, True, "3"):
+        with pytest.raises(InvalidArgumentError, match="degrees_of_freedom"):
+            t_quantile_95(bad)
+
+
+def test_interval_of_known_samples_computed_by_hand():
+    from influence.evaluation.case_deletion import DeletionResult
+
+    # 8 queries (7 degrees of freedom), random removals changing nothing: d = 1..8, mean 4.5,
+    # sd = sqrt(42 / 7) = sqrt(6), half-width t_7 sqrt(6) / sqrt(8) with t_7 = 2.3646242515927849
+    eight = DeletionResult("m", 1, [float(i) for i in range(1, 9)], [[0.0] * 8])
+    half = 2.3646242515927849 * (6 / 8) ** 0.5
+    assert eight.interval() == pytest.approx((4.5 - half, 4.5 + half), rel=1e-14)
+    assert eight.interval()[0] == pytest.approx(2.4521753277158833, rel=1e-14) and eight.passed
+    # 32 queries (31 degrees of freedom): d alternates 0 and 1 (mean 1/2, sd^2 = 8 / 31), t_31 = 2.0395134463964077
+    thirty_two = DeletionResult("m", 1, [float(i % 2) for i in range(32)], [[0.0] * 32])
+    half = 2.0395134463964077 * (8 / 31) ** 0.5 / 32 ** 0.5
+    assert thirty_two.interval() == pytest.approx((0.5 - half, 0.5 + half), rel=1e-14)
+    assert thirty_two.to_dict()["interval_low"] == pytest.approx(0.5 - half, rel=1e-14)
 
 
 def test_random_removals_are_seeded_and_distinct():

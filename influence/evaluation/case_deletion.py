@@ -16,6 +16,7 @@ measures exactly the training that produced the model.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -26,20 +27,28 @@ import torch
 from torch import Tensor, nn
 
 from influence.exceptions import invalid
+from influence.progress import progress
 from influence.validation import check_positive_int
 
 KINDS = ("proponents", "opponents")
 
-# two-sided 95% Student t quantiles for 1..30 degrees of freedom; the normal 1.96 beyond
-_T95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
-        2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
-        2.045, 2.042)
-
-
 def t_quantile_95(degrees_of_freedom: int) -> float:
-    """Two-sided 95% quantile of Student's t with ``degrees_of_freedom >= 1``."""
-    check_positive_int("degrees_of_freedom", degrees_of_freedom)
-    return _T95[degrees_of_freedom - 1] if degrees_of_freedom <= len(_T95) else 1.96
+    """Two-sided 95% quantile of Student's t (its 0.975 quantile) with ``degrees_of_freedom >= 1``.
+
+    ``scipy.stats.t.ppf(0.975, degrees_of_freedom)``: 12.706 for 1, 2.042 for 30, 2.040 for 31,
+    tending to the normal 1.960.
+
+    Raises:
+        InvalidArgumentError: ``degrees_of_freedom`` is not a positive integer.
+    """
+    return _t_975(int(check_positive_int("degrees_of_freedom", degrees_of_freedom)))
+
+
+@functools.lru_cache(maxsize=256)
+def _t_975(degrees_of_freedom: int) -> float:
+    from scipy.stats import t  # imported here: scipy.stats takes a while to import, and only intervals need it
+
+    return float(t.ppf(0.975, degrees_of_freedom))
 
 
 @dataclass
@@ -349,7 +358,7 @@ def case_deletion(
             raise invalid(f"scores[{method!r}].shape", tuple(s.shape), f"({n_query}, {n_train}) = (len(base), n_train)")
     plan = plan_deletion(scores, n_train=n_train, k=k, kinds=kinds, random_repeats=random_repeats, seeds=[0], seed=seed)
     measured, retrainings = {}, plan.retrainings()
-    for i, retraining in enumerate(retrainings):
+    for i, retraining in enumerate(progress(retrainings, desc="case deletion", unit="retraining")):
         if not retraining.removed:
             measured[retraining.key] = base.detach()  # the model trained on all data: no retraining
             continue
