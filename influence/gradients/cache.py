@@ -38,6 +38,7 @@ from influence.exceptions import CorruptedArtifactError, invalid
 from influence.fingerprints import dataset_fingerprint, model_fingerprint
 from influence.gradients.layout import ParameterLayout
 from influence.gradients.per_example import iter_gradients, resolve_names
+from influence.progress import progress
 from influence.storage import RunFolder
 from influence.task import Task, describe_task
 from influence.validation import check_batch_size, check_positive_int
@@ -140,7 +141,7 @@ class GradientCache:
                    "projector": projector, "device": device, "dtype": dtype}
         missing = set(self.open(task, model, data, names, overwrite=overwrite, **options))
         total = self.folder.manifest["n_shards"]
-        for index in range(total):
+        for index in progress(range(total), desc="gradient shards", unit="shard"):
             if index in missing:
                 self.put_shard(index, gradient_shard(task, model, data, names, index,
                                                      memory_budget_bytes=memory_budget_bytes, **options))

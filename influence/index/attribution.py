@@ -45,6 +45,7 @@ from influence.gradients.per_example import gradient_matrix, iter_gradients, mea
 from influence.gradients.projection import RandomProjector
 from influence.index.store import RepresentationStore, TopK
 from influence.methods.common import build_solver
+from influence.progress import progress
 from influence.regularizers import RegularizerLike
 from influence.solvers import InverseHessianSolver, make_solver
 from influence.solvers.ekfac import EkfacSolver
@@ -215,7 +216,7 @@ class AttributionIndex:
                 store.put_extra(SOLVER_STATE, built.state_dict())
         index = cls(store, built, projector, list(names))
         if shards:
-            for shard in store.missing_shards():
+            for shard in progress(store.missing_shards(), desc="index shards", unit="shard"):
                 store.put_shard(shard, index._shard_rows(task, model, train_data, shard, device=device, dtype=dtype))
             index.complete()
         return index

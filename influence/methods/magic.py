@@ -45,6 +45,7 @@ from influence.batches import collate_dataset, num_examples, rows, to_device
 from influence.exceptions import InvalidArgumentError, invalid
 from influence.gradients.layout import select_parameters
 from influence.gradients.per_example import functional_state, gradient_matrix, measurement_sign, task_function
+from influence.progress import progress
 from influence.regularizers import Proximity, Regularizer
 from influence.task import Task
 from influence.validation import check_int_at_least, check_positive_float, check_positive_int
@@ -204,12 +205,13 @@ def _leaves(state: list[Tensor]) -> list[Tensor]:
     return [s.detach().requires_grad_(True) for s in state]
 
 
-def _forward(replay: _Replay, schedule: list[Tensor], segment: int) -> tuple[dict[int, list[Tensor]], list[Tensor]]:
-    """Replay the run once: ``(states saved every `segment` steps, final state)``."""
+def _forward(replay: _Replay, schedule: list[Tensor], segment: int,
+             desc: str = "MAGIC replay") -> tuple[dict[int, list[Tensor]], list[Tensor]]:
+    """Replay the run once: ``(states saved every `segment` steps, final state)``; ``desc`` labels the progress bar."""
     saved: dict[int, list[Tensor]] = {}
     state = replay.initial_state()
     with torch.enable_grad():
-        for t, index in enumerate(schedule):
+        for t, index in enumerate(progress(schedule, desc=desc, unit="step")):
             if t % segment == 0:
                 saved[t] = [s.detach() for s in state]
             ones = torch.ones(len(index), device=state[0].device, dtype=state[0].dtype)
@@ -239,7 +241,7 @@ def _query_groups(m: int, size: int) -> list[list[int]]:
 
 def _backward(
     replay: _Replay, schedule: list[Tensor], saved: dict[int, list[Tensor]], segment: int, n: int,
-    adjoints: list[list[Tensor]], batched_queries: int = DEFAULT_BATCHED_QUERIES,
+    adjoints: list[list[Tensor]], batched_queries: int = DEFAULT_BATCHED_QUERIES, desc: str = "MAGIC reverse pass",
 ) -> tuple[Tensor, list[list[Tensor]], list[dict[str, Tensor]]]:
     """Reverse-mode through the whole run, from each query's adjoint of the final state.
 
@@ -247,6 +249,7 @@ def _backward(
         adjoints: per query, the adjoint of the final state (one tensor per state tensor).
         batched_queries: queries whose vector-Jacobian products are computed in one vmapped call
             (``is_grads_batched``; memory grows with it); 1 computes them one by one.
+        desc: the label of the progress bar (one tick per segment, from the last to the first).
 
     Returns:
         ``(metagradients [m, n] = d f / d w, adjoints of the initial state per query,
@@ -257,7 +260,7 @@ def _backward(
     meta = torch.zeros(m, n, dtype=like.dtype, device=like.device)
     context_grads = [{name: torch.zeros_like(v) for name, v in replay.context.items()} for _ in range(m)]
     with torch.enable_grad():
-        for first in sorted(saved, reverse=True):
+        for first in progress(sorted(saved, reverse=True), desc=desc, unit="segment"):
             last = min(first + segment, total)
             states = [saved[first]]
             for t in range(first, last - 1):

@@ -105,7 +105,7 @@ def multistage_magic_scores(
     ft_replay, ft_schedule, ft_segment, ft_data = _prepared(
         finetune_task, finetuned_model, finetune_data, finetuning, segment_steps, replay_tolerance, device, dtype,
         "finetuning", inputs=list(shared))
-    ft_saved, ft_state = _forward(ft_replay, ft_schedule, ft_segment)
+    ft_saved, ft_state = _forward(ft_replay, ft_schedule, ft_segment, desc="MAGIC finetuning replay")
     final = _check_replay(ft_replay, ft_state, finetuned_model, replay_tolerance, "finetuning")
     frozen = [name for name in shared if name in ft_replay.context]
     names = ft_replay.names + frozen
@@ -115,7 +115,8 @@ def multistage_magic_scores(
     trained_size = sum(t.numel() for t in ft_state[:k])
     _, initial_adjoints, context_grads = _backward(
         ft_replay, ft_schedule, ft_saved, ft_segment, num_examples(ft_data),
-        _query_adjoints(queries[:, :trained_size], ft_state, k), batched_queries=query_batch)
+        _query_adjoints(queries[:, :trained_size], ft_state, k), batched_queries=query_batch,
+        desc="MAGIC finetuning reverse pass")
     sensitivity: list[dict[str, Tensor]] = []
     for q in range(queries.shape[0]):
         total: dict[str, Tensor] = {}
@@ -136,7 +137,7 @@ def multistage_magic_scores(
     pt_replay, pt_schedule, pt_segment, pt_data = _prepared(
         pretrain_task, pretrained_model, pretrain_data, pretraining, segment_steps, replay_tolerance, device, dtype,
         "pretraining")
-    pt_saved, pt_state = _forward(pt_replay, pt_schedule, pt_segment)
+    pt_saved, pt_state = _forward(pt_replay, pt_schedule, pt_segment, desc="MAGIC pretraining replay")
     _check_replay(pt_replay, pt_state, pretrained_model, replay_tolerance, "pretraining")
     missing = [pt for pt in shared.values() if pt not in pt_replay.names]
     if missing:
@@ -150,7 +151,7 @@ def multistage_magic_scores(
                 pieces[pt_replay.names.index(pt_name)] = value.to(pieces[0].dtype)
         adjoints.append(pieces)
     meta, _, _ = _backward(pt_replay, pt_schedule, pt_saved, pt_segment, num_examples(pt_data), adjoints,
-                           batched_queries=query_batch)
+                           batched_queries=query_batch, desc="MAGIC pretraining reverse pass")
     return -meta * measurement_sign(finetune_task)
 
 

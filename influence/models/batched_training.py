@@ -39,6 +39,7 @@ from influence.exceptions import InvalidArgumentError, invalid
 from influence.gradients.layout import select_parameters
 from influence.gradients.per_example import functional_state, task_function
 from influence.models.training import _permutation, check_proximity_shapes, check_schedule, intra_op_threads
+from influence.progress import progress
 from influence.regularizers import Proximity, Regularizer
 from influence.task import Task
 from influence.validation import check_int_at_least, check_positive_int
@@ -193,7 +194,8 @@ def train_without(
         schedule = [(epoch, _permutation(n, seed, epoch).to(device)) for epoch in range(epochs)]
         trained, steps = [], []
         with intra_op_threads(num_threads):
-            for first in range(0, len(removal_sets), group_size):
+            groups = range(0, len(removal_sets), group_size)
+            for first in progress(groups, desc=f"retraining {len(removal_sets)} runs", unit="group"):
                 group = removal_sets[first:first + group_size]
                 kept = torch.ones(len(group), n, dtype=torch.bool, device=device)
                 for r, removed in enumerate(group):
@@ -288,7 +290,7 @@ def _train_group(selected, varying, kept, schedule, losses_of, penalty_of, data,
     members = _Members(selected, adam)
     n = kept.shape[1]
     dtype = next(iter(selected.values())).dtype
-    for _, order in schedule:
+    for _, order in progress(schedule, desc=f"{kept.shape[0]} runs at once", unit="epoch", leave=False):
         for start in range(0, n, batch_size):
             index = order[start:start + batch_size]
             weights = kept[:, index].to(dtype)  # [R, b]

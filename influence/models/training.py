@@ -51,6 +51,7 @@ from influence.fingerprints import tensors_digest
 from influence.gradients.layout import select_parameters
 from influence.models.checkpoints import CheckpointInfo
 from influence.models.training_run import TrainingRun
+from influence.progress import progress
 from influence.regularizers import Proximity, Regularizer
 from influence.task import Task, describe_task
 from influence.validation import check_int_at_least, check_positive_float
@@ -277,12 +278,12 @@ def train(
         data = to_device(data, device)
         kept = kept.to(device)
         model.train()
-        for epoch in range(start_epoch, epochs):
+        for epoch in progress(range(start_epoch, epochs), desc="training", unit="epoch"):
             order = _permutation(n_examples, seed, epoch).to(device)
             first = start_batch if epoch == start_epoch else 0
             loss_sum = epoch_sum if epoch == start_epoch else 0.0
             data_sum = epoch_data_sum if epoch == start_epoch else 0.0
-            for b in range(first, steps_per_epoch):
+            for b in progress(range(first, steps_per_epoch), desc=f"epoch {epoch + 1}/{epochs}", unit="step", leave=False):
                 order_rows = order[b * batch_size:(b + 1) * batch_size]
                 if excluded:
                     order_rows = order_rows[kept[order_rows]]

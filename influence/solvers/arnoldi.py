@@ -48,6 +48,7 @@ import torch
 from torch import Tensor
 
 from influence.exceptions import InvalidArgumentError, SolverDivergedError, invalid
+from influence.progress import progress
 from influence.solvers.base import InverseHessianSolver
 from influence.validation import check_positive_int
 
@@ -140,7 +141,7 @@ class ArnoldiSolver(InverseHessianSolver):
         basis[0] = q / torch.linalg.vector_norm(q)
         projected = torch.zeros(n + 1, n, dtype=dtype, device=device)
         steps = 0
-        for j in range(n):
+        for j in progress(range(n), desc="Arnoldi", unit="step"):
             w = objective.matvec(basis[j][None], self.gauss_newton)[0]
             if not bool(torch.isfinite(w).all()):
                 raise SolverDivergedError(

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from influence.exceptions import SolverDivergedError
+from influence.progress import progress
 from influence.solvers.base import InverseHessianSolver, row_norms
 from influence.validation import check_positive_float, check_positive_int
 
@@ -67,7 +68,7 @@ class ConjugateGradientSolver(InverseHessianSolver):
         relative = (rs.sqrt() / scale).cpu()
         active = (relative > self.rtol) & (b_norm.cpu() > 0)
         history = [relative.tolist()]
-        for _ in range(self.max_iterations):
+        for _ in progress(range(self.max_iterations), desc="conjugate gradient", unit="it", leave=False):
             if not bool(active.any()):
                 break
             idx = active.nonzero().squeeze(1).to(rhs.device)

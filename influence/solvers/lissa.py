@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from influence.exceptions import SolverDivergedError, invalid
+from influence.progress import progress
 from influence.solvers.base import InverseHessianSolver, row_norms
 from influence.validation import check_positive_int
 
@@ -142,7 +143,7 @@ class LissaSolver(InverseHessianSolver):
         for _ in range(self.repeats):
             x = rhs.clone()
             step = 0
-            for step in range(1, self.depth + 1):
+            for step in progress(range(1, self.depth + 1), desc="LiSSA", unit="step", leave=False):
                 new = rhs + x - self._step_matvec(x, generator) / s
                 norms = row_norms(new)
                 if not bool(torch.isfinite(new).all()) or bool((norms > 2 * (step + 1) * b_norm + 1e-300).any()):
