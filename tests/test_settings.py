@@ -87,7 +87,7 @@ def test_settings_digest_changes_with_values():
 def test_readme_documents_every_setting():
     from flows.settings import settings_table
 
-    assert settings_table() in (REPO / "README.md").read_text(), "README's settings table is stale: paste flows.settings.settings_table()"
+    assert settings_table() in (REPO / "docs" / "settings.md").read_text(), "docs/settings.md's table is stale: paste flows.settings.settings_table()"
 
 
 def test_params_yaml_names_every_setting():
