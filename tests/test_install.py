@@ -39,7 +39,8 @@ def _environment() -> dict[str, str]:
 
 def _run(args: list[str], cwd: Path, timeout: float) -> subprocess.CompletedProcess:
     done = subprocess.run(args, cwd=cwd, env=_environment(), capture_output=True, text=True, timeout=timeout)
-    assert done.returncode == 0, f"{' '.join(args)} failed ({done.returncode}):\n{done.stdout[-4000:]}\n{done.stderr[-4000:]}"
+    assert done.returncode == 0, (f"{' '.join(args)} failed ({done.returncode}):\n"
+                                  f"{done.stdout[-4000:]}\n{done.stderr[-4000:]}")
     return done
 
 
@@ -52,7 +53,8 @@ def _check_torch_is_local(python: str, tmp_path: Path) -> None:
     torch_url = next(item["download_info"]["url"] for item in items if item["metadata"]["name"].lower() == "torch")
     large = [n for n in names if n.startswith(LARGE)]
     if large or not torch_url.startswith("file:"):
-        pytest.fail(f"installing {TORCH} here would download PyPI's build ({torch_url}; with {large or 'nothing else large'}): "
+        pytest.fail(f"installing {TORCH} here would download PyPI's build ({torch_url}; "
+                    f"with {large or 'nothing else large'}): "
                     "put the CPU wheel (torch-2.13.0+cpu, PyTorch's CPU index) in a folder that pip's find-links "
                     "names (PIP_FIND_LINKS), as this project's machines do with /opt/wheels")
 
