@@ -35,15 +35,16 @@ def main() -> None:
     from prefect.testing.utilities import prefect_test_harness
     from prefect_dask import DaskTaskRunner
 
-    from flows import retraining
-    from flows.experiment import Experiment
-    from flows.settings import load_settings
-    from flows.workspace import Workspace
+    from flows.experiment import retraining
+    from flows.stages import entry
+    from flows.experiment.experiment import Experiment
+    from flows.definition.settings import load_settings
+    from flows.experiment.workspace import Workspace
 
     root = Path(args.project).resolve()
     settings = load_settings(root / "params.yaml")
     x = Experiment.for_stage("deletion", settings, Workspace(root))
-    grouped = retraining.groups(x, retraining.planned(x), "finetune")[: args.groups]
+    grouped = retraining.groups(x, entry.plan("deletion", x), "finetune")[: args.groups]
     n_retrainings = sum(len(g) for g in grouped)
 
     @task(task_run_name="retrain-{group[0].key}")

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import yaml
 
-from flows.stage_table import NAMES, check_table
+from flows.definition.stage_table import NAMES, check_table
 
 QUIET_ENV = {
     "DO_NOT_TRACK": "true", "MLFLOW_DISABLE_TELEMETRY": "true", "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
@@ -43,7 +43,7 @@ def _apply_overrides(raw: dict, overrides: list[str]) -> dict:
 
 
 def _settings(args: argparse.Namespace):
-    from flows.settings import SettingsError, load_profile, load_settings, validate_settings
+    from flows.definition.settings import SettingsError, load_profile, load_settings, validate_settings
 
     settings = load_settings(args.params)
     if getattr(args, "profile", None):
@@ -62,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     stage = sub.add_parser("stage", help="run one stage (the dvc.yaml entry point)")
     stage.add_argument("name", choices=NAMES)
     check = sub.add_parser("check", help="validate params.yaml and the stage table, and exit")
-    dvc = sub.add_parser("dvc-yaml", help="write dvc.yaml from the stage table (flows/stage_table.py)")
+    dvc = sub.add_parser("dvc-yaml", help="write dvc.yaml from the stage table (flows/definition/stage_table.py)")
     explain = sub.add_parser("explain", help="explain new sentences from the last run's attribution indexes (the explain flow)")
     explain.add_argument("texts", nargs="+", help="the sentences to explain")
     explain.add_argument("--mode", choices=("fixed", "updated"), default="updated", help="embedding mode (default: updated)")
@@ -83,20 +83,20 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault(key, value)
     args = build_parser().parse_args(argv)
 
-    from flows.settings import SettingsError
+    from flows.definition.settings import SettingsError
 
     root = Path(args.params).resolve().parent
     try:
         settings, _ = _settings(args)
         if args.command in ("run", "stage", "explain", "check"):
-            from flows.reach import check_reach
+            from flows.guards.run_form import check_reach
 
             check_reach(settings, root)  # what the settings name outside themselves: before any work
     except SettingsError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if args.command in ("run", "stage", "explain"):
-        from flows import stopping
+        from flows.guards import stopping
 
         stopping.install()  # SIGTERM / SIGINT: one line, then the process ends within seconds
         try:
@@ -110,13 +110,16 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             stopping.finish_if_stopped()
     if args.command == "check":
+        from flows.definition.settings import check_attribution_params
+
         check_table()
+        check_attribution_params()
         print(f"{args.params}: valid (digest {settings.digest()}); stage table consistent ({len(NAMES)} stages)")
         return 0
     if args.command == "deploy-git":
         import subprocess
 
-        from flows.git_deployments import write_git_prefect_file
+        from flows.cluster.git_deployments import write_git_prefect_file
 
         try:
             path = write_git_prefect_file(root, args.repository, args.revision)
@@ -128,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         return subprocess.run(["prefect", "--no-prompt", "deploy", "--all", "--prefect-file", str(path)], cwd=root).returncode
     if args.command == "dvc-yaml":
-        from flows.dvc_file import write_dvc_yaml
+        from flows.incremental.dvc_yaml import write_dvc_yaml
 
         print(f"wrote {write_dvc_yaml(root)}")
         return 0
@@ -138,10 +141,10 @@ def main(argv: list[str] | None = None) -> int:
 def _work(args: argparse.Namespace, settings, root: Path) -> int:
     """The commands that run stages: ``run``, ``stage`` and ``explain``."""
     if args.command == "stage":
-        from flows.stage_cache import run_or_skip
-        from flows.stages import run_stage
-        from flows.workspace import Workspace
-        from flows.workspace_lock import hold_workspace
+        from flows.incremental.stage_cache import run_or_skip
+        from flows.stages.entry import run_stage
+        from flows.experiment.workspace import Workspace
+        from flows.guards.workspace_lock import hold_workspace
 
         ws = Workspace(root)  # dvc repro decided that the stage runs; its fingerprint is recorded for the flow
         with hold_workspace(root, f"stage {args.name} (dvc repro)", say=lambda line: print(line, file=sys.stderr)):

@@ -3,7 +3,7 @@
 The ``explain/text`` deployment's form takes free text (one sentence per line), the model
 (``latest``, or the MLflow run id of the workspace's last pipeline run), the embedding mode and
 ``k``. The flow scores each sentence against the attribution indexes the last pipeline run left
-(:mod:`flows.explaining`) and publishes the top-``k`` proponents and opponents, from the
+(:mod:`flows.answers.explanation`) and publishes the top-``k`` proponents and opponents, from the
 finetuning and the pretraining data, as a Prefect table artifact and as an MLflow run (the HTML
 page, the table, the sentences and the timings).
 """
@@ -17,12 +17,12 @@ from prefect import flow, get_run_logger, task
 from pydantic import Field
 from prefect.runtime import flow_run
 
-from flows import explaining
-from flows.experiment import Experiment
-from flows.reach import check_reach, project_root
-from flows.settings import PARAMS_FILE, PipelineSettings, load_settings, validate_settings
-from flows.workspace import Workspace
-from flows.workspace_lock import hold_workspace
+from flows.answers import explanation as explaining
+from flows.experiment.experiment import Experiment
+from flows.guards.run_form import check_reach, project_root
+from flows.definition.settings import PARAMS_FILE, PipelineSettings, load_settings, validate_settings
+from flows.experiment.workspace import Workspace
+from flows.guards.workspace_lock import hold_workspace
 
 TABLE_COLUMNS = ("query_id", "query", "source", "kind", "rank", "id", "label", "score", "text")
 
@@ -40,7 +40,7 @@ def explain_task(settings: PipelineSettings, project_dir: str, texts: list[str],
 
 @task(name="log-explanation")
 def log_task(settings: PipelineSettings, project_dir: str, found: dict, mode: str) -> str:
-    from flows.tracking import log_explanation
+    from flows.reporting.mlflow_runs import log_explanation
 
     page = explaining.explanation_page(found, mode, found["run_id"])
     return log_explanation(settings, Path(project_dir), found, page)

@@ -101,7 +101,7 @@ def make_project(root: Path, remote: Path, raw_wheels: Path, extra: tuple[str, .
     Args:
         extra: further files or folders of the repository to copy (e.g. ``"scripts"``, ``"prefect.yaml"``).
     """
-    from flows.settings import validate_settings, write_settings
+    from flows.definition.settings import validate_settings, write_settings
 
     root.mkdir()
     shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")

@@ -5,10 +5,10 @@ the machine would put it: a SIGKILL of the whole process group (as the OOM kille
 to hit by timing, or a full disk (``ENOSPC`` from the kernel) when a chosen file is flushed. The points:
 
 - ``kill:dvc-slot``: inside ``dvc commit`` of the flow's bookkeeping, while the run holds its DVC slot;
-- ``kill:keep:<stage>``: inside :func:`flows.stage_cache.keep` of ``<stage>``, after its first file is linked;
+- ``kill:keep:<stage>``: inside :func:`flows.incremental.stage_cache.keep` of ``<stage>``, after its first file is linked;
 - ``kill:push:<stage>``: inside the object-store push of ``<stage>``, after its first object is sent;
 - ``kill:mlflow``: inside the report's MLflow logging, once its run exists;
-- ``kill:move:<stage>``: inside :func:`flows.stage_cache._move_into_place` of ``<stage>``, between its two renames;
+- ``kill:move:<stage>``: inside :func:`flows.incremental.stage_cache._move_into_place` of ``<stage>``, between its two renames;
 - ``enospc:<glob>``: the disk is full when a file whose path matches ``<glob>`` is flushed (``os.fsync``);
 - ``enospc:mlflow``: the disk is full when the report's MLflow run stores its artifacts.
 """
@@ -35,11 +35,11 @@ def install(point: str) -> None:
     """Patch the process so that the fault ``point`` happens (see the module docstring)."""
     kind, _, where = point.partition(":")
     if point == "kill:dvc-slot":
-        from flows import dvc_file
+        from flows.incremental import dvc_yaml as dvc_file
 
         dvc_file.commit_stages = lambda *args, **kwargs: _die()
     elif kind == "kill" and where.startswith("keep:"):
-        from flows import stage_cache
+        from flows.incremental import stage_cache
 
         stage, link = where.removeprefix("keep:"), os.link
         marker = f"/.stages/{stage}/."
@@ -51,7 +51,7 @@ def install(point: str) -> None:
 
         stage_cache.os.link = link_then_die
     elif kind == "kill" and where.startswith("push:"):
-        from flows.object_store import ObjectStore
+        from flows.incremental.object_store import ObjectStore
 
         stage, push = where.removeprefix("push:"), ObjectStore.push_stage
 

@@ -6,15 +6,15 @@ from __future__ import annotations
 
 import pytest
 
-from flows.settings import with_overrides
+from flows.definition.settings import with_overrides
 
 
 def test_the_runner_follows_the_cluster_settings(monkeypatch):
     from prefect.task_runners import ThreadPoolTaskRunner
     from prefect_dask import DaskTaskRunner
 
-    from flows import runners
-    from flows.settings import PipelineSettings
+    from flows.cluster import runners
+    from flows.definition.settings import PipelineSettings
 
     monkeypatch.delenv(runners.DASK_ADDRESS_ENV, raising=False)
     monkeypatch.setattr(runners.os, "cpu_count", lambda: 8)

@@ -21,16 +21,16 @@ import pytest
 import yaml
 from safetensors.torch import load_file
 
-from flows import stages
-from flows.settings import load_settings
-from flows.stage_table import NAMES as STAGES
-from flows.workspace import StageResult, Workspace
+from flows.stages import entry as stages
+from flows.definition.settings import load_settings
+from flows.definition.stage_table import NAMES as STAGES
+from flows.experiment.workspace import StageResult, Workspace
 from tests.conftest import DVC
 
 
 @pytest.mark.slow
 def test_dvc_repro_runs_every_stage_and_the_exact_solver_agrees_with_cg(project):
-    from flows.settings import with_overrides, write_settings
+    from flows.definition.settings import with_overrides, write_settings
     from tests.stage_digests import stage_digests
 
     nightly = {"attribution": {"multistage_magic": True},  # every stage computes

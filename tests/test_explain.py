@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from flows import explaining
-from flows.workspace import StageResult, Workspace
+from flows.answers import explanation as explaining
+from flows.experiment.workspace import StageResult, Workspace
 from influence.exceptions import InvalidArgumentError
 
 
@@ -32,8 +32,8 @@ def test_model_is_latest_or_the_last_runs_id(tmp_path):
 
 
 def test_mode_must_be_one_of_the_runs(tmp_path):
-    from flows.experiment import Experiment
-    from flows.settings import PipelineSettings
+    from flows.experiment.experiment import Experiment
+    from flows.definition.settings import PipelineSettings
 
     settings = PipelineSettings().model_copy(update={"finetune": PipelineSettings().finetune.model_copy(update={"modes": ["fixed"]})})
     with pytest.raises(InvalidArgumentError, match=r"finetune.modes"):

@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from flows import figures
+from flows.reporting import figures
 from influence.evaluation import DeletionResult, detection_curve
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

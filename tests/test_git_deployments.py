@@ -1,4 +1,4 @@
-"""Deployments that travel: prefect.yaml rewritten to pull the project as a git commit (flows.git_deployments)."""
+"""Deployments that travel: prefect.yaml rewritten to pull the project as a git commit (flows.cluster.git_deployments)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from flows.git_deployments import git_prefect_file, resolve_revision
+from flows.cluster.git_deployments import git_prefect_file, resolve_revision
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -23,7 +23,7 @@ def test_the_deployments_pull_a_commit_and_run_in_the_clone():
     assert out["pull"][1]["prefect.deployments.steps.set_working_directory"]["directory"] == "{{ clone.directory }}"
     assert [d["name"] for d in out["deployments"]] == [d["name"] for d in source["deployments"]]
     assert all(f"git:{commit[:12]}" in d["tags"] for d in out["deployments"])
-    assert out["build"][0]["flows.settings.deployment_parameters"]["project_dir"] == "."
+    assert out["build"][0]["flows.definition.settings.deployment_parameters"]["project_dir"] == "."
     assert source["pull"][0].keys() == {"prefect.deployments.steps.set_working_directory"}  # the source is untouched
     for bad in ("HEAD", "0123456"):
         with pytest.raises(ValueError, match="40-character commit sha"):
@@ -33,7 +33,7 @@ def test_the_deployments_pull_a_commit_and_run_in_the_clone():
 
 
 def test_deploy_git_writes_the_file_of_a_resolved_commit(tmp_path):
-    from flows.settings import deployment_parameters
+    from flows.definition.settings import deployment_parameters
 
     root = tmp_path / "project"
     root.mkdir()

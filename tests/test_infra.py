@@ -265,7 +265,7 @@ def test_build_context_has_no_secrets(tmp_path):
     repo = tmp_path / "repo"
     subprocess.run(["git", "init", "-q", str(repo)], check=True)
     shutil.copy(REPO / ".gitignore", repo / ".gitignore")
-    ordinary = ["scripts/env.sh", "flows/settings.py", "infra/compose/make-certs.sh", "infra/kubernetes/dask.yaml"]
+    ordinary = ["scripts/env.sh", "flows/definition/settings.py", "infra/compose/make-certs.sh", "infra/kubernetes/dask.yaml"]
     for path in SECRETS + ordinary:
         (repo / path).parent.mkdir(parents=True, exist_ok=True)
         (repo / path).write_text("x\n")

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from flows.settings import SettingsError, validate_settings
+from flows.definition.settings import SettingsError, validate_settings
 from influence.exceptions import DataError, InvalidArgumentError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -82,9 +82,9 @@ def test_a_factory_that_does_not_import_or_returns_the_wrong_thing_is_named():
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory, raw_wheels) -> Path:
     """A project whose data stage has run, with the user's factory module in ``data/user``."""
-    from flows.settings import load_settings
-    from flows.stages import run_stage
-    from flows.workspace import Workspace
+    from flows.definition.settings import load_settings
+    from flows.stages.entry import run_stage
+    from flows.experiment.workspace import Workspace
     from tests.conftest import make_project
 
     base = tmp_path_factory.mktemp("families")
@@ -95,15 +95,15 @@ def prepared(tmp_path_factory, raw_wheels) -> Path:
 
 
 def _features(root: Path, model: dict):
-    from flows.settings import load_settings, with_overrides
-    from flows.stages import run_stage
-    from flows.workspace import Workspace
+    from flows.definition.settings import load_settings, with_overrides
+    from flows.stages.entry import run_stage
+    from flows.experiment.workspace import Workspace
 
     return run_stage("features", with_overrides(load_settings(root / "params.yaml"), {"model": model}), Workspace(root))
 
 
 def test_bad_factories_stop_the_features_stage_before_any_training(prepared):
-    from flows.reach import ReachError
+    from flows.guards.run_form import ReachError
 
     with pytest.raises(ReachError, match=r"model.factory='missing_module:make': a factory's module must be a file under data/user/"):
         _features(prepared, {"family": "custom", "factory": "missing_module:make"})
@@ -118,7 +118,7 @@ def test_bad_factories_stop_the_features_stage_before_any_training(prepared):
 
 
 def test_a_custom_family_is_recorded_with_its_modules_md5(prepared):
-    from flows.versioning import md5_file
+    from flows.versioning.data_version import md5_file
 
     result = _features(prepared, {"family": "custom", "factory": "my_family:make"})
     spec = json.loads((prepared / "artifacts" / "features" / "family.json").read_text())
@@ -134,7 +134,7 @@ def test_a_custom_factory_runs_end_to_end(prepared):
     from prefect.testing.utilities import prefect_test_harness
 
     from flows.pipeline import pipeline
-    from flows.settings import load_settings, with_overrides, write_settings
+    from flows.definition.settings import load_settings, with_overrides, write_settings
 
     settings = with_overrides(load_settings(prepared / "params.yaml"), {
         "model": {"family": "custom", "factory": "my_family:make"},
@@ -163,7 +163,7 @@ def test_minilm_runs_end_to_end_on_a_tiny_slice(project, minilm):
     from prefect.testing.utilities import prefect_test_harness
 
     from flows.pipeline import pipeline
-    from flows.settings import load_profile, load_settings, with_overrides, write_settings
+    from flows.definition.settings import load_profile, load_settings, with_overrides, write_settings
     from influence.data.sources import MINILM, PINNED_MODELS
 
     wheel = minilm.folder.parent / PINNED_MODELS[MINILM].wheel_filename

@@ -79,7 +79,7 @@ def test_the_pipeline_runs_across_three_hosts_and_survives_a_lost_dask_worker(tm
     import httpx
     import torch
 
-    from flows.settings import load_settings, with_overrides, write_settings
+    from flows.definition.settings import load_settings, with_overrides, write_settings
     from tests.conftest import DVC, git, make_project
 
     folders = {name: tmp_path / "hosts" / name for name in ("a", "b", "c")}
@@ -250,7 +250,7 @@ def test_the_pipeline_runs_across_three_hosts_and_survives_a_lost_dask_worker(tm
                 key = item["Key"].removeprefix("pipeline/")
                 if key.startswith(("stages/", "retrainings/")):
                     body = client.get_object(Bucket="stages", Key=item["Key"])["Body"].read()
-                    signed = json.loads(body)  # {"value": ..., "hmac": ...} (flows.object_store)
+                    signed = json.loads(body)  # {"value": ..., "hmac": ...} (flows.incremental.object_store)
                     store["stages" if key.startswith("stages/") else "records"][key] = signed["value"]
     finally:
         hosts.close()

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from flows.settings import load_settings, with_overrides
+from flows.definition.settings import load_settings, with_overrides
 from tests.s3_server import s3_server
 
 
@@ -42,7 +42,7 @@ def store_key(monkeypatch):
 
 
 def _stage_folder(folder: Path, files: dict[str, bytes]) -> dict[str, list]:
-    from flows.stage_cache import manifest
+    from flows.incremental.stage_cache import manifest
 
     for name, data in files.items():
         (folder / name).parent.mkdir(parents=True, exist_ok=True)
@@ -53,7 +53,7 @@ def _stage_folder(folder: Path, files: dict[str, bytes]) -> dict[str, list]:
 
 @pytest.mark.parametrize("kind", ["s3", "file"])
 def test_a_stage_goes_there_and_back_once_per_content(kind, s3, tmp_path):
-    from flows.object_store import ObjectStore
+    from flows.incremental.object_store import ObjectStore
 
     url = "s3://stages/team-a" if kind == "s3" else f"file://{tmp_path / 'store'}"
     store = ObjectStore(url)
@@ -79,7 +79,7 @@ def test_a_stage_goes_there_and_back_once_per_content(kind, s3, tmp_path):
 
 
 def test_an_object_with_other_bytes_is_refused(tmp_path):
-    from flows.object_store import ObjectStore
+    from flows.incremental.object_store import ObjectStore
 
     store = ObjectStore(f"file://{tmp_path / 'store'}")
     files = _stage_folder(tmp_path / "one", {"a.bin": b"right"})
@@ -99,11 +99,11 @@ def test_object_store_refuses_escaping_names(tmp_path, monkeypatch):
     parent, and a stage or fingerprint such as ../x or /x, are refused by every pull path (pull_stage, fetch, restore,
     fetch_into, workspace_for), and nothing outside the target changes. A manifest the platform did not sign is
     refused too, so a forged one never gets that far."""
-    from flows import stage_cache
-    from flows.fetched_workspace import fetch_into, workspace_for
-    from flows.object_store import ObjectStore, StoreIntegrityError
-    from flows.settings import PipelineSettings
-    from flows.workspace import Workspace
+    from flows.incremental import stage_cache
+    from flows.cluster.worker_workspace import fetch_into, workspace_for
+    from flows.incremental.object_store import ObjectStore, StoreIntegrityError
+    from flows.definition.settings import PipelineSettings
+    from flows.experiment.workspace import Workspace
 
     root = tmp_path / "store"
     store = ObjectStore(f"file://{root}")
@@ -131,7 +131,7 @@ def test_object_store_refuses_escaping_names(tmp_path, monkeypatch):
                 stage_cache.restore(ws, "features", FP, store)
         assert not (target / "fine.bin").exists()  # every name is checked before the first file is written
     settings = PipelineSettings()
-    monkeypatch.setattr("flows.fetched_workspace.store_of", lambda _: store)
+    monkeypatch.setattr("flows.cluster.worker_workspace.store_of", lambda _: store)
     for stage, fp in (("../flows", FP), ("/x", FP), ("features/../../x", FP), ("no_such_stage", FP), ("features", "../x"),
                       ("features", "/x"), ("features", "ab" * 31 + "/."), ("features", FP.upper())):
         if stage != "no_such_stage":  # the store checks the form of a name; the stage table, its stage
@@ -167,7 +167,7 @@ def test_object_store_refuses_escaping_names(tmp_path, monkeypatch):
 
 
 def test_store_addresses_are_checked():
-    from flows.settings import PipelineSettings, SettingsError
+    from flows.definition.settings import PipelineSettings, SettingsError
 
     base = PipelineSettings()
     assert with_overrides(base, {"cluster": {"store": "s3://bucket/prefix"}}).cluster.store == "s3://bucket/prefix"
@@ -191,12 +191,13 @@ def test_a_pipeline_in_another_folder_restores_every_stage_from_the_store(s3, tm
     """The first folder's run computes its gradient-cache shards, index rows and retrainings on a local Dask cluster
     (``cluster.runner: dask``); the second folder restores every stage, and its GPU stages in one process equal the
     Dask ones bit for bit (the records on Dask and on threads: tests/test_multi_host.py)."""
-    from flows import retraining
-    from flows.experiment import Experiment
-    from flows.fetched_workspace import input_fingerprints, receive_records, send_records, workspace_for
+    from flows.experiment import retraining
+    from flows.stages import entry
+    from flows.experiment.experiment import Experiment
+    from flows.cluster.worker_workspace import input_fingerprints, receive_records, send_records, workspace_for
     from flows.pipeline import pipeline
-    from flows.stage_table import NAMES
-    from flows.workspace import StageResult, Workspace
+    from flows.definition.stage_table import NAMES
+    from flows.experiment.workspace import StageResult, Workspace
     from tests.conftest import make_project
 
     monkeypatch.setenv("INFLUENCE_STORES", "s3://stages/pipeline")  # the operator allows this store
@@ -226,8 +227,8 @@ def test_a_pipeline_in_another_folder_restores_every_stage_from_the_store(s3, tm
         assert (second / "artifacts" / ".stages" / name).is_dir()  # the local cache of what was fetched
 
     # the GPU stages again, in one process: the gradient caches and index rows the Dask tasks made, the same files
-    from flows.pipeline import attribution
-    from flows.shards import SHARDED_STAGES
+    from flows.attribution import attribution
+    from flows.cluster.shards import SHARDED_STAGES
 
     threads = with_overrides(settings, {"cluster": {"runner": "threads"}})
     attribution(threads, str(second), force=True)
@@ -240,7 +241,7 @@ def test_a_pipeline_in_another_folder_restores_every_stage_from_the_store(s3, tm
     monkeypatch.setenv("INFLUENCE_WORK_DIR", str(tmp_path / "elsewhere"))
     x = Experiment.for_stage("deletion", settings, Workspace(first))
     runs = retraining.runs_folder(x, "finetune")
-    group = retraining.groups(x, retraining.planned(x), "finetune")[1]
+    group = retraining.groups(x, entry.plan("deletion", x), "finetune")[1]
     inputs = input_fingerprints(Workspace(first))
     remote = workspace_for(settings, tmp_path / "not-here", inputs)
     assert remote.root.parent == tmp_path / "elsewhere"
@@ -253,7 +254,7 @@ def test_a_pipeline_in_another_folder_restores_every_stage_from_the_store(s3, tm
     runs.mkdir()
     assert receive_records(settings, runs, group) == len(group)
     assert [retraining.read_record(runs / f"{r.key}.json") for r in group] == made
-    from flows.object_store import StoreIntegrityError, store_of
+    from flows.incremental.object_store import StoreIntegrityError, store_of
 
     forged = {**made[0], "measured": [[0.0, 1.0] for _ in made[0]["measured"]]}  # whoever writes the bucket, no key
     store_of(settings)._backend.put_bytes(f"retrainings/{runs.name}/{group[0].key}.json", json.dumps(forged).encode())

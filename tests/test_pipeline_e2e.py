@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from flows.settings import load_settings, with_overrides
+from flows.definition.settings import load_settings, with_overrides
 from influence.reports.tables import COLUMNS
 
 
@@ -174,9 +174,9 @@ def test_pipeline_end_to_end(project: Path, prefect_harness, monkeypatch):
 
     # the retraining records: checksummed (a damaged one is computed again, never read), and keyed by the code that
     # retrains and measures (a fix there makes new records; the evidence stage's own re-run would read old ones otherwise)
-    from flows import retraining
-    from flows.experiment import Experiment
-    from flows.workspace import Workspace
+    from flows.experiment import retraining
+    from flows.experiment.experiment import Experiment
+    from flows.experiment.workspace import Workspace
 
     x = Experiment.for_stage("deletion", settings, Workspace(project))
     runs = retraining.runs_folder(x, "finetune")
@@ -196,7 +196,7 @@ def test_unchanged_stages_are_skipped_and_data_rev_reads_a_committed_version(pro
     from mlflow.tracking import MlflowClient
 
     from flows.pipeline import pipeline
-    from flows.stage_table import NAMES as STAGES
+    from flows.definition.stage_table import NAMES as STAGES
     from influence.exceptions import DataError
     from tests.conftest import DVC, git
 
@@ -246,10 +246,11 @@ def test_retraining_without_removals_reproduces_both_stages(project: Path, prefe
     run's seed, gives back the pipeline's own pretrained and finetuned models bit for bit."""
     import torch
 
-    from flows import retraining, training
-    from flows.experiment import Experiment
+    from flows.experiment import retraining
+    from flows.experiment import recipes as training
+    from flows.experiment.experiment import Experiment
     from flows.pipeline import pipeline
-    from flows.workspace import Workspace
+    from flows.experiment.workspace import Workspace
     from influence.evaluation.case_deletion import Retraining
     from influence.models.checkpoints import load_state
 

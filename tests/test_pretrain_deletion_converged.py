@@ -25,7 +25,7 @@ PROFILE = "multistage-converged"
 
 
 def test_the_multistage_influence_function_passes_pretraining_case_deletion_when_both_stages_converge(tmp_path, raw_wheels):
-    from flows.settings import load_profile, load_settings
+    from flows.definition.settings import load_profile, load_settings
 
     root = make_project(tmp_path / "project", tmp_path / "remote", raw_wheels, extra=("profiles",))
     shutil.copy(REPO / "params.yaml", root / "params.yaml")  # the user's defaults, the profile over them

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from flows.reach import (
+from flows.guards.run_form import (
     PROJECT_DIR_ENV,
     TRACKING_URIS_ENV,
     ReachError,
@@ -17,8 +17,8 @@ from flows.reach import (
     project_root,
     redact,
 )
-from flows.settings import PipelineSettings, SettingsError, validate_settings
-from flows.tracking import run_url
+from flows.definition.settings import PipelineSettings, SettingsError, validate_settings
+from flows.reporting.mlflow_runs import run_url
 
 
 @pytest.mark.parametrize(("uri", "shown"), [
@@ -102,7 +102,8 @@ def test_settings_refuse_a_tracking_uri_with_credentials():
 def test_pipeline_flow_refuses_before_any_work(tmp_path, monkeypatch):
     """The flows check their parameters first: a refused run leaves nothing behind in either folder."""
     from flows.explain import explain
-    from flows.pipeline import attribution, pipeline
+    from flows.attribution import attribution
+    from flows.pipeline import pipeline
 
     own, other = tmp_path / "project", tmp_path / "elsewhere"
     own.mkdir()
@@ -127,7 +128,7 @@ def test_pipeline_flow_refuses_before_any_work(tmp_path, monkeypatch):
 
 
 def test_user_files_are_read_from_data_user_or_an_operator_folder_only(tmp_path, monkeypatch):
-    from flows.reach import DATA_DIRS_ENV, check_user_file
+    from flows.guards.run_form import DATA_DIRS_ENV, check_user_file
 
     root, outside = tmp_path / "project", tmp_path / "outside"
     (root / "data" / "user").mkdir(parents=True)
@@ -149,7 +150,7 @@ def test_user_files_are_read_from_data_user_or_an_operator_folder_only(tmp_path,
 def test_factory_restricted_to_data_user_or_the_operator_list_without_importing(tmp_path, monkeypatch):
     import sys
 
-    from flows.reach import FACTORIES_ENV, check_factory
+    from flows.guards.run_form import FACTORIES_ENV, check_factory
 
     root = tmp_path / "project"
     (root / "data" / "user" / "pkg").mkdir(parents=True)
@@ -176,8 +177,8 @@ def test_factory_restricted_to_data_user_or_the_operator_list_without_importing(
 def test_dask_address_and_store_from_operator_only(monkeypatch):
     from distributed.security import Security
 
-    from flows import runners
-    from flows.reach import DASK_ADDRESSES_ENV, STORES_ENV, check_dask_address, check_store
+    from flows.cluster import runners
+    from flows.guards.run_form import DASK_ADDRESSES_ENV, STORES_ENV, check_dask_address, check_store
 
     for variable in (DASK_ADDRESSES_ENV, STORES_ENV, "DASK_SCHEDULER_ADDRESS"):
         monkeypatch.delenv(variable, raising=False)
@@ -277,7 +278,8 @@ def test_internal_parameters_are_not_form_fields():
     from prefect.utilities.callables import parameter_schema
 
     from flows.explain import explain
-    from flows.pipeline import attribution, pipeline
+    from flows.attribution import attribution
+    from flows.pipeline import pipeline
 
     assert set(parameter_schema(attribution).properties) == {"settings", "project_dir", "force", "on_gpu_pool"}
     assert "workspace_token" not in parameter_schema(pipeline).properties

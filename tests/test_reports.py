@@ -42,7 +42,7 @@ def test_highlight_words_shades_only_scored_words():
 
 
 def test_figure_sample_is_bounded_and_pairs_matrices_of_one_shape(monkeypatch):
-    import flows.report as report
+    import flows.stages.report as report
 
     small = torch.arange(12.0).reshape(3, 4)
     assert report.figure_sample(small).tolist() == list(range(12))
@@ -59,8 +59,8 @@ def test_dataset_text_is_inert_in_the_markdown_summary_and_in_csv_cells(tmp_path
     CSV tables prefix a formula-like cell with an apostrophe (numbers, negative scores included, stay numbers)."""
     import csv
 
-    from flows.publish import markdown_text
-    from flows.report import _write_csv, spreadsheet_safe
+    from flows.reporting.prefect_artifacts import markdown_text
+    from flows.stages.report import _write_csv, spreadsheet_safe
     from influence.reports.tables import COLUMNS
 
     shown = markdown_text("Great <img src=x onerror=alert(1)> [click](http://evil.example) ![i](http://t.example/p.png) | x |")
@@ -81,8 +81,8 @@ def test_dataset_text_is_inert_in_the_markdown_summary_and_in_csv_cells(tmp_path
 
 
 def test_the_report_says_how_near_pretraining_ended_to_an_optimum():
-    from flows.report import pretraining_convergence
-    from flows.workspace import StageResult
+    from flows.stages.multistage import pretraining_convergence
+    from flows.experiment.workspace import StageResult
 
     def pretrain(*losses):
         return StageResult("pretrain", metrics={**{f"loss_epoch_{i}": v for i, v in enumerate(losses)}, "final_loss": losses[-1]})

@@ -273,7 +273,7 @@ def _run_count(servers: Servers, deployment_id: str) -> int:
 
 
 def test_deployment_form_defaults_come_from_params_yaml(servers: Servers):
-    from flows.settings import load_settings
+    from flows.definition.settings import load_settings
 
     deployment = _deployment(servers)
     assert deployment["work_pool_name"] == "cpu"
@@ -382,7 +382,7 @@ def _check_computing_stages_skipped(servers: Servers, flow_run_id: str) -> None:
     are current), the report makes its own MLflow run, which records what was skipped."""
     from mlflow.tracking import MlflowClient
 
-    from flows.stage_table import NAMES
+    from flows.definition.stage_table import NAMES
 
     computing = tuple(s for s in NAMES if s != "report")
     began = time.monotonic()
@@ -567,7 +567,7 @@ def test_browser_custom_run_from_the_prefect_ui_then_its_report_in_the_mlflow_ui
     step are left in test-output/browser/."""
     from playwright.sync_api import sync_playwright
 
-    from flows.settings import load_settings
+    from flows.definition.settings import load_settings
 
     shutil.rmtree(SCREENSHOTS, ignore_errors=True)
     with sync_playwright() as playwright:
@@ -794,7 +794,7 @@ def test_gpu_stages_stop_when_their_pipeline_is_killed(servers: Servers):
     their next stage or before saving the one they are in, instead of writing on in a workspace no run holds."""
     import signal
 
-    from flows.workspace_lock import is_held
+    from flows.guards.workspace_lock import is_held
 
     parameters = {**_custom_parameters(servers), "force": True}  # every stage computes again: the child runs a while
     deployment = _deployment(servers)

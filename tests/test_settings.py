@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from flows.settings import PipelineSettings, SettingsError, load_settings, validate_settings, write_settings
+from flows.definition.settings import PipelineSettings, SettingsError, load_settings, validate_settings, write_settings
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -85,9 +85,9 @@ def test_settings_digest_changes_with_values():
 
 
 def test_readme_documents_every_setting():
-    from flows.settings import settings_table
+    from flows.definition.settings import settings_table
 
-    assert settings_table() in (REPO / "docs" / "settings.md").read_text(), "docs/settings.md's table is stale: paste flows.settings.settings_table()"
+    assert settings_table() in (REPO / "docs" / "settings.md").read_text(), "docs/settings.md's table is stale: paste flows.definition.settings.settings_table()"
 
 
 def test_params_yaml_names_every_setting():
@@ -95,7 +95,7 @@ def test_params_yaml_names_every_setting():
     params.yaml: the file must hold every field of the settings model (a new field goes there too)."""
     import yaml
 
-    from flows.settings import PipelineSettings
+    from flows.definition.settings import PipelineSettings
 
     def names(value, prefix=""):
         if isinstance(value, dict):
@@ -104,7 +104,7 @@ def test_params_yaml_names_every_setting():
 
     written = yaml.safe_load((REPO / "params.yaml").read_text())
     missing = names(PipelineSettings().model_dump(mode="json")) - names(written)
-    assert not missing, f"params.yaml lacks {sorted(missing)}: add them (flows.settings.write_settings writes them all)"
+    assert not missing, f"params.yaml lacks {sorted(missing)}: add them (flows.definition.settings.write_settings writes them all)"
 
 
 # -- random settings (Hypothesis): accepted and runnable, or refused naming the field ----------------
@@ -209,8 +209,8 @@ def test_random_accepted_data_settings_run_the_first_stages(tmp_path, raw_wheels
     from hypothesis import HealthCheck, given, settings
     from hypothesis import strategies as st
 
-    from flows.stages import run_stage
-    from flows.workspace import Workspace
+    from flows.stages.entry import run_stage
+    from flows.experiment.workspace import Workspace
     from tests.conftest import TINY_SETTINGS, make_project
 
     root = make_project(tmp_path / "project", tmp_path / "remote", raw_wheels)
@@ -246,7 +246,7 @@ def test_random_accepted_data_settings_run_the_first_stages(tmp_path, raw_wheels
 
 def test_every_profile_applies_over_params_yaml():
     """A profile names only settings that exist, with values they accept (what `--profile NAME` checks at start)."""
-    from flows.settings import load_profile
+    from flows.definition.settings import load_profile
 
     names = sorted(p.stem for p in (REPO / "profiles").glob("*.yaml"))
     assert {"minilm-cpu", "minilm-gpu", "multistage-converged"} <= set(names)

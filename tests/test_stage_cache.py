@@ -6,10 +6,10 @@ import shutil
 
 import pytest
 
-from flows.settings import load_settings, with_overrides
-from flows.stage_cache import KEPT_VERSIONS, fingerprint, recorded_fingerprint, run_or_skip, versions_dir
-from flows.stages import run_stage
-from flows.workspace import Workspace
+from flows.definition.settings import load_settings, with_overrides
+from flows.incremental.stage_cache import KEPT_VERSIONS, fingerprint, recorded_fingerprint, run_or_skip, versions_dir
+from flows.stages.entry import run_stage
+from flows.experiment.workspace import Workspace
 
 
 class Killed(Exception):
@@ -102,7 +102,7 @@ def test_a_skip_checks_the_bytes_the_stage_wrote(project):
 def test_a_score_stage_killed_after_one_mode_resumes_with_the_next(project, monkeypatch):
     """A score stage computes one mode after the other; killed after the first, it computes only the second when
     it runs again with the same inputs, and its outputs equal an uninterrupted run's."""
-    from flows.experiment import Experiment
+    from flows.experiment.experiment import Experiment
 
     ws = Workspace(project)
     a = load_settings(project / "params.yaml")
@@ -149,8 +149,8 @@ def test_multistage_magic_killed_within_a_mode_resumes_at_its_first_missing_quer
     equal one call over every query."""
     import torch
 
-    from flows import stage_table
-    from flows.experiment import Experiment
+    from flows.experiment.experiment import Experiment
+    from flows.stages import multistage_magic as stage_module
     from influence.methods import multistage_magic
 
     ws = Workspace(project)
@@ -158,7 +158,7 @@ def test_multistage_magic_killed_within_a_mode_resumes_at_its_first_missing_quer
     modes = list(a.finetune.modes)
     for stage in ("data", "features", "pretrain", "finetune"):
         run_or_skip(stage, lambda stage=stage: run_stage(stage, a, ws), a, ws)
-    monkeypatch.setattr(stage_table, "MAGIC_QUERY_GROUP", 2)
+    monkeypatch.setattr(stage_module, "MAGIC_QUERY_GROUP", 2)
     calls, kill_at, library = [], [2], multistage_magic.multistage_magic_scores
 
     def counted(*args, **kwargs):
@@ -185,7 +185,7 @@ def test_multistage_magic_killed_within_a_mode_resumes_at_its_first_missing_quer
     assert not (ws.artifacts / "multistage_magic" / ".partial").exists()
     assert not any(".partial" in name for name in result.info["files"])
 
-    from flows.training import finetune_recipe, pretrain_recipe
+    from flows.experiment.recipes import finetune_recipe, pretrain_recipe
     from influence.methods.magic import TrainingRecipe
 
     for mode in modes:

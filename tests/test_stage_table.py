@@ -6,15 +6,16 @@ from pathlib import Path
 
 import pytest
 
-from flows import stage_table
-from flows.stage_table import BY_NAME, CHECKED_METHODS, GPU_STAGES, NAMES, STAGES
+from flows.definition import stage_table
+from flows.definition.stage_table import BY_NAME, CHECKED_METHODS, GPU_STAGES, NAMES, STAGES
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def test_table_is_consistent_and_every_list_is_derived_from_it():
-    from flows import cli, pipeline
-    from flows.settings import EvaluationSettings
+    from flows import cli
+    from flows import pipeline
+    from flows.definition.settings import EvaluationSettings
 
     stage_table.check_table()
     assert NAMES[0] == "data" and NAMES[-1] == "report" and len(set(NAMES)) == len(NAMES)
@@ -38,22 +39,25 @@ def test_the_switches_of_score_stages_are_no_parameter_of_the_stages_that_read_t
         params = BY_NAME[name].params
         assert "attribution" not in params and "attribution.magic" not in params and "attribution.multistage_magic" not in params
     assert "attribution.magic" in BY_NAME["magic"].params and "attribution.multistage_magic" in BY_NAME["multistage_magic"].params
+    from flows.definition.settings import check_attribution_params
+
+    check_attribution_params()
     monkeypatch.setattr(stage_table, "ATTRIBUTION_PARAMS", stage_table.ATTRIBUTION_PARAMS[:-1])
     with pytest.raises(ValueError, match=r"must split the attribution settings: missing \['attribution.device'\]"):
-        stage_table.check_table()
+        check_attribution_params()
 
 
 def test_dvc_yaml_is_the_rendered_table():
-    from flows.dvc_file import dvc_yaml
+    from flows.incremental.dvc_yaml import dvc_yaml
 
     assert (REPO / "dvc.yaml").read_text() == dvc_yaml(), "dvc.yaml is stale: run `python -m flows.cli dvc-yaml`"
 
 
 def test_a_stage_reading_an_undeclared_setting_or_input_fails_naming_it(tmp_path):
-    from flows.declared import UndeclaredSettingError, declared_settings
-    from flows.experiment import Experiment, UndeclaredInputError
-    from flows.settings import PipelineSettings
-    from flows.workspace import Workspace
+    from flows.definition.declared import UndeclaredSettingError, declared_settings
+    from flows.experiment.experiment import Experiment, UndeclaredInputError
+    from flows.definition.settings import PipelineSettings
+    from flows.experiment.workspace import Workspace
 
     settings = PipelineSettings()
     seen = declared_settings(settings, "pretrain", BY_NAME["pretrain"].params)
@@ -76,25 +80,24 @@ def test_a_stage_reading_an_undeclared_setting_or_input_fails_naming_it(tmp_path
 
 
 def test_code_fingerprint_covers_the_code_a_stage_runs_and_no_more(monkeypatch):
-    from flows import stages
-    from flows.code_deps import code_files
-    from flows.stage_cache import stage_code
-    from flows.stages import entry_functions
+    from flows.definition.code_deps import code_files
+    from flows.stages import grad_cos, lds
+    from flows.incremental.stage_cache import stage_code
+    from flows.stages.entry import entry_functions
 
     files = {name: set(code_files(entry_functions(name))) for name in NAMES}
-    assert "influence/models/training.py" in files["pretrain"] and "flows/training.py" in files["pretrain"]
+    assert "influence/models/training.py" in files["pretrain"] and "flows/experiment/recipes.py" in files["pretrain"]
     assert not any(f.startswith("influence/solvers") or f.startswith("influence/methods") for f in files["pretrain"])
     assert "influence/solvers/cg.py" in files["influence"] and "influence/methods/influence_function.py" in files["influence"]
-    assert "flows/report.py" in files["report"] and all("flows/report.py" not in files[n] for n in NAMES if n != "report")
-    assert "flows/retraining.py" in files["deletion"] and "flows/retraining.py" not in files["finetune"]
+    assert "flows/stages/report.py" in files["report"] and all("flows/stages/report.py" not in files[n] for n in NAMES if n != "report")
+    assert "flows/experiment/retraining.py" in files["deletion"] and "flows/experiment/retraining.py" not in files["finetune"]
 
     before = {name: stage_code(name) for name in NAMES}
     # an edit of one stage's function changes that stage's code fingerprint only
-    body = stages.lds.__wrapped__
+    body = lds.run.__wrapped__
     monkeypatch.setattr(body, "__code__", body.__code__.replace(co_consts=body.__code__.co_consts + ("edited",)))
     after = {name: stage_code(name) for name in NAMES}
     assert [n for n in NAMES if before[n] != after[n]] == ["lds"]
     # and the score callable of a table row is part of its stage's code only
-    row = BY_NAME["grad_cos"]
-    monkeypatch.setattr(row.score, "__code__", row.score.__code__.replace(co_consts=row.score.__code__.co_consts + ("x",)))
+    monkeypatch.setattr(grad_cos.score, "__code__", grad_cos.score.__code__.replace(co_consts=grad_cos.score.__code__.co_consts + ("x",)))
     assert [n for n in NAMES if after[n] != stage_code(n)] == ["grad_cos"]

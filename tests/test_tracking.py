@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from flows.settings import PipelineSettings
-from flows.tracking import log_pipeline_run
-from flows.workspace import StageResult
+from flows.definition.settings import PipelineSettings
+from flows.reporting.mlflow_runs import log_pipeline_run
+from flows.experiment.workspace import StageResult
 
 
 def test_a_retried_report_leaves_one_mlflow_run(tmp_path, monkeypatch):

@@ -93,7 +93,7 @@ def test_bad_input_names_the_file_the_field_and_what_is_accepted(tmp_path):
 
 
 def test_settings_refuse_a_file_source_without_a_file():
-    from flows.settings import SettingsError, validate_settings
+    from flows.definition.settings import SettingsError, validate_settings
 
     with pytest.raises(SettingsError, match="finetune_file is empty"):
         validate_settings({"data": {"finetune_source": "file"}})
@@ -244,8 +244,8 @@ def test_a_users_three_class_csv_and_corpus_run_end_to_end(project: Path):
     from safetensors.torch import load_file
 
     from flows.pipeline import pipeline
-    from flows.settings import load_settings, with_overrides, write_settings
-    from flows.versioning import md5_file
+    from flows.definition.settings import load_settings, with_overrides, write_settings
+    from flows.versioning.data_version import md5_file
     from influence.data.sources import read_news_articles, read_rotten_tomatoes
     from tests.conftest import DVC
 

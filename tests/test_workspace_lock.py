@@ -13,14 +13,14 @@ from pathlib import Path
 
 import pytest
 
-from flows import waits
-from flows.workspace_lock import ParentGoneError, WorkspaceBusyError, hold_workspace, holder, is_held, lock_path, token_digest
+from flows.guards import waits
+from flows.guards.workspace_lock import ParentGoneError, WorkspaceBusyError, hold_workspace, holder, is_held, lock_path, token_digest
 
 REPO = Path(__file__).resolve().parents[1]
 HOLDER = """
 import sys, time
 from pathlib import Path
-from flows.workspace_lock import hold_workspace
+from flows.guards.workspace_lock import hold_workspace
 with hold_workspace(Path(sys.argv[1]), "holder-run", wait=0):
     print("held", flush=True)
     time.sleep(float(sys.argv[2]))
@@ -72,12 +72,12 @@ def test_children_run_under_their_parents_token_only(tmp_path):
         with hold_workspace(tmp_path, "same process", wait=0) as nested:  # code of the holding process (a subflow)
             assert nested.token == token
         child = subprocess.run(
-            [sys.executable, "-c", "import sys; from pathlib import Path; from flows.workspace_lock import hold_workspace\n"
+            [sys.executable, "-c", "import sys; from pathlib import Path; from flows.guards.workspace_lock import hold_workspace\n"
              "with hold_workspace(Path(sys.argv[1]), 'child', wait=0, parent_token=sys.argv[2]): print('ran')",
              str(tmp_path), token], capture_output=True, text=True, cwd=REPO)
         assert child.returncode == 0 and child.stdout.strip() == "ran", child.stderr
         stranger = subprocess.run(
-            [sys.executable, "-c", "import sys; from pathlib import Path; from flows.workspace_lock import hold_workspace\n"
+            [sys.executable, "-c", "import sys; from pathlib import Path; from flows.guards.workspace_lock import hold_workspace\n"
              "with hold_workspace(Path(sys.argv[1]), 'stranger', wait=0, parent_token='not-the-token'): print('ran')",
              str(tmp_path), token], capture_output=True, text=True, cwd=REPO)
         assert stranger.returncode != 0 and "WorkspaceBusyError" in stranger.stderr and "held by parent" in stranger.stderr
@@ -88,9 +88,9 @@ def test_children_run_under_their_parents_token_only(tmp_path):
 CHILD = """
 import sys, time
 from pathlib import Path
-from flows import workspace_lock
+from flows.guards import workspace_lock
 workspace_lock.ADMISSION_WAIT_SECONDS = 2.0
-from flows.workspace_lock import hold_workspace
+from flows.guards.workspace_lock import hold_workspace
 with hold_workspace(Path(sys.argv[1]), "child", wait=0, flow_run_id=sys.argv[2], parent_flow_run_id=sys.argv[3]) as hold:
     print("ran under", "parent" if hold.parent_flow_run_id else "its own hold", flush=True)
     for _ in range(200):
@@ -102,7 +102,7 @@ with hold_workspace(Path(sys.argv[1]), "child", wait=0, flow_run_id=sys.argv[2],
 PARENT = """
 import sys, time
 from pathlib import Path
-from flows.workspace_lock import hold_workspace
+from flows.guards.workspace_lock import hold_workspace
 with hold_workspace(Path(sys.argv[1]), "parent-run", wait=0, flow_run_id=sys.argv[2]) as hold:
     hold.admit(sys.argv[3])
     print("held", flush=True)
@@ -199,7 +199,7 @@ def test_a_pipeline_run_refuses_a_workspace_another_run_holds(project: Path):
 def test_lock_on_a_host_local_nfs_mount_is_refused(tmp_path, monkeypatch):
     """flock on NFS holds across hosts only with real locking: a workspace on a ``nolock`` or ``local_lock`` mount is
     refused (unless the operator says one host uses it); local file systems and locking NFS mounts are fine."""
-    from flows.workspace_lock import LOCAL_LOCK_ENV, UnsafeLockError, check_lock_filesystem, host_local_lock
+    from flows.guards.workspace_lock import LOCAL_LOCK_ENV, UnsafeLockError, check_lock_filesystem, host_local_lock
 
     mounts = "\n".join([
         "/dev/sda1 / ext4 rw,relatime 0 0",

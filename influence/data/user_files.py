@@ -38,7 +38,7 @@ from typing import Literal
 
 import numpy as np
 
-from influence.data.prepare import build_pretraining_rows, check_fractions, clean_text, split_groups
+from influence.data.rows import build_pretraining_rows, check_fractions, clean_text, split_groups
 from influence.data.text import tokenize
 from influence.exceptions import DataError, invalid
 from influence.validation import check_positive_int

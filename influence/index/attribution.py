@@ -46,6 +46,7 @@ from influence.gradients.projection import RandomProjector
 from influence.index.store import RepresentationStore, TopK
 from influence.methods.common import build_solver
 from influence.progress import progress
+from influence.solvers import STATEFUL_SOLVERS  # the solvers whose state an index stores (keeps_state)
 from influence.regularizers import RegularizerLike
 from influence.solvers import InverseHessianSolver, make_solver
 from influence.solvers.ekfac import EkfacSolver
@@ -55,7 +56,7 @@ from influence.validation import check_batch_size, check_positive_int
 SOLVER_STATE = "solver.safetensors"
 AUTO_PROJECTION_ABOVE = 16_384  # projection_dim="auto": rows keep a P-dimensional part whole up to this P
 AUTO_PROJECTION_DIM = 4_096  # ... and project it to this many numbers above
-STATEFUL_SOLVERS = ("exact", "arnoldi", "ekfac")
+
 
 
 EKFAC_ROWS = "eigenbasis"  # EK-FAC rows: vec(Q_S^T G Q_A) per block (EkfacSolver.representation)
@@ -176,9 +177,10 @@ class AttributionIndex:
         built = None
         if solver is not None:
             built = build_solver(solver, damping=damping, solver_options=solver_options)
-            if built.name not in STATEFUL_SOLVERS:
-                raise invalid("solver", built.name, "one of 'arnoldi', 'exact', 'ekfac', or None (conjugate gradient "
-                              "and LiSSA keep no state that would precondition every training example once)")
+            if not built.keeps_state:
+                raise invalid("solver", built.name, f"one of {', '.join(map(repr, STATEFUL_SOLVERS))}, or None (a solver "
+                              "without keeps_state, e.g. conjugate gradient or LiSSA, keeps no state that would "
+                              "precondition every training example once)")
         projector = (RandomProjector(p, projection_dim, seed=int(projection_seed), kind=projection_kind)
                      if projection_dim else None)
         dataset, collate = _dataset(train_data)

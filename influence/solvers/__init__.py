@@ -26,6 +26,7 @@ _REGISTRY: dict[str, type[InverseHessianSolver]] = {
 }
 
 SOLVERS: tuple[str, ...] = tuple(_REGISTRY)
+STATEFUL_SOLVERS: tuple[str, ...] = tuple(name for name, solver in _REGISTRY.items() if solver.keeps_state)
 
 
 def make_solver(name: str, **options: Any) -> InverseHessianSolver:
@@ -50,6 +51,7 @@ def make_solver(name: str, **options: Any) -> InverseHessianSolver:
 
 __all__ = [
     "SOLVERS",
+    "STATEFUL_SOLVERS",
     "ArnoldiSolver",
     "ConjugateGradientSolver",
     "EkfacSolver",

@@ -81,6 +81,7 @@ class ArnoldiSolver(InverseHessianSolver):
     """
 
     name = "arnoldi"
+    keeps_state = True
 
     def __init__(
         self,

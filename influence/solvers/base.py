@@ -34,11 +34,15 @@ class InverseHessianSolver(abc.ABC):
 
     Attributes:
         name: the solver's name in :func:`influence.solvers.make_solver`.
+        keeps_state: whether a fitted solver holds a state that preconditions every example once (Arnoldi's
+            eigenpairs, EK-FAC's factors, a Cholesky factor), so an attribution index can store preconditioned
+            rows (:class:`influence.index.AttributionIndex`); an iterative solver (CG, LiSSA) solves per query.
         objective: the fitted objective (``None`` before :meth:`fit`).
         last_info: diagnostics of the last :meth:`solve` (iterations, residuals, ...).
     """
 
     name: str = ""
+    keeps_state: bool = False
 
     def __init__(self, damping: float = 0.0, gauss_newton: bool = False) -> None:
         if not isinstance(damping, (int, float)) or isinstance(damping, bool) or not damping >= 0.0:

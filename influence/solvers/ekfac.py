@@ -131,6 +131,7 @@ class EkfacSolver(InverseHessianSolver):
     """
 
     name = "ekfac"
+    keeps_state = True
 
     def __init__(self, damping: float = 0.0, gauss_newton: bool = True) -> None:
         super().__init__(damping=damping, gauss_newton=gauss_newton)

@@ -45,6 +45,7 @@ class ExactSolver(InverseHessianSolver):
     """
 
     name = "exact"
+    keeps_state = True
 
     def __init__(
         self,
