@@ -9,7 +9,8 @@ import pytest
 
 from flows.definition.settings import load_settings
 from flows.stages.entry import run_stage
-from flows.versioning.data_version import commit_data, dataset_hashes, md5_file, verify_datasets
+from flows.versioning.data_version import dataset_hashes, md5_file, verify_datasets
+from flows.versioning.dvc import commit_data
 from flows.experiment.workspace import Workspace
 from influence.exceptions import DataError
 from tests.conftest import DVC
@@ -52,7 +53,7 @@ def test_data_parameters_of_a_run_go_to_dvc_lock_never_to_params_yaml(project):
     import yaml
 
     from flows.definition.settings import validate_settings
-    from flows.versioning.data_version import _record_data_params
+    from flows.versioning.dvc import _record_data_params
 
     params, lock = project / "params.yaml", project / "dvc.lock"
     lock.write_text("schema: '2.0'\nstages:\n  data:\n    cmd: python -m flows.cli stage data\n")  # as dvc commit leaves it
