@@ -57,7 +57,7 @@ def resolve(reference: str) -> Any:
 def stage_module(name: str) -> ModuleType:
     """The module of stage ``name`` (its row's ``module``): ``run``, and where they apply ``score``, ``plan`` and
     ``report_section``."""
-    return importlib.import_module(stage_table.row(name).module)
+    return importlib.import_module(stage_table.row(name).module_path)
 
 
 def entry_functions(name: str) -> list[Callable]:
