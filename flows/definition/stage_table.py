@@ -12,10 +12,12 @@ retraining stages, ``dvc.yaml`` (:mod:`flows.incremental.dvc_yaml`) and each sta
 The table is enforced, not trusted: a stage reading a setting, a stage's output or a dataset that
 its row does not list fails at once, naming what to add (:mod:`flows.experiment.experiment`).
 
-Adding an attribution method is one library function, one row here with a ``score`` callable
-``(experiment, mode) -> [n_query, n_train]`` (the choice in ``evaluation.methods`` follows), and
-``dvc.yaml`` regenerated (``python -m flows.cli dvc-yaml``); README, "Adding a method", shows it.
-This module imports nothing heavy: the settings model reads the method names from it.
+The table holds declarations only: a row names its code by strings (its module in :mod:`flows.stages`, a
+score stage's ``"module:score"``), resolved when the stage runs and checked by :func:`check_table`. Adding an
+attribution method is one library function, one stage module with ``score(experiment, mode) -> [n_query,
+n_train]``, one row here (the choice in ``evaluation.methods`` follows), and ``dvc.yaml`` regenerated
+(``python -m flows.cli dvc-yaml``); docs/extending.md, "A method", shows it. This module imports nothing of
+:mod:`flows` and nothing heavy: the settings model reads the method names from it.
 """
 
 from __future__ import annotations
