@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, task, unmapped
+from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.runtime import flow_run
 
 from flows.cluster import runners
@@ -108,12 +109,14 @@ def attribution(
             logger.info("fetched %s from the object store %s", fetched, settings.cluster.store)
         reset = _PARENT_HOLD.set(hold if hold.parent_flow_run_id else None)
         try:
-            for stage in GPU_STAGES:
+            progress = create_progress_artifact(0.0, description=f"GPU stages done (of {len(GPU_STAGES)})")
+            for done, stage in enumerate(GPU_STAGES, start=1):
                 if (settings.cluster.runner == "dask" and shards.targets(stage, settings)
                         and (force or stage_cache.would_run(stage, settings, Workspace(root)))):
                     hold.check(f"before the shards of stage {stage}")
                     shards_flow.with_options(task_runner=runners.task_runner(runners.choose(settings)))(stage, settings, str(root))
                 _run(stage, settings, root, force, skipped)
+                update_progress_artifact(progress, 100.0 * done / len(GPU_STAGES))
         finally:
             _PARENT_HOLD.reset(reset)
     return skipped

@@ -5,6 +5,7 @@
     python -m flows.cli check [--params params.yaml]
     python -m flows.cli dvc-yaml [--params params.yaml]
     python -m flows.cli explain "a sentence" ["another" ...] [--mode updated] [--k 5] [--params params.yaml]
+    python -m flows.cli results [RUN_ID] [--stage influence] [--mode updated] [--k 5] [--params params.yaml]
 
 Heavy imports (torch, Prefect, MLflow) happen only inside the command that needs them, so
 ``--help`` and ``check`` answer at once.
@@ -67,11 +68,16 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("texts", nargs="+", help="the sentences to explain")
     explain.add_argument("--mode", choices=("fixed", "updated"), default="updated", help="embedding mode (default: updated)")
     explain.add_argument("--k", type=int, default=5, help="proponents and opponents per sentence and source (default: 5)")
+    results = sub.add_parser("results", help="the score matrices a finished pipeline run logged to MLflow: top examples per query")
+    results.add_argument("run_id", nargs="?", default="", help="the pipeline's MLflow run (default: the workspace's last report)")
+    results.add_argument("--stage", default="", help="one score stage (default: all)")
+    results.add_argument("--mode", default="", help="one embedding mode (default: all)")
+    results.add_argument("--k", type=int, default=5, help="top proponents per query (default: 5)")
     git = sub.add_parser("deploy-git", help="deploy prefect.yaml's deployments to run from a git clone at one revision")
     git.add_argument("--repository", required=True, help="the URL a worker clones the project from")
     git.add_argument("--revision", default="HEAD", help="branch, tag or sha (default: HEAD), fixed as its commit sha")
     git.add_argument("--write-only", action="store_true", help="write .prefect/prefect.git.yaml and do not deploy")
-    for p in (run, stage, check, dvc, explain, git):
+    for p in (run, stage, check, dvc, explain, results, git):
         p.add_argument("--params", default="params.yaml", help="settings file (default: params.yaml)")
         p.add_argument("--profile", metavar="NAME", help="apply profiles/NAME.yaml over the settings (e.g. minilm-cpu)")
         p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE", help="override one setting")
@@ -130,11 +136,41 @@ def main(argv: list[str] | None = None) -> int:
         if args.write_only:
             return 0
         return subprocess.run(["prefect", "--no-prompt", "deploy", "--all", "--prefect-file", str(path)], cwd=root).returncode
+    if args.command == "results":
+        return _results(args, settings, root)
     if args.command == "dvc-yaml":
         from flows.incremental.dvc_yaml import write_dvc_yaml
 
         print(f"wrote {write_dvc_yaml(root)}")
         return 0
+    return 0
+
+
+def _results(args: argparse.Namespace, settings, root: Path) -> int:
+    """``results``: each score matrix of a finished run, as its top examples per query (read back from MLflow)."""
+    import json
+
+    from flows.reporting.mlflow_runs import load_scores, tracking_uri
+
+    run_id = args.run_id
+    if not run_id:
+        report = root / "artifacts" / "report" / "result.json"
+        run_id = json.loads(report.read_text())["info"]["mlflow_run_id"] if report.is_file() else ""
+        if not run_id:
+            print("error: no run id given and the workspace holds no finished report", file=sys.stderr)
+            return 2
+    try:
+        found = load_scores(run_id, tracking_uri(settings, root), stage=args.stage, mode=args.mode)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    for (stage, mode), table in sorted(found.items()):
+        scores = table["scores"]
+        print(f"{stage} ({mode}): {tuple(scores.shape)} scores of run {run_id}")
+        for q, query in enumerate(table["queries"]):
+            top = scores[q].topk(min(args.k, scores.shape[1]))
+            pairs = ", ".join(f"{table['examples'][i]} {v:+.3g}" for i, v in zip(top.indices.tolist(), top.values.tolist()))
+            print(f"  {query}: {pairs}")
     return 0
 
 

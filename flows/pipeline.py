@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, unmapped
+from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.runtime import flow_run
 
 from flows.attribution import attribution
@@ -34,8 +35,8 @@ from flows.guards import waits
 from flows.guards.run_form import check_gpu_deployment, check_reach, project_root
 from flows.guards.workspace_lock import Hold, hold_workspace
 from flows.incremental import stage_cache
-from flows.tasks import (IO_RETRIES, _run, checkout_data_task, collect_task, plan_task, publish_task, record_task,
-                         report_task, retrain_task, stage_task, version_data_task)
+from flows.tasks import (IO_RETRIES, _run, checkout_data_task, collect_task, open_run_task, plan_task, publish_task,
+                         record_task, report_task, retrain_task, stage_task, version_data_task)
 from flows.versioning.data_version import dataset_hashes
 from flows.versioning.dvc import resolve_revision
 
@@ -57,8 +58,10 @@ def retrainings(stage: str, settings: PipelineSettings, project_dir: str) -> int
     inputs = input_fingerprints(Workspace(root))
     futures = retrain_task.map(unmapped(stage), unmapped(settings), unmapped(root), grouped, unmapped(threads), unmapped(runs),
                                unmapped(inputs))
-    for future in futures:
+    progress = create_progress_artifact(0.0, description=f"retraining groups of {stage} done (of {len(futures)})")
+    for done, future in enumerate(futures, start=1):
         future.result()
+        update_progress_artifact(progress, 100.0 * done / max(1, len(futures)))
     receive_records(settings, runs, [r for group in grouped for r in group])  # those made on other machines
     return sum(len(group) for group in grouped)
 
@@ -129,7 +132,19 @@ def pipeline(
     logger = get_run_logger()
     with hold_workspace(root, str(flow_run.get_name() or "pipeline"), say=logger.info,
                         flow_run_id=str(flow_run.get_id() or "")) as hold:
-        return _stages(settings, root, data_rev, gpu_deployment, force, hold)
+        # the MLflow run opens now: a run that crashes is there too, marked FAILED
+        name = str(flow_run.get_name() or "pipeline")
+        run_id = open_run_task(settings, root, {"prefect_flow_run_id": str(flow_run.get_id() or ""), "run_name": name}, name)
+        try:
+            return _stages(settings, root, data_rev, gpu_deployment, force, hold, run_id)
+        except BaseException:
+            from flows.reporting.mlflow_runs import fail_pipeline_run
+
+            try:
+                fail_pipeline_run(settings, root, run_id)
+            except Exception as error:  # noqa: BLE001 - the flow's own error is the one to see
+                logger.warning("could not mark MLflow run %s FAILED: %s", run_id, error)
+            raise
 
 
 def _gpu_child(gpu_deployment: str, settings: PipelineSettings, root: Path, force: bool, hold: Hold) -> Any:
@@ -173,8 +188,10 @@ def _gpu_child(gpu_deployment: str, settings: PipelineSettings, root: Path, forc
         hold.dismiss()
 
 
-def _stages(settings: PipelineSettings, root: Path, data_rev: str, gpu_deployment: str, force: bool, hold: Hold) -> dict[str, object]:
-    """The body of :func:`pipeline`, run while it holds the workspace (``hold``: its hold, which the GPU stages run under)."""
+def _stages(settings: PipelineSettings, root: Path, data_rev: str, gpu_deployment: str, force: bool, hold: Hold,
+            mlflow_run_id: str) -> dict[str, object]:
+    """The body of :func:`pipeline`, run while it holds the workspace (``hold``: its hold, which the GPU stages run
+    under); ``mlflow_run_id``: the MLflow run it opened, which the report logs into."""
     logger = get_run_logger()
     skipped: list[str] = []
     if data_rev:
@@ -207,7 +224,7 @@ def _stages(settings: PipelineSettings, root: Path, data_rev: str, gpu_deploymen
         _run(stage, settings, root, force, skipped)  # reads the retrainings back, or is skipped
     tags = {"prefect_flow_run_id": str(flow_run.get_id() or ""), "run_name": str(flow_run.get_name() or "pipeline"),
             "stages_skipped": ",".join(skipped) or "none"}
-    final = report_task(settings, root, tags)
+    final = report_task(settings, root, tags, mlflow_run_id)
     record_task(settings, root, [n for n in NAMES if n != "data"])  # data: recorded (and pushed) when it ran
     publish_task(settings, root, final, skipped)
     logger.info("report logged to MLflow run %s (%s); stages skipped: %s", final.info["mlflow_run_id"], final.info["mlflow_url"], skipped or "none")

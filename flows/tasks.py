@@ -142,9 +142,18 @@ def collect_task(stage: str, settings: PipelineSettings, root: Path) -> StageRes
 
 
 @task(name="report", **IO_RETRIES)
-def report_task(settings: PipelineSettings, root: Path, tags: dict[str, str]) -> StageResult:
+def report_task(settings: PipelineSettings, root: Path, tags: dict[str, str], mlflow_run_id: str = "") -> StageResult:
     ws = Workspace(root)  # staged as every stage: the last complete report stays in place until this one is
-    return stage_cache.run_or_skip("report", lambda: report.run(settings, ws, extra_tags=tags), settings, ws)[0]
+    return stage_cache.run_or_skip("report", lambda: report.run(settings, ws, extra_tags=tags, mlflow_run_id=mlflow_run_id),
+                                   settings, ws)[0]
+
+
+@task(name="open-mlflow-run", **IO_RETRIES)
+def open_run_task(settings: PipelineSettings, root: Path, tags: dict[str, str], run_name: str) -> str:
+    """The pipeline's MLflow run, opened as the flow starts (the report logs into it; a crash marks it FAILED)."""
+    from flows.reporting.mlflow_runs import open_pipeline_run
+
+    return open_pipeline_run(settings, root, tags, run_name)
 
 
 @task(name="record-stages", **IO_RETRIES)
@@ -166,5 +175,5 @@ def _run(stage: str, settings: PipelineSettings, root: Path, force: bool, skippe
     return state.result()
 
 
-__all__ = ["IO_RETRIES", "checkout_data_task", "collect_task", "dvc_slot", "plan_task", "publish_task", "record_task",
-           "report_task", "retrain_task", "stage_task", "version_data_task"]
+__all__ = ["IO_RETRIES", "checkout_data_task", "collect_task", "dvc_slot", "open_run_task", "plan_task", "publish_task",
+           "record_task", "report_task", "retrain_task", "stage_task", "version_data_task"]

@@ -35,9 +35,9 @@ def install(point: str) -> None:
     """Patch the process so that the fault ``point`` happens (see the module docstring)."""
     kind, _, where = point.partition(":")
     if point == "kill:dvc-slot":
-        from flows.incremental import dvc_yaml as dvc_file
+        from flows.versioning import dvc
 
-        dvc_file.commit_stages = lambda *args, **kwargs: _die()
+        dvc.commit_stages = lambda *args, **kwargs: _die()
     elif kind == "kill" and where.startswith("keep:"):
         from flows.incremental import stage_cache
 

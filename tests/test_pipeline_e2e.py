@@ -6,6 +6,7 @@ import csv
 import io
 import json
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -103,6 +104,41 @@ def test_pipeline_end_to_end(project: Path, prefect_harness, monkeypatch):
     tables = {a.path for a in client.list_artifacts(run.info.run_id, "tables")}
     assert "tables/attributions.json" in tables
 
+    # the training losses as histories (a step per epoch), and every score matrix with its ids, read back by one call
+    history = client.get_metric_history(run.info.run_id, "pretrain.loss")
+    assert [m.step for m in history] == list(range(settings.pretrain.epochs))
+    for mode in settings.finetune.modes:
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, f"finetune.{mode}.loss")]
+        assert steps == list(range(settings.finetune.epochs))
+    from flows.reporting.mlflow_runs import load_scores
+
+    found = load_scores(run.info.run_id, f"sqlite:///{project / 'mlruns.db'}")
+    assert {("influence", m) for m in settings.finetune.modes} | {("multistage", m) for m in settings.finetune.modes} <= set(found)
+    table = found[("influence", "updated")]
+    assert table["scores"].shape == (settings.attribution.queries, len(table["examples"])) == (3, 240)
+    assert table["queries"] == json.loads((project / "artifacts" / "features" / "queries_ids.json").read_text())
+    from safetensors.torch import load_file
+
+    assert (load_file(str(project / "artifacts" / "influence" / "updated.safetensors"))["scores"] == table["scores"]).all()
+    shown = subprocess.run([sys.executable, "-m", "flows.cli", "results", "--stage", "influence", "--mode", "updated", "--k", "2",
+                            "--params", str(project / "params.yaml")], cwd=project, capture_output=True, text=True, timeout=300)
+    assert shown.returncode == 0 and "influence (updated): (3, 240) scores" in shown.stdout, shown.stderr[-2000:]
+    assert shown.stdout.count(": rt-") >= 3  # one line per query with its top examples
+
+    # DVC's views of the run: every stage's metrics, the evidence's curves
+    import yaml
+
+    metrics = json.loads(subprocess.run(["dvc", "metrics", "show", "--json"], cwd=project, capture_output=True, text=True,
+                                        check=True).stdout)
+    shown_metrics = next(iter(metrics.values()))["data"]
+    deletion = shown_metrics["artifacts/deletion/metrics.json"]["data"]
+    assert "if.passed_fraction" in deletion and "auc" in shown_metrics["artifacts/mislabel/metrics.json"]["data"]
+    plots = subprocess.run(["dvc", "plots", "show", "-o", str(project / "plots"), "--json"], cwd=project, capture_output=True,
+                           text=True)
+    assert plots.returncode == 0, plots.stderr[-2000:]
+    assert {"artifacts/mislabel/curve.json", "artifacts/report/figures/deletion.png"} <= set(json.loads(plots.stdout)["data"])
+    assert "artifacts/mislabel/curve.json" in yaml.safe_dump(yaml.safe_load((project / "dvc.yaml").read_text())["plots"])
+
     # Prefect artifacts of the run: a link to the MLflow run, a markdown summary, a table
     from prefect import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
@@ -140,6 +176,15 @@ def test_pipeline_end_to_end(project: Path, prefect_harness, monkeypatch):
     assert ids(again["rows"]) == ids(first["rows"])
     with pytest.raises(InvalidArgumentError, match="'latest' or the MLflow run id"):
         explain("a sentence", model="0123abc", project_dir=str(project))
+
+    # the MLflow run opens when the flow starts: a run that fails is there, marked FAILED
+    from influence.exceptions import DataError
+
+    before = {r.info.run_id for r in client.search_runs([run.info.experiment_id])}
+    with pytest.raises(DataError, match="data_rev 'no-such-revision'"):
+        pipeline(settings=load_settings(project / "params.yaml"), project_dir=str(project), data_rev="no-such-revision")
+    failed = [r for r in client.search_runs([run.info.experiment_id]) if r.info.run_id not in before]
+    assert [r.info.status for r in failed] == ["FAILED"]
 
     # any argument of the fit that differs refits the index: one the library's manifest records (the Arnoldi rank) and
     # one only the explain flow's record holds (the regulariser's strength); the workspace is held, so two explanations

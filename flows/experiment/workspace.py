@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
+METRICS = "metrics.json"  # a stage's numbers, beside its result.json (dvc.yaml's metrics)
 _WRITING: dict[tuple[str, str], Path] = {}  # (project folder, stage) -> where the running stage writes
 _WRITING_LOCK = threading.Lock()
 
@@ -75,10 +76,13 @@ class StageResult:
     info: dict[str, Any] = field(default_factory=dict)
 
     def save(self, workspace: Workspace) -> Path:
-        """Write ``artifacts/<stage>/result.json`` (atomically)."""
+        """Write ``artifacts/<stage>/result.json`` and its numbers alone as ``metrics.json`` (what ``dvc.yaml``'s
+        ``metrics`` lists, so ``dvc metrics show`` and ``dvc metrics diff`` read them), atomically."""
         from influence.storage import atomic_write
 
-        return atomic_write(workspace.stage_dir(self.stage) / "result.json", json.dumps(asdict(self), indent=2, sort_keys=True))
+        folder = workspace.stage_dir(self.stage)
+        atomic_write(folder / METRICS, json.dumps(self.metrics, indent=1, sort_keys=True))
+        return atomic_write(folder / "result.json", json.dumps(asdict(self), indent=2, sort_keys=True))
 
     @classmethod
     def load(cls, workspace: Workspace, stage: str) -> "StageResult":

@@ -45,10 +45,25 @@ def stage_entry(row: Stage) -> dict[str, Any]:
     return entry
 
 
+# dvc plots show: the curves of the evidence stages, as images the report draws and as data series
+PLOTS = [
+    {"artifacts/mislabel/curve.json": {"x": "inspected", "y": ["found", "random"], "template": "linear",
+                                       "title": "Mislabel detection: share of flipped labels found",
+                                       "x_label": "share of the training set inspected", "y_label": "share found"}},
+    "artifacts/report/figures/deletion.png",
+    "artifacts/report/figures/deletion_pretraining.png",
+    "artifacts/report/figures/mislabel.png",
+]
+
+
 def dvc_yaml() -> str:
-    """The text of ``dvc.yaml``."""
+    """The text of ``dvc.yaml``: the stages; every stage's ``metrics.json`` under ``metrics`` (``dvc metrics
+    show``, ``dvc metrics diff``); the evidence's curves under ``plots`` (``dvc plots show``)."""
+    from flows.experiment.workspace import METRICS
+
     stages = {row.name: stage_entry(row) for row in STAGES}
-    return HEADER + yaml.safe_dump({"stages": stages}, sort_keys=False, width=120)
+    metrics = [f"artifacts/{row.name}/{METRICS}" for row in STAGES]
+    return HEADER + yaml.safe_dump({"stages": stages, "metrics": metrics, "plots": PLOTS}, sort_keys=False, width=120)
 
 
 def write_dvc_yaml(root: Path) -> Path:

@@ -347,6 +347,7 @@ class ObjectStore:
         for name, (_, mtime_ns, sha256) in files.items():
             self.get_object(sha256, targets[name])
             os.utime(targets[name], ns=(mtime_ns, mtime_ns))
+        atomic_write(folder / "metrics.json", json.dumps(entry["result"].get("metrics", {}), indent=1, sort_keys=True))
         atomic_write(folder / "result.json", json.dumps(entry["result"], indent=2, sort_keys=True))
         return True
 

@@ -55,7 +55,7 @@ from flows.definition.code_deps import files_digest, function_closure
 from flows.incremental.object_store import ObjectStore, store_of
 from flows.definition.settings import PipelineSettings
 from flows.definition import stage_table
-from flows.experiment.workspace import StageResult, Workspace
+from flows.experiment.workspace import METRICS, StageResult, Workspace
 from influence.storage import file_digest, fsync_folder
 
 NEVER_SKIPPED = ("report",)
@@ -173,7 +173,7 @@ def recorded_fingerprint(ws: Workspace, stage: str) -> str:
 
 
 MANIFEST = "files"  # key of result.info: {path relative to the stage folder: [size, mtime_ns, sha256]}
-_NOT_IN_MANIFEST = ("result.json", RUNNING)
+_NOT_IN_MANIFEST = ("result.json", METRICS, RUNNING)  # both written from the result, after its manifest
 
 
 def manifest(folder: Path) -> dict[str, list]:

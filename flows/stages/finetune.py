@@ -20,6 +20,7 @@ def run(x: Experiment, result: StageResult) -> None:
         save_state(model, x.out_dir(mode) / "model.safetensors")
         for split in ("train", "validation", "test"):
             result.metrics[f"{mode}.accuracy_{split}"] = evaluate_accuracy(model, x.split(split), batch_size=x.batch(256))
+        result.metrics.update({f"{mode}.loss_epoch_{i}": float(v) for i, v in enumerate(trained.losses)})
         result.metrics[f"{mode}.final_loss"] = float(trained.losses[-1])
         result.metrics[f"{mode}.checkpoints"] = float(len(trained.checkpoints))
         result.outputs[mode] = x.relative(x.out_dir(mode))

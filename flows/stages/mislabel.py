@@ -32,6 +32,9 @@ def run(x: Experiment, result: StageResult) -> None:
     curve = detection_curve(scores.detach().cpu().double(), flipped)
     result.outputs["mislabel"] = x.write_json("mislabel.json", {
         "method": e.mislabel_method, "fraction": e.mislabel_fraction, "flipped": flipped.tolist(), "curve": curve.to_dict()})
+    table = curve.to_dict()  # the curve as rows too, a data series of dvc.yaml's plots
+    x.write_json("curve.json", [{"inspected": i, "found": f, "random": r}
+                                for i, f, r in zip(table["inspected"], table["found"], table["random_found"])])
     result.metrics.update({"auc": curve.auc, "random_auc": curve.to_dict()["random_auc"], "flipped": float(curve.n_flipped)})
     for share in (0.05, 0.1, 0.2):
         result.metrics[f"found_at_{round(share * 100)}pct"] = curve.found_at(share)

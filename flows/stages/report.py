@@ -73,13 +73,14 @@ def _model_summary(x: Experiment, results: dict) -> dict[str, str]:
     return found
 
 
-def run(settings: PipelineSettings, ws: Workspace, extra_tags: dict[str, str] | None = None) -> StageResult:
+def run(settings: PipelineSettings, ws: Workspace, extra_tags: dict[str, str] | None = None, mlflow_run_id: str = "") -> StageResult:
     """Write ranked tables and the HTML report, and log the whole run to MLflow.
 
     Args:
         settings: the run's settings.
         ws: the workspace holding every earlier stage's outputs.
         extra_tags: more MLflow tags (for example the Prefect flow-run id).
+        mlflow_run_id: the MLflow run the pipeline flow opened when it started; empty: a new one (``dvc repro``).
     """
     from flows.reporting.mlflow_runs import log_pipeline_run, run_url
     from influence.data.prepare import read_table
@@ -110,11 +111,15 @@ def run(settings: PipelineSettings, ws: Workspace, extra_tags: dict[str, str] | 
         all_rows: list[dict] = []
         loaded: dict[str, np.ndarray] = {}  # "<title> (<mode>)" -> a sample of its [Q, N] scores, for the figures
         sections: dict[str, list[dict]] = {qid: [] for qid in query_ids}
+        score_files: dict[str, dict[str, Path]] = {}  # every score matrix, logged with its ids
+        score_ids: dict[str, dict[str, list[str]]] = {}
         for row in SCORE_STAGES:
             stage, source, title = row.name, row.source, row.title
             if not row.is_enabled(settings):  # turned off by its setting: no scores to show
                 continue
+            score_ids[stage] = {"queries": list(query_ids), "examples": list(pretrain_ids if source == "pretraining" else train_ids)}
             for mode in settings.finetune.modes:
+                score_files.setdefault(stage, {})[mode] = x.path(stage, f"{mode}.safetensors")
                 scores = x.scores(stage, mode)  # float32, one matrix at a time; the figures keep a bounded sample
                 loaded[f"{title} ({mode})"] = figure_sample(scores)
                 ids, texts = (pretrain_ids, pretrain_text) if source == "pretraining" else (train_ids, finetune_text)
@@ -169,8 +174,8 @@ def run(settings: PipelineSettings, ws: Workspace, extra_tags: dict[str, str] | 
                 **{f"data.{name}.md5": h for name, h in hashes.items()},
                 **{f"data.source.{name}": f"{src['path']} md5 {src['md5']}" for name, src in sources.items()}, **(extra_tags or {})}
         run_id, experiment_id, uri = log_pipeline_run(
-            settings, ws.root, results, out, tags, run_name=extra_tags.get("run_name") if extra_tags else None
-        )
+            settings, ws.root, results, out, tags, run_name=extra_tags.get("run_name") if extra_tags else None,
+            run_id=mlflow_run_id, scores=score_files, ids=score_ids)
         result.info = {"mlflow_run_id": run_id, "mlflow_experiment_id": experiment_id, "mlflow_url": run_url(uri, experiment_id, run_id), "tags": tags}
         result.outputs = {"report": str((out / "report.html").relative_to(ws.root))}
         result.metrics["rows"] = float(len(all_rows))
