@@ -34,7 +34,7 @@ SETTINGS = ["--set", "data.pretrain_sentences=2000", "--set", "pretrain.epochs=6
             "--set", "finetune.modes=[updated]", "--set", "evaluation.mislabel_fraction=0.0"]
 STOP_SECONDS = 20  # SIGTERM to exit, the temporary Prefect server included
 # how long after a stage starts the signal may come (drawn uniformly): within the shortest time the stage takes here
-LATEST_SECONDS = {"pretrain": 3.0, "gradients": 0.05, "retrainings": 3.0}
+LATEST_SECONDS = {"pretrain": 3.0, "gradients": 0.05, "retrainings": 0.5}
 
 
 REPO = Path(__file__).resolve().parents[1]
